@@ -1,0 +1,333 @@
+"""Typed configuration: one section per stage, composed into one `Config`.
+
+Load order (as OLMo and torchtune do): defaults in code → preset YAML → `--config FILE.yaml`
+→ dotted `key=value` overrides. Every mistake becomes a `UserError` naming the key and what
+it accepts, so the CLI can exit 2 with one line instead of a pydantic traceback.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .common import UserError
+
+DEFAULT_PRESET = "champ-smollm2"
+LORA_ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+SPLITS = ("reference", "train", "val_clean", "val_noisy")
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Section):
+    """What `slm prepare` builds: corpora, splits, noise injection and packing."""
+
+    corpus: str = Field("champ", description="'champ' (embedded CHAMP math corpus) or 'custom' (data.sources)")
+    sources: dict[str, str] = Field(
+        default_factory=dict,
+        description="split -> datasets source: local .jsonl/.json/.txt/.parquet/.csv or a hub name, "
+        "optionally 'name@split' (datasets split syntax, e.g. 'owm@train[:20000]')",
+    )
+    text_field: str = "text"
+    block_len: int = Field(128, ge=2, description="tokens per packed block")
+    noise_rate: float = Field(0.2, ge=0.0, lt=1.0, description="injected-noise fraction of train tokens")
+    noise_kinds: dict[str, float] = Field(
+        default_factory=lambda: {"web": 0.3, "numbers": 0.3, "foreign_step": 0.25, "truncate": 0.15},
+        description="relative weights of the noise kinds injected into train",
+    )
+    max_tokens: int | dict[str, int] | None = Field(
+        default_factory=lambda: {"reference": 120_000, "train": 300_000, "val_clean": 20_000, "val_noisy": 20_000},
+        description="cap on tokens per split: one number for all, or split -> tokens",
+    )
+    reference_mix: float = Field(
+        0.5, ge=0.0, le=1.0, description="share of noise-free model-written text in the reference split"
+    )
+    val_fraction: float = Field(0.15, gt=0.0, lt=1.0, description="share of CHAMP problems held out")
+    doc_boundaries: bool = Field(False, description="mask targets that cross a document separator")
+    seed: int = 0
+
+    @field_validator("noise_kinds")
+    @classmethod
+    def _kinds(cls, v: dict[str, float]) -> dict[str, float]:
+        known = {"web", "numbers", "foreign_step", "truncate"}
+        for k, w in v.items():
+            if k not in known:
+                raise ValueError(f"unknown noise kind {k!r}; known: {sorted(known)}")
+            if w < 0:
+                raise ValueError(f"noise kind {k!r} has negative weight {w}")
+        if v and sum(v.values()) <= 0:
+            raise ValueError("noise kind weights sum to 0")
+        return v
+
+    def cap(self, split: str) -> int | None:
+        """Token cap of one split (None = no cap)."""
+        if isinstance(self.max_tokens, dict):
+            return self.max_tokens.get(split)
+        return self.max_tokens
+
+
+class ModelConfig(Section):
+    name: str = Field(
+        "embedded:smollm2-135m",
+        description="hub id, local dir, 'embedded:smollm2-135m' or 'random:tiny-llama'",
+    )
+    revision: str | None = None
+    tokenizer: str | None = Field(None, description="tokenizer source when it differs from model.name")
+    trust_remote_code: bool = False
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    lora: bool = True
+    lora_r: int = Field(8, ge=1)
+    lora_alpha: float = Field(16.0, gt=0)
+    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    lora_targets: list[str] = Field(default_factory=lambda: list(LORA_ALL_LINEAR))
+
+
+class ReferenceConfig(Section):
+    mode: Literal["trained", "self", "path"] = "trained"
+    path: str | None = Field(None, description="HF model dir / adapter for mode=path")
+    steps: int = Field(40, ge=1)
+    batch_size: int = Field(4, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(3e-4, gt=0)
+
+    @model_validator(mode="after")
+    def _path_needed(self) -> ReferenceConfig:
+        if self.mode == "path" and not self.path:
+            raise ValueError("reference.mode=path needs reference.path")
+        return self
+
+
+class ScoringConfig(Section):
+    mode: Literal["offline", "online"] = "offline"
+    batch_size: int = Field(8, ge=1)
+    chunk_size: int = Field(1024, ge=1, description="tokens per LM-head chunk in the loss")
+
+
+class TrainConfig(Section):
+    name: str | None = Field(None, description="run name; default derives from method/ratio/seed")
+    method: Literal["clm", "oracle", "topk", "random", "stochastic"] = "clm"
+    score: Literal["excess", "loss", "reference", "none"] = "excess"
+    ratio: float = Field(1.0, description="selection ratio in (0, 1]")
+    scope: Literal["batch", "sequence", "global"] = "batch"
+    temperature: float = Field(1.0, gt=0)
+    soft: bool = False
+    steps: int = Field(60, ge=1)
+    batch_size: int = Field(4, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(3e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(5, ge=0)
+    schedule: Literal["cosine", "constant"] = "cosine"
+    max_grad_norm: float = Field(1.0, ge=0)
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    seed: int = 0
+    checkpoint_every: int = Field(0, ge=0, description="0 = only at the end")
+    snapshot_every: int = Field(10, ge=0, description="trajectory snapshots (0 = none)")
+    merge: bool = False
+
+    @field_validator("ratio")
+    @classmethod
+    def _ratio(cls, v: float) -> float:
+        if not (0.0 < v <= 1.0) or math.isnan(v):
+            raise ValueError(f"must be in (0, 1] (got {v})")
+        return v
+
+
+class EvalConfig(Section):
+    splits: list[str] = Field(default_factory=lambda: ["val_clean", "val_noisy"])
+    batch_size: int = Field(8, ge=1)
+
+
+class AnalysisConfig(Section):
+    bucket_split: str = "val_clean"
+    bucket_quantile: float = Field(0.7, gt=0.0, lt=1.0)
+
+
+class GridConfig(Section):
+    methods: list[Literal["topk", "random", "stochastic"]] = Field(
+        default_factory=lambda: ["topk", "random", "stochastic"]
+    )
+    ratios: list[float] = Field(default_factory=lambda: [0.5, 0.3])
+    seeds: int = Field(1, ge=1)
+    oracle: bool = True
+
+    @field_validator("ratios")
+    @classmethod
+    def _ratios(cls, v: list[float]) -> list[float]:
+        for r in v:
+            TrainConfig._ratio(r)
+        return v
+
+
+class Config(Section):
+    """The whole run: one section per stage."""
+
+    preset: str = DEFAULT_PRESET
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    reference: ReferenceConfig = Field(default_factory=ReferenceConfig)
+    scoring: ScoringConfig = Field(default_factory=ScoringConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    analysis: AnalysisConfig = Field(default_factory=AnalysisConfig)
+    grid: GridConfig = Field(default_factory=GridConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def preset_names() -> list[str]:
+    return sorted(p.name[: -len(".yaml")] for p in resources.files("selective_lm.presets").iterdir()
+                  if p.name.endswith(".yaml"))
+
+
+def _read_yaml(text: str, origin: str) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"{origin} is not valid YAML: {first}") from e
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"{origin} must hold a mapping of config sections, got {type(data).__name__}")
+    return data
+
+
+def _preset(name: str) -> dict[str, Any]:
+    names = preset_names()
+    if name not in names:
+        close = difflib.get_close_matches(name, names, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise UserError(f"unknown preset {name!r}{hint}; available: {', '.join(names)}")
+    text = resources.files("selective_lm.presets").joinpath(f"{name}.yaml").read_text()
+    return _read_yaml(text, f"preset {name}")
+
+
+def _config_file(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise UserError(f"cannot read config file {p}: {e.strerror or e}") from e
+    return _read_yaml(text, f"config file {p}")
+
+
+def _leaf_keys(model: type[BaseModel], prefix: str = "") -> dict[str, Any]:
+    """Every valid dotted key, mapped to its field info (sections recurse)."""
+    keys: dict[str, Any] = {}
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            keys.update(_leaf_keys(ann, f"{prefix}{name}."))
+        else:
+            keys[f"{prefix}{name}"] = field
+    return keys
+
+
+VALID_KEYS = _leaf_keys(Config)
+
+
+def _check_keys(tree: dict[str, Any], origin: str, prefix: str = "") -> None:
+    """Reject unknown keys, naming the closest valid one."""
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if dotted in VALID_KEYS:
+            continue
+        if isinstance(value, dict) and any(k.startswith(dotted + ".") for k in VALID_KEYS):
+            _check_keys(value, origin, dotted + ".")
+            continue
+        close = difflib.get_close_matches(dotted, list(VALID_KEYS), n=1, cutoff=0.5)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise UserError(f"unknown config key {dotted!r} in {origin}{hint}")
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """Merge one layer over another: sections key by key, every leaf (dicts included) replaced whole."""
+    out = dict(base)
+    for k, v in extra.items():
+        if k in Config.model_fields and isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = {**out[k], **v}
+        else:
+            out[k] = v
+    return out
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """`a.b=value` -> ("a.b", YAML-parsed value)."""
+    if "=" not in item:
+        raise UserError(f"override {item!r} must look like key=value (e.g. train.ratio=0.5)")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = tree
+    for p in parts[:-1]:
+        child = node.get(p)
+        if not isinstance(child, dict):
+            child = {}
+            node[p] = child
+        node = child
+    node[parts[-1]] = value
+
+
+def _describe_error(err: ValidationError, tree: dict[str, Any]) -> str:
+    e = err.errors()[0]
+    key = ".".join(str(p) for p in e["loc"] if not str(p).startswith(("function-", "int", "dict")))
+    msg = e["msg"].removeprefix("Value error, ")
+    node: Any = tree
+    for p in e["loc"]:
+        node = node.get(p) if isinstance(node, dict) else None
+    got = f" (got {node!r})" if node is not None and not isinstance(node, dict) and "got" not in msg else ""
+    return f"invalid value for {key}: {msg}{got}"
+
+
+def load_config(
+    preset: str | None = None,
+    config_file: str | Path | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+) -> Config:
+    """Defaults → preset → config file → overrides, validated; UserError on any mistake."""
+    file_layer: dict[str, Any] = {}
+    if config_file is not None:
+        file_layer = _config_file(config_file)
+        _check_keys(file_layer, f"config file {config_file}")
+    name = preset or str(file_layer.get("preset", DEFAULT_PRESET))
+    preset_layer = _preset(name)
+    _check_keys(preset_layer, f"preset {name}")
+    tree = _merge(_merge(_merge(Config().to_dict(), preset_layer), file_layer), {"preset": name})
+    for item in overrides:
+        key, value = parse_override(item)
+        _check_keys(_nest(key, value), "overrides")
+        _set_dotted(tree, key, value)
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as e:
+        raise UserError(_describe_error(e, tree)) from None
+
+
+def _nest(key: str, value: Any) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    _set_dotted(tree, key, value)
+    return tree

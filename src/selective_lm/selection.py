@@ -1,0 +1,222 @@
+"""Token selection for SLM: per-token scores and a validity mask in, a mask (or weights) out.
+
+Pure tensor functions: no model calls, no files, no logging. Every tensor is `[B, T]`; position
+`t` stands for the target token `t` (see `loss.py` for the next-token shift).
+
+Rules shared by every strategy and scope:
+
+- **Count.** `k = floor(ratio * n_valid + 0.5)` (round half up, not Python's half-to-even, so
+  0.5 of 5 tokens is 3), then at least 1 when `n_valid >= 1`: a micro-batch with a few valid
+  tokens still trains on something and the trainer never divides by zero. `ratio = 1.0`
+  selects every valid token, so SLM at ratio 1 is exactly CLM. See `num_selected`.
+- **Order.** Tokens are ranked by the strategy's keys, highest first; ties go to the earlier
+  position (row-major), so `topk` is deterministic. Invalid positions are never selected.
+- **Randomness.** One noise value is drawn per *valid* token, in row-major order, from
+  `generator`. Inserting invalid (padding) columns therefore changes nothing, and a run is
+  reproducible from the generator's seed.
+- **Scopes.** `batch`: one ranking over all valid tokens of the micro-batch. `sequence`: one
+  per row, `k` from that row's valid count. `global`: the micro-batches of all ranks of the
+  process group are gathered (padded to a common width), one `batch` selection is made over
+  their concatenation in rank order, and each rank keeps its rows: identical to one process
+  on the concatenated batch. The noise is drawn on the gathered tensor, so `generator` must
+  be seeded identically on all ranks (every rank then draws the same numbers and the
+  generators stay in step). Without an initialised process group, `global` is `batch`.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TypeVar
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+__all__ = ["SCOPES", "STRATEGIES", "lookup", "num_selected", "select"]
+
+V = TypeVar("V")
+# Lazily drawn Gumbel(0, 1) noise `[B, T]` (zero at invalid positions): topk draws nothing.
+Noise = Callable[[], Tensor]
+
+
+def lookup(what: str, name: str, registry: Mapping[str, V]) -> V:
+    """`registry[name]`, or a ValueError that suggests the closest name."""
+    if name in registry:
+        return registry[name]
+    close = difflib.get_close_matches(str(name), list(registry), n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    raise ValueError(f"unknown {what} {name!r}{hint} (choices: {', '.join(registry)})")
+
+
+@dataclass(frozen=True)
+class _Strategy:
+    """keys: ranking keys, most significant first, each `[B, T]`; log_weights: `[B, T]` for soft mode."""
+
+    keys: Callable[[Tensor, Noise, float], tuple[Tensor, ...]]
+    log_weights: Callable[[Tensor, float], Tensor]
+
+
+def _positive_log(scores: Tensor) -> Tensor:
+    """log of the positive part: -inf where the score is <= 0."""
+    return torch.where(scores > 0, scores.clamp_min(torch.finfo(scores.dtype).tiny).log(), -torch.inf)
+
+
+def _stochastic_positive_keys(scores: Tensor, noise: Noise, temperature: float) -> tuple[Tensor, ...]:
+    # Sampling without replacement with probability ∝ max(score, 0) is Gumbel-top-k on
+    # log(score). Tokens with score <= 0 have probability zero, so when fewer than k are
+    # positive all positive ones are taken (first key) and the rest is filled uniformly at
+    # random among the others (second key: the bare noise, i.e. a random permutation).
+    g = noise()
+    positive = scores > 0
+    return positive.to(scores.dtype), torch.where(positive, _positive_log(scores) + g, g)
+
+
+STRATEGIES: dict[str, _Strategy] = {
+    # Highest scores; soft: softmax(score / T).
+    "topk": _Strategy(lambda s, noise, temp: (s,), lambda s, temp: s / temp),
+    # Uniform without replacement; soft: equal weights.
+    "random": _Strategy(lambda s, noise, temp: (noise(),), lambda s, temp: torch.zeros_like(s)),
+    # k draws without replacement, probability ∝ softmax(score / T) (Gumbel-top-k).
+    "stochastic": _Strategy(lambda s, noise, temp: (s / temp + noise(),), lambda s, temp: s / temp),
+    # The cs512 replication's variant: probability ∝ positive part of the score (excess loss),
+    # temperature unused; soft: weights ∝ max(score, 0), uniform when no score is positive.
+    "stochastic_positive": _Strategy(_stochastic_positive_keys, lambda s, temp: _positive_log(s)),
+}
+SCOPES = ("batch", "sequence", "global")
+
+
+def num_selected(n_valid: Tensor, ratio: float) -> Tensor:
+    """Tokens selected out of `n_valid` (int tensor, any shape): floor(ratio * n + 0.5), >= 1 if n >= 1.
+
+    The trainer can use it to know a micro-batch's selected count before the forward pass.
+    """
+    n = n_valid.long()
+    k = torch.floor(n.double() * ratio + 0.5).long()
+    return torch.minimum(torch.maximum(k, (n > 0).long()), n)
+
+
+def _check(scores: Tensor, ratio: float, strategy: str, scope: str, valid: Tensor, temperature: float) -> None:
+    if not 0.0 < ratio <= 1.0:  # also rejects NaN
+        raise ValueError(f"ratio must be in (0, 1], got {ratio}")
+    if not 0.0 < temperature < float("inf"):
+        raise ValueError(f"temperature must be positive and finite, got {temperature}")
+    lookup("selection strategy", strategy, STRATEGIES)
+    lookup("selection scope", scope, dict.fromkeys(SCOPES))
+    if valid.dtype != torch.bool:
+        raise ValueError(f"valid must be a bool tensor, got {valid.dtype}")
+    if scores.dim() != 2 or scores.shape != valid.shape:
+        raise ValueError(f"scores {tuple(scores.shape)} and valid {tuple(valid.shape)} must both be [B, T]")
+    if not scores.is_floating_point():
+        raise ValueError(f"scores must be a float tensor, got {scores.dtype}")
+    if strategy != "random" and not torch.isfinite(scores[valid]).all():
+        raise ValueError("scores must be finite at valid positions (NaN/inf found)")
+
+
+def _gumbel(valid: Tensor, dtype: torch.dtype, generator: torch.Generator | None) -> Tensor:
+    """Gumbel(0, 1) noise `[B, T]`: one draw per valid token in row-major order, 0 elsewhere."""
+    n = int(valid.sum())
+    device = generator.device if generator is not None else valid.device
+    u = torch.rand(n, generator=generator, device=device, dtype=torch.float64).to(valid.device)
+    g = -torch.log(-torch.log(u.clamp_min(torch.finfo(torch.float64).tiny)))
+    out = torch.zeros(valid.shape, dtype=dtype, device=valid.device)
+    out[valid] = g.to(dtype)  # boolean-mask assignment fills in row-major order
+    return out
+
+
+def _rank(keys: tuple[Tensor, ...], valid: Tensor) -> Tensor:
+    """Rank of each position in its row `[R, T]` (0 = best): valid first, then keys, then position.
+
+    Lexicographic order by stable sorts from the least significant key up; the initial
+    arange makes the earlier position win every remaining tie.
+    """
+    rows, width = valid.shape
+    order = torch.arange(width, device=valid.device).expand(rows, width)
+    for key in reversed((valid.to(keys[0].dtype), *keys)):
+        key = torch.where(valid, key, torch.zeros((), dtype=key.dtype, device=key.device))
+        idx = torch.sort(key.gather(1, order), dim=1, descending=True, stable=True).indices
+        order = order.gather(1, idx)
+    ranks = torch.empty_like(order)
+    ranks.scatter_(1, order, torch.arange(width, device=valid.device).expand(rows, width))
+    return ranks
+
+
+def _select_rows(
+    scores: Tensor,
+    valid: Tensor,
+    ratio: float,
+    strategy: _Strategy,
+    generator: torch.Generator | None,
+    temperature: float,
+    soft: bool,
+) -> Tensor:
+    """Select within each row of `[R, W]` independently; the noise covers all rows at once."""
+    scores = scores.to(torch.promote_types(scores.dtype, torch.float32))  # no extra ties from fp16 noise
+    k = num_selected(valid.sum(dim=1), ratio)
+    if soft:
+        logw = torch.where(valid, strategy.log_weights(scores, temperature), -torch.inf)
+        # A row whose weights are all zero (stochastic_positive with no positive score) is uniform.
+        dead = torch.isneginf(logw.amax(dim=1, keepdim=True))
+        logw = torch.where(dead & valid, 0.0, logw)
+        w = torch.softmax(logw, dim=1).nan_to_num(0.0)  # rows without valid tokens: all -inf -> 0
+        return w * k.unsqueeze(1).to(w.dtype)
+    keys = strategy.keys(scores, lambda: _gumbel(valid, scores.dtype, generator), temperature)
+    return _rank(keys, valid) < k.unsqueeze(1)
+
+
+def _gather_rows(x: Tensor, group: dist.ProcessGroup | None) -> tuple[Tensor, int]:
+    """All ranks' `[B_r, T_r]` tensors as one `[sum B_r, max T_r]` (zero-padded), and this rank's offset."""
+    world = dist.get_world_size(group)
+    shape = torch.tensor(x.shape, dtype=torch.long, device=x.device)
+    shapes = [torch.empty_like(shape) for _ in range(world)]
+    dist.all_gather(shapes, shape, group=group)
+    sizes = [tuple(int(v) for v in s) for s in shapes]
+    max_b, max_t = max(b for b, _ in sizes), max(t for _, t in sizes)
+    padded = x.new_zeros(max_b, max_t)
+    padded[: x.shape[0], : x.shape[1]] = x
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded, group=group)
+    rank = dist.get_rank(group)
+    offset = sum(b for b, _ in sizes[:rank])
+    return torch.cat([p[:b] for p, (b, _) in zip(parts, sizes, strict=True)]), offset
+
+
+def select(
+    scores: Tensor,
+    ratio: float,
+    strategy: str,
+    scope: str,
+    valid: Tensor,
+    generator: torch.Generator | None = None,
+    *,
+    temperature: float = 1.0,
+    soft: bool = False,
+    group: dist.ProcessGroup | None = None,
+) -> Tensor:
+    """Choose the tokens that train.
+
+    scores `[B, T]` float (higher = more worth training; ignored where `valid` is False, may be
+    NaN there), valid `[B, T]` bool. Returns a bool mask `[B, T]` with exactly `num_selected`
+    True per scope unit, all inside `valid`.
+
+    soft=True returns float weights `[B, T]` instead: `k * softmax(log_weights)` over the valid
+    tokens of each scope unit (the strategy's `log_weights`: score / temperature for
+    topk/stochastic, uniform for random, log of the positive part for stochastic_positive),
+    zero outside `valid`. The weights of a unit sum to the `k` its hard mask would select, so
+    the trainer's "sum of weight x loss, divided by the summed weights (n_selected)" is a
+    weighted mean that is comparable with the hard mode's plain mean.
+    """
+    _check(scores, ratio, strategy, scope, valid, temperature)
+    strat = STRATEGIES[strategy]
+    if scope == "sequence":
+        return _select_rows(scores, valid, ratio, strat, generator, temperature, soft)
+    if scope == "global" and dist.is_available() and dist.is_initialized():
+        all_scores, offset = _gather_rows(scores.nan_to_num(0.0), group)
+        all_valid, _ = _gather_rows(valid.to(torch.uint8), group)
+        chosen = select(all_scores, ratio, strategy, "batch", all_valid.bool(), generator,
+                        temperature=temperature, soft=soft)
+        return chosen[offset : offset + scores.shape[0], : scores.shape[1]].contiguous()
+    # batch (and global without a process group): all rows as one row-major sequence.
+    flat = _select_rows(scores.reshape(1, -1), valid.reshape(1, -1), ratio, strat, generator, temperature, soft)
+    return flat.reshape(scores.shape)
