@@ -97,7 +97,9 @@ def num_selected(n_valid: Tensor, ratio: float) -> Tensor:
     return torch.minimum(torch.maximum(k, (n > 0).long()), n)
 
 
-def _check(scores: Tensor, ratio: float, strategy: str, scope: str, valid: Tensor, temperature: float) -> None:
+def _check(
+    scores: Tensor, ratio: float, strategy: str, scope: str, valid: Tensor, temperature: float
+) -> None:
     if not 0.0 < ratio <= 1.0:  # also rejects NaN
         raise ValueError(f"ratio must be in (0, 1], got {ratio}")
     if not 0.0 < temperature < float("inf"):
@@ -214,9 +216,19 @@ def select(
     if scope == "global" and dist.is_available() and dist.is_initialized():
         all_scores, offset = _gather_rows(scores.nan_to_num(0.0), group)
         all_valid, _ = _gather_rows(valid.to(torch.uint8), group)
-        chosen = select(all_scores, ratio, strategy, "batch", all_valid.bool(), generator,
-                        temperature=temperature, soft=soft)
+        chosen = select(
+            all_scores,
+            ratio,
+            strategy,
+            "batch",
+            all_valid.bool(),
+            generator,
+            temperature=temperature,
+            soft=soft,
+        )
         return chosen[offset : offset + scores.shape[0], : scores.shape[1]].contiguous()
     # batch (and global without a process group): all rows as one row-major sequence.
-    flat = _select_rows(scores.reshape(1, -1), valid.reshape(1, -1), ratio, strat, generator, temperature, soft)
+    flat = _select_rows(
+        scores.reshape(1, -1), valid.reshape(1, -1), ratio, strat, generator, temperature, soft
+    )
     return flat.reshape(scores.shape)

@@ -1,0 +1,98 @@
+"""`slm <stage> [--preset NAME | --config FILE] [key=value ...] [--out DIR]`.
+
+Thin on purpose: parse, load the config, call the stage, print its summary. Exit codes:
+0 ok, 2 bad input (one line on stderr), 1 internal error, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .common import UserError
+from .config import Config, load_config
+
+# command -> (help, module, stage function(cfg, out)); stages are imported only when used (torch is slow).
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "config": ("print the resolved config as YAML", "cli", "print_config"),
+    "prepare": ("tokenize and pack every split into the token store (data/<split>/)", "data", "prepare"),
+    "reference": ("train (or point to) the reference model (reference/)", "scoring", "reference"),
+    "score": ("per-token reference losses over the train split (scores/train/)", "scoring", "score"),
+    "train": ("one CLM or SLM training run (runs/<name>/)", "train", "train"),
+    "run": ("the preset's experiment end to end, resumable (results.json)", "pipeline", "run"),
+}
+
+
+def print_config(cfg: Config, out: Path) -> None:
+    print(cfg.to_yaml(), end="")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line on stderr and exit 2 like every other bad input."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        sys.exit(_fail(f"{message} (see: {self.prog} --help)", 2))
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="slm", description="Selective Language Modeling (Rho-1) toolkit")
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", metavar="<command>")
+    for name, (help_text, _, _) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        group = p.add_mutually_exclusive_group()
+        group.add_argument("--preset", help="preset name (default: champ-smollm2)")
+        group.add_argument("--config", help="YAML config file (may name a preset to start from)")
+        p.add_argument("--out", default=None, help="output directory (default: out/<preset>)")
+        p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    return parser
+
+
+def _out_dir(args: argparse.Namespace, cfg: Config) -> Path:
+    return Path(args.out) if args.out else Path("out") / cfg.preset
+
+
+def _stage(command: str) -> Callable[[Config, Path], Any]:
+    _, module, func = COMMANDS[command]
+    return getattr(importlib.import_module(f"selective_lm.{module}"), func)
+
+
+def _fail(message: str, code: int) -> int:
+    line = " ".join(str(message).split())  # one line, whatever the exception held
+    print(f"slm: error: {line}", file=sys.stderr)
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.version:
+        from . import __version__
+
+        print(__version__)
+        return 0
+    if args.command is None:
+        parser.print_help()
+        return 2
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        cfg = load_config(args.preset, args.config, args.overrides)
+        result = _stage(args.command)(cfg, _out_dir(args, cfg))
+    except (UserError, ValueError) as e:  # pure functions raise ValueError for bad input
+        return _fail(str(e), 2)
+    except KeyboardInterrupt:
+        print("slm: interrupted", file=sys.stderr)
+        return 130
+    if result is not None:
+        print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

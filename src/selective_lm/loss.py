@@ -1,0 +1,326 @@
+"""Per-token cross-entropy with the one next-token shift of the project, and the selective loss.
+
+The shift (DESIGN.md, score store): the loss at position `t` is the loss of `input_ids[:, t]`
+given the tokens before it, computed from `hidden[:, t - 1]`; position 0 has none and is NaN.
+Scoring, training, evaluation and analysis all go through `token_losses`.
+
+Memory: logits are computed `chunk_size` token rows at a time, so at most `chunk_size x V`
+logits exist at once, never the full `B x T x V`. With grad, each chunk of more than one is
+checkpointed (its logits are recomputed in backward instead of kept): the head's forward runs
+twice for those rows, and peak memory stays at a few `chunk_size x V` tensors. Measured in
+`tests/test_loss.py::test_loss_path_peak_memory_is_a_few_chunks`: V = 150k, 1024 tokens,
+chunk 128 (one chunk of float32 logits = 77 MB) -> full logits 614 MB; peak allocation of the
+loss path 154 MB without grad (logits + log-softmax of one chunk) and 240 MB for forward +
+backward, against 1853 MB for the naive head + cross_entropy + backward.
+
+SLM's efficient path (`selective_lm_loss`): one backbone forward with grad; all token losses
+without grad (on `hidden.detach()`); scores; selection; then the head and cross-entropy with
+grad on the selected rows only, so the head's forward-with-grad and backward cover selected
+tokens only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from selective_lm.selection import lookup, select
+
+__all__ = [
+    "DEFAULT_CHUNK_SIZE",
+    "SCORE_KINDS",
+    "SelectiveLoss",
+    "forward_hidden",
+    "scores",
+    "selected_loss_sum",
+    "selective_lm_loss",
+    "token_losses",
+    "valid_mask",
+]
+
+DEFAULT_CHUNK_SIZE = 1024
+# Config fields of models whose logits are not plain `head(hidden)` (Gemma 2/3, Cohere, Granite).
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+
+
+def valid_mask(
+    input_ids: Tensor,
+    attention_mask: Tensor | None = None,
+    labels: Tensor | None = None,
+    doc_ids: Tensor | None = None,
+) -> Tensor:
+    """bool `[B, T]`: True where position t has a target to predict.
+
+    That is t > 0, neither t nor t - 1 is padding (attention_mask 0), labels[t] != -100, and,
+    if doc_ids is given, t and t - 1 belong to the same document (no predicting a document's
+    first token from the previous one). labels is only a mask: the targets are input_ids.
+    """
+    for name, x in (("attention_mask", attention_mask), ("labels", labels), ("doc_ids", doc_ids)):
+        if x is not None and x.shape != input_ids.shape:
+            raise ValueError(
+                f"{name} {tuple(x.shape)} must have the shape of input_ids {tuple(input_ids.shape)}"
+            )
+    valid = torch.ones(input_ids.shape, dtype=torch.bool, device=input_ids.device)
+    valid[:, 0] = False
+    if attention_mask is not None:
+        real = attention_mask.bool()
+        valid[:, 1:] &= real[:, 1:] & real[:, :-1]
+    if labels is not None:
+        valid &= labels != -100
+    if doc_ids is not None:
+        valid[:, 1:] &= doc_ids[:, 1:] == doc_ids[:, :-1]
+    return valid
+
+
+def _chunk_ce(head: nn.Module, rows: Tensor, targets: Tensor) -> Tensor:
+    """CE `[n]` of rows `[n, H]`; logits upcast to at least float32 (bf16/fp16 models)."""
+    logits = head(rows)
+    return F.cross_entropy(
+        logits.to(torch.promote_types(logits.dtype, torch.float32)), targets, reduction="none"
+    )
+
+
+def _rows_ce(head: nn.Module, rows: Tensor, targets: Tensor, chunk_size: int) -> Tensor:
+    """Cross-entropy `[N]` of hidden rows `[N, H]` against targets `[N]`, `chunk_size` rows at a time."""
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    n = rows.shape[0]
+    # A single chunk is not checkpointed: recomputing it would cost time and lower no peak.
+    recompute = torch.is_grad_enabled() and n > chunk_size
+    parts = []
+    for i in range(0, max(n, 1), chunk_size):  # max(n, 1): an empty selection still yields a graph
+        r, y = rows[i : i + chunk_size], targets[i : i + chunk_size]
+        parts.append(
+            checkpoint(_chunk_ce, head, r, y, use_reentrant=False) if recompute else _chunk_ce(head, r, y)
+        )
+    return torch.cat(parts)
+
+
+def _target_positions(mask: Tensor) -> tuple[Tensor, Tensor]:
+    """(b, t) index vectors of the True entries of `mask [B, T]` with t >= 1, row-major."""
+    b, t = mask.nonzero(as_tuple=True)
+    keep = t > 0
+    return b[keep], t[keep]
+
+
+def _check_shapes(hidden: Tensor, input_ids: Tensor, mask: Tensor | None, name: str) -> None:
+    if input_ids.dim() != 2 or hidden.shape[:2] != input_ids.shape or hidden.dim() != 3:
+        raise ValueError(
+            f"hidden {tuple(hidden.shape)} must be [B, T, H] for input_ids {tuple(input_ids.shape)}"
+        )
+    if mask is not None and mask.shape != input_ids.shape:
+        raise ValueError(
+            f"{name} {tuple(mask.shape)} must have the shape of input_ids {tuple(input_ids.shape)}"
+        )
+
+
+def token_losses(
+    hidden: Tensor,
+    head: nn.Module,
+    input_ids: Tensor,
+    valid: Tensor | None = None,
+    *,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> Tensor:
+    """Per-token cross-entropy `[B, T]` from final hidden states `[B, T, H]` and the LM head.
+
+    out[b, t] = -log p(input_ids[b, t] | input_ids[b, :t]), from head(hidden[b, t - 1]); NaN at
+    t = 0 and where `valid [B, T]` (bool) is False, which are not computed at all. Float32
+    (float64 for a float64 model) whatever the model dtype. `head` is any module mapping
+    `[N, H] -> [N, V]` (tied or not, LoRA-wrapped or not). Differentiable when grad is enabled;
+    call it under torch.no_grad() for scoring and selection.
+    """
+    _check_shapes(hidden, input_ids, valid, "valid")
+    b, t = _target_positions(valid if valid is not None else torch.ones_like(input_ids, dtype=torch.bool))
+    losses = _rows_ce(head, hidden[b, t - 1], input_ids[b, t], chunk_size)
+    out = torch.full(input_ids.shape, torch.nan, dtype=losses.dtype, device=losses.device)
+    return out.index_put((b, t), losses)
+
+
+def selected_loss_sum(
+    hidden: Tensor,
+    head: nn.Module,
+    input_ids: Tensor,
+    weights: Tensor,
+    *,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> Tensor:
+    """Sum over positions of weights[b, t] x loss[b, t], 0-d, with grad; `weights [B, T]` bool or float.
+
+    Only rows with a nonzero weight go through the head: hidden[b, t - 1] is gathered for them,
+    so the head's forward and backward cost scales with the selected tokens, not all tokens.
+    Position 0 has no target and is ignored.
+    """
+    _check_shapes(hidden, input_ids, weights, "weights")
+    b, t = _target_positions(weights != 0)
+    losses = _rows_ce(head, hidden[b, t - 1], input_ids[b, t], chunk_size)
+    if weights.dtype == torch.bool:
+        return losses.sum()
+    return (losses * weights[b, t].to(losses.dtype)).sum()
+
+
+def _causal_lm(model: nn.Module) -> nn.Module:
+    """The transformers model inside a peft wrapper (its LoRA layers stay in place), else `model`."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def forward_hidden(
+    model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None = None
+) -> tuple[Tensor, nn.Module]:
+    """Run an HF causal LM (plain or peft-wrapped) up to its final hidden states, without logits.
+
+    Returns (hidden `[B, T, H]` after the final norm, the output embedding module). The backbone
+    is `PreTrainedModel.base_model` (e.g. LlamaModel inside LlamaForCausalLM). Models that
+    transform their logits (final-logit soft-capping as in Gemma 2, logit scaling as in
+    Cohere/Granite) are not special-cased: they raise ValueError rather than get wrong losses,
+    as do peft prompt-learning adapters (their virtual tokens live in the wrapper's forward).
+    """
+    peft_config = getattr(model, "active_peft_config", None)
+    if getattr(peft_config, "is_prompt_learning", False):
+        raise ValueError("peft prompt-learning adapters are not supported; use LoRA-style adapters")
+    lm = _causal_lm(model)
+    for name in _LOGIT_TRANSFORMS:
+        value = getattr(getattr(lm, "config", None), name, None)
+        if value is not None and value != 1:
+            raise ValueError(f"model config sets {name}={value}: transformed logits are not supported")
+    backbone = getattr(lm, "base_model", None)
+    head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
+    if backbone is None or backbone is lm or head is None:
+        raise ValueError(f"{type(lm).__name__} is not a causal LM with a backbone and output embeddings")
+    out = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    return out.last_hidden_state, head
+
+
+SCORE_KINDS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
+    "excess": lambda own, ref: own - ref,  # the paper: what the model still has to learn
+    "loss": lambda own, ref: own,  # hardest tokens by the model's own loss
+    "reference": lambda own, ref: -ref,  # tokens the reference finds easy
+    "none": lambda own, ref: torch.zeros_like(own),  # no preference: pair with random/stochastic
+}
+_NEEDS_REF = ("excess", "reference")
+
+
+def scores(kind: str, own_loss: Tensor, ref_loss: Tensor | None = None) -> Tensor:
+    """Selection scores `[B, T]` (higher = train it) from own losses `[B, T]` and reference losses.
+
+    Valid positions are those where own_loss is not NaN (as `token_losses` returns it); ref_loss
+    must be finite there. With `none` all scores are 0: strategies `random` and `stochastic`
+    then select uniformly, `topk` would take the earliest positions (ties go by position).
+    """
+    fn = lookup("score kind", kind, SCORE_KINDS)
+    own = own_loss.detach()
+    ref = own
+    if kind in _NEEDS_REF:
+        if ref_loss is None:
+            raise ValueError(f"score kind {kind!r} needs reference losses (ref_loss)")
+        if ref_loss.shape != own.shape:
+            raise ValueError(
+                f"ref_loss {tuple(ref_loss.shape)} must have the shape of own_loss {tuple(own.shape)}"
+            )
+        ref = ref_loss.detach().to(device=own.device, dtype=own.dtype)
+        if torch.isnan(ref[~torch.isnan(own)]).any():
+            raise ValueError("ref_loss is NaN at a valid position: the score store does not match the tokens")
+    return fn(own, ref)
+
+
+@dataclass(frozen=True)
+class SelectiveLoss:
+    """One micro-batch's selective loss. All fields are 0-d tensors; only loss_sum has grad.
+
+    Tensors, not floats, so the trainer can sum them over micro-batches and all-reduce once
+    without a device sync per micro-batch. The trainer divides the summed loss_sum by the
+    summed n_selected of the whole optimizer step (all micro-batches and ranks): the true
+    mean over trained tokens. `mean()` is that for a single micro-batch.
+
+    loss_sum: sum of weight x token loss over the selected tokens (weight 1 in hard mode).
+    n_selected: selected count, or the sum of the soft weights (which equals the count the
+        hard mask would select, see `selection.select`).
+    n_valid: tokens that had a target.
+    n_unselected: valid tokens with zero weight (n_valid - n_selected in hard mode; in soft mode
+        usually 0, since every valid token gets some weight).
+    score_selected / score_unselected: mean score of the selected tokens (weighted in soft
+        mode) / of the valid tokens with zero weight (NaN when there are none).
+    loss_selected: mean own loss of the selected tokens (weighted in soft mode), no grad.
+    """
+
+    loss_sum: Tensor
+    n_selected: Tensor
+    n_valid: Tensor
+    n_unselected: Tensor
+    score_selected: Tensor
+    score_unselected: Tensor
+    loss_selected: Tensor
+
+    def mean(self) -> Tensor:
+        """loss_sum / n_selected; 0 when nothing was selected (n_selected is 0 or >= 1)."""
+        return self.loss_sum / self.n_selected.clamp_min(1)
+
+
+def _weighted_mean(x: Tensor, w: Tensor) -> Tensor:
+    """sum(w x) / sum(w) over w != 0 (x may be NaN where w == 0); NaN if all weights are 0."""
+    return torch.where(w != 0, x * w, 0).sum() / w.sum()
+
+
+def selective_lm_loss(
+    model: nn.Module,
+    input_ids: Tensor,
+    valid: Tensor,
+    ref_loss: Tensor | None = None,
+    *,
+    score_kind: str = "excess",
+    ratio: float = 1.0,
+    strategy: str = "topk",
+    scope: str = "batch",
+    generator: torch.Generator | None = None,
+    temperature: float = 1.0,
+    soft: bool = False,
+    attention_mask: Tensor | None = None,
+    group: dist.ProcessGroup | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> SelectiveLoss:
+    """SLM loss of one micro-batch: forward, score, select, loss with grad on the selected tokens.
+
+    input_ids `[B, T]`, valid `[B, T]` bool (see `valid_mask`), ref_loss `[B, T]` (the score
+    store's rows; NaN allowed where not valid). The backbone runs once with grad; the no-grad
+    scoring pass reuses `hidden.detach()`. At ratio 1 (hard), every valid token is selected
+    whatever the scores, so that pass is skipped and the result is exactly CLM.
+    """
+    if valid.dtype != torch.bool or valid.shape != input_ids.shape:
+        raise ValueError(f"valid must be a bool tensor shaped like input_ids {tuple(input_ids.shape)}")
+    if valid[:, 0].any():
+        raise ValueError("valid is True at position 0, which has no target: build it with valid_mask()")
+    if score_kind == "none" and strategy == "topk" and ratio < 1 and not soft:
+        raise ValueError("score kind 'none' with strategy 'topk' selects by position; use 'random'")
+    hidden, head = forward_hidden(model, input_ids, attention_mask)
+    if ratio == 1 and not soft:
+        own_grad = token_losses(hidden, head, input_ids, valid, chunk_size=chunk_size)
+        own = own_grad.detach()
+    else:
+        with torch.no_grad():
+            own = token_losses(hidden.detach(), head, input_ids, valid, chunk_size=chunk_size)
+    s = scores(score_kind, own, ref_loss)
+    chosen = select(
+        s, ratio, strategy, scope, valid, generator, temperature=temperature, soft=soft, group=group
+    )
+    if ratio == 1 and not soft:
+        loss_sum = own_grad[chosen].sum()
+    else:
+        loss_sum = selected_loss_sum(hidden, head, input_ids, chosen, chunk_size=chunk_size)
+    w = chosen.to(own.dtype)
+    unselected = (valid & (w == 0)).to(own.dtype)
+    return SelectiveLoss(
+        loss_sum=loss_sum,
+        n_selected=w.sum(),
+        n_valid=valid.sum().to(own.dtype),
+        n_unselected=unselected.sum(),
+        score_selected=_weighted_mean(s, w),
+        score_unselected=_weighted_mean(s, unselected),
+        loss_selected=_weighted_mean(own, w),
+    )

@@ -1,0 +1,217 @@
+"""The reference model and the score store: `slm reference`, `slm score`.
+
+The reference scores the corpus once; every SLM run of a grid reuses `scores/<split>/`.
+`ref_loss[b, t]` is the reference loss of `tokens[b, t]` given `tokens[b, :t]` (NaN at t = 0),
+computed by the same `loss.token_losses` as training, so the two can never disagree on the shift.
+
+The store is written incrementally into a partial `.npy` memmap beside a progress file; a
+killed `slm score` continues from the last completed chunk, and only a finished pass is
+renamed to `ref_loss.npy`. `meta.json` holds the fingerprints of the token store, tokenizer
+and reference model: `load_scores` refuses any mismatch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from . import __version__
+from .common import UserError, atomic_path, fingerprint, read_json, write_json
+from .config import Config
+from .data import TokenStore, load_store
+from .loss import forward_hidden, token_losses, valid_mask
+from .models import load_model, load_tokenizer, tokenizer_fingerprint
+
+
+def store_fingerprint(store: TokenStore) -> str:
+    return fingerprint(store.meta)
+
+
+# ---------------------------------------------------------------------------- reference
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def reference(cfg: Config, out: Path) -> dict[str, Any]:
+    """Make the reference model available under `out/reference/` and describe it in reference.json."""
+    ref_dir = out / "reference"
+    mode = cfg.reference.mode
+    if mode == "trained":
+        from .train import train
+
+        summary = train(_reference_train_config(cfg), out, name=None, split="reference", run_dir=ref_dir)
+        weights = ref_dir / ("adapter/adapter_model.safetensors" if cfg.model.lora else "model/model.safetensors")
+        desc = {"mode": mode, "base": cfg.model.name, "weights": str(weights.relative_to(ref_dir)),
+                "digest": _file_digest(weights), "train": summary}
+    elif mode == "self":
+        desc = {"mode": mode, "base": cfg.model.name, "digest": fingerprint(cfg.model.name, cfg.model.revision)}
+    else:
+        path = Path(str(cfg.reference.path)).expanduser()
+        if not path.exists():
+            raise UserError(f"reference.path {path} does not exist")
+        files = sorted(path.glob("*.safetensors"))
+        if not files:
+            raise UserError(f"reference.path {path} holds no .safetensors weights (adapter or HF model dir)")
+        desc = {"mode": mode, "base": cfg.model.name, "path": str(path.resolve()),
+                "digest": fingerprint([_file_digest(f) for f in files])}
+    tokenizer = load_tokenizer(cfg.model)
+    desc["tokenizer_fingerprint"] = tokenizer_fingerprint(tokenizer)
+    desc["version"] = __version__
+    write_json(ref_dir / "reference.json", desc)
+    return desc
+
+
+def _reference_train_config(cfg: Config) -> Config:
+    """CLM on the reference split with the reference section's budget; everything else as the students."""
+    r = cfg.reference
+    train = cfg.train.model_copy(update={
+        "name": "reference", "method": "clm", "ratio": 1.0, "steps": r.steps, "batch_size": r.batch_size,
+        "grad_accum": r.grad_accum, "lr": r.lr, "snapshot_every": 0, "merge": False,
+    })
+    return cfg.model_copy(update={"train": train})
+
+
+def load_reference_model(cfg: Config, out: Path) -> Any:
+    """The reference as a plain causal LM in eval mode (LoRA merged: scoring needs no adapter overhead)."""
+    desc = read_json(out / "reference" / "reference.json") if (out / "reference" / "reference.json").is_file() \
+        else None
+    if desc is None:
+        raise UserError(f"no reference model in {out}/reference: run `slm reference --out {out}` first")
+    tokenizer = load_tokenizer(cfg.model)
+    if desc.get("tokenizer_fingerprint") != tokenizer_fingerprint(tokenizer):
+        raise UserError("the reference model's tokenizer differs from the student's: they must share one")
+    if desc["mode"] == "self":
+        model = load_model(cfg.model, vocab_size=len(tokenizer))
+    elif desc["mode"] == "trained" and (out / "reference" / "model").is_dir():
+        model = load_model(cfg.model, path=str(out / "reference" / "model"))
+    else:
+        adapter = out / "reference" / "adapter" if desc["mode"] == "trained" else Path(desc["path"])
+        model = _load_maybe_adapter(cfg, adapter, len(tokenizer))
+    n_emb = model.get_input_embeddings().num_embeddings
+    if n_emb < len(tokenizer):
+        raise UserError(f"the reference model has {n_emb} embeddings but the tokenizer {len(tokenizer)} tokens: "
+                        "reference and student must share the tokenizer")
+    model.eval().requires_grad_(False)
+    return model
+
+
+def _load_maybe_adapter(cfg: Config, path: Path, vocab_size: int) -> Any:
+    """A peft adapter (merged into the base model) or a full HF model directory."""
+    if (path / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        base = load_model(cfg.model, vocab_size=vocab_size)
+        return PeftModel.from_pretrained(base, str(path)).merge_and_unload()
+    return load_model(cfg.model, path=str(path))
+
+
+def reference_digest(out: Path) -> str | None:
+    path = out / "reference" / "reference.json"
+    return read_json(path)["digest"] if path.is_file() else None
+
+
+# ---------------------------------------------------------------------------- scoring
+
+
+@torch.no_grad()
+def reference_losses(model: Any, ids: torch.Tensor, valid: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """float32 `[B, T]` reference losses, NaN where not valid (online mode calls this per batch)."""
+    dtype = torch.bfloat16 if ids.device.type == "cuda" else torch.float32
+    with torch.autocast(ids.device.type, dtype=dtype, enabled=ids.device.type == "cuda"):
+        hidden, head = forward_hidden(model, ids)
+        return token_losses(hidden, head, ids, valid, chunk_size=chunk_size)
+
+
+def score(cfg: Config, out: Path, split: str = "train", model: Any = None) -> dict[str, Any]:
+    """Write `out/scores/<split>/ref_loss.npy`; resumes a killed pass; no-op when already complete."""
+    store = load_store(out / "data" / split)
+    tokenizer = load_tokenizer(cfg.model)
+    score_dir = out / "scores" / split
+    expected = {
+        "token_store": store_fingerprint(store),
+        "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+        "reference": reference_digest(out),
+    }
+    if expected["reference"] is None:
+        raise UserError(f"no reference model in {out}/reference: run `slm reference --out {out}` first")
+    if (score_dir / "meta.json").is_file() and (score_dir / "ref_loss.npy").is_file():
+        meta = read_json(score_dir / "meta.json")
+        if all(meta.get(k) == v for k, v in expected.items()):
+            return meta
+    model = model if model is not None else load_reference_model(cfg, out)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+    n_blocks, block_len = store.tokens.shape
+    try:
+        score_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot write scores to {score_dir}: {e.strerror or e}") from None
+    partial, progress_path = score_dir / ".ref_loss.partial.npy", score_dir / ".progress.json"
+    progress = read_json(progress_path) if progress_path.is_file() else {}
+    done = progress.get("done_blocks", 0) if progress.get("expected") == expected and partial.is_file() else 0
+    if done:
+        array = np.lib.format.open_memmap(partial, mode="r+")
+    else:
+        array = np.lib.format.open_memmap(partial, mode="w+", dtype=np.float32, shape=(n_blocks, block_len))
+    bs = cfg.scoring.batch_size
+    start_t, start_done = time.perf_counter(), done
+    with tqdm(total=n_blocks * block_len, initial=done * block_len, desc=f"score {split}", unit="tok",
+              unit_scale=True, dynamic_ncols=True) as bar:
+        while done < n_blocks:
+            rows = slice(done, min(done + bs, n_blocks))
+            ids = torch.from_numpy(np.asarray(store.tokens[rows], dtype=np.int64)).to(device)
+            doc = torch.from_numpy(np.asarray(store.doc_ids[rows])) if cfg.data.doc_boundaries else None
+            valid = valid_mask(ids, doc_ids=doc.to(device) if doc is not None else None)
+            array[rows] = reference_losses(model, ids, valid, cfg.scoring.chunk_size).cpu().numpy()
+            done = rows.stop
+            array.flush()  # the data is on disk before the progress file says so
+            write_json(progress_path, {"expected": expected, "done_blocks": done})
+            bar.update((rows.stop - rows.start) * block_len)
+    del array
+    seconds = time.perf_counter() - start_t
+    meta = {
+        **expected, "split": split, "n_blocks": n_blocks, "block_len": block_len, "reference_mode": cfg.reference.mode,
+        "tokens_per_s": (done - start_done) * block_len / seconds if seconds > 0 else None,
+        "created_by": __version__,
+    }
+    with atomic_path(score_dir / "ref_loss.npy") as tmp:
+        partial.replace(tmp)
+    write_json(score_dir / "meta.json", meta)
+    progress_path.unlink(missing_ok=True)
+    return meta
+
+
+def load_scores(out: Path, split: str, store: TokenStore, tokenizer: Any) -> np.ndarray:
+    """The score store of `split` as a read-only memmap, after checking every fingerprint."""
+    score_dir = out / "scores" / split
+    if not (score_dir / "ref_loss.npy").is_file() or not (score_dir / "meta.json").is_file():
+        raise UserError(f"score kind needs reference scores but {score_dir} has none: run `slm score --out {out}` "
+                        "(or use train.score=loss / train.method=random)")
+    meta = read_json(score_dir / "meta.json")
+    if meta.get("token_store") != store_fingerprint(store):
+        raise UserError(f"the scores in {score_dir} belong to another token store: rerun `slm score`")
+    if meta.get("tokenizer_fingerprint") != tokenizer_fingerprint(tokenizer):
+        raise UserError(f"the scores in {score_dir} were made with another tokenizer: rerun `slm score`")
+    current = reference_digest(out)
+    if current is not None and meta.get("reference") != current:
+        raise UserError(f"the scores in {score_dir} come from another reference model: rerun `slm score`")
+    try:
+        scores = np.load(score_dir / "ref_loss.npy", mmap_mode="r")
+    except (OSError, ValueError) as e:
+        raise UserError(f"{score_dir}/ref_loss.npy is unreadable ({e}): rerun `slm score`") from None
+    if scores.shape != store.tokens.shape or scores.dtype != np.float32:
+        raise UserError(f"{score_dir}/ref_loss.npy has shape {scores.shape}, the tokens {store.tokens.shape}: "
+                        "rerun `slm score`")
+    return scores

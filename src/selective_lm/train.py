@@ -1,0 +1,377 @@
+"""`slm train`: one loop for CLM and every SLM variant, on accelerate.
+
+Compute-matched by construction: every run starts from the same base weights, reads the same
+blocks in the same order (a permutation seeded by `train.seed` only), for the same number of
+optimizer steps; only the loss mask differs. CLM is SLM at ratio 1; `oracle` is CLM on every
+token except the injected noise.
+
+Gradient normalisation: each micro-batch backpropagates the *sum* of its selected token
+losses; at the end of the optimizer step the gradients are summed over ranks (an explicit
+all-reduce, equivalent to DDP) and divided by the number of tokens selected in the whole step
+on all ranks. The update is therefore the gradient of the true mean over trained tokens,
+whatever the accumulation or the per-batch selected count (torchtune's normalisation).
+The model is not wrapped in DDP because the selective loss calls the backbone and the LM
+head separately, which DDP's forward hooks would not see.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from . import __version__
+from .common import UserError, atomic_dir, atomic_path, fingerprint, write_json, write_text
+from .config import Config, TrainConfig
+from .data import TokenStore, load_store
+from .loss import selective_lm_loss, valid_mask
+from .models import apply_lora, load_model, load_tokenizer, tokenizer_fingerprint
+from .scoring import load_scores
+
+STRATEGY = {"clm": "topk", "oracle": "topk", "topk": "topk", "random": "random", "stochastic": "stochastic"}
+
+
+def run_name(train: TrainConfig, with_seed: bool = False) -> str:
+    """`clm`, `oracle` or `<method>-r<ratio>`, with `-s<seed>` when several seeds run."""
+    if train.name:
+        return train.name
+    name = train.method if train.method in ("clm", "oracle") else f"{train.method}-r{train.ratio:g}"
+    return f"{name}-s{train.seed}" if with_seed else name
+
+
+def effective(train: TrainConfig) -> tuple[str, str, float]:
+    """(strategy, score kind, ratio) that the method really uses."""
+    if train.method in ("clm", "oracle"):
+        return "topk", "none", 1.0
+    if train.method == "random":
+        return "random", "none", train.ratio
+    return STRATEGY[train.method], train.score, train.ratio
+
+
+def needs_reference(train: TrainConfig) -> bool:
+    return effective(train)[1] in ("excess", "reference")
+
+
+@dataclass
+class BlockOrder:
+    """The data order shared by every run of a comparison: epoch permutations seeded by `seed`."""
+
+    n_blocks: int
+    seed: int
+
+    def __post_init__(self) -> None:
+        self._cache: dict[int, np.ndarray] = {}
+
+    def blocks(self, start: int, count: int) -> np.ndarray:
+        """Block indices at global positions [start, start + count)."""
+        pos = np.arange(start, start + count)
+        out = np.empty(count, dtype=np.int64)
+        for epoch in np.unique(pos // self.n_blocks):
+            perm = self._cache.get(int(epoch))
+            if perm is None:
+                perm = np.random.default_rng([self.seed, int(epoch)]).permutation(self.n_blocks)
+                self._cache = {int(epoch): perm}
+            sel = pos // self.n_blocks == epoch
+            out[sel] = perm[pos[sel] % self.n_blocks]
+        return out
+
+
+def _lr_lambda(cfg: TrainConfig):
+    def fn(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / (cfg.warmup_steps + 1)
+        if cfg.schedule == "constant":
+            return 1.0
+        progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return fn
+
+
+def _trainable(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+class Trainer:
+    """Holds one run's state; `fit()` runs or resumes it. Validates everything before writing."""
+
+    def __init__(self, cfg: Config, out: Path, name: str | None = None, *, split: str = "train",
+                 run_dir: Path | None = None, reference_model: Any = None) -> None:
+        from accelerate import Accelerator
+
+        self.cfg, self.t = cfg, cfg.train
+        self.name = name or run_name(cfg.train)
+        self.run_dir = run_dir or out / "runs" / self.name
+        self.strategy, self.score_kind, self.ratio = effective(self.t)
+        mp = self.t.mixed_precision
+        self.acc = Accelerator(
+            cpu=not torch.cuda.is_available(),
+            mixed_precision=("bf16" if torch.cuda.is_available() else "no") if mp == "auto" else mp,
+        )
+        self.store: TokenStore = load_store(out / "data" / split)
+        self.tokenizer = load_tokenizer(cfg.model)
+        self._check_store()
+        self.ref_loss: np.ndarray | None = None
+        self.reference_model = reference_model
+        if needs_reference(self.t) and cfg.scoring.mode == "offline":
+            self.ref_loss = load_scores(out, split, self.store, self.tokenizer)
+        elif needs_reference(self.t) and reference_model is None:
+            raise UserError("scoring.mode=online needs the reference model (run through `slm run`)")
+        if self.t.method == "oracle" and self.store.noise_mask is None:
+            raise UserError("method oracle needs a train split with a noise mask (data.noise_rate > 0)")
+        model = load_model(cfg.model, vocab_size=len(self.tokenizer))
+        self._check_model(model)
+        self.model = (apply_lora(model, cfg.model) if cfg.model.lora else model).to(self.acc.device)
+        if not cfg.model.lora:
+            self.model.requires_grad_(True)
+        params = list(_trainable(self.model).values())
+        self.optimizer = torch.optim.AdamW(params, lr=self.t.lr, weight_decay=self.t.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(self.t))
+        self.order = BlockOrder(self.store.tokens.shape[0], self.t.seed)
+        self.world, self.rank = self.acc.num_processes, self.acc.process_index
+
+    # ------------------------------------------------------------------ checks
+
+    def _check_store(self) -> None:
+        meta = self.store.meta
+        if meta.get("tokenizer_fingerprint") != tokenizer_fingerprint(self.tokenizer):
+            raise UserError(f"the token store was built with tokenizer {meta.get('tokenizer')!r}, not the one of "
+                            f"model {self.cfg.model.name!r}: rerun `slm prepare` with this model")
+        if meta.get("block_len") != self.cfg.data.block_len:
+            raise UserError(f"the token store has block_len {meta.get('block_len')}, the config "
+                            f"{self.cfg.data.block_len}: rerun `slm prepare` or set data.block_len")
+
+    def _check_model(self, model: Any) -> None:
+        n_emb = model.get_input_embeddings().num_embeddings
+        if len(self.tokenizer) > n_emb:
+            raise UserError(f"the tokenizer has {len(self.tokenizer)} tokens but the model's embeddings only "
+                            f"{n_emb}: use the model's own tokenizer")
+        max_pos = getattr(model.config, "max_position_embeddings", None)
+        if max_pos is not None and self.cfg.data.block_len > max_pos:
+            raise UserError(f"data.block_len {self.cfg.data.block_len} exceeds the model's maximum positions {max_pos}")
+
+    # ------------------------------------------------------------------ data
+
+    def _micro_batches(self, step: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+        """This rank's micro-batches of one optimizer step: (input_ids, valid, ref_loss)."""
+        b, a, w = self.t.batch_size, self.t.grad_accum, self.world
+        base = step * b * a * w
+        for m in range(a):
+            idx = self.order.blocks(base + (m * w + self.rank) * b, b)
+            rows = np.sort(idx)  # sorted reads are faster on a memmap; order within a batch is irrelevant
+            ids = torch.from_numpy(np.asarray(self.store.tokens[rows], dtype=np.int64))
+            doc = torch.from_numpy(np.asarray(self.store.doc_ids[rows])) if self.cfg.data.doc_boundaries else None
+            valid = valid_mask(ids, doc_ids=doc)
+            if self.t.method == "oracle":
+                valid &= ~torch.from_numpy(np.asarray(self.store.noise_mask[rows]))
+            ref = torch.from_numpy(np.asarray(self.ref_loss[rows])) if self.ref_loss is not None else None
+            yield ids.to(self.acc.device), valid.to(self.acc.device), ref
+
+    def _online_ref(self, ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        from .scoring import reference_losses
+
+        return reference_losses(self.reference_model, ids, valid, self.cfg.scoring.chunk_size)
+
+    # ------------------------------------------------------------------ one step
+
+    def _step(self, step: int) -> dict[str, float]:
+        start = time.perf_counter()
+        self.model.train()
+        totals = torch.zeros(4, dtype=torch.float64, device=self.acc.device)  # loss_sum, n_sel, n_valid, n_fed
+        score_sums = torch.zeros(4, dtype=torch.float64, device=self.acc.device)  # sel sum, sel n, unsel sum, n
+        for m, (ids, valid, ref) in enumerate(self._micro_batches(step)):
+            if ref is None and self.reference_model is not None and needs_reference(self.t):
+                ref = self._online_ref(ids, valid)
+            # Seeded per (step, micro-batch): resumes draw the same tokens; `global` needs equal draws on all ranks.
+            rank = 0 if self.t.scope == "global" else self.rank
+            gen = torch.Generator().manual_seed(
+                int(np.random.SeedSequence([self.t.seed, step, m, rank]).generate_state(1)[0])
+            )
+            with self.acc.autocast():
+                out = selective_lm_loss(
+                    self.model, ids, valid, ref.to(ids.device) if ref is not None else None,
+                    score_kind=self.score_kind, ratio=self.ratio, strategy=self.strategy, scope=self.t.scope,
+                    generator=gen, temperature=self.t.temperature, soft=self.t.soft,
+                    chunk_size=self.cfg.scoring.chunk_size,
+                )
+            out.loss_sum.backward()
+            totals += torch.stack([out.loss_sum.detach(), out.n_selected, out.n_valid,
+                                   torch.tensor(ids.numel(), device=ids.device)]).double()
+            score_sums += torch.stack([
+                torch.nan_to_num(out.score_selected) * out.n_selected, out.n_selected,
+                torch.nan_to_num(out.score_unselected) * out.n_unselected, out.n_unselected,
+            ]).double()
+        params = list(_trainable(self.model).values())
+        stats = torch.cat([totals, score_sums])
+        if self.world > 1:
+            stats = self.acc.reduce(stats, reduction="sum")
+            self._all_reduce_grads(params)
+        loss_sum, n_sel, n_valid, n_fed, s_sel, c_sel, s_uns, c_uns = stats.tolist()
+        for p in params:
+            if p.grad is not None:
+                p.grad.div_(max(n_sel, 1.0))
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.t.max_grad_norm or float("inf"))
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {
+            "loss": loss_sum / max(n_sel, 1.0),
+            "n_selected": n_sel, "n_valid": n_valid, "n_fed": n_fed,
+            "selected_frac": n_sel / max(n_valid, 1.0),
+            "score_selected": s_sel / c_sel if c_sel else float("nan"),
+            "score_unselected": s_uns / c_uns if c_uns else float("nan"),
+            "lr": lr, "grad_norm": float(grad_norm), "step_s": time.perf_counter() - start,
+        }
+
+    @staticmethod
+    def _all_reduce_grads(params: list[torch.nn.Parameter]) -> None:
+        import torch.distributed as dist
+
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        offset = 0
+        for p, g in zip(params, grads, strict=True):
+            n = g.numel()
+            p.grad = flat[offset : offset + n].view_as(p).clone()
+            offset += n
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _save_checkpoint(self, step: int, state: dict[str, Any]) -> None:
+        ckpt_root = self.run_dir / "checkpoints"
+        with atomic_dir(ckpt_root / f"step-{step:06d}") as tmp:
+            save_file({k: v.detach().cpu().contiguous() for k, v in _trainable(self.model).items()},
+                      tmp / "trainable.safetensors")
+            torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
+            torch.save({"cpu": torch.get_rng_state()}, tmp / "rng.pt")
+            write_json(tmp / "state.json", {**state, "step": step})
+        for old in ckpt_root.glob("step-*"):  # keep only the newest full checkpoint
+            if old.name != f"step-{step:06d}":
+                shutil.rmtree(old, ignore_errors=True)
+
+    def _latest_checkpoint(self) -> Path | None:
+        found = sorted((self.run_dir / "checkpoints").glob("step-[0-9]*"))
+        return found[-1] if found else None
+
+    def _load_checkpoint(self, path: Path) -> dict[str, Any]:
+        weights = load_file(path / "trainable.safetensors")
+        params = _trainable(self.model)
+        if set(weights) != set(params):
+            raise UserError(f"checkpoint {path} does not match this run's model: delete {self.run_dir} to restart")
+        with torch.no_grad():
+            for k, v in weights.items():
+                params[k].copy_(v)
+        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+        self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+        torch.set_rng_state(torch.load(path / "rng.pt", weights_only=True)["cpu"])
+        return json.loads((path / "state.json").read_text())
+
+    def _snapshot(self, step: int) -> None:
+        """Trainable weights only, for the paper's trajectory analysis."""
+        path = self.run_dir / "checkpoints" / "trajectory" / f"step-{step:06d}.safetensors"
+        with atomic_path(path) as tmp:
+            save_file({k: v.detach().cpu().contiguous() for k, v in _trainable(self.model).items()}, str(tmp))
+
+    # ------------------------------------------------------------------ the loop
+
+    def fit(self) -> dict[str, Any]:
+        summary_path = self.run_dir / "train.json"
+        config_hash = fingerprint(self.cfg.data.model_dump(), self.cfg.model.model_dump(), self.t.model_dump())
+        if summary_path.is_file():
+            done = json.loads(summary_path.read_text())
+            if done.get("config_hash") == config_hash:
+                return done
+            raise UserError(f"{self.run_dir} holds a finished run of another config: choose train.name or "
+                            "delete it")
+        main = self.acc.is_main_process
+        state = {"step": 0, "tokens_seen": 0, "tokens_trained": 0}
+        ckpt = self._latest_checkpoint()
+        if ckpt is not None:
+            state = self._load_checkpoint(ckpt)
+        elif main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            write_text(self.run_dir / "config.yaml", self.cfg.to_yaml())
+            if self.t.snapshot_every:
+                self._snapshot(0)
+        log_path = self.run_dir / "log.jsonl"
+        if main:
+            kept = [ln for ln in (log_path.read_text().splitlines() if log_path.exists() else [])
+                    if json.loads(ln)["step"] <= state["step"]]
+            write_text(log_path, "".join(ln + "\n" for ln in kept))
+        bar = tqdm(total=self.t.steps, initial=state["step"], desc=f"train {self.name}", disable=not main,
+                   unit="step", dynamic_ncols=True)
+        last: dict[str, float] = {}
+        with open(log_path, "a") if main else contextlib.nullcontext() as log:
+            for step in range(state["step"], self.t.steps):
+                try:
+                    last = self._step(step)
+                except KeyboardInterrupt:
+                    if main and state["step"] > 0:
+                        self._save_checkpoint(state["step"], state)  # resume from the last finished step
+                    raise
+                state["tokens_seen"] += int(last["n_fed"])
+                state["tokens_trained"] += int(round(last["n_selected"]))
+                state["step"] = step + 1
+                if main:
+                    record = {"step": step + 1, "tokens_seen": state["tokens_seen"],
+                              "tokens_trained": state["tokens_trained"], **last}
+                    log.write(json.dumps(record) + "\n")
+                    log.flush()
+                    bar.set_postfix(loss=f"{last['loss']:.3f}", sel=f"{last['selected_frac']:.2f}")
+                    bar.update(1)
+                    if self.t.snapshot_every and (step + 1) % self.t.snapshot_every == 0:
+                        self._snapshot(step + 1)
+                    if self.t.checkpoint_every and (step + 1) % self.t.checkpoint_every == 0:
+                        self._save_checkpoint(step + 1, state)
+        bar.close()
+        if not main:
+            return {}
+        self._save_checkpoint(self.t.steps, state)
+        self._save_final()
+        summary = {
+            "name": self.name, "method": self.t.method, "strategy": self.strategy, "score": self.score_kind,
+            "ratio": self.ratio, "scope": self.t.scope, "seed": self.t.seed, "steps": state["step"],
+            "tokens_seen": state["tokens_seen"], "tokens_trained": state["tokens_trained"],
+            "train_loss_final": last.get("loss", float("nan")) if last else self._last_logged_loss(log_path),
+            "config_hash": config_hash, "version": __version__,
+        }
+        write_json(summary_path, summary)
+        return summary
+
+    @staticmethod
+    def _last_logged_loss(log_path: Path) -> float:
+        lines = log_path.read_text().splitlines()
+        return json.loads(lines[-1])["loss"] if lines else float("nan")
+
+    def _save_final(self) -> None:
+        if self.cfg.model.lora:
+            with atomic_dir(self.run_dir / "adapter") as tmp:
+                self.model.save_pretrained(tmp)
+            if self.t.merge:
+                with atomic_dir(self.run_dir / "merged") as tmp:
+                    self.model.merge_and_unload().save_pretrained(tmp)
+                    self.tokenizer.save_pretrained(tmp)
+        else:
+            with atomic_dir(self.run_dir / "model") as tmp:
+                self.model.save_pretrained(tmp)
+                self.tokenizer.save_pretrained(tmp)
+
+
+def train(cfg: Config, out: Path, name: str | None = None, *, split: str = "train", run_dir: Path | None = None,
+          reference_model: Any = None) -> dict[str, Any]:
+    """Run (or resume, or return the finished summary of) one training run under `out/runs/<name>`."""
+    return Trainer(cfg, out, name, split=split, run_dir=run_dir, reference_model=reference_model).fit()

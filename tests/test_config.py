@@ -1,0 +1,97 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from selective_lm.common import UserError
+from selective_lm.config import DEFAULT_PRESET, VALID_KEYS, Config, load_config, preset_names
+
+
+@pytest.mark.parametrize("name", preset_names())
+def test_every_preset_loads_and_validates(name: str) -> None:
+    cfg = load_config(name)
+    assert cfg.preset == name
+    # A preset round-trips through its YAML dump.
+    assert Config.model_validate(yaml.safe_load(cfg.to_yaml())) == cfg
+
+
+def test_presets_shipped() -> None:
+    assert {"smoke", "champ-smollm2", "tinyllama-owm"} <= set(preset_names())
+    assert DEFAULT_PRESET == "champ-smollm2"
+
+
+def test_tinyllama_preset_is_the_replication_setting() -> None:
+    cfg = load_config("tinyllama-owm")
+    assert "TinyLlama-1.1B" in cfg.model.name
+    assert (cfg.model.lora_r, cfg.model.lora_alpha, cfg.model.lora_dropout) == (16, 32, 0.05)
+    assert (cfg.train.lr, cfg.train.batch_size, cfg.train.grad_accum, cfg.data.block_len) == (1e-4, 4, 4, 128)
+    assert len(cfg.model.lora_targets) == 7
+
+
+def test_overrides_are_typed_and_dotted() -> None:
+    cfg = load_config("smoke", overrides=["train.ratio=0.5", "model.lora=false", "data.max_tokens.train=123",
+                                         "grid.ratios=[0.7, 0.4]", "train.name=my-run"])
+    assert cfg.train.ratio == 0.5 and cfg.model.lora is False
+    assert cfg.data.max_tokens == {"reference": 8000, "train": 123, "val_clean": 4000, "val_noisy": 4000}
+    assert cfg.grid.ratios == [0.7, 0.4] and cfg.train.name == "my-run"
+
+
+def test_config_file_layers_over_its_preset(tmp_path: Path) -> None:
+    f = tmp_path / "c.yaml"
+    f.write_text("preset: smoke\ntrain:\n  steps: 3\n")
+    cfg = load_config(config_file=f, overrides=["train.lr=0.01"])
+    assert cfg.preset == "smoke" and cfg.train.steps == 3 and cfg.train.lr == 0.01
+    assert cfg.model.name == "random:tiny-llama"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["train.ratoi=0.5"], "did you mean 'train.ratio'"),
+        (["model.lora_rank=4"], "did you mean 'model.lora_r'"),
+        (["train.ratio=0"], "train.ratio"),
+        (["train.ratio=1.5"], "(0, 1]"),
+        (["train.ratio=nan"], "train.ratio"),
+        (["train.method=topkk"], "'topk'"),
+        (["train.scope=rows"], "'sequence'"),
+        (["data.block_len=1"], "data.block_len"),
+        (["train.steps=many"], "train.steps"),
+        (["reference.mode=path"], "reference.path"),
+        (["data.noise_kinds={spam: 1}"], "unknown noise kind"),
+        (["grid.ratios=[0.5, 2]"], "grid.ratios"),
+        (["noequals"], "key=value"),
+    ],
+)
+def test_bad_values_name_the_key(overrides: list[str], expected: str) -> None:
+    with pytest.raises(UserError, match=None) as err:
+        load_config("smoke", overrides=overrides)
+    assert expected in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_unknown_preset_and_unreadable_files(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="did you mean 'smoke'"):
+        load_config("smok")
+    with pytest.raises(UserError, match="cannot read config file"):
+        load_config(config_file=tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(UserError, match="not valid YAML"):
+        load_config(config_file=bad)
+    scalar = tmp_path / "scalar.yaml"
+    scalar.write_text("42\n")
+    with pytest.raises(UserError, match="mapping"):
+        load_config(config_file=scalar)
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text("trian:\n  steps: 3\n")
+    with pytest.raises(UserError, match="unknown config key 'trian'"):
+        load_config(config_file=unknown)
+
+
+def test_keys_that_docs_rely_on_exist() -> None:
+    for key in ["model.name", "model.lora", "model.lora_r", "model.lora_alpha", "model.lora_dropout",
+                "model.lora_targets", "data.block_len", "data.noise_rate", "data.max_tokens",
+                "data.reference_mix", "reference.mode", "reference.path", "scoring.mode", "train.method",
+                "train.score", "train.ratio", "train.scope", "train.steps", "train.batch_size",
+                "train.grad_accum", "train.lr", "train.seed", "grid.methods", "grid.ratios", "grid.seeds"]:
+        assert key in VALID_KEYS

@@ -1,0 +1,110 @@
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from selective_lm import assets
+from selective_lm.common import UserError
+from selective_lm.config import load_config
+from selective_lm.models import apply_lora, load_model, load_tokenizer, tokenizer_fingerprint
+
+
+def test_tiny_random_model_is_small_and_identical_across_loads(smoke_cfg) -> None:
+    a, b = load_model(smoke_cfg.model), load_model(smoke_cfg.model)
+    assert a.config.hidden_size <= 128 and a.config.num_hidden_layers <= 4
+    for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters(), strict=True):
+        assert torch.equal(p, q), n
+    tok = load_tokenizer(smoke_cfg.model)
+    assert a.config.vocab_size == len(tok)
+
+
+def test_byte_tokenizer_is_lossless() -> None:
+    tok = assets.byte_tokenizer()
+    text = "Let $x^2 = 4$ — so x ∈ {−2, 2}.\n\tDone ✓"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert tok.decode(ids) == text
+    assert max(ids) < len(tok) and tok.eos_token_id == 256
+
+
+def test_tokenizer_fingerprint_tells_tokenizers_apart(smoke_cfg) -> None:
+    byte = load_tokenizer(smoke_cfg.model)
+    assert tokenizer_fingerprint(byte) == tokenizer_fingerprint(assets.byte_tokenizer())
+    other = assets.byte_tokenizer()
+    other.add_tokens(["<extra>"])
+    assert tokenizer_fingerprint(other) != tokenizer_fingerprint(byte)
+
+
+def test_lora_wraps_all_projections_and_rejects_unknown_targets(smoke_cfg) -> None:
+    model = apply_lora(load_model(smoke_cfg.model), smoke_cfg.model)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    assert {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in trainable} == set(smoke_cfg.model.lora_targets)
+    bad = smoke_cfg.model.model_copy(update={"lora_targets": ["q_proj", "c_attn"]})
+    with pytest.raises(UserError, match="c_attn"):
+        apply_lora(load_model(smoke_cfg.model), bad)
+
+
+@pytest.mark.parametrize("name", ["/does/not/exist", "./missing-model", "random:huge"])
+def test_missing_models_are_user_errors(smoke_cfg, name: str) -> None:
+    with pytest.raises(UserError):
+        load_model(smoke_cfg.model.model_copy(update={"name": name}))
+
+
+def test_hub_id_offline_says_to_pass_a_local_path(smoke_cfg) -> None:
+    with pytest.raises(UserError, match="local model directory"):
+        load_model(smoke_cfg.model.model_copy(update={"name": "some-org/some-model"}))
+
+
+def test_local_model_directory_loads(smoke_cfg, tmp_path: Path) -> None:
+    model = load_model(smoke_cfg.model)
+    model.save_pretrained(tmp_path / "m")
+    loaded = load_model(smoke_cfg.model.model_copy(update={"name": str(tmp_path / "m")}))
+    x = torch.tensor([[1, 2, 3, 4]])
+    torch.testing.assert_close(loaded(x).logits, model(x).logits)
+
+
+def test_conversion_is_locked_and_runs_once(monkeypatch, tmp_path: Path) -> None:
+    """Two concurrent first loads: one converts, the other waits and reuses the result."""
+    monkeypatch.setenv("SLM_CACHE", str(tmp_path))
+    monkeypatch.setattr(assets, "gguf_path", lambda key: tmp_path / "fake.gguf")
+    calls: list[int] = []
+
+    def fake_convert(gguf: Path, target: Path) -> None:
+        calls.append(1)
+        with assets.atomic_dir(target) as tmp:
+            time.sleep(0.3)
+            (tmp / "config.json").write_text("{}")
+
+    monkeypatch.setattr(assets, "_convert_gguf", fake_convert)
+    results: list[Path] = []
+    threads = [threading.Thread(target=lambda: results.append(assets.embedded_model_dir("smollm2-135m")))
+               for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and len(set(results)) == 1 and (results[0] / "config.json").is_file()
+    assert not [p for p in (tmp_path / "models").iterdir() if p.name.endswith(".tmp")]
+
+
+@pytest.mark.slow
+def test_embedded_smollm2_converts_once_then_loads_fast(monkeypatch, tmp_path: Path) -> None:
+    """The real GGUF: two processes start at once, both succeed, later loads take < 2 s."""
+    code = ("from selective_lm.config import load_config; from selective_lm.models import load_model;"
+            "m = load_model(load_config().model); print(m.config.vocab_size)")
+    env = {"SLM_CACHE": str(tmp_path), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0] and all("49152" in o for o in outs)
+    monkeypatch.setenv("SLM_CACHE", str(tmp_path))
+    cfg = load_config()
+    start = time.perf_counter()
+    model, tok = load_model(cfg.model), load_tokenizer(cfg.model)
+    assert time.perf_counter() - start < 2.0
+    assert model.config.model_type == "llama" and len(tok) == 49152
+    assert all(p.dtype == torch.float32 for p in model.parameters())
