@@ -248,6 +248,8 @@ class SelectiveLoss:
     score_selected / score_unselected: mean score of the selected tokens (weighted in soft
         mode) / of the valid tokens with zero weight (NaN when there are none).
     loss_selected: mean own loss of the selected tokens (weighted in soft mode), no grad.
+    weights: `[B, T]` float, the selection (1/0 in hard mode, soft weights otherwise), no grad;
+        for diagnostics such as how much injected noise was selected.
     """
 
     loss_sum: Tensor
@@ -257,6 +259,7 @@ class SelectiveLoss:
     score_selected: Tensor
     score_unselected: Tensor
     loss_selected: Tensor
+    weights: Tensor
 
     def mean(self) -> Tensor:
         """loss_sum / n_selected; 0 when nothing was selected (n_selected is 0 or >= 1)."""
@@ -323,4 +326,5 @@ def selective_lm_loss(
         score_selected=_weighted_mean(s, w),
         score_unselected=_weighted_mean(s, unselected),
         loss_selected=_weighted_mean(own, w),
+        weights=w,
     )

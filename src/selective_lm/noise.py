@@ -135,3 +135,166 @@ def _lines(text: str, protect: int) -> list[tuple[int, int]]:
     return out
 
 
+def _mutate_number(tok: str, rng: random.Random) -> str:
+    """A different, plausible number: off by a little, digits swapped, or scaled."""
+    if "." in tok:
+        whole, frac = tok.split(".", 1)
+        return f"{whole}.{frac[:-1]}{(int(frac[-1]) + rng.randint(1, 9)) % 10}"
+    n, r = int(tok), rng.random()
+    swaps = [i for i in range(len(tok) - 1) if tok[i] != tok[i + 1] and not (i == 0 and tok[1] == "0")]
+    if r < 0.2 and swaps:
+        i = rng.choice(swaps)
+        return tok[:i] + tok[i + 1] + tok[i] + tok[i + 2:]
+    if r < 0.35:
+        return str(n * rng.choice([2, 10]) if n else rng.randint(2, 9))
+    new = n + rng.choice([-1, 1]) * rng.randint(1, max(1, n // 4))
+    return str(new if new >= 0 and new != n else n + rng.randint(1, 3))
+
+
+def token_kinds(offsets: np.ndarray, spans: list[Span]) -> np.ndarray:
+    """Noise kind id per token (0 = clean): a token is noisy if its characters overlap a span.
+
+    offsets: [n_tokens, 2] character offsets from a fast tokenizer; returns uint8 [n_tokens].
+    """
+    kinds = np.zeros(len(offsets), np.uint8)
+    if spans and len(offsets):
+        starts, ends = offsets[:, 0], offsets[:, 1]
+        for s, e, k in spans:
+            kinds[(starts < e) & (ends > s)] = KIND_IDS[k]
+    return kinds
+
+
+class NoiseInjector:
+    """Inject noise into documents one by one, steering the split's token-level noise fraction.
+
+    Deterministic for a seed and a document order; state (feedback counters, the pool of
+    lines for foreign steps) carries from one document to the next.
+    """
+
+    def __init__(self, rate: float, weights: dict[str, float], seed: int) -> None:
+        self.rate = rate
+        self.weights = {k: w for k, w in weights.items() if w > 0}
+        self.rng = random.Random(f"{seed}:noise")
+        self.kind_chars = dict.fromkeys(self.weights, 0)
+        self.tokens = self.noisy_tokens = self.chars = self.noisy_chars = 0
+        self._pool: list[tuple[str | None, str]] = []
+        self._pool_seen = 0
+
+    def observe(self, n_tokens: int, n_noisy_tokens: int, n_chars: int, n_noisy_chars: int) -> None:
+        """Record how one injected document tokenized (feeds `char_target`)."""
+        self.tokens += n_tokens
+        self.noisy_tokens += n_noisy_tokens
+        self.chars += n_chars
+        self.noisy_chars += n_noisy_chars
+
+    def char_target(self) -> float:
+        """Noisy-character fraction to aim at in the next document.
+
+        Token and character fractions relate through their odds, odds(tokens) = κ·odds(chars),
+        with κ measured so far; the goal overshoots by the current deficit so that the
+        cumulative token fraction converges on `rate`.
+        """
+        goal, kappa = self.rate, 1.0
+        if 0 < self.noisy_tokens < self.tokens and 0 < self.noisy_chars < self.chars:
+            goal = min(max(2 * self.rate - self.noisy_tokens / self.tokens, 0.0), 0.9)
+            kappa = (self.noisy_tokens / (self.tokens - self.noisy_tokens)) / (
+                self.noisy_chars / (self.chars - self.noisy_chars))
+        odds = goal / (1 - goal) / kappa
+        return odds / (1 + odds)
+
+    def inject(self, text: str, group: str | None = None, protect: int = 0) -> tuple[str, list[Span]]:
+        """Return the noisy text and its noise spans; the first `protect` characters stay intact.
+
+        `group` names where the document comes from (a CHAMP problem): foreign steps are
+        only taken from documents of other groups.
+        """
+        if self.rate <= 0 or not self.weights:
+            return text, []
+        target, original = self.char_target(), text
+        spans: list[Span] = []
+        active = list(self.weights)
+        for _ in range(_MAX_EVENTS):
+            if not active or sum(e - s for s, e, _ in spans) >= target * len(text):
+                break
+            kind = min(active, key=lambda k: self.kind_chars[k] / self.weights[k])
+            done = getattr(self, f"_{kind}")(text, spans, protect, group)
+            if done is None:  # nothing left in this document for that kind
+                active.remove(kind)
+                continue
+            text, spans, added = done
+            self.kind_chars[kind] += added
+        self._remember(original, group, protect)
+        return text, spans
+
+    # ---- the four kinds: each returns (text, spans, noisy chars added) or None
+
+    def _web(self, text: str, spans: list[Span], protect: int, group: str | None):
+        return self._insert(text, spans, protect, web_text(self.rng), "web")
+
+    def _foreign_step(self, text: str, spans: list[Span], protect: int, group: str | None):
+        for _ in range(20):
+            if not self._pool:
+                return None
+            src, line = self.rng.choice(self._pool)
+            if group is None or src != group:
+                return self._insert(text, spans, protect, line, "foreign_step")
+        return None
+
+    def _numbers(self, text: str, spans: list[Span], protect: int, group: str | None):
+        lines = [(a, b) for a, b in _lines(text, protect) if _clean(spans, a, b) and _NUMBER.search(text, a, b)]
+        if not lines:
+            return None
+        a, b = self.rng.choice(lines)
+        found = list(_NUMBER.finditer(text, a, b))
+        results = [m for m in found if text[a:m.start()].rstrip().endswith("=")]
+        m = self.rng.choice(results or found)
+        stop = re.compile(r"[.!?](?=\s)").search(text, m.end(), b)
+        end = stop.end() if stop else b
+        new = _mutate_number(m.group(), self.rng) + text[m.end():end]
+        ops = list(_OPERATOR.finditer(new))
+        if ops and self.rng.random() < 0.5:
+            op = self.rng.choice(ops)
+            new = new[:op.start()] + _FLIP[op.group()] + new[op.end():]
+        text, spans = _edit(text, spans, m.start(), end, new, (m.start(), m.start() + len(new), "numbers"))
+        return text, spans, len(new)
+
+    def _truncate(self, text: str, spans: list[Span], protect: int, group: str | None):
+        body_end = len(text.rstrip())
+        lines = [(a, b) for a, b in _lines(text, protect)
+                 if b - a >= 50 and b < body_end and _clean(spans, a, b) and text.count(" ", a, b) >= 8]
+        if not lines:
+            return None
+        a, b = self.rng.choice(lines)
+        cuts = [i for i in range(a + (b - a) * 35 // 100, a + (b - a) * 75 // 100) if text[i] == " "]
+        if not cuts:
+            return None
+        cut = self.rng.choice(cuts)
+        ends = [m.end() for m in re.finditer(r"[.!?] ", text[a:cut])]
+        start = a + ends[-1] if ends else a
+        text, spans = _edit(text, spans, start, b, text[start:cut], (start, cut, "truncate"))
+        return text, spans, cut - start
+
+    def _insert(self, text: str, spans: list[Span], protect: int, new: str, kind: str):
+        """Insert `new` as a line of its own at a random line start (the end if there is none)."""
+        starts = [p for p in (0, *(m.end() for m in re.finditer("\n", text)))
+                  if p >= protect and p < len(text) and _clean(spans, p, p)]
+        if starts:
+            p = self.rng.choice(starts)
+            new = new + "\n"
+        else:
+            p = len(text)
+            new = "\n" + new
+        text, spans = _edit(text, spans, p, p, new, (p, p + len(new), kind))
+        return text, spans, len(new)
+
+    def _remember(self, text: str, group: str | None, protect: int) -> None:
+        """Reservoir-sample the document's clean lines as future foreign steps."""
+        for a, b in _lines(text, protect):
+            if 60 <= b - a <= 600:
+                self._pool_seen += 1
+                if len(self._pool) < _POOL_SIZE:
+                    self._pool.append((group, text[a:b]))
+                else:
+                    j = self.rng.randrange(self._pool_seen)
+                    if j < _POOL_SIZE:
+                        self._pool[j] = (group, text[a:b])

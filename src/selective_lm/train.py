@@ -163,20 +163,21 @@ class Trainer:
 
     # ------------------------------------------------------------------ data
 
-    def _micro_batches(self, step: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
-        """This rank's micro-batches of one optimizer step: (input_ids, valid, ref_loss)."""
+    def _micro_batches(self, step: int) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor, torch.Tensor | None,
+                                                          torch.Tensor | None]]:
+        """This rank's micro-batches of one optimizer step: (rows, input_ids, valid, noise, ref_loss)."""
         b, a, w = self.t.batch_size, self.t.grad_accum, self.world
         base = step * b * a * w
         for m in range(a):
-            idx = self.order.blocks(base + (m * w + self.rank) * b, b)
-            rows = np.sort(idx)  # sorted reads are faster on a memmap; order within a batch is irrelevant
+            rows = np.sort(self.order.blocks(base + (m * w + self.rank) * b, b))  # sorted: faster memmap reads
             ids = torch.from_numpy(np.asarray(self.store.tokens[rows], dtype=np.int64))
             doc = torch.from_numpy(np.asarray(self.store.doc_ids[rows])) if self.cfg.data.doc_boundaries else None
             valid = valid_mask(ids, doc_ids=doc)
-            if self.t.method == "oracle":
-                valid &= ~torch.from_numpy(np.asarray(self.store.noise_mask[rows]))
+            noise = None
+            if self.store.noise_mask is not None:
+                noise = torch.from_numpy(np.asarray(self.store.noise_mask[rows], dtype=bool)).to(self.acc.device)
             ref = torch.from_numpy(np.asarray(self.ref_loss[rows])) if self.ref_loss is not None else None
-            yield ids.to(self.acc.device), valid.to(self.acc.device), ref
+            yield rows, ids.to(self.acc.device), valid.to(self.acc.device), noise, ref
 
     def _online_ref(self, ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         from .scoring import reference_losses
@@ -190,9 +191,11 @@ class Trainer:
         self.model.train()
         totals = torch.zeros(4, dtype=torch.float64, device=self.acc.device)  # loss_sum, n_sel, n_valid, n_fed
         score_sums = torch.zeros(4, dtype=torch.float64, device=self.acc.device)  # sel sum, sel n, unsel sum, n
-        for m, (ids, valid, ref) in enumerate(self._micro_batches(step)):
+        noise_sums = torch.zeros(4, dtype=torch.float64, device=self.acc.device)  # noise sel, n; clean sel, n
+        for m, (rows, ids, valid, noise, ref) in enumerate(self._micro_batches(step)):
             if ref is None and self.reference_model is not None and needs_reference(self.t):
                 ref = self._online_ref(ids, valid)
+            train_valid = valid & ~noise if self.t.method == "oracle" else valid
             # Seeded per (step, micro-batch): resumes draw the same tokens; `global` needs equal draws on all ranks.
             rank = 0 if self.t.scope == "global" else self.rank
             gen = torch.Generator().manual_seed(
@@ -200,12 +203,18 @@ class Trainer:
             )
             with self.acc.autocast():
                 out = selective_lm_loss(
-                    self.model, ids, valid, ref.to(ids.device) if ref is not None else None,
+                    self.model, ids, train_valid, ref.to(ids.device) if ref is not None else None,
                     score_kind=self.score_kind, ratio=self.ratio, strategy=self.strategy, scope=self.t.scope,
                     generator=gen, temperature=self.t.temperature, soft=self.t.soft,
                     chunk_size=self.cfg.scoring.chunk_size,
                 )
             out.loss_sum.backward()
+            if noise is not None:
+                w = out.weights.double()
+                noise_sums += torch.stack([(w * (valid & noise)).sum(), (valid & noise).sum(),
+                                           (w * (valid & ~noise)).sum(), (valid & ~noise).sum()]).double()
+            if step == 0 and m == 0 and self.acc.is_main_process:
+                self._save_selection_sample(rows, ids, out.weights)
             totals += torch.stack([out.loss_sum.detach(), out.n_selected, out.n_valid,
                                    torch.tensor(ids.numel(), device=ids.device)]).double()
             score_sums += torch.stack([
@@ -213,11 +222,11 @@ class Trainer:
                 torch.nan_to_num(out.score_unselected) * out.n_unselected, out.n_unselected,
             ]).double()
         params = list(_trainable(self.model).values())
-        stats = torch.cat([totals, score_sums])
+        stats = torch.cat([totals, score_sums, noise_sums])
         if self.world > 1:
             stats = self.acc.reduce(stats, reduction="sum")
             self._all_reduce_grads(params)
-        loss_sum, n_sel, n_valid, n_fed, s_sel, c_sel, s_uns, c_uns = stats.tolist()
+        loss_sum, n_sel, n_valid, n_fed, s_sel, c_sel, s_uns, c_uns, *noise_counts = stats.tolist()
         for p in params:
             if p.grad is not None:
                 p.grad.div_(max(n_sel, 1.0))
@@ -233,7 +242,14 @@ class Trainer:
             "score_selected": s_sel / c_sel if c_sel else float("nan"),
             "score_unselected": s_uns / c_uns if c_uns else float("nan"),
             "lr": lr, "grad_norm": float(grad_norm), "step_s": time.perf_counter() - start,
+            "noise_counts": noise_counts,
         }
+
+    def _save_selection_sample(self, rows: np.ndarray, ids: torch.Tensor, weights: torch.Tensor) -> None:
+        """The first micro-batch's selection: the same blocks in every run, for the highlight page."""
+        path = self.run_dir / "selection_sample.npz"
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            np.savez(f, rows=rows, tokens=ids.cpu().numpy(), weights=weights.float().cpu().numpy())
 
     @staticmethod
     def _all_reduce_grads(params: list[torch.nn.Parameter]) -> None:
@@ -323,6 +339,9 @@ class Trainer:
                     if main and state["step"] > 0:
                         self._save_checkpoint(state["step"], state)  # resume from the last finished step
                     raise
+                counts = last.pop("noise_counts")
+                state["noise_counts"] = [a + b for a, b in zip(state.get("noise_counts", [0.0] * 4), counts,
+                                                                strict=True)]
                 state["tokens_seen"] += int(last["n_fed"])
                 state["tokens_trained"] += int(round(last["n_selected"]))
                 state["step"] = step + 1
@@ -347,6 +366,7 @@ class Trainer:
             "ratio": self.ratio, "scope": self.t.scope, "seed": self.t.seed, "steps": state["step"],
             "tokens_seen": state["tokens_seen"], "tokens_trained": state["tokens_trained"],
             "train_loss_final": last.get("loss", float("nan")) if last else self._last_logged_loss(log_path),
+            "selection": _selection_fractions(state.get("noise_counts")),
             "config_hash": config_hash, "version": __version__,
         }
         write_json(summary_path, summary)
@@ -369,6 +389,14 @@ class Trainer:
             with atomic_dir(self.run_dir / "model") as tmp:
                 self.model.save_pretrained(tmp)
                 self.tokenizer.save_pretrained(tmp)
+
+
+def _selection_fractions(counts: list[float] | None) -> dict[str, float] | None:
+    """Share of injected-noise and of clean target tokens that training selected (weighted if soft)."""
+    if not counts or counts[1] == 0:
+        return None
+    noise_sel, noise_n, clean_sel, clean_n = counts
+    return {"noise_selected_frac": noise_sel / noise_n, "clean_selected_frac": clean_sel / max(clean_n, 1.0)}
 
 
 def train(cfg: Config, out: Path, name: str | None = None, *, split: str = "train", run_dir: Path | None = None,
