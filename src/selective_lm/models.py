@@ -98,6 +98,16 @@ def load_model(cfg: ModelConfig, vocab_size: int | None = None, path: str | None
         raise _hub_error(name, e) from None
 
 
+def load_trained(cfg: ModelConfig, path: Path, vocab_size: int | None = None) -> Any:
+    """A peft adapter dir (merged into a fresh base model) or a full HF model dir, for evaluation."""
+    if (path / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        base = load_model(cfg, vocab_size=vocab_size)
+        return PeftModel.from_pretrained(base, str(path)).merge_and_unload()
+    return load_model(cfg, path=str(path))
+
+
 def apply_lora(model: Any, cfg: ModelConfig) -> Any:
     """Wrap with peft LoRA; refuse target names that match no module (peft would train nothing)."""
     from peft import LoraConfig, get_peft_model

@@ -26,7 +26,7 @@ from .common import UserError, atomic_path, fingerprint, read_json, write_json
 from .config import Config
 from .data import TokenStore, load_store
 from .loss import forward_hidden, token_losses, valid_mask
-from .models import load_model, load_tokenizer, tokenizer_fingerprint
+from .models import load_model, load_tokenizer, load_trained, tokenizer_fingerprint
 
 
 def store_fingerprint(store: TokenStore) -> str:
@@ -98,23 +98,13 @@ def load_reference_model(cfg: Config, out: Path) -> Any:
         model = load_model(cfg.model, path=str(out / "reference" / "model"))
     else:
         adapter = out / "reference" / "adapter" if desc["mode"] == "trained" else Path(desc["path"])
-        model = _load_maybe_adapter(cfg, adapter, len(tokenizer))
+        model = load_trained(cfg.model, adapter, len(tokenizer))
     n_emb = model.get_input_embeddings().num_embeddings
     if n_emb < len(tokenizer):
         raise UserError(f"the reference model has {n_emb} embeddings but the tokenizer {len(tokenizer)} tokens: "
                         "reference and student must share the tokenizer")
     model.eval().requires_grad_(False)
     return model
-
-
-def _load_maybe_adapter(cfg: Config, path: Path, vocab_size: int) -> Any:
-    """A peft adapter (merged into the base model) or a full HF model directory."""
-    if (path / "adapter_config.json").is_file():
-        from peft import PeftModel
-
-        base = load_model(cfg.model, vocab_size=vocab_size)
-        return PeftModel.from_pretrained(base, str(path)).merge_and_unload()
-    return load_model(cfg.model, path=str(path))
 
 
 def reference_digest(out: Path) -> str | None:
@@ -126,8 +116,8 @@ def reference_digest(out: Path) -> str | None:
 
 
 @torch.no_grad()
-def reference_losses(model: Any, ids: torch.Tensor, valid: torch.Tensor, chunk_size: int) -> torch.Tensor:
-    """float32 `[B, T]` reference losses, NaN where not valid (online mode calls this per batch)."""
+def model_token_losses(model: Any, ids: torch.Tensor, valid: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """float32 `[B, T]` losses of a frozen model (reference, evaluation), NaN where not valid; bf16 on GPU."""
     dtype = torch.bfloat16 if ids.device.type == "cuda" else torch.float32
     with torch.autocast(ids.device.type, dtype=dtype, enabled=ids.device.type == "cuda"):
         hidden, head = forward_hidden(model, ids)
@@ -151,14 +141,31 @@ def score(cfg: Config, out: Path, split: str = "train", model: Any = None) -> di
         if all(meta.get(k) == v for k, v in expected.items()):
             return meta
     model = model if model is not None else load_reference_model(cfg, out)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model.to(device)
-    n_blocks, block_len = store.tokens.shape
     try:
         score_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"cannot write scores to {score_dir}: {e.strerror or e}") from None
-    partial, progress_path = score_dir / ".ref_loss.partial.npy", score_dir / ".progress.json"
+    tokens_per_s = token_loss_pass(model, store, score_dir / "ref_loss.npy", cfg, expected, f"score {split}")
+    n_blocks, block_len = store.tokens.shape
+    meta = {**expected, "split": split, "n_blocks": n_blocks, "block_len": block_len,
+            "reference_mode": cfg.reference.mode, "tokens_per_s": tokens_per_s, "created_by": __version__}
+    write_json(score_dir / "meta.json", meta)
+    return meta
+
+
+def token_loss_pass(model: Any, store: TokenStore, target: Path, cfg: Config, expected: dict[str, Any],
+                    desc: str) -> float | None:
+    """Per-token losses of every block of `store` into `target` (.npy float32, NaN where no target).
+
+    Resumable: rows are written into a partial memmap and a progress file records how many are
+    on disk; a rerun with the same `expected` fingerprints continues there. Only a complete
+    pass is renamed to `target`. Returns the tokens/s of this call (None if nothing was left).
+    """
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+    n_blocks, block_len = store.tokens.shape
+    partial = target.with_name(f".{target.stem}.partial.npy")
+    progress_path = target.with_name(f".{target.stem}.progress.json")
     progress = read_json(progress_path) if progress_path.is_file() else {}
     done = progress.get("done_blocks", 0) if progress.get("expected") == expected and partial.is_file() else 0
     if done:
@@ -167,30 +174,23 @@ def score(cfg: Config, out: Path, split: str = "train", model: Any = None) -> di
         array = np.lib.format.open_memmap(partial, mode="w+", dtype=np.float32, shape=(n_blocks, block_len))
     bs = cfg.scoring.batch_size
     start_t, start_done = time.perf_counter(), done
-    with tqdm(total=n_blocks * block_len, initial=done * block_len, desc=f"score {split}", unit="tok",
-              unit_scale=True, dynamic_ncols=True) as bar:
+    with tqdm(total=n_blocks * block_len, initial=done * block_len, desc=desc, unit="tok", unit_scale=True,
+              dynamic_ncols=True) as bar:
         while done < n_blocks:
             rows = slice(done, min(done + bs, n_blocks))
             ids = torch.from_numpy(np.asarray(store.tokens[rows], dtype=np.int64)).to(device)
-            doc = torch.from_numpy(np.asarray(store.doc_ids[rows])) if cfg.data.doc_boundaries else None
-            valid = valid_mask(ids, doc_ids=doc.to(device) if doc is not None else None)
-            array[rows] = reference_losses(model, ids, valid, cfg.scoring.chunk_size).cpu().numpy()
+            doc = torch.from_numpy(np.asarray(store.doc_ids[rows])).to(device) if cfg.data.doc_boundaries else None
+            array[rows] = model_token_losses(model, ids, valid_mask(ids, doc_ids=doc), cfg.scoring.chunk_size).cpu()
             done = rows.stop
-            array.flush()  # the data is on disk before the progress file says so
+            array.flush()  # the rows are on disk before the progress file says so
             write_json(progress_path, {"expected": expected, "done_blocks": done})
             bar.update((rows.stop - rows.start) * block_len)
     del array
     seconds = time.perf_counter() - start_t
-    meta = {
-        **expected, "split": split, "n_blocks": n_blocks, "block_len": block_len, "reference_mode": cfg.reference.mode,
-        "tokens_per_s": (done - start_done) * block_len / seconds if seconds > 0 else None,
-        "created_by": __version__,
-    }
-    with atomic_path(score_dir / "ref_loss.npy") as tmp:
+    with atomic_path(target) as tmp:
         partial.replace(tmp)
-    write_json(score_dir / "meta.json", meta)
     progress_path.unlink(missing_ok=True)
-    return meta
+    return (done - start_done) * block_len / seconds if done > start_done and seconds > 0 else None
 
 
 def load_scores(out: Path, split: str, store: TokenStore, tokenizer: Any) -> np.ndarray:

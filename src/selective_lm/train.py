@@ -180,9 +180,9 @@ class Trainer:
             yield rows, ids.to(self.acc.device), valid.to(self.acc.device), noise, ref
 
     def _online_ref(self, ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        from .scoring import reference_losses
+        from .scoring import model_token_losses
 
-        return reference_losses(self.reference_model, ids, valid, self.cfg.scoring.chunk_size)
+        return model_token_losses(self.reference_model, ids, valid, self.cfg.scoring.chunk_size)
 
     # ------------------------------------------------------------------ one step
 

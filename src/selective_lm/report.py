@@ -1,0 +1,447 @@
+"""`slm report`: turn the files of an experiment directory into `report.md`, plots and an HTML page.
+
+The report reads only files under `--out` (results.json, runs/*/log.jsonl,
+runs/*/selection_sample.npz, data/train/noise_mask.npy), so it can be re-rendered anywhere
+without the models. Every section tolerates missing inputs and says what is missing instead
+of failing: a half-finished grid still gets a report. All numbers and all the sentences
+about them are computed from the inputs.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from selective_lm import plots
+from selective_lm.common import UserError, read_json, write_text
+from selective_lm.config import Config
+
+BASELINES = ("base", "reference", "clm", "oracle")
+NOT_SLM = {*BASELINES, "random"}
+NA = "—"
+# Relative changes under this (in %) round to 0.0 % in the text, so they read as "on par".
+PAR_PCT = 0.05
+
+
+def report(cfg: Config, out: Path) -> dict[str, Any]:
+    """The stage entry point: the tokenizer (for the HTML page) is the only thing taken from `cfg`."""
+    out = Path(out)
+    tokenizer = None
+    if any((out / "runs").glob("*/selection_sample.npz")):
+        from selective_lm.models import load_tokenizer
+
+        tokenizer = load_tokenizer(cfg.model)
+    return write_report(out, tokenizer)
+
+
+def write_report(out: Path, tokenizer: Any = None) -> dict[str, Any]:
+    """Write report.md, plots/*.png and selection.html under `out`; return what was written or skipped."""
+    out = Path(out)
+    results = read_json(out / "results.json")
+    if not isinstance(results, dict):
+        raise UserError(f"{out / 'results.json'} is not a JSON object")
+    runs: dict[str, dict[str, Any]] = results.get("runs") or {}
+    order = sorted(runs, key=lambda n: _run_key(n, runs[n]))
+    splits = _splits(runs)
+    written: dict[str, Any] = {"plots": {}, "skipped": {}}
+
+    logs = {n: _read_log(out / "runs" / n / "log.jsonl") for n in _run_dirs(out, order)}
+    logs = {n: pts for n, pts in logs.items() if pts}
+    cos_names, cos_matrix = _cosine_matrix(results.get("cosine") or {}, order)
+    bucket_panels = {
+        title: {n: table[n] for n in sorted(table, key=lambda n: _run_key(n, runs.get(n, {})))}
+        for title, table in (
+            ("quantile method", results.get("buckets") or {}),
+            ("trajectory method", results.get("buckets_trajectory") or {}),
+        )
+        if table
+    }
+    selection = results.get("selection") or {}
+    sel_runs = sorted(selection, key=lambda n: _run_key(n, runs.get(n, {})))
+    ppl = {s: [_ppl(runs[n], s) for n in order] for s in splits}
+    figures = {
+        "loss_curves": (logs, lambda p: plots.loss_curves(logs, p), "no runs/*/log.jsonl"),
+        "val_ppl": (splits, lambda p: plots.val_ppl(order, ppl, p), "no validation results"),
+        "buckets": (bucket_panels, lambda p: plots.buckets(bucket_panels, p), "no bucket analysis"),
+        "cosine": (cos_names, lambda p: plots.cosine(cos_names, cos_matrix, p), "no cosine similarities"),
+        "selection": (
+            sel_runs,
+            lambda p: plots.selection(
+                sel_runs,
+                [selection[n].get("noise_selected_frac", np.nan) for n in sel_runs],
+                [selection[n].get("clean_selected_frac", np.nan) for n in sel_runs],
+                p,
+            ),
+            "no selection diagnostics",
+        ),
+    }
+    for name, (data, draw, why) in figures.items():
+        if data:
+            path = out / "plots" / f"{name}.png"
+            draw(path)
+            written["plots"][name] = str(path)
+        else:
+            written["skipped"][name] = why
+
+    samples = _read_samples(out, order)
+    written["html"] = None
+    if samples:
+        noise_path = out / "data" / "train" / "noise_mask.npy"
+        noise = np.load(noise_path, mmap_mode="r") if noise_path.is_file() else None
+        write_text(out / "selection.html", plots.selection_html(samples, noise, tokenizer))
+        written["html"] = str(out / "selection.html")
+    else:
+        written["skipped"]["selection.html"] = "no runs/*/selection_sample.npz"
+
+    sections = [
+        f"# Selective LM report — preset `{results.get('preset', '?')}`, selective-lm {results.get('version', '?')}",
+        _runs_section(runs, order, splits),
+        _comparison_section(runs, order, splits),
+        _buckets_section(bucket_panels),
+        _cosine_section(cos_names, cos_matrix),
+        _selection_section(selection, sel_runs),
+        _links_section(written),
+    ]
+    write_text(out / "report.md", "\n\n".join(sections) + "\n")
+    written["report"] = str(out / "report.md")
+    return written
+
+
+# ---------------------------------------------------------------- reading
+
+
+def _run_key(name: str, run: dict[str, Any]) -> tuple[Any, ...]:
+    """Baselines first (base, reference, clm, oracle), then by method, ratio, seed."""
+    method = run.get("method", name)
+    rank = BASELINES.index(method) if method in BASELINES else len(BASELINES)
+    return (rank, method, -float(run.get("ratio", 0) or 0), run.get("seed", 0) or 0, name)
+
+
+def _splits(runs: dict[str, dict[str, Any]]) -> list[str]:
+    """Validation splits present in any run: clean first, then noisy, then the rest."""
+    names = {s for r in runs.values() for s in (r.get("val") or {})}
+    return sorted(names, key=lambda s: ("clean" not in s, "noisy" not in s, s))
+
+
+def _ppl(run: dict[str, Any], split: str) -> float:
+    return float(((run.get("val") or {}).get(split) or {}).get("ppl", np.nan))
+
+
+def _run_dirs(out: Path, order: list[str]) -> list[str]:
+    """Runs in results.json order, plus run directories not (yet) in results.json."""
+    extra = sorted(p.name for p in (out / "runs").glob("*") if p.is_dir() and p.name not in order)
+    return [*order, *extra]
+
+
+def _read_log(path: Path) -> list[tuple[int, float]]:
+    """(step, loss) pairs; a torn last line (killed process) or a line without a loss is skipped."""
+    if not path.is_file():
+        return []
+    points = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+            points.append((int(row["step"]), float(row["loss"])))
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            continue
+    return points
+
+
+def _read_samples(out: Path, order: list[str]) -> dict[str, dict[str, np.ndarray]]:
+    samples = {}
+    for n in _run_dirs(out, order):
+        path = out / "runs" / n / "selection_sample.npz"
+        if path.is_file():
+            with np.load(path) as z:
+                samples[n] = {k: z[k] for k in ("rows", "tokens", "weights")}
+    return samples
+
+
+def _cosine_matrix(pairs: dict[str, float], order: list[str]) -> tuple[list[str], np.ndarray]:
+    """The symmetric matrix of `"a|b": cos` pairs (diagonal 1, unknown pairs NaN)."""
+    pairs = {k: v for k, v in pairs.items() if "|" in k}
+    found = {n for key in pairs for n in key.split("|", 1)}
+    names = [n for n in order if n in found] + sorted(found - set(order))
+    idx = {n: i for i, n in enumerate(names)}
+    matrix = np.full((len(names), len(names)), np.nan)
+    np.fill_diagonal(matrix, 1.0)
+    for key, value in pairs.items():
+        a, b = key.split("|", 1)
+        matrix[idx[a], idx[b]] = matrix[idx[b], idx[a]] = float(value)
+    return names, matrix
+
+
+# ---------------------------------------------------------------- formatting
+
+
+def _fmt(value: Any, spec: str) -> str:
+    if value is None or (isinstance(value, float) and not np.isfinite(value)):
+        return NA
+    return format(value, spec)
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def _pct_change(value: float, base: float) -> float:
+    return 100.0 * (value - base) / base
+
+
+def _signed(pct: float) -> str:
+    return NA if not np.isfinite(pct) else f"{pct:+.1f} %"
+
+
+# ---------------------------------------------------------------- sections
+
+
+def _runs_section(runs: dict[str, dict[str, Any]], order: list[str], splits: list[str]) -> str:
+    if not runs:
+        return "## Runs\n\nresults.json has no runs yet."
+    header = ["run", "method", "ratio", "seed", "steps", "tokens trained", "train loss (final)"]
+    header += [f"{s} ppl" for s in splits]
+    rows = []
+    for n in order:
+        r = runs[n]
+        rows.append(
+            [
+                f"`{n}`",
+                str(r.get("method", NA)),
+                _fmt(r.get("ratio"), "g"),
+                _fmt(r.get("seed"), "d"),
+                _fmt(r.get("steps"), ","),
+                _fmt(r.get("tokens_trained"), ","),
+                _fmt(r.get("train_loss_final"), ".3f"),
+            ]
+            + [_fmt(_ppl(r, s), ".2f") for s in splits]
+        )
+    text = "## Runs\n\nPerplexity is token-weighted (exp of the mean loss over all validation tokens).\n\n"
+    text += _table(header, rows)
+    multi = [g for g in _groups(runs, order).values() if len(g.names) > 1]
+    if multi:
+        rows = [
+            [f"`{g.label}`", g.method, _fmt(g.ratio, "g"), str(len(g.names))] + [_mean_std(g.ppl[s]) for s in splits]
+            for g in multi
+        ]
+        text += "\n\n### Over seeds\n\nMean ± sample standard deviation of validation perplexity.\n\n"
+        text += _table(["group", "method", "ratio", "seeds"] + [f"{s} ppl" for s in splits], rows)
+    return text
+
+
+def _mean_std(values: list[float]) -> str:
+    v = np.array([x for x in values if np.isfinite(x)])
+    if v.size == 0:
+        return NA
+    return f"{v.mean():.2f} ± {v.std(ddof=1):.2f}" if v.size > 1 else f"{v[0]:.2f}"
+
+
+@dataclass
+class _Group:
+    """Runs that differ only in seed; comparisons use their mean perplexity."""
+
+    label: str
+    method: str
+    ratio: float | None
+    names: list[str] = field(default_factory=list)
+    ppl: dict[str, list[float]] = field(default_factory=dict)
+
+    def mean(self, split: str) -> float:
+        v = [x for x in self.ppl.get(split, []) if np.isfinite(x)]
+        return float(np.mean(v)) if v else np.nan
+
+    def std(self, split: str) -> float:
+        v = [x for x in self.ppl.get(split, []) if np.isfinite(x)]
+        return float(np.std(v, ddof=1)) if len(v) > 1 else np.nan
+
+
+def _groups(runs: dict[str, dict[str, Any]], order: list[str]) -> dict[str, _Group]:
+    groups: dict[str, _Group] = {}
+    for n in order:
+        r = runs[n]
+        label = re.sub(r"-s\d+$", "", n)
+        g = groups.setdefault(label, _Group(label, str(r.get("method", label)), r.get("ratio")))
+        g.names.append(n)
+        for s, v in (r.get("val") or {}).items():
+            g.ppl.setdefault(s, []).append(float(v.get("ppl", np.nan)))
+    return groups
+
+
+def _comparison_section(runs: dict[str, dict[str, Any]], order: list[str], splits: list[str]) -> str:
+    title = "## SLM vs the baselines"
+    groups = _groups(runs, order)
+    slm = [g for g in groups.values() if g.method not in NOT_SLM]
+    if not slm or not splits:
+        return f"{title}\n\nNo SLM run with validation results: nothing to compare."
+    by_method = {g.method: g for g in groups.values() if g.method in ("clm", "oracle", "reference")}
+    clm = by_method.get("clm")
+    randoms = {g.ratio: g for g in groups.values() if g.method == "random"}
+    lines = [
+        title,
+        "Each SLM setting beside the random-selection control at the same ratio, the oracle (CLM "
+        "trained without the injected noise tokens), CLM and the reference model. Δ is the relative "
+        "perplexity change vs CLM (negative = better); settings with several seeds use the mean.",
+    ]
+    for g in slm:
+        peers = (g, randoms.get(g.ratio), *(by_method.get(m) for m in ("oracle", "clm", "reference")))
+        rows_of = [x for x in peers if x]
+        header = ["model"] + [c for s in splits for c in (f"{s} ppl", f"Δ {s} vs CLM")]
+        rows = []
+        for x in rows_of:
+            row = [f"`{x.label}`" + (f" ({len(x.names)} seeds)" if len(x.names) > 1 else "")]
+            for s in splits:
+                base = clm.mean(s) if clm else np.nan
+                row += [_fmt(x.mean(s), ".2f"), _signed(_pct_change(x.mean(s), base)) if clm else NA]
+            rows.append(row)
+        lines += [
+            f"### `{g.label}`",
+            _table(header, rows),
+            _verdict(g, clm, randoms.get(g.ratio), by_method.get("oracle"), splits),
+        ]
+    return "\n\n".join(lines)
+
+
+def _versus(g: _Group, other: _Group, splits: list[str], name: str) -> str:
+    """'3.1 % better than CLM on val_clean but 2.0 % worse on val_noisy'."""
+    parts: list[str] = []
+    last = None
+    for s in splits:
+        pct = _pct_change(g.mean(s), other.mean(s))
+        if not np.isfinite(pct):
+            continue
+        word = "on par" if abs(pct) < PAR_PCT else ("better" if pct < 0 else "worse")
+        text = word if word == "on par" else f"{abs(pct):.1f} % {word}"
+        if not parts:
+            text += f" with {name}" if word == "on par" else f" than {name}"
+        joiner = "" if not parts else (" and " if word == last else " but ")
+        parts.append(f"{joiner}{text} on {s}")
+        last = word
+    return "".join(parts) or "not comparable (perplexities missing)"
+
+
+def _verdict(g: _Group, clm: _Group | None, rnd: _Group | None, oracle: _Group | None, splits: list[str]) -> str:
+    """The comparison in words, every claim derived from the group means."""
+    out: list[str] = []
+    seeds = f" (mean of {len(g.names)} seeds)" if len(g.names) > 1 else ""
+    if clm is None:
+        out.append(f"There is no CLM run, so `{g.label}` cannot be compared with plain training.")
+        better: list[str] = []
+        worse: list[str] = []
+    else:
+        out.append(f"`{g.label}`{seeds} is {_versus(g, clm, splits, 'CLM')}.")
+        deltas = {s: _pct_change(g.mean(s), clm.mean(s)) for s in splits}
+        better = [s for s, d in deltas.items() if np.isfinite(d) and d <= -PAR_PCT]
+        worse = [s for s, d in deltas.items() if np.isfinite(d) and d >= PAR_PCT]
+        noisy_seed = [s for s in splits if abs(g.mean(s) - clm.mean(s)) < g.std(s)]
+        if noisy_seed:
+            out.append(f"On {', '.join(noisy_seed)} the difference is smaller than the spread across seeds.")
+    if rnd is None:
+        out.append(f"There is no random-selection control at ratio {_fmt(g.ratio, 'g')}.")
+    else:
+        wins = [s for s in splits if g.mean(s) < rnd.mean(s)]
+        known = [s for s in splits if np.isfinite(g.mean(s)) and np.isfinite(rnd.mean(s))]
+        if known and len(wins) == len(known):
+            every = {1: known[0], 2: "both splits"}.get(len(known), f"all {len(known)} splits")
+            out.append(f"It beats `{rnd.label}` (random selection, same ratio) on {every}.")
+        elif wins:
+            lost = [s for s in known if s not in wins]
+            out.append(f"It beats `{rnd.label}` on {', '.join(wins)} but not on {', '.join(lost)}.")
+        elif known:
+            out.append(
+                f"It does not beat `{rnd.label}` on any split: the selection score adds nothing over "
+                "random selection at this ratio."
+            )
+    if oracle is not None:
+        out.append(f"It is {_versus(g, oracle, splits, 'the oracle')}.")
+    if clm is not None:
+        clean = [s for s in better if "clean" in s]
+        noisy = [s for s in worse if "noisy" in s]
+        if not better:
+            out.append(f"**SLM does not win here:** `{g.label}` is not better than CLM on any validation split.")
+        elif clean and noisy:
+            out.append(
+                f"**Its gain on {clean[0]} comes with a loss on {noisy[0]}**, which suggests it imitates "
+                "the reference's style rather than filtering noise."
+            )
+        elif not worse:
+            out.append(f"`{g.label}` improves on CLM without losing on any split.")
+    return " ".join(out)
+
+
+def _buckets_section(panels: dict[str, dict[str, dict[str, float]]]) -> str:
+    text = ["## Token-bucket transitions"]
+    if not panels:
+        return text[0] + "\n\nNo bucket analysis in results.json (`buckets`, `buckets_trajectory`)."
+    about = {
+        "quantile method": "The replication's method: a token is H (high loss) if its loss exceeds a quantile "
+        "of the baseline model's losses; start = baseline loss, end = the run's loss on the same tokens.",
+        "trajectory method": "Rho-1's method: start and end are the ends of a straight line fitted to each "
+        "token's loss over the run's checkpoints, so one noisy snapshot does not decide a token's bucket.",
+    }
+    transitions = ["H->H", "H->L", "L->H", "L->L"]
+    for title, table in panels.items():
+        rows = [
+            [f"`{n}`"] + [_fmt(100 * table[n][t], ".1f") if t in table[n] else NA for t in transitions] for n in table
+        ]
+        text += [f"### {title.capitalize()}", about[title], _table(["run"] + [f"{t} %" for t in transitions], rows)]
+    return "\n\n".join(text)
+
+
+def _cosine_section(names: list[str], matrix: np.ndarray) -> str:
+    title = "## Cosine similarity of parameter updates"
+    if not names:
+        return f"{title}\n\nNo cosine similarities in results.json."
+    rows = [[f"`{a}`"] + [_fmt(float(matrix[i, j]), ".3f") for j in range(len(names))] for i, a in enumerate(names)]
+    return (
+        f"{title}\n\nCosine between the runs' weight updates (final minus initial); 1 = same direction.\n\n"
+        + _table([""] + [f"`{n}`" for n in names], rows)
+    )
+
+
+def _selection_section(selection: dict[str, dict[str, float]], order: list[str]) -> str:
+    title = "## Selection diagnostics"
+    if not selection:
+        return f"{title}\n\nNo selection diagnostics in results.json."
+    extra = [
+        k
+        for k in ("ref_loss_selected", "ref_loss_unselected", "excess_selected", "excess_unselected")
+        if any(k in selection[n] for n in order)
+    ]
+    rows = []
+    for n in order:
+        d = selection[n]
+        noise, clean = d.get("noise_selected_frac", np.nan), d.get("clean_selected_frac", np.nan)
+        rows.append(
+            [f"`{n}`", _fmt(100 * noise, ".1f"), _fmt(100 * clean, ".1f"), _selection_word(noise, clean)]
+            + [_fmt(d.get(k, np.nan), ".3f") for k in extra]
+        )
+    return (
+        f"{title}\n\nShare of the injected noise tokens and of the clean tokens that each run trained on. "
+        "A selection that filters noise has noise % well below clean % (here: below 0.8 × clean %).\n\n"
+        + _table(
+            ["run", "noise selected %", "clean selected %", "reading"] + [k.replace("_", " ") for k in extra], rows
+        )
+    )
+
+
+def _selection_word(noise: float, clean: float) -> str:
+    if not (np.isfinite(noise) and np.isfinite(clean)) or clean <= 0:
+        return NA
+    if noise < 0.8 * clean:
+        return "filters noise"
+    return "prefers noise" if noise > 1.25 * clean else "no preference"
+
+
+def _links_section(written: dict[str, Any]) -> str:
+    lines = ["## Figures and pages", ""]
+    for name, path in written["plots"].items():
+        lines.append(f"- [{name}](plots/{Path(path).name})\n\n  ![{name}](plots/{Path(path).name})")
+    if written["html"]:
+        lines.append("- [selected tokens, highlighted per run](selection.html)")
+    lines += [f"- {name}: not drawn ({why})" for name, why in written["skipped"].items()]
+    return "\n".join(lines)
