@@ -25,6 +25,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "reference": ("train (or point to) the reference model (reference/)", "scoring", "reference"),
     "score": ("per-token reference losses over the train split (scores/train/)", "scoring", "score"),
     "train": ("one CLM or SLM training run (runs/<name>/)", "train", "train"),
+    "eval": ("validation loss and perplexity of a run (runs/<name>/eval.json, token_losses/)", "evaluate",
+             "evaluate"),
+    "analyze": ("buckets, update cosines, selection diagnostics over the runs (analysis.json)", "analyze",
+                "analyze"),
+    "report": ("tables and plots from the files of an out dir (report.md, plots/)", "report", "report"),
     "run": ("the preset's experiment end to end, resumable (results.json)", "pipeline", "run"),
 }
 

@@ -95,3 +95,42 @@ def fingerprint(*parts: Any) -> str:
 def is_main_process() -> bool:
     """True on rank 0 (or when not distributed): only it writes shared artifacts."""
     return int(os.environ.get("RANK", "0")) == 0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def run_lock(out: Path) -> Iterator[None]:
+    """One writer per out dir: a second `slm run` fails naming the holder; a dead holder's lock is taken over."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create output directory {out}: {e.strerror or e}") from None
+    path = out / ".slm.lock"
+    while True:
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            text = path.read_text().strip() if path.exists() else ""
+            pid = int(text) if text.isdigit() else 0
+            if pid and pid != os.getpid() and _alive(pid):
+                raise UserError(f"{out} is in use by another slm process (pid {pid}); wait for it or stop it") from None
+            path.unlink(missing_ok=True)  # stale: its holder died
+            continue
+        except OSError as e:
+            raise UserError(f"output directory {out} is not writable: {e.strerror or e}") from None
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        break
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)

@@ -78,7 +78,7 @@ def _cookie(rng: random.Random) -> str:
 
 def _legal(rng: random.Random) -> str:
     name = rng.choice(_SITE).capitalize() + rng.choice(_SITE).capitalize()
-    return (f"© {rng.randint(1998, 2024)} {name} {rng.choice(['Inc.', 'Ltd.', 'LLC', 'Media Group'])}. "
+    return (f"© {rng.randint(1998, 2024)} {name} {rng.choice(['Inc', 'Ltd', 'LLC', 'Media Group'])}. "
             f"All rights reserved. {rng.choice(['Terms of Use', 'Privacy', 'DMCA', 'Imprint'])} · "
             f"{rng.choice(['Sitemap', 'Accessibility', 'Do Not Sell My Info', 'Advertise'])}")
 
@@ -116,6 +116,10 @@ def web_text(rng: random.Random) -> str:
 def _clean(spans: list[Span], a: int, b: int) -> bool:
     """True when [a, b) touches no existing span (spans never overlap or nest)."""
     return all(b <= s or a >= e for s, e, _ in spans)
+
+
+def _fraction(text: str, spans: list[Span]) -> float:
+    return sum(e - s for s, e, _ in spans) / max(len(text), 1)
 
 
 def _edit(text: str, spans: list[Span], a: int, b: int, new: str, mark: tuple[int, int, str]) -> tuple[str, list[Span]]:
@@ -196,7 +200,7 @@ class NoiseInjector:
         """
         goal, kappa = self.rate, 1.0
         if 0 < self.noisy_tokens < self.tokens and 0 < self.noisy_chars < self.chars:
-            goal = min(max(2 * self.rate - self.noisy_tokens / self.tokens, 0.0), 0.9)
+            goal = min(max(self.rate + 2 * (self.rate - self.noisy_tokens / self.tokens), 0.0), 0.9)
             kappa = (self.noisy_tokens / (self.tokens - self.noisy_tokens)) / (
                 self.noisy_chars / (self.chars - self.noisy_chars))
         odds = goal / (1 - goal) / kappa
@@ -214,13 +218,16 @@ class NoiseInjector:
         spans: list[Span] = []
         active = list(self.weights)
         for _ in range(_MAX_EVENTS):
-            if not active or sum(e - s for s, e, _ in spans) >= target * len(text):
+            before = _fraction(text, spans)
+            if not active or before >= target:
                 break
             kind = min(active, key=lambda k: self.kind_chars[k] / self.weights[k])
             done = getattr(self, f"_{kind}")(text, spans, protect, group)
             if done is None:  # nothing left in this document for that kind
                 active.remove(kind)
                 continue
+            if _fraction(done[0], done[1]) - target > target - before:
+                break  # this event would overshoot by more than stopping short: unbiased per document
             text, spans, added = done
             self.kind_chars[kind] += added
         self._remember(original, group, protect)

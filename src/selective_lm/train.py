@@ -32,12 +32,23 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from . import __version__
-from .common import UserError, atomic_dir, atomic_path, fingerprint, write_json, write_text
+from .common import UserError, atomic_dir, atomic_path, fingerprint, read_json, write_json, write_text
 from .config import Config, TrainConfig
 from .data import TokenStore, load_store
 from .loss import selective_lm_loss, valid_mask
 from .models import apply_lora, load_model, load_tokenizer, tokenizer_fingerprint
-from .scoring import load_scores
+from .scoring import load_scores, reference_digest
+
+# Per-step sums (over micro-batches and ranks) that the log and the run's diagnostics are made of.
+STAT_KEYS = ("loss_sum", "n_selected", "n_valid", "n_fed", "score_selected", "score_unselected", "n_unselected",
+             "noise_selected", "noise_valid", "clean_selected", "clean_valid",
+             "ref_selected", "ref_selected_n", "ref_unselected", "ref_unselected_n")
+DIAG_KEYS = STAT_KEYS[7:]
+
+
+class NumericalError(UserError):
+    """A non-finite loss or gradient: the run stops, its last checkpoint stays the good one."""
+
 
 STRATEGY = {"clm": "topk", "oracle": "topk", "topk": "topk", "random": "random", "stochastic": "stochastic"}
 
@@ -110,7 +121,7 @@ class Trainer:
                  run_dir: Path | None = None, reference_model: Any = None) -> None:
         from accelerate import Accelerator
 
-        self.cfg, self.t = cfg, cfg.train
+        self.cfg, self.t, self.out = cfg, cfg.train, out
         self.name = name or run_name(cfg.train)
         self.run_dir = run_dir or out / "runs" / self.name
         self.strategy, self.score_kind, self.ratio = effective(self.t)
@@ -126,6 +137,9 @@ class Trainer:
         self.reference_model = reference_model
         if needs_reference(self.t) and cfg.scoring.mode == "offline":
             self.ref_loss = load_scores(out, split, self.store, self.tokenizer)
+        elif (out / "scores" / split / "meta.json").is_file():  # only for the diagnostics: not required
+            with contextlib.suppress(UserError):
+                self.ref_loss = load_scores(out, split, self.store, self.tokenizer)
         elif needs_reference(self.t) and reference_model is None:
             raise UserError("scoring.mode=online needs the reference model (run through `slm run`)")
         if self.t.method == "oracle" and self.store.noise_mask is None:
@@ -186,12 +200,34 @@ class Trainer:
 
     # ------------------------------------------------------------------ one step
 
+    def _micro_stats(self, out: Any, ids: torch.Tensor, valid: torch.Tensor, noise: torch.Tensor | None,
+                     ref: torch.Tensor | None) -> torch.Tensor:
+        """One micro-batch's contribution to STAT_KEYS (summed over micro-batches and ranks)."""
+        w = out.weights.double()
+        zero = torch.zeros((), dtype=torch.float64, device=w.device)
+        unsel = (valid & (out.weights == 0)).double()
+        noise = noise if noise is not None else torch.zeros_like(valid)
+        ref = torch.nan_to_num(ref.to(w.device).double()) if ref is not None else None
+        values = {
+            "loss_sum": out.loss_sum.detach(), "n_selected": out.n_selected, "n_valid": out.n_valid,
+            "n_fed": torch.tensor(float(ids.numel()), device=w.device),
+            "score_selected": torch.nan_to_num(out.score_selected) * out.n_selected,
+            "score_unselected": torch.nan_to_num(out.score_unselected) * out.n_unselected,
+            "n_unselected": out.n_unselected,
+            "noise_selected": (w * (valid & noise)).sum(), "noise_valid": (valid & noise).sum(),
+            "clean_selected": (w * (valid & ~noise)).sum(), "clean_valid": (valid & ~noise).sum(),
+            "ref_selected": (w * ref).sum() if ref is not None else zero,
+            "ref_selected_n": w.sum() if ref is not None else zero,
+            "ref_unselected": (unsel * ref).sum() if ref is not None else zero,
+            "ref_unselected_n": unsel.sum() if ref is not None else zero,
+        }
+        return torch.stack([values[k].double() for k in STAT_KEYS])
+
     def _step(self, step: int) -> dict[str, float]:
+        """One optimizer step; returns the summed STAT_KEYS plus lr, grad norm and time."""
         start = time.perf_counter()
         self.model.train()
-        totals = torch.zeros(4, dtype=torch.float64, device=self.acc.device)  # loss_sum, n_sel, n_valid, n_fed
-        score_sums = torch.zeros(4, dtype=torch.float64, device=self.acc.device)  # sel sum, sel n, unsel sum, n
-        noise_sums = torch.zeros(4, dtype=torch.float64, device=self.acc.device)  # noise sel, n; clean sel, n
+        stats = torch.zeros(len(STAT_KEYS), dtype=torch.float64, device=self.acc.device)
         for m, (rows, ids, valid, noise, ref) in enumerate(self._micro_batches(step)):
             if ref is None and self.reference_model is not None and needs_reference(self.t):
                 ref = self._online_ref(ids, valid)
@@ -209,41 +245,27 @@ class Trainer:
                     chunk_size=self.cfg.scoring.chunk_size,
                 )
             out.loss_sum.backward()
-            if noise is not None:
-                w = out.weights.double()
-                noise_sums += torch.stack([(w * (valid & noise)).sum(), (valid & noise).sum(),
-                                           (w * (valid & ~noise)).sum(), (valid & ~noise).sum()]).double()
+            stats += self._micro_stats(out, ids, valid, noise, ref)
             if step == 0 and m == 0 and self.acc.is_main_process:
                 self._save_selection_sample(rows, ids, out.weights)
-            totals += torch.stack([out.loss_sum.detach(), out.n_selected, out.n_valid,
-                                   torch.tensor(ids.numel(), device=ids.device)]).double()
-            score_sums += torch.stack([
-                torch.nan_to_num(out.score_selected) * out.n_selected, out.n_selected,
-                torch.nan_to_num(out.score_unselected) * out.n_unselected, out.n_unselected,
-            ]).double()
         params = list(_trainable(self.model).values())
-        stats = torch.cat([totals, score_sums, noise_sums])
         if self.world > 1:
             stats = self.acc.reduce(stats, reduction="sum")
             self._all_reduce_grads(params)
-        loss_sum, n_sel, n_valid, n_fed, s_sel, c_sel, s_uns, c_uns, *noise_counts = stats.tolist()
+        result = dict(zip(STAT_KEYS, stats.tolist(), strict=True))
         for p in params:
             if p.grad is not None:
-                p.grad.div_(max(n_sel, 1.0))
+                p.grad.div_(max(result["n_selected"], 1.0))
         grad_norm = torch.nn.utils.clip_grad_norm_(params, self.t.max_grad_norm or float("inf"))
-        lr = self.scheduler.get_last_lr()[0]
+        if not math.isfinite(float(grad_norm)) or not math.isfinite(result["loss_sum"]):
+            raise NumericalError(f"step {step + 1}: loss {result['loss_sum']} / grad norm {float(grad_norm)} is not "
+                                 "finite; the last good checkpoint is kept (lower train.lr or check the data)")
+        result.update(lr=self.scheduler.get_last_lr()[0], grad_norm=float(grad_norm))
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return {
-            "loss": loss_sum / max(n_sel, 1.0),
-            "n_selected": n_sel, "n_valid": n_valid, "n_fed": n_fed,
-            "selected_frac": n_sel / max(n_valid, 1.0),
-            "score_selected": s_sel / c_sel if c_sel else float("nan"),
-            "score_unselected": s_uns / c_uns if c_uns else float("nan"),
-            "lr": lr, "grad_norm": float(grad_norm), "step_s": time.perf_counter() - start,
-            "noise_counts": noise_counts,
-        }
+        result["step_s"] = time.perf_counter() - start
+        return result
 
     def _save_selection_sample(self, rows: np.ndarray, ids: torch.Tensor, weights: torch.Tensor) -> None:
         """The first micro-batch's selection: the same blocks in every run, for the highlight page."""
@@ -304,17 +326,36 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
 
-    def fit(self) -> dict[str, Any]:
-        summary_path = self.run_dir / "train.json"
-        config_hash = fingerprint(self.cfg.data.model_dump(), self.cfg.model.model_dump(), self.t.model_dump())
+    def _config_hash(self) -> str:
+        """What the run's result depends on: data, model, training, and the reference behind its scores."""
+        ref = reference_digest(self.out) if needs_reference(self.t) else None
+        return fingerprint(self.cfg.data.model_dump(), self.cfg.model.model_dump(), self.t.model_dump(), ref)
+
+    def _check_existing(self, config_hash: str, replace_stale: bool) -> dict[str, Any] | None:
+        """The finished summary when the run is done; clears (or refuses) a run dir of another config."""
+        summary_path, ckpt = self.run_dir / "train.json", self._latest_checkpoint()
+        found = None
         if summary_path.is_file():
-            done = json.loads(summary_path.read_text())
-            if done.get("config_hash") == config_hash:
-                return done
-            raise UserError(f"{self.run_dir} holds a finished run of another config: choose train.name or "
-                            "delete it")
+            found = read_json(summary_path).get("config_hash")
+        elif ckpt is not None:
+            found = read_json(ckpt / "state.json").get("config_hash")
+        if found is None or found == config_hash:
+            return read_json(summary_path) if found else None
+        if not replace_stale:
+            raise UserError(f"{self.run_dir} holds a run of another config: set train.name or delete that directory")
+        if self.acc.is_main_process:
+            shutil.rmtree(self.run_dir)
+        self.acc.wait_for_everyone()
+        return None
+
+    def fit(self, replace_stale: bool = False) -> dict[str, Any]:
+        config_hash = self._config_hash()
+        done = self._check_existing(config_hash, replace_stale)
+        if done is not None:
+            return done
         main = self.acc.is_main_process
-        state = {"step": 0, "tokens_seen": 0, "tokens_trained": 0}
+        state: dict[str, Any] = {"step": 0, "tokens_seen": 0, "tokens_trained": 0, "config_hash": config_hash,
+                                 "diag": dict.fromkeys(DIAG_KEYS, 0.0)}
         ckpt = self._latest_checkpoint()
         if ckpt is not None:
             state = self._load_checkpoint(ckpt)
@@ -324,33 +365,25 @@ class Trainer:
             if self.t.snapshot_every:
                 self._snapshot(0)
         log_path = self.run_dir / "log.jsonl"
-        if main:
+        if main:  # drop log lines past the checkpoint we resume from
             kept = [ln for ln in (log_path.read_text().splitlines() if log_path.exists() else [])
-                    if json.loads(ln)["step"] <= state["step"]]
+                    if ln.strip() and json.loads(ln)["step"] <= state["step"]]
             write_text(log_path, "".join(ln + "\n" for ln in kept))
         bar = tqdm(total=self.t.steps, initial=state["step"], desc=f"train {self.name}", disable=not main,
                    unit="step", dynamic_ncols=True)
-        last: dict[str, float] = {}
         with open(log_path, "a") if main else contextlib.nullcontext() as log:
             for step in range(state["step"], self.t.steps):
                 try:
-                    last = self._step(step)
+                    sums = self._step(step)
                 except KeyboardInterrupt:
                     if main and state["step"] > 0:
                         self._save_checkpoint(state["step"], state)  # resume from the last finished step
                     raise
-                counts = last.pop("noise_counts")
-                state["noise_counts"] = [a + b for a, b in zip(state.get("noise_counts", [0.0] * 4), counts,
-                                                                strict=True)]
-                state["tokens_seen"] += int(last["n_fed"])
-                state["tokens_trained"] += int(round(last["n_selected"]))
-                state["step"] = step + 1
+                record = self._advance(state, sums)
                 if main:
-                    record = {"step": step + 1, "tokens_seen": state["tokens_seen"],
-                              "tokens_trained": state["tokens_trained"], **last}
                     log.write(json.dumps(record) + "\n")
                     log.flush()
-                    bar.set_postfix(loss=f"{last['loss']:.3f}", sel=f"{last['selected_frac']:.2f}")
+                    bar.set_postfix(loss=f"{record['loss']:.3f}", sel=f"{record['selected_frac']:.2f}")
                     bar.update(1)
                     if self.t.snapshot_every and (step + 1) % self.t.snapshot_every == 0:
                         self._snapshot(step + 1)
@@ -361,21 +394,33 @@ class Trainer:
             return {}
         self._save_checkpoint(self.t.steps, state)
         self._save_final()
+        last = json.loads(log_path.read_text().splitlines()[-1])
         summary = {
             "name": self.name, "method": self.t.method, "strategy": self.strategy, "score": self.score_kind,
             "ratio": self.ratio, "scope": self.t.scope, "seed": self.t.seed, "steps": state["step"],
             "tokens_seen": state["tokens_seen"], "tokens_trained": state["tokens_trained"],
-            "train_loss_final": last.get("loss", float("nan")) if last else self._last_logged_loss(log_path),
-            "selection": _selection_fractions(state.get("noise_counts")),
+            "train_loss_final": last["loss"], "selection": selection_diagnostics(state["diag"]),
             "config_hash": config_hash, "version": __version__,
         }
-        write_json(summary_path, summary)
+        write_json(self.run_dir / "train.json", summary)
         return summary
 
     @staticmethod
-    def _last_logged_loss(log_path: Path) -> float:
-        lines = log_path.read_text().splitlines()
-        return json.loads(lines[-1])["loss"] if lines else float("nan")
+    def _advance(state: dict[str, Any], sums: dict[str, float]) -> dict[str, Any]:
+        """Fold one step's sums into the run state; return the step's log record."""
+        state["step"] += 1
+        state["tokens_seen"] += int(sums["n_fed"])
+        state["tokens_trained"] += int(round(sums["n_selected"]))
+        for k in DIAG_KEYS:
+            state["diag"][k] += sums[k]
+        n_sel = sums["n_selected"]
+        return {
+            "step": state["step"], "tokens_seen": state["tokens_seen"], "tokens_trained": state["tokens_trained"],
+            "loss": sums["loss_sum"] / max(n_sel, 1.0), "selected_frac": n_sel / max(sums["n_valid"], 1.0),
+            "score_selected": _ratio(sums["score_selected"], n_sel),
+            "score_unselected": _ratio(sums["score_unselected"], sums["n_unselected"]),
+            "lr": sums["lr"], "grad_norm": sums["grad_norm"], "step_s": sums["step_s"],
+        }
 
     def _save_final(self) -> None:
         if self.cfg.model.lora:
@@ -391,15 +436,26 @@ class Trainer:
                 self.tokenizer.save_pretrained(tmp)
 
 
-def _selection_fractions(counts: list[float] | None) -> dict[str, float] | None:
-    """Share of injected-noise and of clean target tokens that training selected (weighted if soft)."""
-    if not counts or counts[1] == 0:
-        return None
-    noise_sel, noise_n, clean_sel, clean_n = counts
-    return {"noise_selected_frac": noise_sel / noise_n, "clean_selected_frac": clean_sel / max(clean_n, 1.0)}
+def _ratio(num: float, den: float) -> float | None:
+    return num / den if den else None
+
+
+def selection_diagnostics(diag: dict[str, float]) -> dict[str, float | None]:
+    """Share of injected-noise and of clean target tokens selected (weighted if soft), and the mean
+    reference loss of selected and unselected tokens over the whole run (None where undefined)."""
+    return {
+        "noise_selected_frac": _ratio(diag["noise_selected"], diag["noise_valid"]),
+        "clean_selected_frac": _ratio(diag["clean_selected"], diag["clean_valid"]),
+        "ref_loss_selected": _ratio(diag["ref_selected"], diag["ref_selected_n"]),
+        "ref_loss_unselected": _ratio(diag["ref_unselected"], diag["ref_unselected_n"]),
+    }
 
 
 def train(cfg: Config, out: Path, name: str | None = None, *, split: str = "train", run_dir: Path | None = None,
-          reference_model: Any = None) -> dict[str, Any]:
-    """Run (or resume, or return the finished summary of) one training run under `out/runs/<name>`."""
-    return Trainer(cfg, out, name, split=split, run_dir=run_dir, reference_model=reference_model).fit()
+          reference_model: Any = None, replace_stale: bool = False) -> dict[str, Any]:
+    """Run (or resume, or return the finished summary of) one training run under `out/runs/<name>`.
+
+    A run dir holding another config's run is an error, or is cleared when `replace_stale`
+    (what `slm run` does when a changed config invalidates a run).
+    """
+    return Trainer(cfg, out, name, split=split, run_dir=run_dir, reference_model=reference_model).fit(replace_stale)

@@ -1,0 +1,334 @@
+"""Token store, packing, CHAMP splits and custom corpora (`slm prepare`)."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from selective_lm.assets import byte_tokenizer
+from selective_lm.common import UserError
+from selective_lm.config import load_config
+from selective_lm.data import Document, champ_partition, load_store, prepare, write_store
+from selective_lm.models import tokenizer_fingerprint
+
+WEB_MARKERS = ("utm_", "All rights reserved", "We use cookies", "min.js", "menu-item", "https://www.",
+               "comments · Reply", "&nbsp;")
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return byte_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    """One smoke prepare shared by the read-only tests below."""
+    out = tmp_path_factory.mktemp("smoke")
+    cfg = load_config("smoke")
+    return cfg, out, prepare(cfg, out)
+
+
+def _expected_stream(tok, texts: list[str]) -> np.ndarray:
+    ids = tok(texts, add_special_tokens=False)["input_ids"]
+    return np.concatenate([np.asarray([*x, tok.eos_token_id], np.int32) for x in ids])
+
+
+# --------------------------------------------------------------------------- packing
+
+
+@settings(max_examples=25, deadline=None)
+@given(texts=st.lists(st.text(min_size=0, max_size=60), min_size=1, max_size=12),
+       block_len=st.integers(2, 24))
+def test_blocks_are_the_concatenated_documents(tok, texts, block_len):
+    texts = [t for t in texts if t.strip()]
+    stream = _expected_stream(tok, texts) if texts else np.zeros(0, np.int32)
+    with tempfile.TemporaryDirectory() as d:
+        if len(stream) < block_len:
+            with pytest.raises(UserError):
+                write_store(Path(d) / "s", (Document(t) for t in texts), tok, block_len)
+            return
+        meta = write_store(Path(d) / "s", (Document(t) for t in texts), tok, block_len)
+        store = load_store(Path(d) / "s")
+        n = store.n_blocks * block_len
+        assert store.tokens.shape == store.doc_ids.shape == (len(stream) // block_len, block_len)
+        np.testing.assert_array_equal(store.tokens.ravel(), stream[:n])
+        doc_of_token = np.repeat(np.arange(len(texts)), [len(tok(t, add_special_tokens=False)["input_ids"]) + 1
+                                                         for t in texts])
+        np.testing.assert_array_equal(store.doc_ids.ravel(), doc_of_token[:n])
+        assert meta["dropped_tail_tokens"] == len(stream) - n < block_len
+        assert meta["n_docs"] == doc_of_token[n - 1] + 1 and store.noise_mask is None
+
+
+def test_eos_closes_each_document(tok, tmp_path):
+    write_store(tmp_path / "s", [Document("ab"), Document("cde"), Document("f" * 20)], tok, 4)
+    store = load_store(tmp_path / "s")
+    flat, docs = store.tokens.ravel(), store.doc_ids.ravel()
+    eos_at = np.flatnonzero(flat == tok.eos_token_id)
+    assert list(eos_at) == [2, 6, 27]
+    assert list(docs[eos_at]) == [0, 1, 2]  # the separator belongs to the document it ends
+
+
+def test_cap_stops_the_stream_early(tok, tmp_path):
+    pulled = []
+
+    def docs():
+        for i in range(1000):
+            pulled.append(i)
+            yield Document(f"document number {i} " * 3)
+
+    meta = write_store(tmp_path / "s", docs(), tok, 16, cap=100)
+    assert meta["n_tokens"] == 96 and meta["capped"] and meta["dropped_tail_tokens"] == 4
+    assert len(pulled) < 100  # the generator was not drained
+
+
+def test_streaming_keeps_memory_bounded(tok, tmp_path):
+    n_docs, text = 6000, "The sum of the first n odd numbers is n^2, proven by induction on n. " * 4
+
+    def docs():
+        for i in range(n_docs):
+            yield Document(f"{i}: {text}")
+
+    tracemalloc.start()
+    try:
+        meta = write_store(tmp_path / "s", docs(), tok, 64)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    full_arrays = meta["n_tokens"] * 4 * 2  # tokens + doc_ids if they were held in memory
+    assert meta["n_tokens"] > 1_500_000
+    assert peak < full_arrays / 4, (peak, full_arrays)
+    assert load_store(tmp_path / "s").tokens[-1].max() < 257
+
+
+# --------------------------------------------------------------------------- CHAMP (smoke preset)
+
+
+def test_smoke_prepare_writes_every_split(smoke, tok):
+    cfg, out, summary = smoke
+    assert set(summary) == {"reference", "train", "val_clean", "val_noisy"}
+    for split, info in summary.items():
+        store = load_store(out / "data" / split)
+        meta = store.meta
+        assert store.tokens.dtype == np.int32 and store.tokens.shape == (info["n_blocks"], cfg.data.block_len)
+        assert np.load(out / "data" / split / "tokens.npy", mmap_mode="r").shape == store.tokens.shape
+        assert meta["n_tokens"] == info["n_tokens"] <= cfg.data.cap(split)
+        assert meta["tokenizer"] == cfg.model.name and meta["tokenizer_fingerprint"] == tokenizer_fingerprint(tok)
+        assert meta["eos_id"] == tok.eos_token_id
+        assert meta["split"] == split and meta["config_fingerprint"] and meta["fingerprint"]
+        assert len(meta["documents"]) == meta["n_docs"] == int(store.doc_ids.max()) + 1
+        assert (store.noise_mask is not None) == (split == "train")
+    assert summary["reference"]["n_tokens"] < summary["train"]["n_tokens"]
+
+
+def test_no_problem_in_both_train_and_validation(smoke):
+    cfg, out, _ = smoke
+    metas = {s: load_store(out / "data" / s).meta for s in ("reference", "train", "val_clean", "val_noisy")}
+    part = champ_partition(cfg.data)
+    train_side = set(metas["train"]["problems"]) | set(metas["reference"]["problems"])
+    val_side = set(metas["val_clean"]["problems"]) | set(metas["val_noisy"]["problems"])
+    assert not train_side & val_side and len(train_side | val_side) == 270
+    assert set(part.val_problems) == val_side
+    for split, meta in metas.items():
+        used = {d.split("|")[0] for d in meta["documents"]}
+        assert used <= set(meta["problems"]), split
+    assert len(part.val_problems) == pytest.approx(270 * cfg.data.val_fraction, abs=3)
+
+
+def test_reference_conversations_never_in_train(smoke):
+    cfg, out, _ = smoke
+    part = champ_partition(cfg.data)
+    assert not set(part.train_conversations) & set(part.reference_conversations)
+    train_docs = set(load_store(out / "data" / "train").meta["documents"])
+    ref_meta = load_store(out / "data" / "reference").meta
+    ref_model_docs = {d for d in ref_meta["documents"] if "|" in d}
+    assert ref_model_docs and not ref_model_docs & train_docs
+    assert {tuple(d.split("|", 1)) for d in ref_model_docs} <= set(part.reference_conversations)
+    assert {tuple(d.split("|", 1)) for d in train_docs} <= set(part.train_conversations)
+    by_origin = ref_meta["tokens_by_origin"]
+    assert by_origin["model"] / ref_meta["n_tokens"] == pytest.approx(cfg.data.reference_mix, abs=0.1)
+
+
+def test_noise_rate_within_20_percent(smoke):
+    cfg, out, summary = smoke
+    store = load_store(out / "data" / "train")
+    realized = float(store.noise_mask.mean())
+    assert realized == pytest.approx(cfg.data.noise_rate, rel=0.2)
+    assert store.meta["noise"]["realized_rate"] == pytest.approx(realized)
+    assert summary["train"]["noise_rate"] == pytest.approx(realized, abs=1e-4)
+    assert all(v > 0 for v in store.meta["noise"]["realized_by_kind"].values())
+
+
+def test_noise_mask_marks_the_injected_text(smoke, tok):
+    _, out, _ = smoke
+    store = load_store(out / "data" / "train")
+    flat, mask = store.tokens.ravel(), store.noise_mask.ravel()
+    cuts = np.flatnonzero(np.diff(mask.astype(np.int8))) + 1
+    noisy, clean = [], []
+    for a, b in zip(np.r_[0, cuts], np.r_[cuts, len(flat)], strict=True):
+        (noisy if mask[a] else clean).append(tok.decode(flat[a:b].tolist()))
+    noisy_text, clean_text = "\n".join(noisy), "\n".join(clean)
+    assert sum(m in noisy_text for m in WEB_MARKERS) >= 2
+    assert not any(m in clean_text for m in WEB_MARKERS)
+    assert not np.any(mask[flat == tok.eos_token_id])
+
+
+def test_prepare_is_deterministic(smoke, tmp_path):
+    cfg, out, _ = smoke
+    prepare(cfg, tmp_path, splits=["train", "reference"])
+    for split in ("train", "reference"):
+        a, b = load_store(out / "data" / split), load_store(tmp_path / "data" / split)
+        np.testing.assert_array_equal(a.tokens, b.tokens)
+        np.testing.assert_array_equal(a.doc_ids, b.doc_ids)
+        assert a.meta["fingerprint"] == b.meta["fingerprint"]
+    np.testing.assert_array_equal(load_store(out / "data" / "train").noise_mask,
+                                  load_store(tmp_path / "data" / "train").noise_mask)
+
+
+def test_seed_and_val_fraction_change_the_partition():
+    base = champ_partition(load_config("smoke").data)
+    other = champ_partition(load_config("smoke", overrides=["data.seed=1"]).data)
+    bigger = champ_partition(load_config("smoke", overrides=["data.val_fraction=0.3"]).data)
+    assert base.val_problems != other.val_problems
+    assert len(bigger.val_problems) > len(base.val_problems)
+
+
+# --------------------------------------------------------------------------- custom corpora
+
+
+def _jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _custom(tmp_path: Path, sources: dict[str, Path | str], *extra: str):
+    srcs = ",".join(f"{k}: '{v}'" for k, v in sources.items())
+    return load_config("smoke", overrides=["data.corpus=custom", f"data.sources={{{srcs}}}",
+                                           "data.block_len=16", "data.max_tokens=null", *extra])
+
+
+def test_custom_jsonl_and_txt_sources(tmp_path, tok):
+    texts = [f"Lemma {i}: every square is congruent to 0 or 1 mod 4." for i in range(30)]
+    train = _jsonl(tmp_path / "train.jsonl", [{"body": t, "id": i} for i, t in enumerate(texts)])
+    val = tmp_path / "val.txt"
+    val.write_text("First paragraph,\nstill first.\n\nSecond paragraph.\n\n\nThird one.\n")
+    cfg = _custom(tmp_path, {"train": train, "val_clean": val}, "data.text_field=body", "data.noise_rate=0")
+    summary = prepare(cfg, tmp_path / "out")
+    assert set(summary) == {"train", "val_clean"}  # no reference source: not written
+    assert not (tmp_path / "out" / "data" / "reference").exists()
+    train_store = load_store(tmp_path / "out" / "data" / "train")
+    n = train_store.n_blocks * 16
+    np.testing.assert_array_equal(train_store.tokens.ravel(), _expected_stream(tok, texts)[:n])
+    assert train_store.noise_mask is None and train_store.meta["sources"]["source"] == str(train)
+    paras = ["First paragraph,\nstill first.", "Second paragraph.", "Third one."]
+    val_store = load_store(tmp_path / "out" / "data" / "val_clean")
+    np.testing.assert_array_equal(val_store.tokens.ravel(), _expected_stream(tok, paras)[: val_store.n_blocks * 16])
+
+
+def test_custom_train_gets_noise_and_slices_stream(tmp_path, tok):
+    body = "\n".join(f"Step {k}: we compute {k} + {k} = {2 * k}, so the total grows by {2 * k}." for k in range(1, 8))
+    train = _jsonl(tmp_path / "t.jsonl", [{"text": f"Doc{i:03d}x.\n{body}"} for i in range(300)])
+    cfg = _custom(tmp_path, {"train": f"{train}@train[10:250]"})
+    prepare(cfg, tmp_path / "out")
+    store = load_store(tmp_path / "out" / "data" / "train")
+    assert store.meta["noise"]["realized_rate"] == pytest.approx(0.2, rel=0.2)
+    text = tok.decode(store.tokens.ravel().tolist())
+    assert "Doc010x" in text and "Doc009x" not in text and "Doc250x" not in text  # numbers never touch these
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(("overrides", "needle"), [
+    (["data.corpus=champs"], "did you mean 'champ'"),
+    (["data.corpus=custom", "data.sources={val_clean: x.jsonl}"], "data.sources.train"),
+    (["data.corpus=custom", "data.sources={train: /nonexistent/corpus.jsonl}"], "/nonexistent/corpus.jsonl not found"),
+    (["data.corpus=custom", "data.sources={train: ./nowhere/corpus.xyz}"], "not found"),
+])
+def test_bad_corpus_settings(tmp_path, overrides, needle):
+    with pytest.raises(UserError, match=needle):
+        prepare(load_config("smoke", overrides=overrides), tmp_path)
+    assert not (tmp_path / "data").exists() or not any((tmp_path / "data").iterdir())
+
+
+def test_bad_split_and_block_len(tmp_path):
+    with pytest.raises(UserError, match="no split 'test'"):
+        prepare(load_config("smoke"), tmp_path, splits=["test"])
+    with pytest.raises(UserError, match="block_len"):
+        load_config("smoke", overrides=["data.block_len=1"])
+
+
+def test_missing_text_field_names_the_columns(tmp_path):
+    src = _jsonl(tmp_path / "c.jsonl", [{"content": "hello world", "meta": 1}])
+    with pytest.raises(UserError, match=r"no text field 'text'.*content, meta"):
+        prepare(_custom(tmp_path, {"train": src}), tmp_path / "out")
+
+
+def test_csv_source_and_percent_slice(tmp_path, tok):
+    csv = tmp_path / "c.csv"
+    csv.write_text("text,n\n" + "".join(f'"row {i}, with a comma",{i}\n' for i in range(10)))
+    cfg = _custom(tmp_path, {"train": f"{csv}@train[:50%]"}, "data.noise_rate=0", "data.block_len=4")
+    prepare(cfg, tmp_path / "out")
+    store = load_store(tmp_path / "out" / "data" / "train")
+    stream = _expected_stream(tok, [f"row {i}, with a comma" for i in range(5)])
+    np.testing.assert_array_equal(store.tokens.ravel(), stream[: store.n_blocks * 4])
+
+
+def test_unreachable_hub_dataset(tmp_path):
+    with pytest.raises(UserError, match="cannot load dataset 'someorg/no-such-dataset@.*Hub"):
+        prepare(_custom(tmp_path, {"train": "someorg/no-such-dataset@train[:10]"}), tmp_path / "out")
+
+
+def test_empty_corpus(tmp_path):
+    (tmp_path / "zero.jsonl").write_text("")
+    with pytest.raises(UserError, match="zero.jsonl is empty"):
+        prepare(_custom(tmp_path, {"train": tmp_path / "zero.jsonl"}), tmp_path / "out")
+    empty = _jsonl(tmp_path / "e.jsonl", [{"text": "   "}, {"text": ""}])
+    with pytest.raises(UserError, match="no non-empty documents"):
+        prepare(_custom(tmp_path, {"train": empty}), tmp_path / "out")
+    tiny = _jsonl(tmp_path / "t.jsonl", [{"text": "hi"}])
+    with pytest.raises(UserError, match="do not fill one block"):
+        prepare(_custom(tmp_path, {"train": tiny}, "data.noise_rate=0"), tmp_path / "out")
+
+
+def test_failed_write_leaves_no_store(tok, tmp_path):
+    write_store(tmp_path / "s", [Document("an old complete store " * 5)], tok, 8)
+    old = load_store(tmp_path / "s").meta["fingerprint"]
+
+    def docs():
+        yield Document("a new document " * 10)
+        raise RuntimeError("killed mid-write")
+
+    with pytest.raises(RuntimeError):
+        write_store(tmp_path / "s", docs(), tok, 8)
+    with pytest.raises(RuntimeError):
+        write_store(tmp_path / "fresh", docs(), tok, 8)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s"]  # no temp dirs, no half store
+    assert load_store(tmp_path / "s").meta["fingerprint"] == old
+
+
+def test_load_store_rejects_broken_stores(tok, tmp_path):
+    with pytest.raises(UserError, match="no token store"):
+        load_store(tmp_path / "missing")
+    write_store(tmp_path / "s", [Document("x" * 100)], tok, 8)
+    cases = {
+        "meta.json": lambda p: p.unlink(),
+        "tokens.npy": lambda p: p.write_bytes(p.read_bytes()[:-40]),
+        "doc_ids.npy": lambda p: np.save(p, np.zeros((3, 8), np.int32)),
+    }
+    needles = {"meta.json": "no meta.json", "tokens.npy": "truncated or corrupt", "doc_ids.npy": "meta.json says"}
+    for name, damage in cases.items():
+        broken = tmp_path / f"broken-{name}"
+        write_store(broken, [Document("x" * 100)], tok, 8)
+        damage(broken / name)
+        with pytest.raises(UserError, match=needles[name]):
+            load_store(broken)
+    (tmp_path / "s" / "tokens.npy").write_bytes(b"not a numpy file")
+    with pytest.raises(UserError, match="truncated or corrupt"):
+        load_store(tmp_path / "s")
