@@ -1,8 +1,10 @@
-"""Shared fixtures: no network, a private asset cache, the smoke config."""
+"""Shared fixtures: no network, the smoke config, and a prepared + scored smoke out dir."""
 
 from __future__ import annotations
 
 import os
+import shutil
+from pathlib import Path
 
 import pytest
 
@@ -16,3 +18,26 @@ def smoke_cfg():
     from selective_lm.config import load_config
 
     return load_config("smoke")
+
+
+@pytest.fixture(scope="session")
+def _smoke_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """prepare → reference (trained) → score on the smoke preset, once per session."""
+    from selective_lm.config import load_config
+    from selective_lm.data import prepare
+    from selective_lm.scoring import reference, score
+
+    out = tmp_path_factory.mktemp("smoke-template")
+    cfg = load_config("smoke")
+    prepare(cfg, out)
+    reference(cfg, out)
+    score(cfg, out)
+    return out
+
+
+@pytest.fixture
+def smoke_out(_smoke_template: Path, tmp_path: Path) -> Path:
+    """A private copy of the prepared, referenced and scored smoke out dir (tests may change it)."""
+    out = tmp_path / "out"
+    shutil.copytree(_smoke_template, out)
+    return out
