@@ -44,12 +44,16 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
 
 
 def write_json(path: str | os.PathLike[str], obj: Any) -> None:
-    """Write JSON atomically (temp file + rename)."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    """Write JSON atomically (temp file + rename); see `write_text`."""
+    write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
 def write_text(path: str | os.PathLike[str], text: str) -> None:
+    """Write atomically; an identical existing file is left untouched, so reruns change no mtime."""
+    path = Path(path)
+    with contextlib.suppress(OSError, UnicodeDecodeError):
+        if path.is_file() and path.read_text() == text:
+            return
     with atomic_path(path) as tmp:
         tmp.write_text(text)
 

@@ -1,0 +1,105 @@
+"""`slm export-selected`: the training documents with the tokens a run's selection keeps, as JSONL.
+
+For building a "concentrated" dataset from the selection. The run's final model gives its
+own per-token losses, the score store the reference's, and the run's own strategy, score
+kind and ratio pick the tokens — per block (`sequence` scope), with a generator seeded by
+`train.seed`, so the export is deterministic. One line per document (a document spans
+blocks): its text, the selected character spans, the selected text, and per-span mean scores.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .common import UserError, atomic_path, read_json
+from .config import Config
+from .data import load_store
+from .loss import forward_hidden, scores, token_losses, valid_mask
+from .models import load_tokenizer, load_trained
+from .plots import token_texts
+from .scoring import load_scores
+from .selection import select
+from .train import effective, needs_reference, run_name
+
+
+def _documents(doc_ids: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
+    """(doc id, flat positions) of each document, in order, over the row-major token stream."""
+    flat = doc_ids.reshape(-1)
+    bounds = np.flatnonzero(np.diff(flat)) + 1
+    for start, stop in zip(np.r_[0, bounds], np.r_[bounds, flat.size], strict=True):
+        yield int(flat[start]), np.arange(start, stop)
+
+
+def _spans(texts: list[str], keep: np.ndarray, score: np.ndarray) -> tuple[str, list[dict[str, Any]]]:
+    """Join token texts; return the text and the maximal runs of kept tokens as character spans."""
+    offsets = np.cumsum([0] + [len(t) for t in texts])
+    spans: list[dict[str, Any]] = []
+    i = 0
+    while i < len(texts):
+        if not keep[i]:
+            i += 1
+            continue
+        j = i
+        while j < len(texts) and keep[j]:
+            j += 1
+        finite = score[i:j][np.isfinite(score[i:j])]
+        spans.append({"start": int(offsets[i]), "end": int(offsets[j]),
+                      "score": float(finite.mean()) if finite.size else None})
+        i = j
+    return "".join(texts), spans
+
+
+def export_selected(cfg: Config, out: Path) -> dict[str, Any]:
+    """Write `out/selected.jsonl` for the run that `train.*` names (each line names the run); returns counts."""
+    name = run_name(cfg.train)
+    run = out / "runs" / name
+    if not (run / "train.json").is_file():
+        raise UserError(f"run {name!r} has not finished training in {out}/runs: run `slm train` first")
+    summary = read_json(run / "train.json")
+    strategy, score_kind, ratio = effective(cfg.train)
+    store = load_store(out / "data" / "train")
+    tokenizer = load_tokenizer(cfg.model)
+    ref = load_scores(out, "train", store, tokenizer) if needs_reference(cfg.train) else None
+    model = load_trained(cfg.model, run / ("adapter" if (run / "adapter").is_dir() else "model"), len(tokenizer))
+    model.eval().requires_grad_(False)
+    n_blocks, block_len = store.tokens.shape
+    keep = np.zeros((n_blocks, block_len), dtype=bool)
+    score_arr = np.full((n_blocks, block_len), np.nan, dtype=np.float32)
+    gen = torch.Generator().manual_seed(cfg.train.seed)
+    bs = cfg.scoring.batch_size
+    with torch.no_grad():
+        for start in tqdm(range(0, n_blocks, bs), desc=f"export {name}", unit="batch", dynamic_ncols=True):
+            rows = slice(start, min(start + bs, n_blocks))
+            ids = torch.from_numpy(np.asarray(store.tokens[rows], dtype=np.int64))
+            valid = valid_mask(ids)
+            if cfg.train.method == "oracle" and store.noise_mask is not None:
+                valid &= ~torch.from_numpy(np.asarray(store.noise_mask[rows], dtype=bool))
+            hidden, head = forward_hidden(model, ids)
+            own = token_losses(hidden, head, ids, valid, chunk_size=cfg.scoring.chunk_size)
+            ref_rows = torch.from_numpy(np.asarray(ref[rows])) if ref is not None else None
+            s = scores(score_kind, own, ref_rows)
+            chosen = select(s, ratio, strategy, "sequence", valid, gen, temperature=cfg.train.temperature)
+            keep[rows], score_arr[rows] = chosen.numpy(), torch.where(valid, s, torch.nan).numpy()
+    documents = store.meta.get("documents") or []
+    path = out / "selected.jsonl"
+    n_docs = n_kept = n_valid = 0
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        for doc, pos in _documents(np.asarray(store.doc_ids)):
+            ids = np.asarray(store.tokens).reshape(-1)[pos].tolist()
+            k, sc = keep.reshape(-1)[pos], score_arr.reshape(-1)[pos]
+            text, spans = _spans(token_texts(tokenizer, ids), k, sc)
+            record = {"run": name, "doc_id": doc, "source_id": documents[doc] if doc < len(documents) else None,
+                      "method": summary["method"], "ratio": ratio, "score": score_kind,
+                      "n_tokens": len(ids), "n_selected": int(k.sum()), "text": text, "spans": spans,
+                      "selected_text": "".join(text[s["start"]:s["end"]] for s in spans)}
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+            n_docs, n_kept, n_valid = n_docs + 1, n_kept + int(k.sum()), n_valid + int(np.isfinite(sc).sum())
+    return {"path": str(path), "documents": n_docs, "selected_tokens": n_kept,
+            "selected_frac": n_kept / max(n_valid, 1)}
