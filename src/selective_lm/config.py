@@ -107,6 +107,9 @@ class ReferenceConfig(Section):
 
 class ScoringConfig(Section):
     mode: Literal["offline", "online"] = "offline"
+    blocks: Literal["all", "used"] = Field(
+        "all", description="score every train block, or only those the configured grid will read (CPU budgets)"
+    )
     batch_size: int = Field(8, ge=1)
     chunk_size: int = Field(1024, ge=1, description="tokens per LM-head chunk in the loss")
 
@@ -144,11 +147,15 @@ class TrainConfig(Section):
 class EvalConfig(Section):
     splits: list[str] = Field(default_factory=lambda: ["val_clean", "val_noisy"])
     batch_size: int = Field(8, ge=1)
+    max_tokens: int | None = Field(None, ge=1, description="evaluate only the first blocks of each split")
 
 
 class AnalysisConfig(Section):
     bucket_split: str = "val_clean"
     bucket_quantile: float = Field(0.7, gt=0.0, lt=1.0)
+    trajectory_tokens: int | None = Field(
+        None, ge=1, description="tokens of the bucket split evaluated at each trajectory snapshot (None = all)"
+    )
 
 
 class GridConfig(Section):
