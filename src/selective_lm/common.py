@@ -23,8 +23,16 @@ class UserError(Exception):
     """A mistake the user can fix (bad config, missing file, ...): the CLI exits 2 with one line."""
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _tmp_sibling(path: Path) -> Path:
+    """A temp file beside `path` with the mode a plain open() would give (mkstemp's is 0600)."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, 0o666 & ~_umask())
     os.close(fd)
     return Path(tmp)
 

@@ -93,6 +93,32 @@ class TokenStore:
         return int(self.tokens.shape[1])
 
 
+class BlockOrder:
+    """The data order shared by every run of a comparison: epoch permutations seeded by `seed`.
+
+    Position p of the training stream is block `perm_e[p % n_blocks]` with e = p // n_blocks;
+    it depends on the store size and the seed only, so runs that differ in their loss mask
+    read the same blocks in the same order, and scoring can know which blocks a grid reads.
+    """
+
+    def __init__(self, n_blocks: int, seed: int) -> None:
+        self.n_blocks, self.seed = n_blocks, seed
+        self._cache: dict[int, np.ndarray] = {}
+
+    def blocks(self, start: int, count: int) -> np.ndarray:
+        """Block indices at stream positions [start, start + count)."""
+        pos = np.arange(start, start + count)
+        out = np.empty(count, dtype=np.int64)
+        for epoch in np.unique(pos // self.n_blocks):
+            perm = self._cache.get(int(epoch))
+            if perm is None:
+                perm = np.random.default_rng([self.seed, int(epoch)]).permutation(self.n_blocks)
+                self._cache = {int(epoch): perm}
+            sel = pos // self.n_blocks == epoch
+            out[sel] = perm[pos[sel] % self.n_blocks]
+        return out
+
+
 # --------------------------------------------------------------------------- reading
 
 

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from . import __version__
 from .common import UserError, atomic_path, fingerprint, read_json, write_json
 from .config import Config
-from .data import TokenStore, load_store
+from .data import BlockOrder, TokenStore, load_store
 from .loss import forward_hidden, token_losses, valid_mask
 from .models import load_model, load_tokenizer, load_trained, tokenizer_fingerprint
 
@@ -193,10 +193,12 @@ def score(cfg: Config, out: Path, split: str = "train", model: Any = None) -> di
     store = load_store(out / "data" / split)
     tokenizer = load_tokenizer(cfg.model)
     score_dir = out / "scores" / split
+    rows = used_blocks(cfg, store.n_blocks) if cfg.scoring.blocks == "used" else None
     expected = {
         "token_store": store_fingerprint(store),
         "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
         "reference": reference_digest(out),
+        "blocks": "all" if rows is None else fingerprint(rows.tolist()),
     }
     if expected["reference"] is None:
         raise UserError(f"no reference model in {out}/reference: run `slm reference --out {out}` first")
@@ -210,16 +212,17 @@ def score(cfg: Config, out: Path, split: str = "train", model: Any = None) -> di
         raise UserError(f"cannot write scores to {score_dir}: {e.strerror or e}") from None
     model = model if model is not None else load_reference_model(cfg, out)
     tokens_per_s = token_loss_pass(model, store, score_dir / "ref_loss.npy", expected, f"score {split}",
-                                   batch_size=cfg.scoring.batch_size, chunk_size=cfg.scoring.chunk_size)
+                                   batch_size=cfg.scoring.batch_size, chunk_size=cfg.scoring.chunk_size, rows=rows)
     n_blocks, block_len = store.tokens.shape
     meta = {**expected, "split": split, "n_blocks": n_blocks, "block_len": block_len,
-            "reference_mode": cfg.reference.mode, "tokens_per_s": tokens_per_s, "created_by": __version__}
+            "reference_mode": cfg.reference.mode, "tokens_per_s": tokens_per_s, "created_by": __version__,
+            "scored_blocks": store.n_blocks if rows is None else len(rows)}
     write_json(score_dir / "meta.json", meta)
     return meta
 
 
-def _open_partial(partial: Path, shape: tuple[int, int], resume: bool) -> np.ndarray:
-    """The partial result memmap: reopened when resuming and intact, else created anew."""
+def _open_partial(partial: Path, shape: tuple[int, int], resume: bool, fill: bool) -> np.ndarray:
+    """The partial result memmap: reopened when resuming and intact, else created anew (NaN if `fill`)."""
     if resume:
         try:
             array = np.lib.format.open_memmap(partial, mode="r+")
@@ -227,14 +230,19 @@ def _open_partial(partial: Path, shape: tuple[int, int], resume: bool) -> np.nda
                 return array
         except (OSError, ValueError):
             pass  # killed while it was being created: start over
-    return np.lib.format.open_memmap(partial, mode="w+", dtype=np.float32, shape=shape)
+    array = np.lib.format.open_memmap(partial, mode="w+", dtype=np.float32, shape=shape)
+    if fill:
+        array[:] = np.nan
+    return array
 
 
 def token_loss_pass(model: Any, store: TokenStore, target: Path, expected: dict[str, Any], desc: str, *,
-                    batch_size: int, chunk_size: int, doc_boundaries: bool = False) -> float | None:
+                    batch_size: int, chunk_size: int, doc_boundaries: bool = False,
+                    rows: np.ndarray | None = None) -> float | None:
     """Per-token losses of every block of `store` into `target` (.npy float32 `[n_blocks, T]`, NaN where no target).
 
     `doc_boundaries` also masks (NaN) targets whose previous token is in another document.
+    `rows` (sorted block indices) restricts the pass to those blocks; the others stay NaN.
     Resumable: rows go into a partial memmap, and after every batch a progress file records how
     many are done; a rerun with the same `expected` fingerprints and batch size continues there,
     in the same batches, so the result is bit-identical to an uninterrupted pass. Only a
@@ -251,26 +259,40 @@ def token_loss_pass(model: Any, store: TokenStore, target: Path, expected: dict[
     progress_path = target.with_name(f".{target.stem}.progress.json")
     progress = read_json(progress_path) if progress_path.is_file() else {}
     resume = progress.get("expected") == expected and progress.get("batch_size") == batch_size
-    array = _open_partial(partial, (n_blocks, block_len), resume and partial.is_file())
+    array = _open_partial(partial, (n_blocks, block_len), resume and partial.is_file(), fill=rows is not None)
+    todo = np.arange(n_blocks) if rows is None else rows
     done = int(progress.get("done_blocks", 0)) if resume else 0
     start_t, start_done = time.perf_counter(), done
-    with tqdm(total=n_blocks * block_len, initial=done * block_len, desc=desc, unit="tok", unit_scale=True,
+    with tqdm(total=len(todo) * block_len, initial=done * block_len, desc=desc, unit="tok", unit_scale=True,
               dynamic_ncols=True) as bar:
-        while done < n_blocks:
-            rows = slice(done, min(done + batch_size, n_blocks))
-            # One copy: the int32 memmap slice straight into the int64 ids the embedding needs.
-            ids = torch.from_numpy(np.asarray(store.tokens[rows], dtype=np.int64)).to(device)
-            doc = torch.from_numpy(np.array(store.doc_ids[rows])).to(device) if doc_boundaries else None
-            array[rows] = model_token_losses(model, ids, valid_mask(ids, doc_ids=doc), chunk_size).cpu().numpy()
-            done = rows.stop
+        while done < len(todo):
+            batch = todo[done : done + batch_size]
+            # One copy: the int32 memmap rows straight into the int64 ids the embedding needs.
+            ids = torch.from_numpy(np.asarray(store.tokens[batch], dtype=np.int64)).to(device)
+            doc = torch.from_numpy(np.array(store.doc_ids[batch])).to(device) if doc_boundaries else None
+            array[batch] = model_token_losses(model, ids, valid_mask(ids, doc_ids=doc), chunk_size).cpu().numpy()
+            done += len(batch)
             write_json(progress_path, {"expected": expected, "batch_size": batch_size, "done_blocks": done})
-            bar.update((rows.stop - rows.start) * block_len)
+            bar.update(len(batch) * block_len)
     seconds = time.perf_counter() - start_t
     del array
     with atomic_path(target) as tmp:
         partial.replace(tmp)
     progress_path.unlink(missing_ok=True)
     return (done - start_done) * block_len / seconds if done > start_done and seconds > 0 else None
+
+
+def used_blocks(cfg: Config, n_blocks: int) -> np.ndarray:
+    """Sorted blocks that the grid of `cfg` reads in one process: every seed's first steps × batch positions.
+
+    With `scoring.blocks=used` only these are scored (the rest stay NaN): on a CPU, scoring a
+    corpus much larger than a short study reads would cost more than the study. A trainer that
+    reads other blocks (more steps, more processes) refuses the store.
+    """
+    t = cfg.train
+    count = t.steps * t.batch_size * t.grad_accum
+    seeds = range(t.seed, t.seed + cfg.grid.seeds)
+    return np.unique(np.concatenate([BlockOrder(n_blocks, s).blocks(0, count) for s in seeds]))
 
 
 def load_scores(out: Path, split: str, store: TokenStore, tokenizer: Any) -> np.ndarray:
