@@ -11,7 +11,13 @@ all-reduce, equivalent to DDP) and divided by the number of tokens selected in t
 on all ranks. The update is therefore the gradient of the true mean over trained tokens,
 whatever the accumulation or the per-batch selected count (torchtune's normalisation).
 The model is not wrapped in DDP because the selective loss calls the backbone and the LM
-head separately, which DDP's forward hooks would not see.
+head separately, which DDP's forward hooks would not see. Data parallel runs start from
+identical weights because LoRA's random init is seeded by `train.seed` (as is the global RNG
+that dropout draws from); launch them with `accelerate launch --multi_gpu --num_processes N`
+(on CPU too: accelerate's `--cpu` with N > 1 needs MPI and otherwise starts one process).
+
+Metrics: `log.jsonl` on rank 0, and the same scalars through accelerate's TensorBoard tracker
+under `runs/<name>/tb/` when `tensorboard` is installed.
 """
 
 from __future__ import annotations
@@ -120,32 +126,43 @@ class Trainer:
     def __init__(self, cfg: Config, out: Path, name: str | None = None, *, split: str = "train",
                  run_dir: Path | None = None, reference_model: Any = None) -> None:
         from accelerate import Accelerator
+        from accelerate.utils import is_tensorboard_available
 
         self.cfg, self.t, self.out = cfg, cfg.train, out
         self.name = name or run_name(cfg.train)
         self.run_dir = run_dir or out / "runs" / self.name
         self.strategy, self.score_kind, self.ratio = effective(self.t)
+        if self.strategy == "topk" and self.score_kind == "none" and self.ratio < 1 and not self.t.soft:
+            raise UserError("train.score=none with top-k selection would select by position: "
+                            "use train.method=random or another train.score")
         mp = self.t.mixed_precision
-        self.acc = Accelerator(
+        self.acc = Accelerator(  # creates nothing on disk: the tracker starts in fit(), after validation
             cpu=not torch.cuda.is_available(),
             mixed_precision=("bf16" if torch.cuda.is_available() else "no") if mp == "auto" else mp,
+            log_with="tensorboard" if is_tensorboard_available() else None, project_dir=str(self.run_dir),
         )
         self.store: TokenStore = load_store(out / "data" / split)
         self.tokenizer = load_tokenizer(cfg.model)
         self._check_store()
         self.ref_loss: np.ndarray | None = None
-        self.reference_model = reference_model
-        if needs_reference(self.t) and cfg.scoring.mode == "offline":
+        # Online: the reference model scores each micro-batch (it must be the one the offline scores would
+        # come from); stored scores are then not used at all, not even for the diagnostics.
+        self.online = needs_reference(self.t) and cfg.scoring.mode == "online"
+        if self.online and reference_model is None:
+            raise UserError("scoring.mode=online needs the reference model (run through `slm run`)")
+        self.reference_model = reference_model.to(self.acc.device) if self.online else None
+        if needs_reference(self.t) and not self.online:
             self.ref_loss = load_scores(out, split, self.store, self.tokenizer)
-        elif (out / "scores" / split / "meta.json").is_file():  # only for the diagnostics: not required
+        elif not self.online and (out / "scores" / split / "meta.json").is_file():  # diagnostics only
             with contextlib.suppress(UserError):
                 self.ref_loss = load_scores(out, split, self.store, self.tokenizer)
-        elif needs_reference(self.t) and reference_model is None:
-            raise UserError("scoring.mode=online needs the reference model (run through `slm run`)")
         if self.t.method == "oracle" and self.store.noise_mask is None:
             raise UserError("method oracle needs a train split with a noise mask (data.noise_rate > 0)")
         model = load_model(cfg.model, vocab_size=len(self.tokenizer))
         self._check_model(model)
+        # Compute-matched runs and data-parallel ranks must start from the same LoRA init, whatever the
+        # process drew before; dropout then draws from the same seeded stream (restored on resume).
+        torch.manual_seed(self.t.seed)
         self.model = (apply_lora(model, cfg.model) if cfg.model.lora else model).to(self.acc.device)
         if not cfg.model.lora:
             self.model.requires_grad_(True)
@@ -229,7 +246,7 @@ class Trainer:
         self.model.train()
         stats = torch.zeros(len(STAT_KEYS), dtype=torch.float64, device=self.acc.device)
         for m, (rows, ids, valid, noise, ref) in enumerate(self._micro_batches(step)):
-            if ref is None and self.reference_model is not None and needs_reference(self.t):
+            if self.online:
                 ref = self._online_ref(ids, valid)
             train_valid = valid & ~noise if self.t.method == "oracle" else valid
             # Seeded per (step, micro-batch): resumes draw the same tokens; `global` needs equal draws on all ranks.
@@ -237,13 +254,20 @@ class Trainer:
             gen = torch.Generator().manual_seed(
                 int(np.random.SeedSequence([self.t.seed, step, m, rank]).generate_state(1)[0])
             )
-            with self.acc.autocast():
-                out = selective_lm_loss(
-                    self.model, ids, train_valid, ref.to(ids.device) if ref is not None else None,
-                    score_kind=self.score_kind, ratio=self.ratio, strategy=self.strategy, scope=self.t.scope,
-                    generator=gen, temperature=self.t.temperature, soft=self.t.soft,
-                    chunk_size=self.cfg.scoring.chunk_size,
-                )
+            try:
+                with self.acc.autocast():
+                    out = selective_lm_loss(
+                        self.model, ids, train_valid, ref.to(ids.device) if ref is not None else None,
+                        score_kind=self.score_kind, ratio=self.ratio, strategy=self.strategy, scope=self.t.scope,
+                        generator=gen, temperature=self.t.temperature, soft=self.t.soft,
+                        chunk_size=self.cfg.scoring.chunk_size,
+                    )
+            except ValueError:
+                # Selection refuses non-finite own losses; when the weights caused them, say so.
+                if all(torch.isfinite(p).all() for p in _trainable(self.model).values()):
+                    raise
+                raise NumericalError(f"step {step + 1}: the trainable weights are not finite; the last good "
+                                     "checkpoint is kept (lower train.lr)") from None
             out.loss_sum.backward()
             stats += self._micro_stats(out, ids, valid, noise, ref)
             if step == 0 and m == 0 and self.acc.is_main_process:
@@ -324,6 +348,14 @@ class Trainer:
         with atomic_path(path) as tmp:
             save_file({k: v.detach().cpu().contiguous() for k, v in _trainable(self.model).items()}, str(tmp))
 
+    def _remove_partial_writes(self) -> None:
+        """Temp files and dirs (`.<name>.*.tmp`) of atomic writes that a kill cut off: never complete, never read."""
+        for tmp in sorted(self.run_dir.rglob(".*.tmp")) if self.run_dir.is_dir() else []:
+            if tmp.is_dir():
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                tmp.unlink(missing_ok=True)
+
     # ------------------------------------------------------------------ the loop
 
     def _config_hash(self) -> str:
@@ -339,8 +371,8 @@ class Trainer:
             found = read_json(summary_path).get("config_hash")
         elif ckpt is not None:
             found = read_json(ckpt / "state.json").get("config_hash")
-        if found is None or found == config_hash:
-            return read_json(summary_path) if found else None
+        if found is None or found == config_hash:  # a checkpoint without train.json: resume it
+            return read_json(summary_path) if summary_path.is_file() else None
         if not replace_stale:
             raise UserError(f"{self.run_dir} holds a run of another config: set train.name or delete that directory")
         if self.acc.is_main_process:
@@ -354,6 +386,8 @@ class Trainer:
         if done is not None:
             return done
         main = self.acc.is_main_process
+        if main:
+            self._remove_partial_writes()
         state: dict[str, Any] = {"step": 0, "tokens_seen": 0, "tokens_trained": 0, "config_hash": config_hash,
                                  "diag": dict.fromkeys(DIAG_KEYS, 0.0)}
         ckpt = self._latest_checkpoint()
@@ -365,36 +399,45 @@ class Trainer:
             if self.t.snapshot_every:
                 self._snapshot(0)
         log_path = self.run_dir / "log.jsonl"
-        if main:  # drop log lines past the checkpoint we resume from
-            kept = [ln for ln in (log_path.read_text().splitlines() if log_path.exists() else [])
-                    if ln.strip() and json.loads(ln)["step"] <= state["step"]]
-            write_text(log_path, "".join(ln + "\n" for ln in kept))
+        if main:  # drop log lines past the checkpoint we resume from (and a line a kill cut short)
+            kept = [r for r in _read_log(log_path) if r["step"] <= state["step"]]
+            write_text(log_path, "".join(json.dumps(r) + "\n" for r in kept))
+        # TensorBoard hides the events a killed run logged past the checkpoint (purge_step).
+        self.acc.init_trackers("tb", init_kwargs={"tensorboard": {"purge_step": state["step"] + 1}})
         bar = tqdm(total=self.t.steps, initial=state["step"], desc=f"train {self.name}", disable=not main,
                    unit="step", dynamic_ncols=True)
-        with open(log_path, "a") if main else contextlib.nullcontext() as log:
-            for step in range(state["step"], self.t.steps):
-                try:
-                    sums = self._step(step)
-                except KeyboardInterrupt:
-                    if main and state["step"] > 0:
-                        self._save_checkpoint(state["step"], state)  # resume from the last finished step
-                    raise
-                record = self._advance(state, sums)
-                if main:
-                    log.write(json.dumps(record) + "\n")
-                    log.flush()
-                    bar.set_postfix(loss=f"{record['loss']:.3f}", sel=f"{record['selected_frac']:.2f}")
-                    bar.update(1)
-                    if self.t.snapshot_every and (step + 1) % self.t.snapshot_every == 0:
-                        self._snapshot(step + 1)
-                    if self.t.checkpoint_every and (step + 1) % self.t.checkpoint_every == 0:
-                        self._save_checkpoint(step + 1, state)
-        bar.close()
+        try:
+            with open(log_path, "a") if main else contextlib.nullcontext() as log:
+                for step in range(state["step"], self.t.steps):
+                    rng = torch.get_rng_state()
+                    try:
+                        sums = self._step(step)
+                    except KeyboardInterrupt:
+                        if main and state["step"] > 0:  # resume from the last finished step, with its RNG
+                            torch.set_rng_state(rng)
+                            self._save_checkpoint(state["step"], state)
+                        raise
+                    record = self._advance(state, sums)
+                    self.acc.log({k: v for k, v in record.items() if k != "step" and v is not None},
+                                 step=record["step"])
+                    if main:
+                        log.write(json.dumps(record) + "\n")
+                        log.flush()
+                        bar.set_postfix(loss=f"{record['loss']:.3f}", sel=f"{record['selected_frac']:.2f}")
+                        bar.update(1)
+                        if self.t.snapshot_every and (step + 1) % self.t.snapshot_every == 0:
+                            self._snapshot(step + 1)
+                        if self.t.checkpoint_every and (step + 1) % self.t.checkpoint_every == 0:
+                            self._save_checkpoint(step + 1, state)
+        finally:
+            bar.close()
+            for tracker in self.acc.trackers:  # not acc.end_training(): that would end the process group too
+                tracker.finish()
         if not main:
             return {}
         self._save_checkpoint(self.t.steps, state)
         self._save_final()
-        last = json.loads(log_path.read_text().splitlines()[-1])
+        last = _read_log(log_path)[-1]
         summary = {
             "name": self.name, "method": self.t.method, "strategy": self.strategy, "score": self.score_kind,
             "ratio": self.ratio, "scope": self.t.scope, "seed": self.t.seed, "steps": state["step"],
@@ -434,6 +477,15 @@ class Trainer:
             with atomic_dir(self.run_dir / "model") as tmp:
                 self.model.save_pretrained(tmp)
                 self.tokenizer.save_pretrained(tmp)
+
+
+def _read_log(path: Path) -> list[dict[str, Any]]:
+    """The records of a log.jsonl; a last line cut short by a kill is dropped."""
+    records = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        with contextlib.suppress(json.JSONDecodeError):
+            records.append(json.loads(line))
+    return records
 
 
 def _ratio(num: float, den: float) -> float | None:

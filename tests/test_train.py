@@ -1,0 +1,473 @@
+"""`slm train`: the real CLI on the smoke out dir (tiny random Llama, byte tokenizer).
+
+What a run must guarantee: the logged loss is the true mean over the trained tokens of the
+step, gradients are normalised by the selected count of the whole step (accumulation and
+ranks included), only the trainable parameters move, every method reads the same blocks from
+the same start, a killed or interrupted run resumes bit for bit, data parallel equals one
+process on the same global batch, and bad input fails before anything is written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from selective_lm.cli import main
+from selective_lm.config import load_config
+from selective_lm.data import load_store, prepare
+from selective_lm.models import load_model, load_tokenizer
+from selective_lm.train import BlockOrder, Trainer, train
+
+LOG_KEYS = {"step", "tokens_seen", "tokens_trained", "loss", "lr", "selected_frac", "score_selected",
+            "score_unselected", "grad_norm", "step_s"}
+TESTS = Path(__file__).parent
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The tiny model is no faster on two threads, and one thread cannot spin-wait on a busy CI machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _train(out: Path, *overrides: str) -> int:
+    return main(["train", "--preset", "smoke", "--out", str(out), *overrides])
+
+
+def _log(run: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+
+
+def _weights(run: Path, step: int) -> dict[str, torch.Tensor]:
+    return load_file(run / "checkpoints" / f"step-{step:06d}" / "trainable.safetensors")
+
+
+def _no_step_s(log: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{k: v for k, v in r.items() if k != "step_s"} for r in log]
+
+
+def _close(a: float | None, b: float | None, rel: float) -> bool:
+    return a == b or (a is not None and b is not None and abs(a - b) <= rel * max(abs(a), abs(b), 1e-12))
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+@pytest.mark.slow
+def test_topk_run_through_the_cli(smoke_out: Path, smoke_cfg) -> None:
+    from peft import PeftModel
+
+    assert _train(smoke_out, "train.method=topk", "train.ratio=0.5", "train.steps=20") == 0
+    run = smoke_out / "runs" / "topk-r0.5"
+    log = _log(run)
+    assert [r["step"] for r in log] == list(range(1, 21))
+    assert all(set(r) == LOG_KEYS for r in log)
+    valid_per_step = smoke_cfg.train.batch_size * (smoke_cfg.data.block_len - 1)  # position 0 has no target
+    for prev, r in zip([{"tokens_seen": 0, "tokens_trained": 0}, *log], log, strict=False):
+        assert r["tokens_seen"] - prev["tokens_seen"] == smoke_cfg.train.batch_size * smoke_cfg.data.block_len
+        assert abs(r["tokens_trained"] - prev["tokens_trained"] - 0.5 * valid_per_step) <= 0.01 * valid_per_step
+        assert abs(r["selected_frac"] - 0.5) <= 0.01
+        assert r["score_selected"] > r["score_unselected"]  # top-k by excess loss
+    losses = [r["loss"] for r in log]
+    assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.1
+    summary = json.loads((run / "train.json").read_text())
+    assert summary["steps"] == 20 and summary["tokens_trained"] == log[-1]["tokens_trained"]
+    assert summary["train_loss_final"] == log[-1]["loss"]
+
+    base = load_model(smoke_cfg.model, vocab_size=len(load_tokenizer(smoke_cfg.model)))
+    peft = PeftModel.from_pretrained(base, str(run / "adapter"))
+    loaded = {n: p for n, p in peft.named_parameters() if "lora_" in n}
+    final = _weights(run, 20)
+    assert loaded and set(final) == set(loaded)
+    assert all(torch.equal(loaded[n], final[n]) for n in final)
+
+
+@pytest.mark.slow
+def test_clm_run_selects_every_token_and_merges(smoke_out: Path, smoke_cfg) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    assert _train(smoke_out, "train.method=clm", "train.steps=20", "train.merge=true") == 0
+    run = smoke_out / "runs" / "clm"
+    log = _log(run)
+    valid_per_step = smoke_cfg.train.batch_size * (smoke_cfg.data.block_len - 1)
+    assert [r["tokens_trained"] for r in log] == [valid_per_step * (i + 1) for i in range(20)]
+    assert all(r["selected_frac"] == 1.0 and r["score_unselected"] is None for r in log)
+    losses = [r["loss"] for r in log]
+    assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.1
+
+    merged = AutoModelForCausalLM.from_pretrained(run / "merged")
+    base = load_model(smoke_cfg.model, vocab_size=len(load_tokenizer(smoke_cfg.model)))
+    adapted = PeftModel.from_pretrained(base, str(run / "adapter")).eval()
+    ids = torch.from_numpy(np.asarray(load_store(smoke_out / "data" / "train").tokens[:2], dtype=np.int64))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, adapted(ids).logits, rtol=1e-4, atol=1e-4)
+    assert (run / "merged" / "tokenizer_config.json").is_file()
+
+
+@pytest.mark.slow
+def test_full_fine_tuning_writes_an_hf_model(smoke_out: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    assert _train(smoke_out, "model.lora=false", "train.steps=2") == 0
+    run = smoke_out / "runs" / "clm"
+    assert not (run / "adapter").exists()
+    model = AutoModelForCausalLM.from_pretrained(run / "model")
+    final = _weights(run, 2)
+    params = dict(model.named_parameters())
+    assert set(final) <= set(params) and len(final) == len(params)
+    assert all(torch.equal(params[n], v) for n, v in final.items())
+
+
+# ----------------------------------------------------------------------------- the loss and its gradient
+
+
+def _naive_token_losses(model: Any, ids: torch.Tensor) -> torch.Tensor:
+    """`[B, T]` CE of ids[:, t] from logits[:, t - 1] with plain F.cross_entropy; NaN at t = 0."""
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits.float()
+    ce = F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
+    return torch.cat([torch.full((ids.shape[0], 1), torch.nan), ce], dim=1)
+
+
+@pytest.mark.parametrize("method", ["topk", "oracle"])
+def test_logged_loss_is_the_true_mean_over_the_step(smoke_out: Path, smoke_cfg, method: str) -> None:
+    """grad_accum=2: recompute step 1 from the same blocks and selection (LoRA B starts at 0, so the
+    model at step 1 is the base model) and divide by the selected count of the whole step."""
+    store = load_store(smoke_out / "data" / "train")
+    clean = ~np.asarray(store.noise_mask)
+    clean[:, 0] = False
+
+    def clean_counts(seed: int) -> list[int]:
+        order = BlockOrder(store.n_blocks, seed)
+        return [int(clean[np.sort(order.blocks(2 * m, 2))].sum()) for m in range(2)]
+
+    # A seed whose two micro-batches hold different numbers of clean tokens, so that the oracle's
+    # selected counts differ and a mean of micro-batch means would show.
+    seed = next(s for s in range(50) if len(set(clean_counts(s))) == 2)
+    assert _train(smoke_out, f"train.method={method}", "train.ratio=0.5", "train.batch_size=2",
+                  "train.grad_accum=2", "train.steps=1", f"train.seed={seed}") == 0
+    run = next((smoke_out / "runs").iterdir())
+    logged = _log(run)[0]
+    ref = np.load(smoke_out / "scores" / "train" / "ref_loss.npy")
+    base = load_model(smoke_cfg.model, vocab_size=len(load_tokenizer(smoke_cfg.model))).eval()
+    order = BlockOrder(store.n_blocks, seed)
+    sums, counts = [], []
+    for m in range(2):
+        rows = np.sort(order.blocks(2 * m, 2))
+        ids = torch.from_numpy(np.asarray(store.tokens[rows], dtype=np.int64))
+        own = _naive_token_losses(base, ids)
+        valid = ~torch.isnan(own)
+        if method == "oracle":
+            chosen = valid & ~torch.from_numpy(np.asarray(store.noise_mask[rows]))
+        else:
+            excess = (own - torch.from_numpy(ref[rows])).masked_fill(~valid, -torch.inf).flatten()
+            k = int(np.floor(0.5 * int(valid.sum()) + 0.5))
+            chosen = torch.zeros(excess.numel(), dtype=torch.bool)
+            chosen[excess.topk(k).indices] = True
+            chosen = chosen.view_as(own)
+        if m == 0:
+            sample = np.load(run / "selection_sample.npz")
+            assert np.array_equal(sample["rows"], rows)
+            assert np.array_equal(sample["weights"] > 0, chosen.numpy())
+        sums.append(float(own[chosen].double().sum()))
+        counts.append(int(chosen.sum()))
+    assert logged["tokens_trained"] == sum(counts)
+    assert logged["loss"] == pytest.approx(sum(sums) / sum(counts), rel=1e-5)
+    if method == "oracle":  # unequal counts per micro-batch: the mean of the micro-batch means would differ
+        assert counts[0] != counts[1]
+        assert logged["loss"] != pytest.approx((sums[0] / counts[0] + sums[1] / counts[1]) / 2, rel=1e-5)
+
+
+@pytest.mark.parametrize("method", ["clm", "oracle"])
+def test_accumulation_normalises_by_the_tokens_of_the_whole_step(smoke_out: Path, method: str) -> None:
+    """batch 4 x accumulation 1 and batch 2 x accumulation 2 read the same blocks: same loss, same
+    gradient norm (Adam would hide a mis-scaled gradient; the logged pre-clip norm does not), same weights."""
+    assert _train(smoke_out, f"train.method={method}", "train.name=a1", "train.steps=3") == 0
+    assert _train(smoke_out, f"train.method={method}", "train.name=a2", "train.steps=3", "train.batch_size=2",
+                  "train.grad_accum=2") == 0
+    a1, a2 = smoke_out / "runs" / "a1", smoke_out / "runs" / "a2"
+    for r1, r2 in zip(_log(a1), _log(a2), strict=True):
+        assert r1["tokens_trained"] == r2["tokens_trained"]
+        assert r1["loss"] == pytest.approx(r2["loss"], rel=1e-5)
+        assert r1["grad_norm"] == pytest.approx(r2["grad_norm"], rel=1e-4)
+    w1, w2 = _weights(a1, 3), _weights(a2, 3)
+    for name in w1:
+        torch.testing.assert_close(w1[name], w2[name], rtol=1e-4, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- what training changes
+
+
+@pytest.mark.parametrize("lora", [True, False])
+def test_training_changes_only_the_trainable_parameters(smoke_out: Path, lora: bool) -> None:
+    cfg = load_config("smoke", overrides=[f"model.lora={str(lora).lower()}", "train.steps=3",
+                                          "train.snapshot_every=0"])
+    trainer = Trainer(cfg, smoke_out)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.fit()
+    after = dict(trainer.model.named_parameters())
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    if lora:
+        assert changed == {n for n in before if "lora_" in n}  # B from step 1, A from step 2 on
+        assert all("lora_" in n for n, p in after.items() if p.requires_grad)
+    else:
+        assert changed == set(before)
+
+
+@pytest.mark.slow
+def test_runs_of_different_methods_are_compute_matched(smoke_out: Path) -> None:
+    """Same blocks in the same order, same start weights (the LoRA init does not depend on the
+    process's RNG), same number of tokens fed."""
+    for method in ("clm", "topk", "random"):
+        assert _train(smoke_out, f"train.method={method}", "train.ratio=0.3", "train.steps=2") == 0
+        torch.manual_seed(len(method))  # whatever a process drew before must not change the start
+    runs = [smoke_out / "runs" / n for n in ("clm", "topk-r0.3", "random-r0.3")]
+    samples = [np.load(r / "selection_sample.npz") for r in runs]
+    starts = [load_file(r / "checkpoints" / "trajectory" / "step-000000.safetensors") for r in runs]
+    for s, w in zip(samples[1:], starts[1:], strict=True):
+        assert np.array_equal(s["rows"], samples[0]["rows"]) and np.array_equal(s["tokens"], samples[0]["tokens"])
+        assert all(torch.equal(w[n], starts[0][n]) for n in starts[0])
+    assert len({tuple(r["tokens_seen"] for r in _log(run)) for run in runs}) == 1
+    assert samples[1]["weights"].sum() == samples[2]["weights"].sum() < samples[0]["weights"].sum()
+
+
+# ----------------------------------------------------------------------------- resume
+
+
+@pytest.mark.slow
+def test_interrupt_saves_a_checkpoint_and_resume_is_identical(smoke_out: Path, monkeypatch) -> None:
+    """Ctrl-C in the middle of step 4 (after dropout drew from the RNG): exit 130, checkpoint 3."""
+    args = ("train.method=topk", "train.ratio=0.5", "model.lora_dropout=0.1")
+    assert _train(smoke_out, *args, "train.name=straight") == 0
+    step_fn = Trainer._step
+
+    def interrupted(self: Trainer, step: int) -> dict[str, float]:
+        if step == 3:
+            torch.rand(100)  # what a partial forward's dropout draws
+            raise KeyboardInterrupt
+        return step_fn(self, step)
+
+    monkeypatch.setattr(Trainer, "_step", interrupted)
+    args = (*args, "train.name=resumed")
+    assert _train(smoke_out, *args) == 130
+    run = smoke_out / "runs" / "resumed"
+    assert [p.name for p in (run / "checkpoints").glob("step-*")] == ["step-000003"]
+    assert len(_log(run)) == 3 and not (run / "train.json").exists()
+    monkeypatch.setattr(Trainer, "_step", step_fn)
+    assert _train(smoke_out, *args) == 0
+    straight = smoke_out / "runs" / "straight"
+    assert _no_step_s(_log(run)) == _no_step_s(_log(straight))
+    w, s = _weights(run, 6), _weights(straight, 6)
+    assert set(w) == set(s) and all(torch.equal(w[n], s[n]) for n in w)
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_from_its_checkpoint_identically(smoke_out: Path, tmp_path: Path) -> None:
+    args = ["train.method=stochastic", "train.ratio=0.5", "train.steps=8", "train.checkpoint_every=4"]
+    assert _train(smoke_out, *args, "train.name=straight") == 0
+    marker = tmp_path / "paused"
+    proc = subprocess.Popen(  # pauses before step 6: checkpoint 4 and log lines 5, 6 are on disk
+        [sys.executable, str(TESTS / "_train_proc.py"), "6", str(marker), "train", "--preset", "smoke",
+         "--out", str(smoke_out), *args, "train.name=killed"],
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not marker.exists():
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            assert time.monotonic() < deadline, "the child never reached step 6"
+            time.sleep(0.1)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    run = smoke_out / "runs" / "killed"
+    assert [p.name for p in (run / "checkpoints").glob("step-*")] == ["step-000004"]
+    assert len(_log(run)) == 6
+    with open(run / "log.jsonl", "a") as f:  # a line the kill cut short
+        f.write('{"step": 7, "tokens_')
+    (run / "checkpoints" / ".step-000008.k2j4.tmp").mkdir()  # atomic writes the kill cut off
+    (run / "checkpoints" / "trajectory" / ".step-000006.safetensors.x1.tmp").write_bytes(b"partial")
+    assert _train(smoke_out, *args, "train.name=killed") == 0
+    assert not list(run.rglob("*.tmp"))
+    straight = smoke_out / "runs" / "straight"
+    assert _no_step_s(_log(run)) == _no_step_s(_log(straight))
+    w, s = _weights(run, 8), _weights(straight, 8)
+    assert all(torch.equal(w[n], s[n]) for n in s)
+
+
+# ----------------------------------------------------------------------------- data parallel
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("extra", [("train.method=clm",), ("train.method=topk", "train.ratio=0.5",
+                                                             "train.scope=global")])
+def test_two_processes_equal_one_with_the_same_global_batch(smoke_out: Path, extra: tuple[str, ...]) -> None:
+    """`accelerate launch --multi_gpu` on CPU (gloo): `--cpu` with 2 processes would start only one."""
+    accelerate = Path(sys.executable).with_name("accelerate")
+    cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+           "-m", "selective_lm.cli", "train", "--preset", "smoke", "--out", str(smoke_out), *extra,
+           "train.name=ddp", "train.batch_size=2"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert _train(smoke_out, *extra, "train.name=single", "train.batch_size=4") == 0
+    ddp, single = _log(smoke_out / "runs" / "ddp"), _log(smoke_out / "runs" / "single")
+    assert len(ddp) == len(single) == 6  # rank 0 alone writes the log
+    for a, b in zip(ddp, single, strict=True):
+        assert (a["tokens_seen"], a["tokens_trained"]) == (b["tokens_seen"], b["tokens_trained"])
+        for key in ("loss", "grad_norm", "selected_frac", "score_selected", "score_unselected"):
+            assert _close(a[key], b[key], 1e-5), (a["step"], key, a[key], b[key])
+    w1, w2 = _weights(smoke_out / "runs" / "ddp", 6), _weights(smoke_out / "runs" / "single", 6)
+    for name in w1:  # Adam divides by sqrt(v): float noise in tiny gradients shows at 1e-6
+        torch.testing.assert_close(w1[name], w2[name], rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def _expect_bad_input(out: Path, capsys, *overrides: str, match: str) -> None:
+    runs_before = sorted((out / "runs").iterdir()) if (out / "runs").is_dir() else []
+    capsys.readouterr()
+    assert _train(out, *overrides) == 2
+    err = capsys.readouterr().err.strip()
+    lines = [ln for ln in err.splitlines() if ln.startswith("slm:") or "Traceback" in ln]
+    assert len(lines) == 1 and lines[0].startswith("slm: error:") and match in lines[0], err
+    assert (sorted((out / "runs").iterdir()) if (out / "runs").is_dir() else []) == runs_before
+
+
+@pytest.mark.parametrize(("overrides", "match"), [
+    (("train.ratio=1.5",), "train.ratio"),
+    (("train.ratio=0",), "train.ratio"),
+    (("model.lora_targets=[c_attn]",), "c_attn"),
+    (("train.method=topk", "train.ratio=0.5", "train.score=none"), "train.score=none"),
+    (("train.method=topk", "train.ratio=0.5", "scoring.mode=online"), "scoring.mode=online"),
+])
+def test_bad_config_fails_before_writing(smoke_out: Path, capsys, overrides: tuple[str, ...], match: str) -> None:
+    _expect_bad_input(smoke_out, capsys, *overrides, match=match)
+
+
+def test_missing_or_foreign_scores_are_refused(smoke_out: Path, capsys) -> None:
+    meta_path = smoke_out / "scores" / "train" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps({**meta, "token_store": "0123456789abcdef"}))
+    _expect_bad_input(smoke_out, capsys, "train.method=topk", "train.ratio=0.5", match="another token store")
+    shutil.rmtree(smoke_out / "scores")
+    _expect_bad_input(smoke_out, capsys, "train.method=topk", "train.ratio=0.5", match="has none")
+
+
+def test_model_whose_embeddings_do_not_fit_the_tokenizer(smoke_out: Path, tmp_path: Path, capsys) -> None:
+    """A local model with its own, smaller vocabulary, trained on a store of the byte tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    small = tmp_path / "small-vocab"
+    LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=1)).save_pretrained(small)
+    _expect_bad_input(smoke_out, capsys, f"model.name={small}", "model.tokenizer=random:tiny-llama",
+                      match="embeddings only 100")
+
+
+@pytest.mark.slow
+def test_store_the_model_cannot_use(tmp_path: Path, capsys) -> None:
+    """block_len beyond the model's positions (1024), and the oracle on a store without a noise mask."""
+    out = tmp_path / "long"
+    cfg = load_config("smoke", overrides=["data.block_len=2048", "data.noise_rate=0", "data.max_tokens=8192"])
+    prepare(cfg, out, splits=["train"])
+    assert load_store(out / "data" / "train").noise_mask is None
+    _expect_bad_input(out, capsys, "data.block_len=2048", match="maximum positions 1024")
+    _expect_bad_input(out, capsys, "data.block_len=2048", "train.method=oracle", match="noise mask")
+    assert not (out / "runs").exists()
+
+
+# ----------------------------------------------------------------------------- numerical faults
+
+
+@pytest.mark.parametrize("method", ["clm", "topk"])
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(smoke_out: Path, capsys, monkeypatch,
+                                                                  method: str) -> None:
+    step_fn = Trainer._step
+
+    def poisoned(self: Trainer, step: int) -> dict[str, float]:
+        if step == 3:
+            with torch.no_grad():
+                next(p for n, p in self.model.named_parameters() if "lora_A" in n).fill_(torch.nan)
+        return step_fn(self, step)
+
+    monkeypatch.setattr(Trainer, "_step", poisoned)
+    args = (f"train.method={method}", "train.ratio=0.5", "train.checkpoint_every=2")
+    capsys.readouterr()
+    assert _train(smoke_out, *args) == 2
+    err = capsys.readouterr().err
+    assert "step 4" in err and "not finite" in err and "Traceback" not in err
+    run = next((smoke_out / "runs").iterdir())
+    assert [p.name for p in (run / "checkpoints").glob("step-*")] == ["step-000002"]
+    assert all(torch.isfinite(v).all() for v in _weights(run, 2).values())
+    assert len(_log(run)) == 3 and not (run / "train.json").exists()
+    monkeypatch.setattr(Trainer, "_step", step_fn)
+    assert _train(smoke_out, *args) == 0  # the kept checkpoint resumes
+    assert len(_log(run)) == 6
+
+
+# ----------------------------------------------------------------------------- online scoring and TensorBoard
+
+
+@pytest.mark.slow
+def test_online_scoring_matches_offline_scores(smoke_out: Path) -> None:
+    from selective_lm.scoring import load_reference_model
+
+    cfg = load_config("smoke", overrides=["train.method=topk", "train.ratio=0.5"])
+    offline = train(cfg, smoke_out, "offline")
+    # Online must not quietly use the stored scores: make them wrong (their fingerprints still match).
+    ref_loss = smoke_out / "scores" / "train" / "ref_loss.npy"
+    np.save(ref_loss, np.zeros_like(np.load(ref_loss)))
+    online_cfg = load_config("smoke", overrides=["train.method=topk", "train.ratio=0.5", "scoring.mode=online"])
+    online = train(online_cfg, smoke_out, "online", reference_model=load_reference_model(online_cfg, smoke_out))
+    a, b = _log(smoke_out / "runs" / "offline"), _log(smoke_out / "runs" / "online")
+    for ra, rb in zip(a, b, strict=True):
+        assert ra["tokens_trained"] == rb["tokens_trained"]
+        for key in ("loss", "score_selected", "score_unselected", "grad_norm"):
+            assert _close(ra[key], rb[key], 1e-4), (ra["step"], key)
+    sa, sb = (np.load(smoke_out / "runs" / n / "selection_sample.npz") for n in ("offline", "online"))
+    assert np.array_equal(sa["weights"], sb["weights"])
+    for key, value in offline["selection"].items():
+        assert _close(value, online["selection"][key], 1e-4), key
+
+
+def test_metrics_reach_tensorboard(smoke_out: Path) -> None:
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    assert _train(smoke_out, "train.method=topk", "train.ratio=0.5") == 0
+    run = smoke_out / "runs" / "topk-r0.5"
+    events = EventAccumulator(str(run / "tb"))
+    events.Reload()
+    log = _log(run)
+    assert set(events.Tags()["scalars"]) == LOG_KEYS - {"step"}
+    for key in ("loss", "lr", "selected_frac", "tokens_trained"):
+        scalars = events.Scalars(key)
+        assert [s.step for s in scalars] == [r["step"] for r in log]
+        assert [s.value for s in scalars] == pytest.approx([r[key] for r in log], rel=1e-6)
