@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("slm: interrupted", file=sys.stderr)
         return 130
-    if result is not None:
+    if result:  # non-main data-parallel ranks return nothing to print
         print(json.dumps(result, indent=2, default=str))
     return 0
 

@@ -130,7 +130,9 @@ class TrainConfig(Section):
     warmup_steps: int = Field(5, ge=0)
     schedule: Literal["cosine", "constant"] = "cosine"
     max_grad_norm: float = Field(1.0, ge=0)
-    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    mixed_precision: Literal["auto", "no", "bf16"] = Field(
+        "auto", description="auto = bf16 on CUDA, fp32 on CPU (fp16 would need a gradient scaler: not offered)"
+    )
     seed: int = 0
     checkpoint_every: int = Field(0, ge=0, description="0 = only at the end")
     snapshot_every: int = Field(10, ge=0, description="trajectory snapshots (0 = none)")

@@ -4,19 +4,28 @@ The shift (DESIGN.md, score store): the loss at position `t` is the loss of `inp
 given the tokens before it, computed from `hidden[:, t - 1]`; position 0 has none and is NaN.
 Scoring, training, evaluation and analysis all go through `token_losses`.
 
-Memory: logits are computed `chunk_size` token rows at a time, so at most `chunk_size x V`
-logits exist at once, never the full `B x T x V`. With grad, each chunk of more than one is
-checkpointed (its logits are recomputed in backward instead of kept): the head's forward runs
-twice for those rows, and peak memory stays at a few `chunk_size x V` tensors. Measured in
-`tests/test_loss.py::test_loss_path_peak_memory_is_a_few_chunks`: V = 150k, 1024 tokens,
-chunk 128 (one chunk of float32 logits = 77 MB) -> full logits 614 MB; peak allocation of the
-loss path 154 MB without grad (logits + log-softmax of one chunk) and 240 MB for forward +
-backward, against 1853 MB for the naive head + cross_entropy + backward.
+Memory: logits are computed a chunk of rows at a time, so at most one chunk x V of them exist
+at once, never the full `B x T x V`. A chunk has `chunk_size` rows and never more than
+`MAX_CHUNK_LOGITS` logits (64 MB in float32): 110 rows for a 150k vocabulary whatever
+`chunk_size` says, so the bound holds for any vocabulary without tuning.
 
-SLM's efficient path (`selective_lm_loss`): one backbone forward with grad; all token losses
-without grad (on `hidden.detach()`); scores; selection; then the head and cross-entropy with
-grad on the selected rows only, so the head's forward-with-grad and backward cover selected
-tokens only.
+With grad there are two paths:
+
+- A frozen plain `nn.Linear` head (LoRA, the default; tied or not): d loss / d row is computed
+  in the forward, chunk by chunk, as (softmax - one-hot) @ weight, and kept as `[N, H]`;
+  backward only scales it by the incoming gradient. The head costs one forward and one
+  input-gradient matmul per row, nothing is recomputed, and the peak is about one chunk of
+  logits (computed in place). Since an unselected row then costs what a selected one does, SLM
+  computes every valid row's loss with grad in one pass, selects, and sums the selected ones:
+  CLM and SLM do the same head work. (Selected-rows-only, below, would run the head forward
+  twice for the selected rows: 1 + 2 x ratio head matmuls instead of 2.)
+- Any other head (trainable weights in full fine-tuning, a LoRA-wrapped lm_head): every chunk,
+  when there is more than one, is checkpointed (its logits are recomputed in backward instead
+  of kept); SLM computes all losses without grad first, then only the selected rows with grad,
+  so the head's weight gradient covers the selected tokens only. Measured in
+  `tests/test_loss.py::test_loss_path_peak_memory_is_a_few_chunks`: V = 150k, 1024 tokens,
+  chunk 128 -> full logits 614 MB; peak of this path 240 MB for forward + backward, against
+  1853 MB for the naive head + cross_entropy + backward.
 """
 
 from __future__ import annotations
@@ -34,6 +43,7 @@ from selective_lm.selection import lookup, select
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
+    "MAX_CHUNK_LOGITS",
     "SCORE_KINDS",
     "SelectiveLoss",
     "forward_hidden",
@@ -45,6 +55,7 @@ __all__ = [
 ]
 
 DEFAULT_CHUNK_SIZE = 1024
+MAX_CHUNK_LOGITS = 1 << 24  # logits per chunk at most (64 MB in float32), whatever chunk_size says
 # Config fields of models whose logits are not plain `head(hidden)` (Gemma 2/3, Cohere, Granite).
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 
@@ -86,19 +97,76 @@ def _chunk_ce(head: nn.Module, rows: Tensor, targets: Tensor) -> Tensor:
     )
 
 
+def _inplace_ce(logits: Tensor, targets: Tensor, weight: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    """CE `[n]` of logits `[n, V]`, overwriting them (one chunk-sized buffer, no log-softmax copy).
+
+    With `weight [V, H]` also d CE / d row `[n, H]` = (softmax - one-hot) @ weight.
+    """
+    rows = torch.arange(len(targets), device=targets.device)
+    target_logit = logits[rows, targets]
+    top = logits.amax(dim=1)
+    probs = logits.sub_(top.unsqueeze(1)).exp_()
+    total = probs.sum(dim=1)
+    losses = total.log() + top - target_logit
+    if weight is None:
+        return losses, None
+    probs.div_(total.unsqueeze(1))
+    probs[rows, targets] -= 1
+    return losses, probs.to(weight.dtype) @ weight
+
+
+def _logits(head: nn.Module, rows: Tensor) -> Tensor:
+    logits = head(rows)
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+
+class _FrozenLinearCE(torch.autograd.Function):
+    """CE `[N]` of rows `[N, H]` through a frozen linear head; the row gradients come from the forward."""
+
+    @staticmethod
+    def forward(ctx, head: nn.Linear, rows: Tensor, targets: Tensor, chunk: int) -> Tensor:  # type: ignore[override]
+        losses, grads = [], []
+        for i in range(0, len(rows), chunk):
+            r, y = rows[i : i + chunk], targets[i : i + chunk]
+            loss, grad = _inplace_ce(_logits(head, r), y, head.weight)
+            losses.append(loss)
+            grads.append(grad.to(rows.dtype))
+        ctx.save_for_backward(torch.cat(grads) if grads else torch.zeros_like(rows))
+        return torch.cat(losses) if losses else rows.new_zeros(0, dtype=torch.promote_types(rows.dtype, torch.float32))
+
+    @staticmethod
+    def backward(ctx, grad_losses: Tensor) -> tuple[None, Tensor, None, None]:  # type: ignore[override]
+        (grads,) = ctx.saved_tensors
+        return None, grads * grad_losses.unsqueeze(1).to(grads.dtype), None, None
+
+
+def _frozen_linear(head: nn.Module) -> bool:
+    """A plain nn.Linear without trainable parameters or hooks: its row gradients can come from the forward."""
+    return (
+        type(head) is nn.Linear
+        and not any(p.requires_grad for p in head.parameters())
+        and not (head._forward_hooks or head._forward_pre_hooks or "forward" in vars(head))
+    )
+
+
 def _rows_ce(head: nn.Module, rows: Tensor, targets: Tensor, chunk_size: int) -> Tensor:
-    """Cross-entropy `[N]` of hidden rows `[N, H]` against targets `[N]`, `chunk_size` rows at a time."""
+    """Cross-entropy `[N]` of hidden rows `[N, H]` against targets `[N]`, a chunk of rows at a time."""
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    vocab = getattr(head, "out_features", None)
+    chunk = min(chunk_size, max(1, MAX_CHUNK_LOGITS // vocab)) if isinstance(vocab, int) else chunk_size
     n = rows.shape[0]
+    if not (torch.is_grad_enabled() and (rows.requires_grad or any(p.requires_grad for p in head.parameters()))):
+        parts = [_inplace_ce(_logits(head, rows[i : i + chunk]), targets[i : i + chunk])[0] for i in range(0, n, chunk)]
+        return torch.cat(parts) if parts else _chunk_ce(head, rows, targets)
+    if _frozen_linear(head):
+        return _FrozenLinearCE.apply(head, rows, targets, chunk)
     # A single chunk is not checkpointed: recomputing it would cost time and lower no peak.
-    recompute = torch.is_grad_enabled() and n > chunk_size
+    recompute = n > chunk
     parts = []
-    for i in range(0, max(n, 1), chunk_size):  # max(n, 1): an empty selection still yields a graph
-        r, y = rows[i : i + chunk_size], targets[i : i + chunk_size]
-        parts.append(
-            checkpoint(_chunk_ce, head, r, y, use_reentrant=False) if recompute else _chunk_ce(head, r, y)
-        )
+    for i in range(0, max(n, 1), chunk):  # max(n, 1): an empty selection still yields a graph
+        r, y = rows[i : i + chunk], targets[i : i + chunk]
+        parts.append(checkpoint(_chunk_ce, head, r, y, use_reentrant=False) if recompute else _chunk_ce(head, r, y))
     return torch.cat(parts)
 
 
@@ -291,9 +359,11 @@ def selective_lm_loss(
     """SLM loss of one micro-batch: forward, score, select, loss with grad on the selected tokens.
 
     input_ids `[B, T]`, valid `[B, T]` bool (see `valid_mask`), ref_loss `[B, T]` (the score
-    store's rows; NaN allowed where not valid). The backbone runs once with grad; the no-grad
-    scoring pass reuses `hidden.detach()`. At ratio 1 (hard), every valid token is selected
-    whatever the scores, so that pass is skipped and the result is exactly CLM.
+    store's rows; NaN allowed where not valid). The backbone runs once with grad. With a frozen
+    linear head (LoRA) the head runs once over every valid row with grad and the selected losses
+    are summed; otherwise a no-grad pass on `hidden.detach()` scores, and only the selected rows
+    go through the head with grad. At ratio 1 (hard) every valid token is selected whatever the
+    scores, so the result is exactly CLM.
     """
     if valid.dtype != torch.bool or valid.shape != input_ids.shape:
         raise ValueError(f"valid must be a bool tensor shaped like input_ids {tuple(input_ids.shape)}")
@@ -302,7 +372,8 @@ def selective_lm_loss(
     if score_kind == "none" and strategy == "topk" and ratio < 1 and not soft:
         raise ValueError("score kind 'none' with strategy 'topk' selects by position; use 'random'")
     hidden, head = forward_hidden(model, input_ids, attention_mask)
-    if ratio == 1 and not soft:
+    own_grad = None
+    if (ratio == 1 and not soft) or _frozen_linear(head):  # one pass with grad over every valid row
         own_grad = token_losses(hidden, head, input_ids, valid, chunk_size=chunk_size)
         own = own_grad.detach()
     else:
@@ -312,10 +383,13 @@ def selective_lm_loss(
     chosen = select(
         s, ratio, strategy, scope, valid, generator, temperature=temperature, soft=soft, group=group
     )
-    if ratio == 1 and not soft:
+    if own_grad is None:
+        loss_sum = selected_loss_sum(hidden, head, input_ids, chosen, chunk_size=chunk_size)
+    elif chosen.dtype == torch.bool:
         loss_sum = own_grad[chosen].sum()
     else:
-        loss_sum = selected_loss_sum(hidden, head, input_ids, chosen, chunk_size=chunk_size)
+        b, t = _target_positions(chosen != 0)
+        loss_sum = (own_grad[b, t] * chosen[b, t].to(own_grad.dtype)).sum()
     w = chosen.to(own.dtype)
     unselected = (valid & (w == 0)).to(own.dtype)
     return SelectiveLoss(

@@ -28,7 +28,6 @@ import math
 import shutil
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +39,7 @@ from tqdm.auto import tqdm
 from . import __version__
 from .common import UserError, atomic_dir, atomic_path, fingerprint, read_json, write_json, write_text
 from .config import Config, TrainConfig
-from .data import TokenStore, load_store
+from .data import BlockOrder, TokenStore, load_store
 from .loss import selective_lm_loss, valid_mask
 from .models import apply_lora, load_model, load_tokenizer, tokenizer_fingerprint
 from .scoring import load_scores, reference_digest
@@ -78,30 +77,6 @@ def effective(train: TrainConfig) -> tuple[str, str, float]:
 
 def needs_reference(train: TrainConfig) -> bool:
     return effective(train)[1] in ("excess", "reference")
-
-
-@dataclass
-class BlockOrder:
-    """The data order shared by every run of a comparison: epoch permutations seeded by `seed`."""
-
-    n_blocks: int
-    seed: int
-
-    def __post_init__(self) -> None:
-        self._cache: dict[int, np.ndarray] = {}
-
-    def blocks(self, start: int, count: int) -> np.ndarray:
-        """Block indices at global positions [start, start + count)."""
-        pos = np.arange(start, start + count)
-        out = np.empty(count, dtype=np.int64)
-        for epoch in np.unique(pos // self.n_blocks):
-            perm = self._cache.get(int(epoch))
-            if perm is None:
-                perm = np.random.default_rng([self.seed, int(epoch)]).permutation(self.n_blocks)
-                self._cache = {int(epoch): perm}
-            sel = pos // self.n_blocks == epoch
-            out[sel] = perm[pos[sel] % self.n_blocks]
-        return out
 
 
 def _lr_lambda(cfg: TrainConfig):
@@ -171,6 +146,16 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(self.t))
         self.order = BlockOrder(self.store.tokens.shape[0], self.t.seed)
         self.world, self.rank = self.acc.num_processes, self.acc.process_index
+        if self.ref_loss is not None and not self._scores_cover_reads():
+            if needs_reference(self.t):
+                raise UserError("the score store lacks blocks this run reads (it was made with scoring.blocks=used "
+                                "for a shorter grid or fewer processes): rerun `slm score` with scoring.blocks=all")
+            self.ref_loss = None  # diagnostics only: better none than biased
+
+    def _scores_cover_reads(self) -> bool:
+        """Whether every block this run reads has reference losses (stores scored with blocks=used)."""
+        rows = np.unique(self.order.blocks(0, self.t.steps * self.t.batch_size * self.t.grad_accum * self.world))
+        return not np.isnan(np.asarray(self.ref_loss[rows])[:, 1:]).any()
 
     # ------------------------------------------------------------------ checks
 
@@ -361,7 +346,9 @@ class Trainer:
     def _config_hash(self) -> str:
         """What the run's result depends on: data, model, training, and the reference behind its scores."""
         ref = reference_digest(self.out) if needs_reference(self.t) else None
-        return fingerprint(self.cfg.data.model_dump(), self.cfg.model.model_dump(), self.t.model_dump(), ref)
+        # Fields that change how a run is stored or named, not what it learns, stay out of the hash.
+        t = self.t.model_dump(exclude={"name", "checkpoint_every", "merge"})
+        return fingerprint(self.cfg.data.model_dump(), self.cfg.model.model_dump(), t, ref)
 
     def _check_existing(self, config_hash: str, replace_stale: bool) -> dict[str, Any] | None:
         """The finished summary when the run is done; clears (or refuses) a run dir of another config."""

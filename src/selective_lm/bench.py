@@ -1,0 +1,335 @@
+"""`slm bench`: CLM, efficient SLM and the public implementations' SLM side by side, same model and batch.
+
+Everything runs in one process. The variants are timed round-robin (one of each per round, the
+first `warmup` rounds discarded), so a load spike on a shared machine hits them all alike; the
+figures are the median and the spread (max - min) of the timed rounds.
+
+- `clm`: `selective_lm_loss` at ratio 1, backward, grads / n_selected, clip, AdamW (as `Trainer._step`).
+- `slm`: the same with offline scores: top-k 0.6 by excess loss, `ref_loss` given as a tensor.
+- `naive`: SLM as public implementations write it: `model(ids).logits`, `cross_entropy(reduction="none")`,
+  a no-grad reference forward pass inside every step, top-k mask, masked mean, backward, AdamW.
+- `score`: `scoring.model_token_losses` on the frozen merged model (a plain causal LM) in tokens/s.
+- `forward`: `model(ids)` under no_grad on the same frozen model: the full Hugging Face forward,
+  logits included, no loss. The head belongs to "the same model"; scoring cannot be compared with
+  a forward that skips it, because every loss needs the logits. `backbone` (hidden states only,
+  no head) is reported too, to show what the head costs.
+
+Memory, `peak_mb`: the peak above what was resident just before one (warmed-up) step or pass, so
+weights, optimizer state and the reference model are not counted, only what the step allocates.
+On CUDA: `max_memory_allocated` after a reset. On CPU: the RSS high-water mark (VmHWM), reset
+through /proc/self/clear_refs before the step after `malloc_trim` returned freed heap to the OS,
+so each variant gets its own high-water mark without a process per variant (Linux only; None
+elsewhere). RSS also counts allocator slack, so it moves by ~1% between identical steps: each
+peak is the lower of two measurements, and `slm <= clm` is judged with a 1% tolerance (with a
+frozen head both run the same head path, see loss.py, so they differ by the selection's few KB).
+The process's resident total at the end is `resident_mb`.
+
+Inputs are random token ids of the model's vocabulary: no `slm prepare` needed, and the speed of
+each variant does not depend on the text.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import gc
+import statistics
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .common import write_json
+from .config import Config, ModelConfig
+from .loss import forward_hidden, selective_lm_loss, valid_mask
+from .models import apply_lora, load_model, load_tokenizer
+from .scoring import model_token_losses
+
+# Used where the config has no `bench` section; a settings mapping passed to `bench` wins over both.
+DEFAULTS: dict[str, Any] = {
+    "steps": 5,  # timed rounds
+    "warmup": 1,  # discarded rounds (first-call allocations, lazy init)
+    "batch_size": 4,
+    "block_len": 256,
+    "ratio": 0.6,  # the slm and naive selection ratio
+    "large_vocab": 151_936,  # vocabulary of the large-vocab case (Qwen2's); 0 skips the case
+}
+LARGE_VOCAB_MODEL = "random:tiny-llama"  # hidden 64, 2 layers: the loss path dominates the step
+TRAIN_VARIANTS = ("clm", "slm", "naive")
+PASS_VARIANTS = ("score", "forward", "backbone")
+MEMORY_REPEATS = 2
+PEAK_TOLERANCE = 0.01  # resolution of the RSS probe: slm and clm run the same head path (loss.py)
+_MB = 1e6
+
+
+# ---------------------------------------------------------------------------- memory
+
+
+def _proc_kb(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return float(line.split()[1])
+    raise OSError(f"{field} not in /proc/self/status")
+
+
+def _reset_rss_peak() -> float | None:
+    """Return freed heap to the OS, reset VmHWM to the current RSS; that RSS in MB (None: no procfs)."""
+    libc = ctypes.util.find_library("c")
+    if libc:
+        ctypes.CDLL(libc).malloc_trim(0)  # else glibc would serve the step from pages it still holds
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return _proc_kb("VmRSS") * 1e3 / _MB
+    except OSError:
+        return None
+
+
+def peak_mb(fn: Callable[[], Any], device: torch.device) -> float | None:
+    """Memory allocated by `fn` above what was resident before it, at its peak, in MB."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / _MB
+    base_mb = _reset_rss_peak()
+    fn()
+    return None if base_mb is None else _proc_kb("VmHWM") * 1e3 / _MB - base_mb
+
+
+def _resident_mb(device: torch.device) -> float | None:
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated() / _MB
+    try:
+        return _proc_kb("VmRSS") * 1e3 / _MB
+    except OSError:
+        return None
+
+
+# ---------------------------------------------------------------------------- the variants
+
+
+def _autocast(device: torch.device) -> torch.autocast:
+    """bf16 autocast on CUDA (the trainer's mixed precision there), disabled on CPU (float32)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def _optimizer_step(params: list[torch.nn.Parameter], opt: torch.optim.Optimizer, n_selected: float) -> None:
+    """The trainer's step after backward: grads / n_selected, clip to 1, AdamW, zero."""
+    for p in params:
+        if p.grad is not None:
+            p.grad.div_(max(n_selected, 1.0))
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def _naive_losses(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """`[B, T-1]` losses of targets 1..T-1 the textbook way: full logits, shift, cross_entropy(reduction="none")."""
+    logits = model(input_ids=ids, use_cache=False).logits
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="none").view(
+        ids.shape[0], -1
+    )
+
+
+def _variants(
+    student: torch.nn.Module, frozen: torch.nn.Module, ids: torch.Tensor, ref_loss: torch.Tensor,
+    ratio: float, chunk_size: int,
+) -> dict[str, Callable[[], Any]]:
+    """One step / pass of each variant on the same batch, as closures."""
+    device = ids.device
+    valid = valid_mask(ids)
+    params = [p for p in student.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+
+    def train(score_kind: str, r: float) -> None:
+        with _autocast(device):
+            out = selective_lm_loss(student, ids, valid, ref_loss, score_kind=score_kind, ratio=r,
+                                    strategy="topk", chunk_size=chunk_size)
+        out.loss_sum.backward()
+        _optimizer_step(params, opt, float(out.n_selected))
+
+    def naive() -> None:
+        with _autocast(device):
+            own = _naive_losses(student, ids)
+            with torch.no_grad():
+                ref = _naive_losses(frozen, ids)
+            excess = (own.detach() - ref).flatten()
+            mask = torch.zeros_like(excess)
+            mask[torch.topk(excess, max(1, int(ratio * excess.numel()))).indices] = 1.0
+            loss = (own.flatten() * mask).sum()
+        loss.backward()
+        _optimizer_step(params, opt, float(mask.sum()))
+
+    @torch.no_grad()
+    def forward() -> None:
+        with _autocast(device):
+            frozen(input_ids=ids, use_cache=False)
+
+    @torch.no_grad()
+    def backbone() -> None:
+        with _autocast(device):
+            forward_hidden(frozen, ids)
+
+    return {
+        "clm": lambda: train("none", 1.0),
+        "slm": lambda: train("excess", ratio),
+        "naive": naive,
+        "score": lambda: model_token_losses(frozen, ids, valid, chunk_size),
+        "forward": forward,
+        "backbone": backbone,
+    }
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_case(
+    model_cfg: ModelConfig, vocab_size: int, device: torch.device, settings: Mapping[str, Any], chunk_size: int
+) -> dict[str, Any]:
+    """Time and measure every variant on one model (LoRA student + frozen copy) and one random batch."""
+    torch.manual_seed(0)
+    frozen = load_model(model_cfg, vocab_size=vocab_size).to(device).eval().requires_grad_(False)
+    base = load_model(model_cfg, vocab_size=vocab_size)
+    student = (apply_lora(base, model_cfg) if model_cfg.lora else base.requires_grad_(True)).to(device).train()
+    b, t = settings["batch_size"], settings["block_len"]
+    ids = torch.randint(vocab_size, (b, t), generator=torch.Generator().manual_seed(0)).to(device)
+    ref_loss = model_token_losses(frozen, ids, valid_mask(ids), chunk_size)  # offline scores, as from the store
+    fns = _variants(student, frozen, ids, ref_loss, settings["ratio"], chunk_size)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for round_ in range(settings["warmup"] + settings["steps"]):
+        for name, fn in fns.items():
+            _sync(device)
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            if round_ >= settings["warmup"]:
+                times[name].append(time.perf_counter() - start)
+    # Peaks twice, round-robin, keeping the lower: RSS moves by a few MB with the allocator's state.
+    peaks: dict[str, list[float | None]] = {name: [] for name in fns if name != "backbone"}
+    for _ in range(MEMORY_REPEATS):
+        for name, values in peaks.items():
+            values.append(peak_mb(fns[name], device))
+    n_tokens = b * t
+    result: dict[str, Any] = {}
+    for name in fns:
+        med = statistics.median(times[name])
+        entry = {"step_s": med, "step_s_spread": max(times[name]) - min(times[name]), "step_s_all": times[name]}
+        if name in PASS_VARIANTS:
+            entry["tokens_per_s"] = n_tokens / med
+        if name in peaks:
+            entry["peak_mb"] = None if None in peaks[name] else min(peaks[name])
+            entry["peak_mb_all"] = peaks[name]
+        result[name] = entry
+    vocab = frozen.get_output_embeddings().weight.shape[0]
+    result.update(
+        model=model_cfg.name, lora=model_cfg.lora, vocab_size=vocab, batch_size=b, block_len=t, tokens=n_tokens,
+        chunk_size=chunk_size, ratio=settings["ratio"],
+        logits_mb=n_tokens * vocab * (2 if device.type == "cuda" else 4) / _MB,
+        resident_mb=_resident_mb(device),
+        params_mb=sum(p.numel() * p.element_size() for p in frozen.parameters()) / _MB,
+    )
+    return result
+
+
+# ---------------------------------------------------------------------------- targets and report
+
+
+def _target(case: str, value: float | None, threshold: float, rule: str, at_most: bool,
+            tolerance: float = 0.0) -> dict[str, Any]:
+    ok = None if value is None else (value <= threshold + tolerance if at_most else value >= threshold)
+    return {"case": case, "rule": rule, "value": value, "threshold": threshold, "tolerance": tolerance, "pass": ok}
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None or b == 0 else a / b
+
+
+def targets(cases: Mapping[str, Mapping[str, Any]], main: str, large: str | None) -> dict[str, dict[str, Any]]:
+    """The issue's targets, each with its value, threshold and verdict (None when not measurable)."""
+    c = cases[main]
+    out = {
+        "slm_step_vs_clm": _target(main, _ratio(c["slm"]["step_s"], c["clm"]["step_s"]), 1.05,
+                                   "slm.step_s / clm.step_s <= 1.05", at_most=True),
+        "naive_step_vs_slm": _target(main, _ratio(c["naive"]["step_s"], c["slm"]["step_s"]), 1.4,
+                                     "naive.step_s / slm.step_s >= 1.4", at_most=False),
+        "score_vs_forward": _target(main, _ratio(c["score"]["tokens_per_s"], c["forward"]["tokens_per_s"]), 0.95,
+                                    "score.tokens_per_s / forward.tokens_per_s >= 0.95", at_most=False),
+        "slm_peak_vs_clm": _target(main, _ratio(c["slm"]["peak_mb"], c["clm"]["peak_mb"]), 1.0,
+                                   f"slm.peak_mb / clm.peak_mb <= 1 (+{PEAK_TOLERANCE:g} RSS resolution)",
+                                   at_most=True, tolerance=PEAK_TOLERANCE),
+    }
+    if large is not None:
+        lv = cases[large]
+        peaks = [lv[v]["peak_mb"] for v in ("clm", "slm", "score")]
+        worst = None if None in peaks else max(peaks)
+        out["loss_path_peak_vs_logits"] = _target(
+            large, _ratio(worst, lv["logits_mb"]), 0.25,
+            "max(clm, slm, score).peak_mb / logits_mb < 0.25 (whole step: an upper bound of the loss path)",
+            at_most=True)
+    return out
+
+
+def _fmt(x: float | None, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def format_table(result: Mapping[str, Any]) -> str:
+    """The bench as a plain-text table (the README's Performance section quotes it)."""
+    lines = [f"device: {result['device']}"]
+    for name, c in result["cases"].items():
+        lines.append(f"\n{name}: {c['model']}, vocab {c['vocab_size']}, batch {c['batch_size']} x {c['block_len']}, "
+                     f"chunk {c['chunk_size']}, full logits {c['logits_mb']:.0f} MB")
+        lines.append(f"  {'variant':<9}{'step s':>9}{'spread':>9}{'tokens/s':>10}{'peak MB':>9}")
+        for v in (*TRAIN_VARIANTS, *PASS_VARIANTS):
+            e = c[v]
+            lines.append(f"  {v:<9}{e['step_s']:>9.3f}{e['step_s_spread']:>9.3f}"
+                         f"{_fmt(e.get('tokens_per_s'), '.0f'):>10}{_fmt(e.get('peak_mb'), '.0f'):>9}")
+    lines.append("\ntargets:")
+    for name, t in result["targets"].items():
+        verdict = {True: "pass", False: "FAIL", None: "n/a"}[t["pass"]]
+        lines.append(f"  {name:<26}{_fmt(t['value'], '.3f'):>7}  ({t['rule']})  {verdict}")
+    return "\n".join(lines)
+
+
+def case_name(model_cfg: ModelConfig) -> str:
+    """`smollm2-lora` for the default; otherwise the model's last name component and lora/full."""
+    short = model_cfg.name.rsplit("/", 1)[-1].rsplit(":", 1)[-1].removesuffix("-135m")
+    return f"{short}-{'lora' if model_cfg.lora else 'full'}"
+
+
+def bench(cfg: Config, out: Path, settings: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Run the bench on `cfg.model` and the large-vocab case; write `out/bench.json`, print the table.
+
+    Settings: DEFAULTS, then a `bench` config section if there is one, then `settings`. Returns
+    the path and the targets' verdicts only (the CLI prints the return value after the table).
+    """
+    section = getattr(cfg, "bench", None)
+    s = {**DEFAULTS, **(section.model_dump() if section is not None else {}), **(settings or {})}
+    unknown = set(s) - set(DEFAULTS)
+    if unknown:
+        raise ValueError(f"unknown bench settings {sorted(unknown)}; known: {', '.join(DEFAULTS)}")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    chunk = cfg.scoring.chunk_size
+    main = case_name(cfg.model)
+    cases = {main: run_case(cfg.model, len(load_tokenizer(cfg.model)), device, s, chunk)}
+    large = None
+    if s["large_vocab"]:
+        large = "large-vocab"
+        large_cfg = cfg.model.model_copy(update={"name": LARGE_VOCAB_MODEL, "tokenizer": None})
+        cases[large] = run_case(large_cfg, s["large_vocab"], device, s, chunk)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+    result = {"device": where, "torch": torch.__version__, "settings": s, "cases": cases,
+              "targets": targets(cases, main, large)}
+    write_json(out / "bench.json", result)
+    print(format_table(result))
+    return {"bench": str(out / "bench.json"), "targets": {k: t["pass"] for k, t in result["targets"].items()}}
