@@ -48,15 +48,6 @@ from .loss import forward_hidden, selective_lm_loss, valid_mask
 from .models import apply_lora, load_model, load_tokenizer
 from .scoring import model_token_losses
 
-# Used where the config has no `bench` section; a settings mapping passed to `bench` wins over both.
-DEFAULTS: dict[str, Any] = {
-    "steps": 5,  # timed rounds
-    "warmup": 1,  # discarded rounds (first-call allocations, lazy init)
-    "batch_size": 4,
-    "block_len": 256,
-    "ratio": 0.6,  # the slm and naive selection ratio
-    "large_vocab": 151_936,  # vocabulary of the large-vocab case (Qwen2's); 0 skips the case
-}
 LARGE_VOCAB_MODEL = "random:tiny-llama"  # hidden 64, 2 layers: the loss path dominates the step
 TRAIN_VARIANTS = ("clm", "slm", "naive")
 PASS_VARIANTS = ("score", "forward", "backbone")
@@ -307,17 +298,13 @@ def case_name(model_cfg: ModelConfig) -> str:
     return f"{short}-{'lora' if model_cfg.lora else 'full'}"
 
 
-def bench(cfg: Config, out: Path, settings: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def bench(cfg: Config, out: Path) -> dict[str, Any]:
     """Run the bench on `cfg.model` and the large-vocab case; write `out/bench.json`, print the table.
 
-    Settings: DEFAULTS, then a `bench` config section if there is one, then `settings`. Returns
-    the path and the targets' verdicts only (the CLI prints the return value after the table).
+    Settings come from the `bench` config section. Returns the path and the targets' verdicts
+    only (the CLI prints the return value after the table).
     """
-    section = getattr(cfg, "bench", None)
-    s = {**DEFAULTS, **(section.model_dump() if section is not None else {}), **(settings or {})}
-    unknown = set(s) - set(DEFAULTS)
-    if unknown:
-        raise ValueError(f"unknown bench settings {sorted(unknown)}; known: {', '.join(DEFAULTS)}")
+    s = cfg.bench.model_dump()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     chunk = cfg.scoring.chunk_size
     main = case_name(cfg.model)

@@ -30,6 +30,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "analyze": ("buckets, update cosines, selection diagnostics over the runs (analysis.json)", "analyze",
                 "analyze"),
     "report": ("tables and plots from the files of an out dir (report.md, plots/)", "report", "report"),
+    "bench": ("speed and peak memory of CLM, SLM, naive SLM steps and of scoring (bench.json)", "bench", "bench"),
     "export-selected": ("the selected tokens of a run's training documents as JSONL (selected.jsonl)", "export",
                         "export_selected"),
     "run": ("the preset's experiment end to end, resumable (results.json)", "pipeline", "run"),

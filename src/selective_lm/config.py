@@ -111,7 +111,9 @@ class ScoringConfig(Section):
         "all", description="score every train block, or only those the configured grid will read (CPU budgets)"
     )
     batch_size: int = Field(8, ge=1)
-    chunk_size: int = Field(1024, ge=1, description="tokens per LM-head chunk in the loss")
+    chunk_size: int = Field(
+        1024, ge=1, description="at most this many tokens per LM-head chunk (a chunk also never exceeds 2^24 logits)"
+    )
 
 
 class TrainConfig(Section):
@@ -160,6 +162,22 @@ class AnalysisConfig(Section):
     )
 
 
+class BenchConfig(Section):
+    """`slm bench`: timed rounds after warm-up, on random token ids (no prepare needed)."""
+
+    steps: int = Field(5, ge=1, description="timed rounds")
+    warmup: int = Field(1, ge=0, description="discarded rounds (first-call allocations, lazy init)")
+    batch_size: int = Field(4, ge=1)
+    block_len: int = Field(256, ge=2)
+    ratio: float = Field(0.6, description="selection ratio of the slm and naive variants")
+    large_vocab: int = Field(151_936, ge=0, description="vocabulary of the large-vocab case (0 skips it)")
+
+    @field_validator("ratio")
+    @classmethod
+    def _ratio(cls, v: float) -> float:
+        return TrainConfig._ratio(v)
+
+
 class GridConfig(Section):
     methods: list[Literal["topk", "random", "stochastic"]] = Field(
         default_factory=lambda: ["topk", "random", "stochastic"]
@@ -188,6 +206,7 @@ class Config(Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     analysis: AnalysisConfig = Field(default_factory=AnalysisConfig)
     grid: GridConfig = Field(default_factory=GridConfig)
+    bench: BenchConfig = Field(default_factory=BenchConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

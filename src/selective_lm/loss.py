@@ -15,10 +15,10 @@ With grad there are two paths:
   in the forward, chunk by chunk, as (softmax - one-hot) @ weight, and kept as `[N, H]`;
   backward only scales it by the incoming gradient. The head costs one forward and one
   input-gradient matmul per row, nothing is recomputed, and the peak is about one chunk of
-  logits (computed in place). Since an unselected row then costs what a selected one does, SLM
-  computes every valid row's loss with grad in one pass, selects, and sums the selected ones:
-  CLM and SLM do the same head work. (Selected-rows-only, below, would run the head forward
-  twice for the selected rows: 1 + 2 x ratio head matmuls instead of 2.)
+  logits (computed in place). SLM at ratio >= 0.5 (and soft selection) computes every valid
+  row's loss with grad in one pass, selects, and sums the selected ones: 2 head matmuls per
+  row, as CLM. Below ratio 0.5 a no-grad pass scores every row and only the selected rows get
+  the grad pass: 1 + 2 x ratio matmuls per row, fewer than 2.
 - Any other head (trainable weights in full fine-tuning, a LoRA-wrapped lm_head): every chunk,
   when there is more than one, is checkpointed (its logits are recomputed in backward instead
   of kept); SLM computes all losses without grad first, then only the selected rows with grad,
@@ -360,10 +360,10 @@ def selective_lm_loss(
 
     input_ids `[B, T]`, valid `[B, T]` bool (see `valid_mask`), ref_loss `[B, T]` (the score
     store's rows; NaN allowed where not valid). The backbone runs once with grad. With a frozen
-    linear head (LoRA) the head runs once over every valid row with grad and the selected losses
-    are summed; otherwise a no-grad pass on `hidden.detach()` scores, and only the selected rows
-    go through the head with grad. At ratio 1 (hard) every valid token is selected whatever the
-    scores, so the result is exactly CLM.
+    linear head (LoRA) at ratio >= 0.5 the head runs once over every valid row with grad and the
+    selected losses are summed; otherwise a no-grad pass on `hidden.detach()` scores, and only
+    the selected rows go through the head with grad (see the module docstring for the cost).
+    At ratio 1 (hard) every valid token is selected whatever the scores: exactly CLM.
     """
     if valid.dtype != torch.bool or valid.shape != input_ids.shape:
         raise ValueError(f"valid must be a bool tensor shaped like input_ids {tuple(input_ids.shape)}")
@@ -373,7 +373,10 @@ def selective_lm_loss(
         raise ValueError("score kind 'none' with strategy 'topk' selects by position; use 'random'")
     hidden, head = forward_hidden(model, input_ids, attention_mask)
     own_grad = None
-    if (ratio == 1 and not soft) or _frozen_linear(head):  # one pass with grad over every valid row
+    # A frozen linear head costs 2 matmuls per row with grad, 1 without: one grad pass over every valid
+    # row (2) is cheaper than a no-grad pass plus a grad pass over the selected rows (1 + 2 x ratio)
+    # from ratio 0.5 up; below it, only the selected rows get gradients.
+    if (ratio == 1 and not soft) or (_frozen_linear(head) and (soft or ratio >= 0.5)):
         own_grad = token_losses(hidden, head, input_ids, valid, chunk_size=chunk_size)
         own = own_grad.detach()
     else:
