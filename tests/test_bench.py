@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
-import pytest
 import torch
 
 from selective_lm.bench import PASS_VARIANTS, TRAIN_VARIANTS, bench, format_table, peak_mb
@@ -28,7 +26,7 @@ def test_bench_writes_every_case_variant_and_target(tmp_path: Path, capsys) -> N
         for variant in PASS_VARIANTS:
             assert case[variant]["tokens_per_s"] > 0
         for variant in (*TRAIN_VARIANTS, "score", "forward"):
-            assert case[variant]["peak_mb"] is None or case[variant]["peak_mb"] >= 0
+            assert case[variant]["peak_mb"] >= 0
     assert result["cases"]["large-vocab"]["vocab_size"] == 4096
     assert set(result["targets"]) == {"slm_step_vs_clm", "naive_step_vs_slm", "score_vs_forward",
                                       "slm_peak_vs_clm", "loss_path_peak_vs_logits"}
@@ -40,7 +38,6 @@ def test_bench_writes_every_case_variant_and_target(tmp_path: Path, capsys) -> N
     assert printed.strip() == format_table(result) and "large-vocab" in printed and "naive" in printed
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the CPU probe reads /proc")
 def test_peak_probe_sees_a_transient_allocation_and_not_what_was_resident() -> None:
     resident = torch.ones(50_000_000)  # 200 MB allocated before: not part of the peak
     peak = peak_mb(lambda: torch.ones(25_000_000).sum(), torch.device("cpu"))  # 100 MB, freed at once

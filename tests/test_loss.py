@@ -9,10 +9,9 @@ import torch
 import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 from torch import nn
-from torch._C._profiler import _EventType
-from torch.profiler import ProfilerActivity, profile
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from selective_lm.bench import tensor_peak_bytes
 from selective_lm.loss import (
     forward_hidden,
     scores,
@@ -249,24 +248,6 @@ def test_selective_lm_loss_bad_input() -> None:
         token_losses(torch.zeros(1, 3, 4), nn.Linear(4, 5), torch.zeros(1, 3, dtype=torch.long), chunk_size=0)
 
 
-def _peak_bytes(fn) -> int:
-    """Peak of the CPU allocator's running total while `fn` runs, from the profiler's allocation events.
-
-    Every tensor allocation and free is an event carrying the running total, so the maximum is
-    the exact peak of live tensor memory allocated inside `fn` (tensors that existed before
-    are not counted).
-    """
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    stack, peak = list(prof.profiler.kineto_results.experimental_event_tree()), 0
-    while stack:
-        node = stack.pop()
-        stack.extend(node.children)
-        if node.tag == _EventType.Allocation:
-            peak = max(peak, node.extra_fields.total_allocated)
-    return peak
-
-
 def test_loss_path_peak_memory_is_a_few_chunks() -> None:
     # V = 150k, 1024 tokens, chunk 128: full float32 logits are 614 MB, one chunk 77 MB.
     # Measured: 154 MB without grad (logits + log-softmax of one chunk), 240 MB for forward +
@@ -277,9 +258,9 @@ def test_loss_path_peak_memory_is_a_few_chunks() -> None:
     ids = torch.randint(vocab, (1, tokens))
     full, one_chunk = tokens * vocab * 4, chunk * vocab * 4
     with torch.no_grad():
-        no_grad = _peak_bytes(lambda: token_losses(hidden, head, ids, chunk_size=chunk))
+        no_grad = tensor_peak_bytes(lambda: token_losses(hidden, head, ids, chunk_size=chunk))
     everything = torch.ones(ids.shape, dtype=torch.bool)
-    with_grad = _peak_bytes(
+    with_grad = tensor_peak_bytes(
         lambda: selected_loss_sum(hidden, head, ids, everything, chunk_size=chunk).backward()
     )
     assert no_grad < 2.5 * one_chunk, no_grad / 1e6

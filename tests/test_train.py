@@ -398,8 +398,9 @@ def test_store_the_model_cannot_use(tmp_path: Path, capsys) -> None:
     cfg = load_config("smoke", overrides=["data.block_len=2048", "data.noise_rate=0", "data.max_tokens=8192"])
     prepare(cfg, out, splits=["train"])
     assert load_store(out / "data" / "train").noise_mask is None
-    _expect_bad_input(out, capsys, "data.block_len=2048", match="maximum positions 1024")
-    _expect_bad_input(out, capsys, "data.block_len=2048", "train.method=oracle", match="noise mask")
+    data = ("data.block_len=2048", "data.noise_rate=0", "data.max_tokens=8192")
+    _expect_bad_input(out, capsys, *data, match="maximum positions 1024")
+    _expect_bad_input(out, capsys, *data, "train.method=oracle", match="noise mask")
     assert not (out / "runs").exists()
 
 

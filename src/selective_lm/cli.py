@@ -7,10 +7,12 @@ Thin on purpose: parse, load the config, call the stage, print its summary. Exit
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import json
 import os
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -89,11 +91,22 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Weight-loading bars of transformers/huggingface_hub take < 1 s here and bury our own progress.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    # peft calls a transformers property deprecated in v5; the warning says nothing to our users.
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
     try:
         cfg = load_config(args.preset, args.config, args.overrides)
         result = _stage(args.command)(cfg, _out_dir(args, cfg))
     except (UserError, ValueError) as e:  # pure functions raise ValueError for bad input
         return _fail(str(e), 2)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):  # atomic writes: nothing half-written is left behind
+            return _fail(f"no space left on the device while writing {e.filename or 'output'}: free some space "
+                         "and rerun the same command (it resumes)", 2)
+        if e.errno in (errno.ENOTDIR, errno.EACCES, errno.EPERM, errno.EROFS):
+            return _fail(f"cannot write {e.filename or 'the output'}: {e.strerror}; choose another --out", 2)
+        raise
     except KeyboardInterrupt:
         print("slm: interrupted", file=sys.stderr)
         return 130

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -21,6 +22,16 @@ from .common import UserError
 DEFAULT_PRESET = "champ-smollm2"
 LORA_ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SPLITS = ("reference", "train", "val_clean", "val_noisy")
+
+
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def _safe_name(value: str, what: str) -> str:
+    """Names that become paths under --out (run names, split names) may not climb out of it."""
+    if not _SAFE_NAME.match(value) or ".." in value:
+        raise ValueError(f"{what} {value!r} must be letters, digits, '.', '_' or '-' (it becomes a directory name)")
+    return value
 
 
 class Section(BaseModel):
@@ -53,6 +64,13 @@ class DataConfig(Section):
     val_fraction: float = Field(0.15, gt=0.0, lt=1.0, description="share of CHAMP problems held out")
     doc_boundaries: bool = Field(False, description="mask targets that cross a document separator")
     seed: int = 0
+
+    @field_validator("sources")
+    @classmethod
+    def _sources(cls, v: dict[str, str]) -> dict[str, str]:
+        for split in v:
+            _safe_name(split, "split")
+        return v
 
     @field_validator("noise_kinds")
     @classmethod
@@ -147,9 +165,20 @@ class TrainConfig(Section):
             raise ValueError(f"must be in (0, 1] (got {v})")
         return v
 
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str | None) -> str | None:
+        return None if v is None else _safe_name(v, "run name")
+
 
 class EvalConfig(Section):
     splits: list[str] = Field(default_factory=lambda: ["val_clean", "val_noisy"])
+
+    @field_validator("splits")
+    @classmethod
+    def _splits(cls, v: list[str]) -> list[str]:
+        return [_safe_name(x, "split") for x in v]
+
     batch_size: int = Field(8, ge=1)
     max_tokens: int | None = Field(None, ge=1, description="evaluate only the first blocks of each split")
 

@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from . import __version__
 from .common import UserError, atomic_dir, atomic_path, fingerprint, read_json, write_json, write_text
 from .config import Config, TrainConfig
-from .data import BlockOrder, TokenStore, load_store
+from .data import BlockOrder, TokenStore, config_fingerprint, load_store
 from .loss import selective_lm_loss, valid_mask
 from .models import apply_lora, load_model, load_tokenizer, tokenizer_fingerprint
 from .scoring import load_scores, reference_digest
@@ -116,6 +116,7 @@ class Trainer:
             mixed_precision=("bf16" if torch.cuda.is_available() else "no") if mp == "auto" else mp,
             log_with="tensorboard" if is_tensorboard_available() else None, project_dir=str(self.run_dir),
         )
+        self.split = split
         self.store: TokenStore = load_store(out / "data" / split)
         self.tokenizer = load_tokenizer(cfg.model)
         self._check_store()
@@ -167,6 +168,9 @@ class Trainer:
         if meta.get("block_len") != self.cfg.data.block_len:
             raise UserError(f"the token store has block_len {meta.get('block_len')}, the config "
                             f"{self.cfg.data.block_len}: rerun `slm prepare` or set data.block_len")
+        if meta.get("config_fingerprint") not in (None, config_fingerprint(self.cfg, self.split)):
+            raise UserError(f"the token store in {self.store.path} was built from other data settings than "
+                            "the config's: rerun `slm prepare` with this config")
 
     def _check_model(self, model: Any) -> None:
         n_emb = model.get_input_embeddings().num_embeddings
