@@ -1,5 +1,6 @@
 """The CLI's contract: config printing, exit codes, one-line errors."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -66,3 +67,16 @@ def test_every_command_has_help() -> None:
 def test_console_script_version() -> None:
     proc = subprocess.run([sys.executable, "-m", "selective_lm.cli", "--version"], capture_output=True, text=True)
     assert proc.returncode == 0 and proc.stdout.strip()
+
+
+def test_prepare_smoke_through_the_cli(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "out"
+    assert main(["prepare", "--preset", "smoke", "--out", str(out)]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert set(summary) == {"reference", "train", "val_clean", "val_noisy"}
+    for split in summary:
+        for name in ("tokens.npy", "doc_ids.npy", "meta.json"):
+            assert (out / "data" / split / name).is_file(), (split, name)
+    assert (out / "data" / "train" / "noise_mask.npy").is_file()
+    assert main(["prepare", "--preset", "smoke", "--out", str(out)]) == 0  # same config: nothing rebuilt
+    assert all(s["reused"] for s in json.loads(capsys.readouterr().out).values())
