@@ -60,9 +60,10 @@ def reference(cfg: Config, out: Path) -> dict[str, Any]:
 
         summary = train(_reference_train_config(cfg), out, name=None, split="reference", run_dir=ref_dir,
                         replace_stale=True)
-        weights = ref_dir / ("adapter/adapter_model.safetensors" if cfg.model.lora else "model/model.safetensors")
-        desc = {"mode": mode, "base": cfg.model.name, "weights": str(weights.relative_to(ref_dir)),
-                "digest": _file_digest(weights), "train": summary}
+        weights = ref_dir / ("adapter" if cfg.model.lora else "model")  # sharded full models too
+        desc = {"mode": mode, "base": cfg.model.name, "weights": weights.name,
+                "digest": fingerprint([_file_digest(f) for f in sorted(weights.glob("*.safetensors"))]),
+                "train": summary}
     elif mode == "self":
         desc = {"mode": mode, "base": cfg.model.name, "digest": fingerprint(cfg.model.name, cfg.model.revision)}
     else:
