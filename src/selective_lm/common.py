@@ -1,4 +1,4 @@
-"""Small shared helpers: the user-error type, atomic file writes, fingerprints, rank helpers.
+"""Small shared helpers: the user-error type, atomic file writes, fingerprints, the out-dir lock.
 
 Everything a stage writes goes through the atomic helpers here, so that a killed process
 never leaves a file that looks complete but is not.
@@ -15,8 +15,6 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 
 class UserError(Exception):
@@ -66,12 +64,6 @@ def write_text(path: str | os.PathLike[str], text: str) -> None:
         tmp.write_text(text)
 
 
-def save_npy(path: str | os.PathLike[str], array: np.ndarray) -> None:
-    """np.save atomically; the file stays loadable with mmap_mode="r"."""
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        np.save(f, array)
-
-
 def read_json(path: str | os.PathLike[str]) -> Any:
     path = Path(path)
     if not path.is_file():
@@ -102,11 +94,6 @@ def fingerprint(*parts: Any) -> str:
     """A short stable hash of JSON-serialisable parts (config sections, file metadata)."""
     blob = json.dumps(parts, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
-
-
-def is_main_process() -> bool:
-    """True on rank 0 (or when not distributed): only it writes shared artifacts."""
-    return int(os.environ.get("RANK", "0")) == 0
 
 
 def _alive(pid: int) -> bool:
