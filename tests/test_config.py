@@ -95,3 +95,18 @@ def test_keys_that_docs_rely_on_exist() -> None:
                 "train.score", "train.ratio", "train.scope", "train.steps", "train.batch_size",
                 "train.grad_accum", "train.lr", "train.seed", "grid.methods", "grid.ratios", "grid.seeds"]:
         assert key in VALID_KEYS
+
+
+def test_methods_map_to_strategy_score_and_ratio() -> None:
+    from selective_lm.train import effective
+
+    def eff(*overrides: str) -> tuple[str, str, float]:
+        return effective(load_config("smoke", overrides=list(overrides)).train)
+
+    assert eff("train.method=clm", "train.ratio=0.5") == ("topk", "none", 1.0)
+    assert eff("train.method=oracle") == ("topk", "none", 1.0)
+    assert eff("train.method=random", "train.ratio=0.3") == ("random", "none", 0.3)
+    assert eff("train.method=topk", "train.ratio=0.6") == ("topk", "excess", 0.6)
+    assert eff("train.method=stochastic", "train.ratio=0.5", "train.score=loss") == ("stochastic", "loss", 0.5)
+    assert eff("train.method=stochastic", "train.stochastic=positive", "train.ratio=0.5") == (
+        "stochastic_positive", "excess", 0.5)

@@ -141,6 +141,10 @@ class TrainConfig(Section):
     ratio: float = Field(1.0, description="selection ratio in (0, 1]")
     scope: Literal["batch", "sequence", "global"] = "batch"
     temperature: float = Field(1.0, gt=0)
+    stochastic: Literal["softmax", "positive"] = Field(
+        "softmax", description="stochastic draws ∝ softmax(score / temperature), or ∝ the positive part of the "
+        "score (the cs512-slm replication's variant)"
+    )
     soft: bool = False
     steps: int = Field(60, ge=1)
     batch_size: int = Field(4, ge=1)

@@ -55,9 +55,6 @@ class NumericalError(UserError):
     """A non-finite loss or gradient: the run stops, its last checkpoint stays the good one."""
 
 
-STRATEGY = {"clm": "topk", "oracle": "topk", "topk": "topk", "random": "random", "stochastic": "stochastic"}
-
-
 def run_name(train: TrainConfig, with_seed: bool = False) -> str:
     """`clm`, `oracle` or `<method>-r<ratio>`, with `-s<seed>` when several seeds run."""
     if train.name:
@@ -72,7 +69,9 @@ def effective(train: TrainConfig) -> tuple[str, str, float]:
         return "topk", "none", 1.0
     if train.method == "random":
         return "random", "none", train.ratio
-    return STRATEGY[train.method], train.score, train.ratio
+    if train.method == "stochastic" and train.stochastic == "positive":
+        return "stochastic_positive", train.score, train.ratio
+    return train.method, train.score, train.ratio
 
 
 def needs_reference(train: TrainConfig) -> bool:
