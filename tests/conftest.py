@@ -36,9 +36,14 @@ def _smoke_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+def private_copy(template: Path, tmp_path: Path) -> Path:
+    """A test's own copy of a session- or module-wide out dir, so that it may change it."""
+    out = tmp_path / "out"
+    shutil.copytree(template, out)
+    return out
+
+
 @pytest.fixture
 def smoke_out(_smoke_template: Path, tmp_path: Path) -> Path:
-    """A private copy of the prepared, referenced and scored smoke out dir (tests may change it)."""
-    out = tmp_path / "out"
-    shutil.copytree(_smoke_template, out)
-    return out
+    """A private copy of the prepared, referenced and scored smoke out dir."""
+    return private_copy(_smoke_template, tmp_path)

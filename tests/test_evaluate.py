@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import private_copy
 from selective_lm.cli import main
 from selective_lm.common import read_json
 from selective_lm.data import load_store
@@ -31,9 +32,7 @@ def _trained_template(_smoke_template: Path, tmp_path_factory: pytest.TempPathFa
 
 @pytest.fixture
 def trained_out(_trained_template: Path, tmp_path: Path) -> Path:
-    out = tmp_path / "out"
-    shutil.copytree(_trained_template, out)
-    return out
+    return private_copy(_trained_template, tmp_path)
 
 
 def base_model(cfg):

@@ -23,7 +23,7 @@ RANDOM_MODELS = {
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def _source(cfg: ModelConfig, name: str | None = None) -> str:
+def model_source(cfg: ModelConfig, name: str | None = None) -> str:
     """Resolve `embedded:` names to their cache directory; other names pass through."""
     name = name or cfg.name
     if name.startswith("embedded:"):
@@ -48,7 +48,7 @@ def load_tokenizer(cfg: ModelConfig):  # -> PreTrainedTokenizerBase
     name = cfg.tokenizer or cfg.name
     if name.startswith("random:"):
         return byte_tokenizer()
-    source = _source(cfg, name)
+    source = model_source(cfg, name)
     try:
         tok = AutoTokenizer.from_pretrained(source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as e:
@@ -87,7 +87,7 @@ def load_model(cfg: ModelConfig, vocab_size: int | None = None, path: str | None
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(hashlib.sha256(name.encode()).hexdigest()[:8], 16))
             return LlamaForCausalLM(config)
-    source = _source(cfg, name)
+    source = model_source(cfg, name)
     dtype = _DTYPES.get(cfg.dtype, torch.float32)
     try:
         return AutoModelForCausalLM.from_pretrained(

@@ -158,10 +158,10 @@ def _student_vocab_size(cfg: Config, tokenizer: Any) -> int | None:
         return len(tokenizer)  # models.load_model builds random models with exactly the tokenizer's size
     from transformers import AutoConfig
 
-    from .models import _source
+    from .models import model_source
 
     try:
-        config = AutoConfig.from_pretrained(_source(cfg.model), revision=cfg.model.revision,
+        config = AutoConfig.from_pretrained(model_source(cfg.model), revision=cfg.model.revision,
                                             trust_remote_code=cfg.model.trust_remote_code)
     except (OSError, ValueError):
         return None
