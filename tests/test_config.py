@@ -3,8 +3,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from selective_lm.common import UserError
 from selective_lm.config import DEFAULT_PRESET, VALID_KEYS, Config, load_config, preset_names
+from selective_lm.errors import UserError
 
 
 @pytest.mark.parametrize("name", preset_names())
@@ -98,10 +98,8 @@ def test_keys_that_docs_rely_on_exist() -> None:
 
 
 def test_methods_map_to_strategy_score_and_ratio() -> None:
-    from selective_lm.train import effective
-
     def eff(*overrides: str) -> tuple[str, str, float]:
-        return effective(load_config("smoke", overrides=list(overrides)).train)
+        return load_config("smoke", overrides=list(overrides)).train.selection_rule()
 
     assert eff("train.method=clm", "train.ratio=0.5") == ("topk", "none", 1.0)
     assert eff("train.method=oracle") == ("topk", "none", 1.0)

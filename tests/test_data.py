@@ -13,9 +13,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from selective_lm.assets import byte_tokenizer
-from selective_lm.common import UserError
 from selective_lm.config import load_config
-from selective_lm.data import Document, champ_partition, load_store, prepare, write_store
+from selective_lm.corpora import Document
+from selective_lm.corpora.champ import champ_partition
+from selective_lm.data import prepare, write_store
+from selective_lm.errors import UserError
+from selective_lm.layout import load_store
 from selective_lm.models import tokenizer_fingerprint
 
 WEB_MARKERS = ("utm_", "All rights reserved", "We use cookies", "min.js", "menu-item", "https://www.",

@@ -12,9 +12,9 @@ import torch
 
 from conftest import private_copy
 from selective_lm.cli import main
-from selective_lm.common import read_json
-from selective_lm.data import load_store
 from selective_lm.evaluate import evaluate, evaluate_trajectory
+from selective_lm.files import read_json
+from selective_lm.layout import load_store
 from selective_lm.models import load_model, load_tokenizer
 
 

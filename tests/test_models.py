@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from selective_lm import assets
-from selective_lm.common import UserError
 from selective_lm.config import load_config
+from selective_lm.errors import UserError
 from selective_lm.models import apply_lora, load_model, load_tokenizer, tokenizer_fingerprint
 
 

@@ -9,7 +9,6 @@ import pytest
 
 from selective_lm.cli import main
 from selective_lm.config import load_config
-from selective_lm.pipeline import grid_configs
 
 RUN_KEYS = {"method", "ratio", "seed", "steps", "tokens_seen", "tokens_trained", "train_loss_final", "val"}
 BUCKETS = {"H->H", "H->L", "L->H", "L->L"}
@@ -90,9 +89,9 @@ def test_second_run_does_nothing_and_a_new_ratio_runs_only_its_runs(smoke_run: P
 
 def test_grid_names_with_seeds() -> None:
     cfg = load_config("smoke", overrides=["grid.seeds=2", "grid.methods=[topk]", "grid.ratios=[0.5]"])
-    names = list(grid_configs(cfg, has_noise=True))
+    names = list(cfg.grid_runs(has_noise=True))
     assert names == ["clm-s0", "oracle-s0", "topk-r0.5-s0", "clm-s1", "oracle-s1", "topk-r0.5-s1"]
-    assert list(grid_configs(cfg.model_copy(update={"grid": cfg.grid.model_copy(update={"seeds": 1})}),
+    assert list(cfg.model_copy(update={"grid": cfg.grid.model_copy(update={"seeds": 1})}).grid_runs(
                              has_noise=False)) == ["clm", "topk-r0.5"]
 
 
@@ -103,9 +102,9 @@ def test_second_writer_is_refused_and_stale_lock_taken_over(tmp_path: Path, caps
     assert main(["run", "--preset", "smoke", "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert f"pid {os.getppid()}" in err and len(err.strip().splitlines()) == 1
-    from selective_lm.common import run_lock
+    from selective_lm.files import run_lock
 
     (out / ".slm.lock").write_text("999999999")  # dead holder
-    with run_lock(out):
+    with run_lock(out / ".slm.lock"):
         assert (out / ".slm.lock").read_text() == str(os.getpid())
     assert not (out / ".slm.lock").exists()

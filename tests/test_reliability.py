@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-KILLER = Path(__file__).with_name("_killer.py")
+KILLER = Path(__file__).parent / "helpers" / "killer.py"
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 

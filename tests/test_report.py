@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from selective_lm.assets import byte_tokenizer
-from selective_lm.plots import token_texts
+from selective_lm.models import token_texts
 from selective_lm.report import report, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -15,12 +15,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from selective_lm import scoring
+from selective_lm import frozen, scoring
 from selective_lm.cli import main
-from selective_lm.common import UserError, read_json
-from selective_lm.data import load_store
+from selective_lm.errors import UserError
+from selective_lm.files import read_json
+from selective_lm.layout import OutDir, load_store
 from selective_lm.loss import valid_mask
-from selective_lm.models import load_model, load_tokenizer
+from selective_lm.models import load_model, load_tokenizer, tokenizer_fingerprint
+
+
+def load_scores(out: Path, store, tokenizer):
+    """The score store reader, as the trainer calls it."""
+    return OutDir(out).scores("train", store, tokenizer_fingerprint(tokenizer))
 
 
 def slm(command: str, out: Path, *overrides: str) -> int:
@@ -154,7 +160,7 @@ def test_online_losses_equal_the_offline_rows(smoke_cfg, smoke_out: Path) -> Non
     rows = np.array([3, 7, 11, 200])
     ids = torch.from_numpy(np.asarray(store.tokens[rows], dtype=np.int64))
     model = scoring.load_reference_model(smoke_cfg, smoke_out)
-    online = scoring.model_token_losses(model, ids, valid_mask(ids), smoke_cfg.scoring.chunk_size)
+    online = frozen.model_token_losses(model, ids, valid_mask(ids), smoke_cfg.scoring.chunk_size)
     offline = np.load(smoke_out / "scores" / "train" / "ref_loss.npy")[rows]
     np.testing.assert_allclose(online.numpy(), offline, atol=1e-5, equal_nan=True)
 
@@ -174,7 +180,7 @@ def test_scoring_does_no_unneeded_work(smoke_cfg, smoke_out: Path, monkeypatch) 
     assert max(rows_seen) <= 100 and sum(rows_seen) == store.n_blocks * (store.block_len - 1)
     ids = torch.from_numpy(np.asarray(store.tokens[:2], dtype=np.int64))
     with torch.enable_grad():
-        assert not scoring.model_token_losses(model, ids, valid_mask(ids), 64).requires_grad
+        assert not frozen.model_token_losses(model, ids, valid_mask(ids), 64).requires_grad
 
 
 # ---------------------------------------------------------------------------- resume
@@ -183,7 +189,7 @@ def test_scoring_does_no_unneeded_work(smoke_cfg, smoke_out: Path, monkeypatch) 
 def test_interrupted_score_resumes_to_the_identical_result(smoke_cfg, smoke_out: Path, monkeypatch) -> None:
     complete = np.load(smoke_out / "scores" / "train" / "ref_loss.npy")
     shutil.rmtree(smoke_out / "scores")
-    real, calls, fail_at = scoring.model_token_losses, [], [6]
+    real, calls, fail_at = frozen.model_token_losses, [], [6]
 
     def failing(*args, **kwargs):
         calls.append(1)
@@ -191,7 +197,7 @@ def test_interrupted_score_resumes_to_the_identical_result(smoke_cfg, smoke_out:
             raise RuntimeError("killed")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(scoring, "model_token_losses", failing)
+    monkeypatch.setattr(frozen, "model_token_losses", failing)
     with pytest.raises(RuntimeError, match="killed"):
         scoring.score(smoke_cfg, smoke_out)
     score_dir = smoke_out / "scores" / "train"
@@ -211,13 +217,13 @@ def test_interrupted_score_resumes_to_the_identical_result(smoke_cfg, smoke_out:
 
 _SLOW_SCORE = """
 import sys, time
-from selective_lm import scoring
+from selective_lm import frozen
 from selective_lm.cli import main
-real = scoring.model_token_losses
+real = frozen.model_token_losses
 def slow(*a, **k):
     time.sleep(0.05)
     return real(*a, **k)
-scoring.model_token_losses = slow
+frozen.model_token_losses = slow
 sys.exit(main(["score", "--preset", "smoke", "--out", sys.argv[1], "scoring.batch_size=4"]))
 """
 
@@ -265,7 +271,7 @@ def test_scores_of_another_token_store_are_refused(smoke_cfg, smoke_out: Path, c
     assert slm("prepare", smoke_out, "data.seed=1") == 0
     store = load_store(smoke_out / "data" / "train")
     with pytest.raises(UserError, match="another token store"):
-        scoring.load_scores(smoke_out, "train", store, load_tokenizer(smoke_cfg.model))
+        load_scores(smoke_out, store, load_tokenizer(smoke_cfg.model))
     capsys.readouterr()
     assert slm("train", smoke_out, "data.seed=1", "train.method=topk", "train.ratio=0.5") == 2
     one_line_error(capsys, "another token store", "slm score")
@@ -275,7 +281,7 @@ def test_scores_of_another_tokenizer_are_refused(smoke_cfg, smoke_out: Path) -> 
     tok = load_tokenizer(smoke_cfg.model)
     tok.add_tokens(["<extra>"])
     with pytest.raises(UserError, match="another tokenizer"):
-        scoring.load_scores(smoke_out, "train", load_store(smoke_out / "data" / "train"), tok)
+        load_scores(smoke_out, load_store(smoke_out / "data" / "train"), tok)
 
 
 def test_scores_of_another_reference_are_refused(smoke_cfg, smoke_out: Path, capsys) -> None:
@@ -283,13 +289,13 @@ def test_scores_of_another_reference_are_refused(smoke_cfg, smoke_out: Path, cap
     assert slm("reference", smoke_out, "reference.steps=2") == 0  # retrained
     assert read_json(smoke_out / "reference" / "reference.json")["digest"] != old
     with pytest.raises(UserError, match="another reference"):
-        scoring.load_scores(smoke_out, "train", load_store(smoke_out / "data" / "train"),
+        load_scores(smoke_out, load_store(smoke_out / "data" / "train"),
                             load_tokenizer(smoke_cfg.model))
     capsys.readouterr()
     assert slm("train", smoke_out, "reference.steps=2", "train.method=topk", "train.ratio=0.5") == 2
     one_line_error(capsys, "another reference", "slm score")
     assert slm("score", smoke_out, "reference.steps=2") == 0  # rescored: accepted again
-    scoring.load_scores(smoke_out, "train", load_store(smoke_out / "data" / "train"), load_tokenizer(smoke_cfg.model))
+    load_scores(smoke_out, load_store(smoke_out / "data" / "train"), load_tokenizer(smoke_cfg.model))
 
 
 # ---------------------------------------------------------------------------- bad input

@@ -224,10 +224,10 @@ def _free_port() -> int:
 
 
 def test_global_scope_over_two_processes_equals_one_process_on_the_concatenation(tmp_path: Path) -> None:
-    worker = Path(__file__).with_name("_dist_global_worker.py")
+    worker = Path(__file__).parent / "helpers" / "dist_global_worker.py"
     sys.path.insert(0, str(worker.parent))
     try:
-        from _dist_global_worker import CASES
+        from helpers.dist_global_worker import CASES
     finally:
         sys.path.remove(str(worker.parent))
     port, outs = _free_port(), [tmp_path / f"rank{r}.pt" for r in range(2)]

@@ -9,14 +9,9 @@ import pytest
 import torch
 from torch.nn.functional import cosine_similarity
 
-from selective_lm.analysis.similarity import (
-    full_delta,
-    load_adapter_delta,
-    lora_delta,
-    pairwise_cosine,
-    update_cosine,
-)
-from selective_lm.common import UserError
+from selective_lm.analysis.similarity import full_delta, lora_delta, update_cosine
+from selective_lm.analyze import adapter_delta
+from selective_lm.errors import UserError
 
 
 def _randn(*shape: int, seed: int) -> torch.Tensor:
@@ -60,23 +55,6 @@ def test_zero_norm_is_nan_and_errors() -> None:
         update_cosine({"a": torch.ones(2)}, {"b": torch.ones(2)})
     with pytest.raises(ValueError, match="shapes"):
         update_cosine({"a": torch.ones(2, 3)}, {"a": torch.ones(3, 2)})
-
-
-def test_pairwise_keys_and_values() -> None:
-    runs = {name: {"q": _randn(4, 4, seed=10 + i), "v": _randn(4, seed=20 + i)}
-            for i, name in enumerate(["clm", "topk-r0.5", "random-r0.5"])}
-    runs["random-r0.5"].pop("v")  # a pair is over the modules both runs have
-    out = pairwise_cosine(runs)
-    assert list(out) == ["clm|topk-r0.5", "clm|random-r0.5", "topk-r0.5|random-r0.5"]
-    for key, value in out.items():
-        a, b = key.split("|")
-        assert value == pytest.approx(update_cosine(runs[a], runs[b])[0], abs=1e-12)
-    with pytest.raises(ValueError, match=r"\|"):
-        pairwise_cosine({"a|b": DELTA, "c": DELTA})
-    with pytest.raises(ValueError, match="shapes"):
-        pairwise_cosine({"a": DELTA, "b": {"q": torch.ones(3, 4)}})
-    with pytest.raises(ValueError, match="no module in common"):
-        pairwise_cosine({"a": {"x": torch.ones(1)}, "b": {"y": torch.ones(1)}})
 
 
 def test_full_delta() -> None:
@@ -166,7 +144,7 @@ def test_adapter_round_trip_matches_merge(tiny_llama, lora_kwargs, tmp_path) -> 
     peft_model.save_pretrained(tmp_path)
     assert not list(tmp_path.glob("*.bin"))
 
-    loaded = load_adapter_delta(tmp_path)
+    loaded = adapter_delta(tmp_path)
     merged = peft_model.merge_and_unload().state_dict()
     want = {name: merged[f"{name}.weight"] - base_state[f"{name}.weight"] for name in loaded}
     assert len(loaded) == len(live) > 0 and set(loaded) == set(live)
@@ -182,4 +160,4 @@ def test_adapter_round_trip_matches_merge(tiny_llama, lora_kwargs, tmp_path) -> 
 
 def test_load_adapter_missing(tmp_path) -> None:
     with pytest.raises(UserError, match="adapter_config.json"):
-        load_adapter_delta(tmp_path)
+        adapter_delta(tmp_path)

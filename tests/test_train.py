@@ -28,9 +28,11 @@ from safetensors.torch import load_file
 
 from selective_lm.cli import main
 from selective_lm.config import load_config
-from selective_lm.data import load_store, prepare
+from selective_lm.data import prepare
+from selective_lm.layout import BlockOrder, OutDir, load_store
 from selective_lm.models import load_model, load_tokenizer
-from selective_lm.train import BlockOrder, Trainer, train
+from selective_lm.train import train
+from selective_lm.trainer import Trainer
 
 LOG_KEYS = {"step", "tokens_seen", "tokens_trained", "loss", "lr", "selected_frac", "score_selected",
             "score_unselected", "grad_norm", "step_s"}
@@ -219,7 +221,7 @@ def test_accumulation_normalises_by_the_tokens_of_the_whole_step(smoke_out: Path
 def test_training_changes_only_the_trainable_parameters(smoke_out: Path, lora: bool) -> None:
     cfg = load_config("smoke", overrides=[f"model.lora={str(lora).lower()}", "train.steps=3",
                                           "train.snapshot_every=0"])
-    trainer = Trainer(cfg, smoke_out)
+    trainer = Trainer(cfg, OutDir(smoke_out), OutDir(smoke_out).run("clm"))
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     trainer.fit()
     after = dict(trainer.model.named_parameters())
@@ -284,7 +286,7 @@ def test_killed_run_resumes_from_its_checkpoint_identically(smoke_out: Path, tmp
     assert _train(smoke_out, *args, "train.name=straight") == 0
     marker = tmp_path / "paused"
     proc = subprocess.Popen(  # pauses before step 6: checkpoint 4 and log lines 5, 6 are on disk
-        [sys.executable, str(TESTS / "_train_proc.py"), "6", str(marker), "train", "--preset", "smoke",
+        [sys.executable, str(TESTS / "helpers" / "train_proc.py"), "6", str(marker), "train", "--preset", "smoke",
          "--out", str(smoke_out), *args, "train.name=killed"],
         env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
@@ -438,7 +440,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(smoke_out: Pat
 
 @pytest.mark.slow
 def test_online_scoring_matches_offline_scores(smoke_out: Path) -> None:
-    from selective_lm.scoring import load_reference_model
+    from selective_lm.models import load_reference_model
 
     cfg = load_config("smoke", overrides=["train.method=topk", "train.ratio=0.5"])
     offline = train(cfg, smoke_out, "offline")

@@ -1,94 +1,162 @@
-"""`slm analyze`: wire the pure analysis cores to the runs of an out dir; writes `analysis.json`.
+"""`slm analyze`: the analysis of the current grid's runs, written as `analysis.json` and `results.json`.
+
+The runs analysed are the grid of the config (`Config.grid_runs`: CLM, the oracle, every method
+× ratio × seed) that have finished training, plus the reference and the base model when they
+were evaluated. Run directories of other configs (an earlier grid in the same `--out`) are
+listed under `other_runs` and left out of every table. Per run:
 
 - buckets (the replication's quantile method): per-token losses of each run vs the CLM
   baseline on `analysis.bucket_split`, threshold = the baseline's `analysis.bucket_quantile`;
 - buckets_trajectory (the paper's method): each run's own trajectory snapshots on that split;
 - cosine: of the real weight updates, ΔW = scale·B·A per LoRA module (ΔW = W_run − W_base for
-  full fine-tuning), for every pair of runs, with per-module values beside;
+  full fine-tuning), for every pair of runs, with per-module-kind means beside;
 - selection: noise vs clean tokens selected and the reference loss of selected/unselected
   tokens, accumulated by the trainer over the whole run.
+
+`results.json` (DESIGN.md) joins these with each run's training summary and validation results;
+`slm report` reads only it and the run directories, so the stages can be run one by one.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 
+from . import __version__
 from .analysis.buckets import quantile_buckets, trajectory_buckets
-from .analysis.similarity import full_delta, load_adapter_delta, update_cosine
-from .common import read_json, write_json
+from .analysis.similarity import full_delta, lora_delta_from_config, update_cosine
 from .config import Config
+from .errors import UserError
+from .files import fingerprint, read_json, write_json
+from .layout import OutDir, RunDir
 from .models import load_model, load_tokenizer, load_trained
 
 BASELINE = "clm"
+RUN_FIELDS = ("method", "ratio", "seed", "steps", "tokens_seen", "tokens_trained", "train_loss_final", "strategy",
+              "score", "scope")
+ANALYSIS_KEYS = ("buckets", "buckets_trajectory", "cosine", "cosine_modules", "selection")
 
 
-def finished_runs(out: Path) -> dict[str, dict[str, Any]]:
-    """name -> train.json summary, for every finished run under out/runs (sorted by name)."""
-    return {p.parent.name: read_json(p) for p in sorted((out / "runs").glob("*/train.json"))}
+def grid_runs(cfg: Config, out: OutDir) -> tuple[dict[str, RunDir], list[str]]:
+    """(finished runs of the config's grid in grid order, names of the other run dirs under runs/)."""
+    train_meta = out.store("train").meta if out.store_dir("train").is_dir() else {}
+    names = list(cfg.grid_runs(has_noise=bool(train_meta.get("noise"))))
+    runs = {n: out.run(n) for n in names if out.run(n).finished}
+    return runs, [r.name for r in out.run_dirs() if r.name not in names]
 
 
-def _token_losses(out: Path, name: str, split: str) -> np.ndarray | None:
-    path = out / "runs" / name / "token_losses" / f"{split}.npy"
+def _token_losses(run: RunDir, split: str) -> np.ndarray | None:
+    path = run.token_losses(split)
     return np.load(path, mmap_mode="r") if path.is_file() else None
 
 
-def _trajectory(out: Path, name: str) -> tuple[np.ndarray, np.ndarray] | None:
-    files = sorted((out / "runs" / name / "token_losses" / "trajectory").glob("step-*.npy"))
+def _trajectory(run: RunDir) -> tuple[np.ndarray, np.ndarray] | None:
+    files = run.trajectory_loss_files()
     if len(files) < 2:
         return None
-    steps = np.array([int(f.stem.split("-")[1]) for f in files])
-    return np.stack([np.load(f) for f in files]), steps
+    return np.stack([np.load(f) for _, f in files]), np.array([step for step, _ in files])
 
 
-def _deltas(cfg: Config, out: Path, names: list[str]) -> dict[str, dict[str, torch.Tensor]]:
+def adapter_delta(adapter_dir: Path) -> dict[str, torch.Tensor]:
+    """ΔW per module of a peft adapter directory; reads safetensors only, never unpickles a `.bin`."""
+    config_path, weights_path = adapter_dir / "adapter_config.json", adapter_dir / "adapter_model.safetensors"
+    for path in (config_path, weights_path):
+        if not path.is_file():
+            raise UserError(f"{path} not found: expected a peft adapter saved as safetensors")
+    return lora_delta_from_config(load_file(weights_path), json.loads(config_path.read_text()))
+
+
+def _deltas(cfg: Config, runs: dict[str, RunDir]) -> dict[str, dict[str, torch.Tensor]]:
     """Weight updates of each run: from the adapter (LoRA) or against the base weights (full)."""
     deltas: dict[str, dict[str, torch.Tensor]] = {}
     base_state: dict[str, torch.Tensor] | None = None
-    for name in names:
-        run = out / "runs" / name
-        if (run / "adapter").is_dir():
-            deltas[name] = load_adapter_delta(run / "adapter")
-        elif (run / "model").is_dir():
+    for name, run in runs.items():
+        if run.adapter_dir.is_dir():
+            deltas[name] = adapter_delta(run.adapter_dir)
+        elif run.model_dir.is_dir():
             if base_state is None:
                 vocab = len(load_tokenizer(cfg.model))
                 base_state = {k: v.detach() for k, v in load_model(cfg.model, vocab_size=vocab).state_dict().items()}
-            trained = load_trained(cfg.model, run / "model")
-            deltas[name] = full_delta(trained.state_dict(), base_state)
+            deltas[name] = full_delta(load_trained(cfg.model, run.model_dir).state_dict(), base_state)
     return deltas
 
 
-def analyze(cfg: Config, out: Path) -> dict[str, Any]:
-    """Buckets, trajectory buckets, update cosines and selection diagnostics of every finished run."""
-    runs = finished_runs(out)
+def _analysis(cfg: Config, runs: dict[str, RunDir], summaries: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Buckets, trajectory buckets, update cosines and selection diagnostics of `runs` (by name: the
+    cosine keys `"a|b"` put the names in sorted order)."""
+    runs = {name: runs[name] for name in sorted(runs)}
     split, q = cfg.analysis.bucket_split, cfg.analysis.bucket_quantile
     result: dict[str, Any] = {"buckets": {}, "buckets_trajectory": {}, "cosine": {}, "cosine_modules": {},
                               "selection": {}, "bucket_threshold": None}
-    for name in runs:
-        losses = _token_losses(out, name, split)
-        base_name = _baseline(name, runs)
-        base = _token_losses(out, base_name, split) if base_name else None
+    for name, run in runs.items():
+        losses = _token_losses(run, split)
+        base_name = _baseline(name, summaries)
+        base = _token_losses(runs[base_name], split) if base_name else None
         if base is not None and losses is not None:
             b = quantile_buckets(base, losses, quantile=q)
             result["buckets"][name] = b.fractions
             result["bucket_threshold"] = b.threshold
-        traj = _trajectory(out, name)
+        traj = _trajectory(run)
         if traj is not None:
             result["buckets_trajectory"][name] = trajectory_buckets(traj[0], traj[1], quantile=q).fractions
-        if runs[name].get("selection"):
-            result["selection"][name] = runs[name]["selection"]
-    deltas = _deltas(cfg, out, list(runs))
+        if summaries[name].get("selection"):
+            result["selection"][name] = summaries[name]["selection"]
+    deltas = _deltas(cfg, runs)
     names = list(deltas)
     for i, a in enumerate(names):
         for b_name in names[i + 1:]:
             overall, per_module = update_cosine(deltas[a], deltas[b_name])
             result["cosine"][f"{a}|{b_name}"] = overall
             result["cosine_modules"][f"{a}|{b_name}"] = _by_module_kind(per_module)
-    write_json(out / "analysis.json", result)
     return result
+
+
+def _run_entries(cfg: Config, out: OutDir, summaries: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """results.json `runs`: each grid run's summary and validation results, then the reference and base."""
+    entries: dict[str, Any] = {}
+    for name, s in summaries.items():
+        entries[name] = {k: s[k] for k in RUN_FIELDS}
+        entries[name]["val"] = _val(out.run(name))
+    for name in ("reference", "base"):
+        run = out.run(name)
+        if not run.eval_path.is_file():
+            continue
+        trained = read_json(run.reference_json).get("train", {}) if name == "reference" else {}
+        entries[name] = {"method": name, "ratio": 1.0, "seed": cfg.train.seed, "steps": trained.get("steps", 0),
+                         "tokens_seen": trained.get("tokens_seen", 0),
+                         "tokens_trained": trained.get("tokens_trained", 0),
+                         "train_loss_final": trained.get("train_loss_final"), "val": _val(run)}
+    return entries
+
+
+def _val(run: RunDir) -> dict[str, Any]:
+    return read_json(run.eval_path) if run.eval_path.is_file() else {}
+
+
+def analyze(cfg: Config, out: str | Path | OutDir) -> dict[str, Any]:
+    """Write analysis.json and results.json for the current grid; a no-op when their inputs are unchanged."""
+    out = OutDir.of(out)
+    runs, others = grid_runs(cfg, out)
+    summaries = {name: run.summary for name, run in runs.items()}
+    entries = _run_entries(cfg, out, summaries)
+    inputs = fingerprint({n: s["config_hash"] for n, s in summaries.items()}, cfg.analysis.model_dump(),
+                         {n: e["val"] for n, e in entries.items()})
+    if out.results.is_file():
+        previous = read_json(out.results)
+        if previous.get("inputs") == inputs:
+            return previous
+    analysis = _analysis(cfg, runs, summaries)
+    write_json(out.analysis, analysis)
+    results = {"preset": cfg.preset, "version": __version__, "runs": entries,
+               **{k: analysis[k] for k in ANALYSIS_KEYS}, "bucket_threshold": analysis["bucket_threshold"],
+               "inputs": inputs}
+    write_json(out.results, results)
+    return results
 
 
 def _baseline(name: str, runs: dict[str, dict[str, Any]]) -> str | None:

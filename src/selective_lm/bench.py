@@ -40,11 +40,13 @@ import torch.nn.functional as F
 from torch._C._profiler import _EventType
 from torch.profiler import ProfilerActivity, profile
 
-from .common import write_json
 from .config import Config, ModelConfig
+from .errors import UserError, did_you_mean
+from .files import write_json
+from .frozen import model_token_losses
+from .layout import OutDir
 from .loss import forward_hidden, selective_lm_loss, valid_mask
 from .models import apply_lora, load_model, load_tokenizer
-from .scoring import model_token_losses
 
 LARGE_VOCAB_MODEL = "random:tiny-llama"  # hidden 64, 2 layers: the loss path dominates the step
 TRAIN_VARIANTS = ("clm", "slm", "naive")
@@ -212,36 +214,42 @@ def run_case(
 # ---------------------------------------------------------------------------- targets and report
 
 
-def _target(case: str, value: float | None, threshold: float, rule: str, at_most: bool) -> dict[str, Any]:
-    ok = None if value is None else (value <= threshold if at_most else value >= threshold)
-    return {"case": case, "rule": rule, "value": value, "threshold": threshold, "pass": ok}
+# What each target measures: (case, the measured ratio, whether the threshold is an upper bound, rule text).
+_TARGETS: dict[str, tuple[str, Callable[[Mapping[str, Any]], float | None], bool, str]] = {
+    "slm_step_vs_clm": ("main", lambda c: _ratio(c["slm"]["step_s"], c["clm"]["step_s"]), True,
+                        "slm.step_s / clm.step_s"),
+    "naive_step_vs_slm": ("main", lambda c: _ratio(c["naive"]["step_s"], c["slm"]["step_s"]), False,
+                          "naive.step_s / slm.step_s"),
+    "score_vs_forward": ("main", lambda c: _ratio(c["score"]["tokens_per_s"], c["forward"]["tokens_per_s"]), False,
+                         "score.tokens_per_s / forward.tokens_per_s"),
+    "slm_peak_vs_clm": ("main", lambda c: _ratio(c["slm"]["peak_mb"], c["clm"]["peak_mb"]), True,
+                        "slm.peak_mb / clm.peak_mb"),
+    "loss_path_peak_vs_logits": (
+        "large", lambda c: _ratio(max(c[v]["peak_mb"] for v in ("clm", "slm", "score")), c["logits_mb"]), True,
+        "max(clm, slm, score).peak_mb / logits_mb (whole step: an upper bound of the loss path)"),
+}
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None or b == 0 else a / b
 
 
-def targets(cases: Mapping[str, Mapping[str, Any]], main: str, large: str | None) -> dict[str, dict[str, Any]]:
-    """The issue's targets, each with its value, threshold and verdict (None when not measurable)."""
-    c = cases[main]
-    out = {
-        "slm_step_vs_clm": _target(main, _ratio(c["slm"]["step_s"], c["clm"]["step_s"]), 1.05,
-                                   "slm.step_s / clm.step_s <= 1.05", at_most=True),
-        "naive_step_vs_slm": _target(main, _ratio(c["naive"]["step_s"], c["slm"]["step_s"]), 1.4,
-                                     "naive.step_s / slm.step_s >= 1.4", at_most=False),
-        "score_vs_forward": _target(main, _ratio(c["score"]["tokens_per_s"], c["forward"]["tokens_per_s"]), 0.95,
-                                    "score.tokens_per_s / forward.tokens_per_s >= 0.95", at_most=False),
-        "slm_peak_vs_clm": _target(main, _ratio(c["slm"]["peak_mb"], c["clm"]["peak_mb"]), 1.0,
-                                   "slm.peak_mb / clm.peak_mb <= 1", at_most=True),
-    }
-    if large is not None:
-        lv = cases[large]
-        peaks = [lv[v]["peak_mb"] for v in ("clm", "slm", "score")]
-        worst = None if None in peaks else max(peaks)
-        out["loss_path_peak_vs_logits"] = _target(
-            large, _ratio(worst, lv["logits_mb"]), 0.25,
-            "max(clm, slm, score).peak_mb / logits_mb < 0.25 (whole step: an upper bound of the loss path)",
-            at_most=True)
+def targets(cases: Mapping[str, Mapping[str, Any]], main: str, large: str | None,
+            thresholds: Mapping[str, float]) -> dict[str, dict[str, Any]]:
+    """Each target of `bench.targets` with its measured value, threshold and verdict (None when not measurable)."""
+    out = {}
+    for name, threshold in thresholds.items():
+        if name not in _TARGETS:
+            raise UserError(f"unknown bench target {name!r}{did_you_mean(name, _TARGETS)} "
+                            f"(bench.targets: {', '.join(_TARGETS)})")
+        which, measure, at_most, rule = _TARGETS[name]
+        case = main if which == "main" else large
+        if case is None:
+            continue
+        value = measure(cases[case])
+        ok = None if value is None else (value <= threshold if at_most else value >= threshold)
+        out[name] = {"case": case, "rule": f"{rule} {'<=' if at_most else '>='} {threshold:g}", "value": value,
+                     "threshold": threshold, "pass": ok}
     return out
 
 
@@ -273,7 +281,7 @@ def case_name(model_cfg: ModelConfig) -> str:
     return f"{short}-{'lora' if model_cfg.lora else 'full'}"
 
 
-def bench(cfg: Config, out: Path) -> dict[str, Any]:
+def bench(cfg: Config, out: str | Path | OutDir) -> dict[str, Any]:
     """Run the bench on `cfg.model` and the large-vocab case; write `out/bench.json`, print the table.
 
     Settings come from the `bench` config section. Returns the path and the targets' verdicts
@@ -291,7 +299,8 @@ def bench(cfg: Config, out: Path) -> dict[str, Any]:
         cases[large] = run_case(large_cfg, s["large_vocab"], device, s, chunk)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
     result = {"device": where, "torch": torch.__version__, "settings": s, "cases": cases,
-              "targets": targets(cases, main, large)}
-    write_json(out / "bench.json", result)
+              "targets": targets(cases, main, large, cfg.bench.targets)}
+    path = OutDir.of(out).bench
+    write_json(path, result)
     print(format_table(result))
-    return {"bench": str(out / "bench.json"), "targets": {k: t["pass"] for k, t in result["targets"].items()}}
+    return {"bench": str(path), "targets": {k: t["pass"] for k, t in result["targets"].items()}}

@@ -17,14 +17,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .common import UserError
 from .config import Config, load_config
+from .errors import UserError
 
 # command -> (help, module, stage function(cfg, out)); stages are imported only when used (torch is slow).
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "config": ("print the resolved config as YAML", "cli", "print_config"),
     "prepare": ("tokenize and pack every split into the token store (data/<split>/)", "data", "prepare"),
-    "reference": ("train (or point to) the reference model (reference/)", "scoring", "reference"),
+    "reference": ("train (or point to) the reference model (reference/)", "reference", "reference"),
     "score": ("per-token reference losses over the train split (scores/train/)", "scoring", "score"),
     "train": ("one CLM or SLM training run (runs/<name>/)", "train", "train"),
     "eval": ("validation loss and perplexity of a run (runs/<name>/eval.json, token_losses/)", "evaluate",

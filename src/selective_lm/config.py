@@ -7,22 +7,30 @@ it accepts, so the CLI can exit 2 with one line instead of a pydantic traceback.
 
 from __future__ import annotations
 
-import difflib
 import math
 import re
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .common import UserError
+from .corpora import CORPORA
+from .errors import UserError, did_you_mean
+from .selection import NEEDS_REFERENCE, SCOPES, SCORE_KINDS, STRATEGIES
 
 DEFAULT_PRESET = "champ-smollm2"
 LORA_ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SPLITS = ("reference", "train", "val_clean", "val_noisy")
 
+
+# Choices read from the registries: a new strategy, score kind or corpus needs no change here.
+BASELINE_METHODS = ("clm", "oracle")  # CLM on every token / on every token but the injected noise
+Method = Literal[(*BASELINE_METHODS, *STRATEGIES)]  # type: ignore[valid-type]
+Strategy = Literal[tuple(STRATEGIES)]  # type: ignore[valid-type]
+ScoreKind = Literal[tuple(SCORE_KINDS)]  # type: ignore[valid-type]
+Scope = Literal[SCOPES]  # type: ignore[valid-type]
 
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -41,7 +49,8 @@ class Section(BaseModel):
 class DataConfig(Section):
     """What `slm prepare` builds: corpora, splits, noise injection and packing."""
 
-    corpus: str = Field("champ", description="'champ' (embedded CHAMP math corpus) or 'custom' (data.sources)")
+    corpus: str = Field("champ", description="a registered corpus (corpora/): 'champ' (the embedded CHAMP math "
+                        "corpus) or 'custom' (data.sources)")
     sources: dict[str, str] = Field(
         default_factory=dict,
         description="split -> datasets source: local .jsonl/.json/.txt/.parquet/.csv or a hub name, "
@@ -64,6 +73,13 @@ class DataConfig(Section):
     val_fraction: float = Field(0.15, gt=0.0, lt=1.0, description="share of CHAMP problems held out")
     doc_boundaries: bool = Field(False, description="mask targets that cross a document separator")
     seed: int = 0
+
+    @field_validator("corpus")
+    @classmethod
+    def _corpus(cls, v: str) -> str:
+        if v not in CORPORA:
+            raise ValueError(f"unknown corpus {v!r}{did_you_mean(v, CORPORA)} (available: {', '.join(CORPORA)})")
+        return v
 
     @field_validator("sources")
     @classmethod
@@ -134,12 +150,20 @@ class ScoringConfig(Section):
     )
 
 
+class SelectionRule(NamedTuple):
+    """What a run's selection really does: its strategy, score kind and ratio."""
+
+    strategy: str
+    score: str
+    ratio: float
+
+
 class TrainConfig(Section):
     name: str | None = Field(None, description="run name; default derives from method/ratio/seed")
-    method: Literal["clm", "oracle", "topk", "random", "stochastic"] = "clm"
-    score: Literal["excess", "loss", "reference", "none"] = "excess"
+    method: Method = Field("clm", description="clm, oracle, or a selection strategy (selection.STRATEGIES)")
+    score: ScoreKind = "excess"
     ratio: float = Field(1.0, description="selection ratio in (0, 1]")
-    scope: Literal["batch", "sequence", "global"] = "batch"
+    scope: Scope = "batch"
     temperature: float = Field(1.0, gt=0)
     stochastic: Literal["softmax", "positive"] = Field(
         "softmax", description="stochastic draws ∝ softmax(score / temperature), or ∝ the positive part of the "
@@ -174,6 +198,34 @@ class TrainConfig(Section):
     def _name(cls, v: str | None) -> str | None:
         return None if v is None else _safe_name(v, "run name")
 
+    @model_validator(mode="after")
+    def _selects_by_something(self) -> TrainConfig:
+        rule = self.selection_rule()
+        if rule.strategy == "topk" and rule.score == "none" and rule.ratio < 1 and not self.soft:
+            raise ValueError("train.score=none with top-k selection would select by position: "
+                             "use train.method=random or another train.score")
+        return self
+
+    def run_name(self, with_seed: bool = False) -> str:
+        """`train.name`, else `clm`, `oracle` or `<method>-r<ratio>`, with `-s<seed>` when several seeds run."""
+        if self.name:
+            return self.name
+        name = self.method if self.method in BASELINE_METHODS else f"{self.method}-r{self.ratio:g}"
+        return f"{name}-s{self.seed}" if with_seed else name
+
+    def selection_rule(self) -> SelectionRule:
+        """The strategy, score kind and ratio the method really uses: CLM and the oracle select every
+        (trainable) token; a strategy that ignores scores runs with score kind `none`."""
+        if self.method in BASELINE_METHODS:
+            return SelectionRule("topk", "none", 1.0)
+        strategy = "stochastic_positive" if self.method == "stochastic" and self.stochastic == "positive" \
+            else self.method
+        return SelectionRule(strategy, self.score if STRATEGIES[strategy].uses_scores else "none", self.ratio)
+
+    def needs_reference(self) -> bool:
+        """Whether the run reads reference losses (to select; diagnostics use them when they exist)."""
+        return self.selection_rule().score in NEEDS_REFERENCE
+
 
 class EvalConfig(Section):
     splits: list[str] = Field(default_factory=lambda: ["val_clean", "val_noisy"])
@@ -204,6 +256,12 @@ class BenchConfig(Section):
     block_len: int = Field(256, ge=2)
     ratio: float = Field(0.6, description="selection ratio of the slm and naive variants")
     large_vocab: int = Field(151_936, ge=0, description="vocabulary of the large-vocab case (0 skips it)")
+    targets: dict[str, float] = Field(
+        default_factory=lambda: {"slm_step_vs_clm": 1.05, "naive_step_vs_slm": 1.4, "score_vs_forward": 0.95,
+                                 "slm_peak_vs_clm": 1.0, "loss_path_peak_vs_logits": 0.25},
+        description="target -> threshold checked by `slm bench` (bench.py says what each ratio measures and "
+        "whether the threshold bounds it from above or below)",
+    )
 
     @field_validator("ratio")
     @classmethod
@@ -212,9 +270,7 @@ class BenchConfig(Section):
 
 
 class GridConfig(Section):
-    methods: list[Literal["topk", "random", "stochastic"]] = Field(
-        default_factory=lambda: ["topk", "random", "stochastic"]
-    )
+    methods: list[Strategy] = Field(default_factory=lambda: ["topk", "random", "stochastic"])
     ratios: list[float] = Field(default_factory=lambda: [0.5, 0.3])
     seeds: int = Field(1, ge=1)
     oracle: bool = True
@@ -244,6 +300,23 @@ class Config(Section):
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
+    def grid_runs(self, has_noise: bool) -> dict[str, Config]:
+        """run name -> its config: CLM, the oracle (when the train split has a noise mask), then every
+        method × ratio, for each of `grid.seeds` seeds from `train.seed`."""
+        specs: list[dict[str, Any]] = [{"method": "clm", "ratio": 1.0}]
+        if self.grid.oracle and has_noise:
+            specs.append({"method": "oracle", "ratio": 1.0})
+        specs += [{"method": m, "ratio": r} for m in self.grid.methods for r in self.grid.ratios]
+        runs: dict[str, Config] = {}
+        for seed in range(self.train.seed, self.train.seed + self.grid.seeds):
+            for spec in specs:
+                try:
+                    t = TrainConfig.model_validate({**self.train.model_dump(), **spec, "seed": seed, "name": None})
+                except ValidationError as e:
+                    raise UserError(f"grid run {spec['method']}-r{spec['ratio']:g}: {_describe_error(e, {})}") from None
+                runs[t.run_name(with_seed=self.grid.seeds > 1)] = self.model_copy(update={"train": t})
+        return runs
+
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
@@ -272,9 +345,7 @@ def _read_yaml(text: str, origin: str) -> dict[str, Any]:
 def _preset(name: str) -> dict[str, Any]:
     names = preset_names()
     if name not in names:
-        close = difflib.get_close_matches(name, names, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise UserError(f"unknown preset {name!r}{hint}; available: {', '.join(names)}")
+        raise UserError(f"unknown preset {name!r}{did_you_mean(name, names)} (available: {', '.join(names)})")
     text = resources.files("selective_lm.presets").joinpath(f"{name}.yaml").read_text()
     return _read_yaml(text, f"preset {name}")
 
@@ -312,9 +383,7 @@ def _check_keys(tree: dict[str, Any], origin: str, prefix: str = "") -> None:
         if isinstance(value, dict) and any(k.startswith(dotted + ".") for k in VALID_KEYS):
             _check_keys(value, origin, dotted + ".")
             continue
-        close = difflib.get_close_matches(dotted, list(VALID_KEYS), n=1, cutoff=0.5)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise UserError(f"unknown config key {dotted!r} in {origin}{hint}")
+        raise UserError(f"unknown config key {dotted!r} in {origin}{did_you_mean(dotted, VALID_KEYS, cutoff=0.5)}")
 
 
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:

@@ -20,11 +20,12 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from .common import UserError, fingerprint, read_json, write_json
 from .config import Config
-from .data import TokenStore, load_store
-from .models import apply_lora, load_model, load_tokenizer, load_trained
-from .scoring import load_reference_model, store_fingerprint, token_loss_pass
+from .errors import UserError
+from .files import fingerprint, read_json, write_json
+from .frozen import token_loss_pass
+from .layout import OutDir, RunDir, TokenStore
+from .models import apply_lora, load_model, load_reference_model, load_tokenizer, load_trained
 
 
 def summarize(losses: np.ndarray) -> dict[str, float]:
@@ -37,24 +38,15 @@ def summarize(losses: np.ndarray) -> dict[str, float]:
     return {"loss": mean, "ppl": math.exp(mean), "tokens": n}
 
 
-def model_dir(out: Path, name: str) -> Path:
-    """Where an evaluated model's outputs go: `runs/<name>`, `reference/` or `base/`."""
-    return out / name if name in ("reference", "base") else out / "runs" / name
-
-
-def _load(cfg: Config, out: Path, name: str, vocab: int) -> tuple[Any, str]:
+def _load(cfg: Config, out: OutDir, run: RunDir, vocab: int) -> tuple[Any, str]:
     """The model to evaluate and a digest of its weights (to invalidate stale token losses)."""
-    if name == "reference":
+    if run.name == "reference":
         model = load_reference_model(cfg, out)  # says `run slm reference` when there is none
-        return model, read_json(out / "reference" / "reference.json")["digest"]
-    if name == "base":
+        return model, read_json(run.reference_json)["digest"]
+    if run.name == "base":
         return load_model(cfg.model, vocab_size=vocab), fingerprint(cfg.model.name, cfg.model.revision)
-    run = out / "runs" / name
-    summary = run / "train.json"
-    if not summary.is_file():
-        raise UserError(f"run {name!r} has not finished training in {out}/runs: run `slm train` first")
-    path = run / "adapter" if (run / "adapter").is_dir() else run / "model"
-    return load_trained(cfg.model, path, vocab), read_json(summary)["config_hash"]
+    config_hash = run.summary["config_hash"]  # says `run slm train` when the run has not finished
+    return load_trained(cfg.model, run.weights_dir, vocab), config_hash
 
 
 def _head(store: TokenStore, max_tokens: int | None) -> TokenStore:
@@ -72,7 +64,7 @@ def _cached_pass(cfg: Config, model: Any, store: TokenStore, path: Path, expecte
 
     `prepare` runs first when the pass is needed (e.g. to load a snapshot's weights).
     """
-    expected = {**expected, "store": store_fingerprint(store), "blocks": store.n_blocks,
+    expected = {**expected, "store": store.fingerprint, "blocks": store.n_blocks,
                 "doc_boundaries": cfg.data.doc_boundaries}
     meta_path = path.with_suffix(".json")
     if path.is_file() and meta_path.is_file() and read_json(meta_path) == expected:
@@ -87,44 +79,41 @@ def _cached_pass(cfg: Config, model: Any, store: TokenStore, path: Path, expecte
     write_json(meta_path, expected)
 
 
-def evaluate(cfg: Config, out: Path, name: str | None = None) -> dict[str, Any]:
+def evaluate(cfg: Config, out: str | Path | OutDir, name: str | None = None) -> dict[str, Any]:
     """Evaluate one model (`train.name`-derived run, `reference` or `base`) on `eval.splits`.
 
     `eval.max_tokens` limits each split to its first blocks. Token losses are reused while the
     model (run config hash / reference digest), the blocks and `data.doc_boundaries` are unchanged.
     """
-    from .train import run_name
-
-    name = name or run_name(cfg.train)
+    out = OutDir.of(out)
+    run = out.run(name or cfg.train.run_name())
     tokenizer = load_tokenizer(cfg.model)
-    stores = {split: _head(load_store(out / "data" / split), cfg.eval.max_tokens) for split in cfg.eval.splits}
-    target = model_dir(out, name)
-    model, digest = _load(cfg, out, name, len(tokenizer))
+    stores = {split: _head(out.store(split), cfg.eval.max_tokens) for split in cfg.eval.splits}
+    model, digest = _load(cfg, out, run, len(tokenizer))
     model.eval().requires_grad_(False)
     results: dict[str, Any] = {}
     for split, store in stores.items():
-        path = target / "token_losses" / f"{split}.npy"
-        _cached_pass(cfg, model, store, path, {"model": digest}, f"eval {name} {split}")
+        path = run.token_losses(split)
+        _cached_pass(cfg, model, store, path, {"model": digest}, f"eval {run.name} {split}")
         results[split] = summarize(np.load(path, mmap_mode="r"))
-    write_json(target / "eval.json", results)
+    write_json(run.eval_path, results)
     return results
 
 
-def evaluate_trajectory(cfg: Config, out: Path, name: str) -> list[int]:
+def evaluate_trajectory(cfg: Config, out: str | Path | OutDir, name: str) -> list[int]:
     """Per-token losses on the bucket split at every trajectory snapshot of a LoRA run; returns the steps.
 
     The first `analysis.trajectory_tokens` tokens of the split (all if None), in whole blocks. The
     LoRA wrapper is kept unmerged and each snapshot's trainable weights are copied in; the step-0
     snapshot (B = 0) therefore gives the base model's losses.
     """
-    run = out / "runs" / name
-    snaps = sorted((run / "checkpoints" / "trajectory").glob("step-*.safetensors"))
+    out = OutDir.of(out)
+    run = out.run(name)
+    snaps = run.snapshots()
     if len(snaps) < 2 or not cfg.model.lora:
         return []
-    if not (run / "train.json").is_file():
-        raise UserError(f"run {name!r} has not finished training in {out}/runs: run `slm train` first")
-    config_hash = read_json(run / "train.json")["config_hash"]
-    store = _head(load_store(out / "data" / cfg.analysis.bucket_split), cfg.analysis.trajectory_tokens)
+    config_hash = run.summary["config_hash"]
+    store = _head(out.store(cfg.analysis.bucket_split), cfg.analysis.trajectory_tokens)
     tokenizer = load_tokenizer(cfg.model)
     model = apply_lora(load_model(cfg.model, vocab_size=len(tokenizer)), cfg.model)
     model.eval().requires_grad_(False)
@@ -135,11 +124,7 @@ def evaluate_trajectory(cfg: Config, out: Path, name: str) -> list[int]:
             for key, value in load_file(snap).items():
                 params[key].copy_(value)
 
-    steps = []
-    for snap in snaps:
-        step = int(snap.stem.split("-")[1])
-        path = run / "token_losses" / "trajectory" / f"step-{step:06d}.npy"
-        _cached_pass(cfg, model, store, path, {"model": config_hash, "snapshot": snap.name},
+    for step, snap in snaps:
+        _cached_pass(cfg, model, store, run.trajectory_losses(step), {"model": config_hash, "snapshot": snap.name},
                      f"trajectory {name} step {step}", lambda snap=snap: load_snapshot(snap))
-        steps.append(step)
-    return steps
+    return [step for step, _ in snaps]

@@ -18,15 +18,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .common import UserError, atomic_path, read_json
 from .config import Config
-from .data import load_store
-from .loss import forward_hidden, scores, token_losses, valid_mask
-from .models import load_tokenizer, load_trained
-from .plots import token_texts
-from .scoring import load_scores
-from .selection import select
-from .train import effective, needs_reference, run_name
+from .files import atomic_path
+from .layout import OutDir
+from .loss import forward_hidden, token_losses, valid_mask
+from .models import load_tokenizer, load_trained, token_texts, tokenizer_fingerprint
+from .selection import scores, select, trainable_mask
 
 
 def _documents(doc_ids: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
@@ -56,18 +53,16 @@ def _spans(texts: list[str], keep: np.ndarray, score: np.ndarray) -> tuple[str, 
     return "".join(texts), spans
 
 
-def export_selected(cfg: Config, out: Path) -> dict[str, Any]:
+def export_selected(cfg: Config, out: str | Path | OutDir) -> dict[str, Any]:
     """Write `out/selected.jsonl` for the run that `train.*` names (each line names the run); returns counts."""
-    name = run_name(cfg.train)
-    run = out / "runs" / name
-    if not (run / "train.json").is_file():
-        raise UserError(f"run {name!r} has not finished training in {out}/runs: run `slm train` first")
-    summary = read_json(run / "train.json")
-    strategy, score_kind, ratio = effective(cfg.train)
-    store = load_store(out / "data" / "train")
+    out = OutDir.of(out)
+    run = out.run(cfg.train.run_name())
+    summary = run.summary  # says `run slm train` when the run has not finished
+    strategy, score_kind, ratio = cfg.train.selection_rule()
+    store = out.store("train")
     tokenizer = load_tokenizer(cfg.model)
-    ref = load_scores(out, "train", store, tokenizer) if needs_reference(cfg.train) else None
-    model = load_trained(cfg.model, run / ("adapter" if (run / "adapter").is_dir() else "model"), len(tokenizer))
+    ref = out.scores("train", store, tokenizer_fingerprint(tokenizer)) if cfg.train.needs_reference() else None
+    model = load_trained(cfg.model, run.weights_dir, len(tokenizer))
     model.eval().requires_grad_(False)
     n_blocks, block_len = store.tokens.shape
     keep = np.zeros((n_blocks, block_len), dtype=bool)
@@ -75,12 +70,11 @@ def export_selected(cfg: Config, out: Path) -> dict[str, Any]:
     gen = torch.Generator().manual_seed(cfg.train.seed)
     bs = cfg.scoring.batch_size
     with torch.no_grad():
-        for start in tqdm(range(0, n_blocks, bs), desc=f"export {name}", unit="batch", dynamic_ncols=True):
+        for start in tqdm(range(0, n_blocks, bs), desc=f"export {run.name}", unit="batch", dynamic_ncols=True):
             rows = slice(start, min(start + bs, n_blocks))
             ids = torch.from_numpy(np.asarray(store.tokens[rows], dtype=np.int64))
-            valid = valid_mask(ids)
-            if cfg.train.method == "oracle" and store.noise_mask is not None:
-                valid &= ~torch.from_numpy(np.asarray(store.noise_mask[rows], dtype=bool))
+            noise = torch.from_numpy(np.asarray(store.noise_mask[rows])) if store.noise_mask is not None else None
+            valid = trainable_mask(valid_mask(ids), noise, oracle=cfg.train.method == "oracle" and noise is not None)
             hidden, head = forward_hidden(model, ids)
             own = token_losses(hidden, head, ids, valid, chunk_size=cfg.scoring.chunk_size)
             ref_rows = torch.from_numpy(np.asarray(ref[rows])) if ref is not None else None
@@ -88,14 +82,14 @@ def export_selected(cfg: Config, out: Path) -> dict[str, Any]:
             chosen = select(s, ratio, strategy, "sequence", valid, gen, temperature=cfg.train.temperature)
             keep[rows], score_arr[rows] = chosen.numpy(), torch.where(valid, s, torch.nan).numpy()
     documents = store.meta.get("documents") or []
-    path = out / "selected.jsonl"
+    path = out.selected_jsonl
     n_docs = n_kept = n_valid = 0
     with atomic_path(path) as tmp, open(tmp, "w") as f:
         for doc, pos in _documents(np.asarray(store.doc_ids)):
             ids = np.asarray(store.tokens).reshape(-1)[pos].tolist()
             k, sc = keep.reshape(-1)[pos], score_arr.reshape(-1)[pos]
             text, spans = _spans(token_texts(tokenizer, ids), k, sc)
-            record = {"run": name, "doc_id": doc, "source_id": documents[doc] if doc < len(documents) else None,
+            record = {"run": run.name, "doc_id": doc, "source_id": documents[doc] if doc < len(documents) else None,
                       "method": summary["method"], "ratio": ratio, "score": score_kind,
                       "n_tokens": len(ids), "n_selected": int(k.sum()), "text": text, "spans": spans,
                       "selected_text": "".join(text[s["start"]:s["end"]] for s in spans)}

@@ -30,7 +30,6 @@ With grad there are two paths:
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -39,15 +38,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from selective_lm.selection import lookup, select
+from .selection import scores, select
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
     "MAX_CHUNK_LOGITS",
-    "SCORE_KINDS",
     "SelectiveLoss",
     "forward_hidden",
-    "scores",
     "selected_loss_sum",
     "selective_lm_loss",
     "token_losses",
@@ -264,38 +261,6 @@ def forward_hidden(
         raise ValueError(f"{type(lm).__name__} is not a causal LM with a backbone and output embeddings")
     out = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     return out.last_hidden_state, head
-
-
-SCORE_KINDS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
-    "excess": lambda own, ref: own - ref,  # the paper: what the model still has to learn
-    "loss": lambda own, ref: own,  # hardest tokens by the model's own loss
-    "reference": lambda own, ref: -ref,  # tokens the reference finds easy
-    "none": lambda own, ref: torch.zeros_like(own),  # no preference: pair with random/stochastic
-}
-_NEEDS_REF = ("excess", "reference")
-
-
-def scores(kind: str, own_loss: Tensor, ref_loss: Tensor | None = None) -> Tensor:
-    """Selection scores `[B, T]` (higher = train it) from own losses `[B, T]` and reference losses.
-
-    Valid positions are those where own_loss is not NaN (as `token_losses` returns it); ref_loss
-    must be finite there. With `none` all scores are 0: strategies `random` and `stochastic`
-    then select uniformly, `topk` would take the earliest positions (ties go by position).
-    """
-    fn = lookup("score kind", kind, SCORE_KINDS)
-    own = own_loss.detach()
-    ref = own
-    if kind in _NEEDS_REF:
-        if ref_loss is None:
-            raise ValueError(f"score kind {kind!r} needs reference losses (ref_loss)")
-        if ref_loss.shape != own.shape:
-            raise ValueError(
-                f"ref_loss {tuple(ref_loss.shape)} must have the shape of own_loss {tuple(own.shape)}"
-            )
-        ref = ref_loss.detach().to(device=own.device, dtype=own.dtype)
-        if torch.isnan(ref[~torch.isnan(own)]).any():
-            raise ValueError("ref_loss is NaN at a valid position: the score store does not match the tokens")
-    return fn(own, ref)
 
 
 @dataclass(frozen=True)

@@ -1,19 +1,24 @@
-"""Load any Hugging Face causal LM (hub id, local dir, embedded, tiny random), wrap it for LoRA
-or full fine-tuning, and fingerprint tokenizers so stores can refuse a mismatch.
+"""Load any Hugging Face causal LM (hub id, local dir, embedded, tiny random), a trained run or the
+reference; wrap it for LoRA or full fine-tuning; fingerprint tokenizers so stores can refuse a
+mismatch; and turn token ids back into display text.
 """
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .assets import byte_tokenizer, embedded_model_dir
-from .common import UserError
-from .config import ModelConfig
+from .config import Config, ModelConfig
+from .errors import UserError
+from .files import read_json
+from .layout import OutDir
 
 RANDOM_MODELS = {
     # hidden ≤ 128 and two layers: the smoke preset and tests train it in seconds on a CPU.
@@ -124,3 +129,111 @@ def apply_lora(model: Any, cfg: ModelConfig) -> Any:
 
 def _linear_names(model: Any) -> set[str]:
     return {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+
+
+# --------------------------------------------------------------------------- token text
+
+
+def _byte_decoder() -> dict[str, int]:
+    """Inverse of GPT-2's byte → printable-char map, used by byte-level BPE vocabularies."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return {c: b for b, c in chars.items()}
+
+
+_BYTES = _byte_decoder()
+
+
+def _raw_bytes(token: str) -> bytes | None:
+    """The bytes behind a byte-level token ('Ã' ...) or a byte-fallback token ('<0xC3>'); None if neither."""
+    if m := re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", token):
+        return bytes([int(m.group(1), 16)])
+    if token and all(c in _BYTES for c in token):
+        return bytes(_BYTES[c] for c in token)
+    return None
+
+
+def token_texts(tokenizer: Any, ids: list[int]) -> list[str]:
+    """Display text per token; a character split over byte tokens shows on its last byte token.
+
+    Decoding one token at a time turns each byte of 'é' into '�': such tokens are fed through an
+    incremental UTF-8 decoder instead, so the page reads like the text.
+    """
+    if tokenizer is None:
+        return [f"{i} " for i in ids]
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    texts = []
+    for tok in tokenizer.convert_ids_to_tokens(ids):
+        tok = tok or ""
+        text = tokenizer.convert_tokens_to_string([tok])
+        raw = _raw_bytes(tok) if "\ufffd" in text and "\ufffd" not in tok else None
+        if raw is None:
+            texts.append(decoder.decode(b"", final=True) + text)
+            decoder.reset()
+        else:
+            texts.append(decoder.decode(raw))
+    return texts
+
+
+# --------------------------------------------------------------------------- the reference
+
+
+def load_reference_model(cfg: Config, out: str | Path | OutDir) -> Any:
+    """The reference as a plain causal LM in eval mode (LoRA merged: scoring needs no adapter overhead)."""
+    out = OutDir.of(out)
+    desc_path = out.reference.reference_json
+    if not desc_path.is_file():
+        raise UserError(f"no reference model in {out.reference.path}: run `slm reference --out {out}` first")
+    desc = read_json(desc_path)
+    tokenizer = load_tokenizer(cfg.model)
+    if desc.get("tokenizer_fingerprint") != tokenizer_fingerprint(tokenizer):
+        raise UserError("the reference model's tokenizer differs from the student's: they must share one "
+                        f"(rerun `slm reference --out {out}`)")
+    return open_reference(cfg, out, desc, tokenizer)
+
+
+def open_reference(cfg: Config, out: OutDir, desc: dict[str, Any], tokenizer: Any) -> Any:
+    """Load the reference that `desc` (reference.json) describes and check its vocabulary."""
+    if desc["mode"] == "self":
+        model = load_model(cfg.model, vocab_size=len(tokenizer))
+    elif desc["mode"] == "trained" and out.reference.model_dir.is_dir():
+        model = load_model(cfg.model, path=str(out.reference.model_dir))
+    else:
+        adapter = out.reference.adapter_dir if desc["mode"] == "trained" else Path(desc["path"])
+        try:
+            model = load_trained(cfg.model, adapter, len(tokenizer))
+        except RuntimeError as e:  # peft/torch: an adapter of another base model (shape mismatch)
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(f"the reference in {adapter} does not fit model {cfg.model.name}: {first}") from None
+    n_emb = model.get_input_embeddings().num_embeddings
+    if n_emb < len(tokenizer):
+        raise UserError(f"the reference model has {n_emb} embeddings but the tokenizer {len(tokenizer)} tokens: "
+                        "reference and student must share the tokenizer")
+    if desc["mode"] == "path" and not desc.get("own_tokenizer"):
+        # No tokenizer files to compare: a vocabulary of another size means another tokenizer.
+        student = _student_vocab_size(cfg, tokenizer)
+        if student is not None and n_emb != student:
+            raise UserError(f"the reference model in {desc['path']} has a vocabulary of {n_emb}, the student "
+                            f"{student}: reference and student must share the tokenizer")
+    model.eval().requires_grad_(False)
+    return model
+
+
+def _student_vocab_size(cfg: Config, tokenizer: Any) -> int | None:
+    """The student's embedding rows, from its config (no weights loaded); None if the config has none."""
+    if cfg.model.name.startswith("random:"):
+        return len(tokenizer)  # models.load_model builds random models with exactly the tokenizer's size
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(model_source(cfg.model), revision=cfg.model.revision,
+                                            trust_remote_code=cfg.model.trust_remote_code)
+    except (OSError, ValueError):
+        return None
+    return getattr(config.get_text_config(), "vocab_size", None)

@@ -9,9 +9,7 @@ returned as a string, self-contained (inline CSS, no external assets).
 
 from __future__ import annotations
 
-import codecs
 import html
-import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,7 +18,9 @@ import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
 
-from selective_lm.common import atomic_path
+from .analysis.buckets import BUCKETS
+from .files import atomic_path
+from .models import token_texts
 
 DPI = 120
 HTML_BLOCKS = 3
@@ -103,8 +103,7 @@ def buckets(panels: Mapping[str, Mapping[str, Mapping[str, float]]], path: Path)
     axes = fig.subplots(1, len(panels), squeeze=False)
     for ax, (title, table) in zip(axes[0], panels.items(), strict=True):
         runs = list(table)
-        transitions = ["H->H", "H->L", "L->H", "L->L"]
-        series = {t: [100 * table[r].get(t, np.nan) for r in runs] for t in transitions}
+        series = {t: [100 * table[r].get(t, np.nan) for r in runs] for t in BUCKETS}
         _grouped_bars(ax, runs, series, "{:.0f}", colors=["#7f7f7f", "#2ca02c", "#d62728", "#1f77b4"])
         ax.set_ylabel("share of tokens (%)")
         ax.set_title(title)
@@ -145,53 +144,6 @@ def selection(runs: Sequence[str], noise: Sequence[float], clean: Sequence[float
 
 
 # ---------------------------------------------------------------- selection.html
-
-
-def _byte_decoder() -> dict[str, int]:
-    """Inverse of GPT-2's byte → printable-char map, used by byte-level BPE vocabularies."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    chars, extra = {}, 0
-    for b in range(256):
-        if b in keep:
-            chars[b] = chr(b)
-        else:
-            chars[b] = chr(256 + extra)
-            extra += 1
-    return {c: b for b, c in chars.items()}
-
-
-_BYTES = _byte_decoder()
-
-
-def _raw_bytes(token: str) -> bytes | None:
-    """The bytes behind a byte-level token ('Ã' ...) or a byte-fallback token ('<0xC3>'); None if neither."""
-    if m := re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", token):
-        return bytes([int(m.group(1), 16)])
-    if token and all(c in _BYTES for c in token):
-        return bytes(_BYTES[c] for c in token)
-    return None
-
-
-def token_texts(tokenizer: Any, ids: list[int]) -> list[str]:
-    """Display text per token; a character split over byte tokens shows on its last byte token.
-
-    Decoding one token at a time turns each byte of 'é' into '�': such tokens are fed through an
-    incremental UTF-8 decoder instead, so the page reads like the text.
-    """
-    if tokenizer is None:
-        return [f"{i} " for i in ids]
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    texts = []
-    for tok in tokenizer.convert_ids_to_tokens(ids):
-        tok = tok or ""
-        text = tokenizer.convert_tokens_to_string([tok])
-        raw = _raw_bytes(tok) if "\ufffd" in text and "\ufffd" not in tok else None
-        if raw is None:
-            texts.append(decoder.decode(b"", final=True) + text)
-            decoder.reset()
-        else:
-            texts.append(decoder.decode(raw))
-    return texts
 
 
 _CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:80em;color:#222}

@@ -9,7 +9,6 @@ about them are computed from the inputs.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,9 +16,12 @@ from typing import Any
 
 import numpy as np
 
-from selective_lm import plots
-from selective_lm.common import UserError, read_json, write_text
-from selective_lm.config import Config
+from . import plots
+from .analysis.buckets import BUCKETS
+from .config import Config
+from .errors import UserError
+from .files import read_json, write_text
+from .layout import OutDir
 
 BASELINES = ("base", "reference", "clm", "oracle")
 NOT_SLM = {*BASELINES, "random"}
@@ -28,29 +30,31 @@ NA = "—"
 PAR_PCT = 0.05
 
 
-def report(cfg: Config, out: Path) -> dict[str, Any]:
+def report(cfg: Config, out: str | Path | OutDir) -> dict[str, Any]:
     """The stage entry point: the tokenizer (for the HTML page) is the only thing taken from `cfg`."""
-    out = Path(out)
+    out = OutDir.of(out)
     tokenizer = None
-    if any((out / "runs").glob("*/selection_sample.npz")):
-        from selective_lm.models import load_tokenizer
+    if any(r.selection_sample.is_file() for r in out.run_dirs()):
+        from .models import load_tokenizer
 
         tokenizer = load_tokenizer(cfg.model)
     return write_report(out, tokenizer)
 
 
-def write_report(out: Path, tokenizer: Any = None) -> dict[str, Any]:
+def write_report(out: str | Path | OutDir, tokenizer: Any = None) -> dict[str, Any]:
     """Write report.md, plots/*.png and selection.html under `out`; return what was written or skipped."""
-    out = Path(out)
-    results = read_json(out / "results.json")
+    out = OutDir.of(out)
+    if not out.results.is_file():
+        raise UserError(f"no {out.results}: run `slm analyze --out {out}` (or `slm run`) first")
+    results = read_json(out.results)
     if not isinstance(results, dict):
-        raise UserError(f"{out / 'results.json'} is not a JSON object")
+        raise UserError(f"{out.results} is not a JSON object")
     runs: dict[str, dict[str, Any]] = results.get("runs") or {}
     order = sorted(runs, key=lambda n: _run_key(n, runs[n]))
     splits = _splits(runs)
     written: dict[str, Any] = {"plots": {}, "skipped": {}}
 
-    logs = {n: _read_log(out / "runs" / n / "log.jsonl") for n in _run_dirs(out, order)}
+    logs = {n: _loss_points(out.run(n).log()) for n in _run_dirs(out, order)}
     logs = {n: pts for n, pts in logs.items() if pts}
     cos_names, cos_matrix = _cosine_matrix(results.get("cosine") or {}, order)
     bucket_panels = {
@@ -82,7 +86,7 @@ def write_report(out: Path, tokenizer: Any = None) -> dict[str, Any]:
     }
     for name, (data, draw, why) in figures.items():
         if data:
-            path = out / "plots" / f"{name}.png"
+            path = out.plot(name)
             draw(path)
             written["plots"][name] = str(path)
         else:
@@ -91,10 +95,10 @@ def write_report(out: Path, tokenizer: Any = None) -> dict[str, Any]:
     samples = _read_samples(out, order)
     written["html"] = None
     if samples:
-        noise_path = out / "data" / "train" / "noise_mask.npy"
+        noise_path = out.store_dir("train") / "noise_mask.npy"
         noise = np.load(noise_path, mmap_mode="r") if noise_path.is_file() else None
-        write_text(out / "selection.html", plots.selection_html(samples, noise, tokenizer))
-        written["html"] = str(out / "selection.html")
+        write_text(out.selection_html, plots.selection_html(samples, noise, tokenizer))
+        written["html"] = str(out.selection_html)
     else:
         written["skipped"]["selection.html"] = "no runs/*/selection_sample.npz"
 
@@ -107,8 +111,8 @@ def write_report(out: Path, tokenizer: Any = None) -> dict[str, Any]:
         _selection_section(selection, sel_runs),
         _links_section(written),
     ]
-    write_text(out / "report.md", "\n\n".join(sections) + "\n")
-    written["report"] = str(out / "report.md")
+    write_text(out.report, "\n\n".join(sections) + "\n")
+    written["report"] = str(out.report)
     return written
 
 
@@ -132,30 +136,27 @@ def _ppl(run: dict[str, Any], split: str) -> float:
     return float(((run.get("val") or {}).get(split) or {}).get("ppl", np.nan))
 
 
-def _run_dirs(out: Path, order: list[str]) -> list[str]:
+def _run_dirs(out: OutDir, order: list[str]) -> list[str]:
     """Runs in results.json order, plus run directories not (yet) in results.json."""
-    extra = sorted(p.name for p in (out / "runs").glob("*") if p.is_dir() and p.name not in order)
+    extra = [r.name for r in out.run_dirs() if r.name not in order]
     return [*order, *extra]
 
 
-def _read_log(path: Path) -> list[tuple[int, float]]:
-    """(step, loss) pairs; a torn last line (killed process) or a line without a loss is skipped."""
-    if not path.is_file():
-        return []
+def _loss_points(log: list[dict[str, Any]]) -> list[tuple[int, float]]:
+    """(step, loss) pairs of a run's log; a record without a usable loss is skipped."""
     points = []
-    for line in path.read_text().splitlines():
+    for row in log:
         try:
-            row = json.loads(line)
             points.append((int(row["step"]), float(row["loss"])))
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+        except (KeyError, TypeError, ValueError):
             continue
     return points
 
 
-def _read_samples(out: Path, order: list[str]) -> dict[str, dict[str, np.ndarray]]:
+def _read_samples(out: OutDir, order: list[str]) -> dict[str, dict[str, np.ndarray]]:
     samples = {}
     for n in _run_dirs(out, order):
-        path = out / "runs" / n / "selection_sample.npz"
+        path = out.run(n).selection_sample
         if path.is_file():
             with np.load(path) as z:
                 samples[n] = {k: z[k] for k in ("rows", "tokens", "weights")}
@@ -383,12 +384,9 @@ def _buckets_section(panels: dict[str, dict[str, dict[str, float]]]) -> str:
         "trajectory method": "Rho-1's method: start and end are the ends of a straight line fitted to each "
         "token's loss over the run's checkpoints, so one noisy snapshot does not decide a token's bucket.",
     }
-    transitions = ["H->H", "H->L", "L->H", "L->L"]
     for title, table in panels.items():
-        rows = [
-            [f"`{n}`"] + [_fmt(100 * table[n][t], ".1f") if t in table[n] else NA for t in transitions] for n in table
-        ]
-        text += [f"### {title.capitalize()}", about[title], _table(["run"] + [f"{t} %" for t in transitions], rows)]
+        rows = [[f"`{n}`"] + [_fmt(100 * table[n][t], ".1f") if t in table[n] else NA for t in BUCKETS] for n in table]
+        text += [f"### {title.capitalize()}", about[title], _table(["run"] + [f"{t} %" for t in BUCKETS], rows)]
     return "\n\n".join(text)
 
 
@@ -407,11 +405,7 @@ def _selection_section(selection: dict[str, dict[str, float]], order: list[str])
     title = "## Selection diagnostics"
     if not selection:
         return f"{title}\n\nNo selection diagnostics in results.json."
-    extra = [
-        k
-        for k in ("ref_loss_selected", "ref_loss_unselected", "excess_selected", "excess_unselected")
-        if any(k in selection[n] for n in order)
-    ]
+    extra = [k for k in ("ref_loss_selected", "ref_loss_unselected") if any(k in selection[n] for n in order)]
     rows = []
     for n in order:
         d = selection[n]

@@ -1,7 +1,11 @@
-"""Token selection for SLM: per-token scores and a validity mask in, a mask (or weights) out.
+"""Token selection for SLM: score kinds (own and reference losses -> scores) and strategies
+(scores and a validity mask -> a mask or weights), each in a registry.
 
 Pure tensor functions: no model calls, no files, no logging. Every tensor is `[B, T]`; position
 `t` stands for the target token `t` (see `loss.py` for the next-token shift).
+
+Adding a strategy is one `STRATEGIES` entry (and its key function): the config's choices
+(`train.method`, `grid.methods`) are read from the registry, as `train.score` is from `SCORE_KINDS`.
 
 Rules shared by every strategy and scope:
 
@@ -25,7 +29,6 @@ Rules shared by every strategy and scope:
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
@@ -34,7 +37,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["SCOPES", "STRATEGIES", "lookup", "num_selected", "select"]
+from .errors import did_you_mean
+
+__all__ = ["SCOPES", "SCORE_KINDS", "STRATEGIES", "lookup", "num_selected", "scores", "select", "trainable_mask"]
 
 V = TypeVar("V")
 # Lazily drawn Gumbel(0, 1) noise `[B, T]` (zero at invalid positions): topk draws nothing.
@@ -45,17 +50,63 @@ def lookup(what: str, name: str, registry: Mapping[str, V]) -> V:
     """`registry[name]`, or a ValueError that suggests the closest name."""
     if name in registry:
         return registry[name]
-    close = difflib.get_close_matches(str(name), list(registry), n=1)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
-    raise ValueError(f"unknown {what} {name!r}{hint} (choices: {', '.join(registry)})")
+    raise ValueError(f"unknown {what} {name!r}{did_you_mean(name, registry)} (choices: {', '.join(registry)})")
+
+
+# --------------------------------------------------------------------------- score kinds
+
+SCORE_KINDS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
+    "excess": lambda own, ref: own - ref,  # the paper: what the model still has to learn
+    "loss": lambda own, ref: own,  # hardest tokens by the model's own loss
+    "reference": lambda own, ref: -ref,  # tokens the reference finds easy
+    "none": lambda own, ref: torch.zeros_like(own),  # no preference: pair with random/stochastic
+}
+NEEDS_REFERENCE = ("excess", "reference")  # score kinds that read reference losses
+
+
+def scores(kind: str, own_loss: Tensor, ref_loss: Tensor | None = None) -> Tensor:
+    """Selection scores `[B, T]` (higher = train it) from own losses `[B, T]` and reference losses.
+
+    Valid positions are those where own_loss is not NaN (as `token_losses` returns it); ref_loss
+    must be finite there. With `none` all scores are 0: strategies `random` and `stochastic`
+    then select uniformly, `topk` would take the earliest positions (ties go by position).
+    """
+    fn = lookup("score kind", kind, SCORE_KINDS)
+    own = own_loss.detach()
+    ref = own
+    if kind in NEEDS_REFERENCE:
+        if ref_loss is None:
+            raise ValueError(f"score kind {kind!r} needs reference losses (ref_loss)")
+        if ref_loss.shape != own.shape:
+            raise ValueError(
+                f"ref_loss {tuple(ref_loss.shape)} must have the shape of own_loss {tuple(own.shape)}"
+            )
+        ref = ref_loss.detach().to(device=own.device, dtype=own.dtype)
+        if torch.isnan(ref[~torch.isnan(own)]).any():
+            raise ValueError("ref_loss is NaN at a valid position: the score store does not match the tokens")
+    return fn(own, ref)
+
+
+def trainable_mask(valid: Tensor, noise: Tensor | None, oracle: bool) -> Tensor:
+    """The positions a run may train on: `valid`, minus the injected noise for the oracle `[B, T]`."""
+    if not oracle:
+        return valid
+    if noise is None:
+        raise ValueError("the oracle needs a noise mask")
+    return valid & ~noise
+
+
+# --------------------------------------------------------------------------- strategies
 
 
 @dataclass(frozen=True)
 class _Strategy:
-    """keys: ranking keys, most significant first, each `[B, T]`; log_weights: `[B, T]` for soft mode."""
+    """keys: ranking keys, most significant first, each `[B, T]`; log_weights: `[B, T]` for soft mode;
+    uses_scores: False when the strategy ignores the scores (a run of it then needs no reference)."""
 
     keys: Callable[[Tensor, Noise, float], tuple[Tensor, ...]]
     log_weights: Callable[[Tensor, float], Tensor]
+    uses_scores: bool = True
 
 
 def _positive_log(scores: Tensor) -> Tensor:
@@ -77,7 +128,7 @@ STRATEGIES: dict[str, _Strategy] = {
     # Highest scores; soft: softmax(score / T).
     "topk": _Strategy(lambda s, noise, temp: (s,), lambda s, temp: s / temp),
     # Uniform without replacement; soft: equal weights.
-    "random": _Strategy(lambda s, noise, temp: (noise(),), lambda s, temp: torch.zeros_like(s)),
+    "random": _Strategy(lambda s, noise, temp: (noise(),), lambda s, temp: torch.zeros_like(s), uses_scores=False),
     # k draws without replacement, probability ∝ softmax(score / T) (Gumbel-top-k).
     "stochastic": _Strategy(lambda s, noise, temp: (s / temp + noise(),), lambda s, temp: s / temp),
     # The cs512 replication's variant: probability ∝ positive part of the score (excess loss),

@@ -13,29 +13,15 @@ Cosines are computed in float64, module by module, without concatenating the mod
 
 from __future__ import annotations
 
-import itertools
-import json
 import math
 import re
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from safetensors.torch import load_file
 from torch import Tensor
 
-from selective_lm.common import UserError
-
-__all__ = [
-    "full_delta",
-    "load_adapter_delta",
-    "lora_delta",
-    "lora_delta_from_config",
-    "pairwise_cosine",
-    "update_cosine",
-]
+__all__ = ["full_delta", "lora_delta", "lora_delta_from_config", "update_cosine"]
 
 # peft keys: `<prefix><module>.lora_A[.<adapter>].weight` (Linear; the adapter name is present
 # in a live model's state_dict and dropped on save) or `<module>.lora_embedding_A[.<adapter>]`.
@@ -140,19 +126,6 @@ def lora_delta_from_config(state_dict: Mapping[str, Tensor], config: Mapping[str
     )
 
 
-def load_adapter_delta(adapter_dir: str | Path) -> dict[str, Tensor]:
-    """ΔW per module of a peft adapter directory (`adapter_config.json` +
-    `adapter_model.safetensors`). Reads safetensors only: never unpickles a `.bin`."""
-    adapter_dir = Path(adapter_dir)
-    config_path = adapter_dir / "adapter_config.json"
-    weights_path = adapter_dir / "adapter_model.safetensors"
-    for path in (config_path, weights_path):
-        if not path.is_file():
-            raise UserError(f"{path} not found: expected a peft adapter saved as safetensors")
-    config = json.loads(config_path.read_text())
-    return lora_delta_from_config(load_file(weights_path), config)
-
-
 def full_delta(run_state: Mapping[str, Tensor], base_state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """W_run − W_base (float32) for every floating-point tensor present in both state dicts.
 
@@ -214,40 +187,3 @@ def update_cosine(
         per_module[name] = _cosine(d, na, nb)
         dot, sq_a, sq_b = dot + d, sq_a + na, sq_b + nb
     return _cosine(dot, sq_a, sq_b), per_module
-
-
-def pairwise_cosine(deltas: Mapping[str, Mapping[str, Tensor]]) -> dict[str, float]:
-    """Overall `update_cosine` of every unordered pair of runs, keyed `"<run a>|<run b>"`
-    (a before b in `deltas`' order, as results.json's `cosine`).
-
-    Each module is converted to float64 once for all runs and their Gram matrix taken, instead
-    of once per pair. A pair is over the modules both runs have; ValueError as `update_cosine`.
-    """
-    names = list(deltas)
-    if bad := [n for n in names if "|" in n]:
-        raise ValueError(f"run names must not contain '|': {bad}")
-    n = len(names)
-    dot = np.zeros((n, n))
-    sq = np.zeros((n, n))  # sq[i, j] = Σ |Δ_i|² over the modules runs i and j share
-    shared = np.zeros((n, n), dtype=np.int64)
-    modules = dict.fromkeys(m for name in names for m in deltas[name])
-    for module in modules:
-        present = [i for i, name in enumerate(names) if module in deltas[name]]
-        if len(present) < 2:
-            continue
-        tensors = [deltas[names[i]][module] for i in present]
-        if len({tuple(t.shape) for t in tensors}) > 1:
-            shapes = {names[i]: tuple(t.shape) for i, t in zip(present, tensors, strict=True)}
-            raise ValueError(f"{module}: shapes differ between runs {shapes}")
-        vecs = torch.stack([_flat64(t) for t in tensors])
-        gram = (vecs @ vecs.T).numpy()
-        idx = np.ix_(present, present)
-        dot[idx] += gram
-        sq[idx] += np.diag(gram)[:, None]
-        shared[idx] += 1
-    result: dict[str, float] = {}
-    for i, j in itertools.combinations(range(n), 2):
-        if shared[i, j] == 0:
-            raise ValueError(f"runs {names[i]!r} and {names[j]!r} have no module in common")
-        result[f"{names[i]}|{names[j]}"] = _cosine(dot[i, j], sq[i, j], sq[j, i])
-    return result

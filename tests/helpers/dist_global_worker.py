@@ -1,6 +1,6 @@
 """One rank of test_selection's two-process `global` scope test (gloo, CPU).
 
-Usage: python _dist_global_worker.py RANK WORLD_SIZE PORT OUT.pt. Rank r builds its own
+Usage: python tests/helpers/dist_global_worker.py RANK WORLD_SIZE PORT OUT.pt. Rank r builds its own
 micro-batch (rank 0: 3 rows x 12, rank 1: 2 rows x 9, so shapes differ), selects with
 scope="global" under identically seeded generators, and saves its inputs and masks to OUT.
 """

@@ -1,6 +1,6 @@
 """`slm` in a child process that test_train.py can kill at a known point.
 
-Usage: python _train_proc.py PAUSE_AT MARKER slm-args... Runs `selective_lm.cli.main(slm-args)`;
+Usage: python tests/helpers/train_proc.py PAUSE_AT MARKER slm-args... Runs `selective_lm.cli.main(slm-args)`;
 when the loop is about to run optimizer step PAUSE_AT (0-based), it writes MARKER and sleeps, so
 the test can SIGKILL it with everything up to that step on disk (checkpoints, log lines).
 """
@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from selective_lm import cli
-from selective_lm.train import Trainer
+from selective_lm.trainer import Trainer
 
 
 def main(pause_at: int, marker: str, argv: list[str]) -> int:

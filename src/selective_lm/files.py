@@ -1,4 +1,4 @@
-"""Small shared helpers: the user-error type, atomic file writes, fingerprints, the out-dir lock.
+"""Files: atomic writes, JSON reading, content digests and fingerprints, the out-dir lock.
 
 Everything a stage writes goes through the atomic helpers here, so that a killed process
 never leaves a file that looks complete but is not.
@@ -16,9 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-
-class UserError(Exception):
-    """A mistake the user can fix (bad config, missing file, ...): the CLI exits 2 with one line."""
+from .errors import UserError
 
 
 def _umask() -> int:
@@ -96,6 +94,15 @@ def fingerprint(*parts: Any) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def file_digest(path: Path) -> str:
+    """sha256 of a file's bytes (first 16 hex digits), read in 4 MB pieces."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -107,13 +114,14 @@ def _alive(pid: int) -> bool:
 
 
 @contextlib.contextmanager
-def run_lock(out: Path) -> Iterator[None]:
-    """One writer per out dir: a second `slm run` fails naming the holder; a dead holder's lock is taken over."""
+def run_lock(path: Path) -> Iterator[None]:
+    """One writer per out dir through the lock file `path`: a second holder fails naming the first;
+    a dead holder's lock is taken over."""
+    out = path.parent
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"cannot create output directory {out}: {e.strerror or e}") from None
-    path = out / ".slm.lock"
     while True:
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)

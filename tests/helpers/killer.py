@@ -1,6 +1,6 @@
 """Run the slm CLI, SIGKILL-ing itself at a chosen point (for tests/test_reliability.py).
 
-usage: python tests/_killer.py POINT N -- <slm args>
+usage: python tests/helpers/killer.py POINT N -- <slm args>
 POINT is one of the keys of `POINTS`; the process dies at the N-th time it reaches it.
 """
 
@@ -31,9 +31,9 @@ def _die_on_call(module: Any, name: str, n: int, before: bool = False) -> None:
 
 def _die_on_write(pattern: str, n: int) -> None:
     """Die right after the n-th atomic write of a file whose name contains `pattern`."""
-    from selective_lm import common
+    from selective_lm import files
 
-    original = common.write_text
+    original = files.write_text
     calls = {"n": 0}
 
     def wrapper(path: Any, text: str) -> None:
@@ -43,21 +43,21 @@ def _die_on_write(pattern: str, n: int) -> None:
             if calls["n"] == n:
                 os.kill(os.getpid(), signal.SIGKILL)
 
-    common.write_text = wrapper
+    files.write_text = wrapper
 
 
 def main() -> int:
     point, n, sep, *argv = sys.argv[1:]
     assert sep == "--"
     n = int(n)
-    from selective_lm import plots, train
+    from selective_lm import plots, trainer
 
     if point == "score":  # mid-score: after some rows are on disk
         _die_on_write(".ref_loss.progress.json", n)
     elif point == "train":  # mid-training: at the start of an optimizer step
-        _die_on_call(train.Trainer, "_step", n, before=True)
+        _die_on_call(trainer.Trainer, "_step", n, before=True)
     elif point == "checkpoint":  # during a checkpoint write: the weights file is written, the rest not
-        _die_on_call(train, "save_file", n)
+        _die_on_call(trainer, "save_file", n)
     elif point == "eval":  # mid-evaluation
         _die_on_write(".progress.json", n)
     elif point == "report":  # during the report: some plots written

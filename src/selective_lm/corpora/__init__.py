@@ -1,0 +1,77 @@
+"""Corpora behind one registry: `data.corpus` names an entry of `CORPORA`.
+
+The contract: a corpus is a function `(data: DataConfig) -> dict[split, Split]`. Each `Split`
+holds an iterable of `Document`s (consumed once, streamed: it may be a generator over a corpus
+larger than memory) and extra `meta.json` fields for that split (`sources`, `problems`, ...).
+`slm prepare` tokenizes and packs the documents, injects noise into `train` when
+`data.noise_rate > 0`, and writes one token store per split. The splits the study reads are
+`reference` (the reference model's data), `train`, and the `eval.splits` (by default
+`val_clean`, `val_noisy`); a corpus may provide any subset and more.
+
+Adding a corpus is one new file in this package:
+
+    # corpora/mycorpus.py
+    from . import Document, Split, register
+
+    @register("mycorpus")
+    def mycorpus(data):
+        docs = [Document(t) for t in ("first document", "second document")]
+        return {"train": Split(docs, {"sources": {"corpus": "mycorpus"}})}
+
+Every module of this package is imported when the registry is first used, so the file is all
+it takes (`data.corpus=mycorpus`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ..config import DataConfig
+
+
+@dataclass(frozen=True)
+class Document:
+    """One document to pack. `group` (e.g. a CHAMP problem) keeps foreign-step noise from its own
+    group; the first `protect` characters are never corrupted; `origin` is counted in meta.json;
+    `source_id` is listed there so exported selections can name their source."""
+
+    text: str
+    source_id: str | None = None
+    group: str | None = None
+    protect: int = 0
+    origin: str = "custom"
+
+
+@dataclass(frozen=True)
+class Split:
+    """A split's documents (an iterable consumed once) and extra fields for its meta.json."""
+
+    documents: Iterable[Document]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+Corpus = Callable[["DataConfig"], dict[str, Split]]
+CORPORA: dict[str, Corpus] = {}
+
+
+def register(name: str) -> Callable[[Corpus], Corpus]:
+    """Decorator: make a corpus function available as `data.corpus=<name>`."""
+
+    def add(fn: Corpus) -> Corpus:
+        CORPORA[name] = fn
+        return fn
+
+    return add
+
+
+def _discover() -> None:
+    for module in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{module.name}")
+
+
+_discover()

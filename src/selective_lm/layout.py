@@ -1,0 +1,367 @@
+"""The one owner of the on-disk layout under `--out`: token stores, score stores, runs.
+
+```
+<out>/data/<split>/      token store: tokens.npy, doc_ids.npy, [noise_mask.npy], meta.json
+<out>/scores/<split>/    score store: ref_loss.npy (+ meta.json with the fingerprints it was made from)
+<out>/reference/         the reference model (a RunDir) + reference.json
+<out>/base/              evaluation outputs of the untrained base model (a RunDir without weights)
+<out>/runs/<name>/       one training run (a RunDir)
+<out>/analysis.json, results.json, report.md, plots/, selection.html, selected.jsonl, bench.json
+```
+
+Every stage asks `OutDir` / `RunDir` for a path; no other module joins paths under `--out`.
+The token store is memory-mapped (`np.load(mmap_mode="r")`), so corpora larger than RAM work.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .config import Config
+from .errors import UserError
+from .files import fingerprint, read_json, run_lock
+
+STORE_FORMAT = 1
+BASELINE_DIRS = ("reference", "base")  # evaluated models that are not runs under runs/
+
+
+# --------------------------------------------------------------------------- token store
+
+
+@dataclass(frozen=True)
+class TokenStore:
+    """A split's store, memory-mapped: tokens and doc_ids int32 [n_blocks, block_len],
+    noise_mask bool of the same shape (None when no noise was injected)."""
+
+    path: Path
+    tokens: np.ndarray
+    doc_ids: np.ndarray
+    noise_mask: np.ndarray | None
+    meta: dict[str, Any]
+
+    @property
+    def n_blocks(self) -> int:
+        return int(self.tokens.shape[0])
+
+    @property
+    def block_len(self) -> int:
+        return int(self.tokens.shape[1])
+
+    @property
+    def fingerprint(self) -> str:
+        """Identifies the store's content and settings: score stores and token losses record it."""
+        return fingerprint(self.meta)
+
+
+class BlockOrder:
+    """The data order shared by every run of a comparison: epoch permutations seeded by `seed`.
+
+    Position p of the training stream is block `perm_e[p % n_blocks]` with e = p // n_blocks;
+    it depends on the store size and the seed only, so runs that differ in their loss mask
+    read the same blocks in the same order, and scoring can know which blocks a grid reads.
+    """
+
+    def __init__(self, n_blocks: int, seed: int) -> None:
+        self.n_blocks, self.seed = n_blocks, seed
+        self._cache: dict[int, np.ndarray] = {}
+
+    def blocks(self, start: int, count: int) -> np.ndarray:
+        """Block indices at stream positions [start, start + count)."""
+        pos = np.arange(start, start + count)
+        out = np.empty(count, dtype=np.int64)
+        for epoch in np.unique(pos // self.n_blocks):
+            perm = self._cache.get(int(epoch))
+            if perm is None:
+                perm = np.random.default_rng([self.seed, int(epoch)]).permutation(self.n_blocks)
+                self._cache = {int(epoch): perm}
+            sel = pos // self.n_blocks == epoch
+            out[sel] = perm[pos[sel] % self.n_blocks]
+        return out
+
+
+def store_config_fingerprint(cfg: Config, split: str) -> str:
+    """What produced a split: the data settings that matter to it and the tokenizer named."""
+    data = cfg.data.model_dump(mode="json")
+    data["max_tokens"] = cfg.data.cap(split)
+    return fingerprint(STORE_FORMAT, split, data, cfg.model.tokenizer or cfg.model.name, cfg.model.revision)
+
+
+def _open_array(file: Path, dtype: type, shape: tuple[int, int]) -> np.ndarray:
+    if not file.is_file():
+        raise UserError(f"token store file {file} is missing; rerun `slm prepare`")
+    try:
+        arr = np.load(file, mmap_mode="r")
+    except (OSError, ValueError, EOFError) as e:
+        raise UserError(f"{file} is truncated or corrupt ({e}); rerun `slm prepare`") from None
+    if arr.dtype != np.dtype(dtype) or arr.shape != shape:
+        raise UserError(f"{file} holds {arr.dtype} {arr.shape} but meta.json says {np.dtype(dtype)} {shape}; "
+                        "the store is corrupt, rerun `slm prepare`")
+    return arr
+
+
+def load_store(path: str | Path) -> TokenStore:
+    """Open a token store read-only; UserError (one line) if it is missing, truncated or corrupt."""
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"no token store at {path}; run `slm prepare` first")
+    if not (path / "meta.json").is_file():
+        raise UserError(f"token store {path} has no meta.json (incomplete or not a store); rerun `slm prepare`")
+    meta = read_json(path / "meta.json")
+    try:
+        shape = (int(meta["n_blocks"]), int(meta["block_len"]))
+    except (KeyError, TypeError, ValueError):
+        raise UserError(f"{path / 'meta.json'} lacks n_blocks/block_len; rerun `slm prepare`") from None
+    tokens = _open_array(path / "tokens.npy", np.int32, shape)
+    doc_ids = _open_array(path / "doc_ids.npy", np.int32, shape)
+    noise = _open_array(path / "noise_mask.npy", np.bool_, shape) if meta.get("noise") else None
+    return TokenStore(path, tokens, doc_ids, noise, meta)
+
+
+class BlockFile:
+    """A .npy file [rows, block_len] that grows row by row (the token store's writer).
+
+    numpy pads .npy headers so that the first dimension can be rewritten in place: we write
+    the header for 0 rows, append raw rows, and rewrite the header with the count at the end.
+    """
+
+    def __init__(self, path: Path, dtype: type, block_len: int) -> None:
+        self.dtype, self.block_len, self.rows = np.dtype(dtype), block_len, 0
+        self.f = open(path, "wb")  # closed by close(), also on failure
+        self._header()
+        self.header_len = self.f.tell()
+
+    def _header(self) -> None:
+        np.lib.format.write_array_header_1_0(self.f, {
+            "descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False,
+            "shape": (self.rows, self.block_len)})
+
+    def append(self, rows: np.ndarray) -> None:
+        self.f.write(np.ascontiguousarray(rows, self.dtype).tobytes())
+        self.rows += len(rows)
+
+    def close(self, finished: bool) -> None:
+        if finished:
+            self.f.seek(0)
+            self._header()
+            assert self.f.tell() == self.header_len, "npy header changed size"
+        self.f.close()
+
+
+# --------------------------------------------------------------------------- runs
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """One trained (or evaluated) model's directory: `runs/<name>/`, `reference/` or `base/`."""
+
+    path: Path
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def summary_path(self) -> Path:
+        """train.json: written last, so its presence means the run finished."""
+        return self.path / "train.json"
+
+    @property
+    def finished(self) -> bool:
+        return self.summary_path.is_file()
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        if not self.finished:
+            raise UserError(f"run {self.name!r} has not finished training in {self.path.parent}: "
+                            "run `slm train` first")
+        return read_json(self.summary_path)
+
+    @property
+    def adapter_dir(self) -> Path:
+        return self.path / "adapter"
+
+    @property
+    def model_dir(self) -> Path:
+        return self.path / "model"
+
+    @property
+    def merged_dir(self) -> Path:
+        return self.path / "merged"
+
+    @property
+    def weights_dir(self) -> Path:
+        """The trained weights: the peft adapter (LoRA) if there is one, else the full HF model."""
+        return self.adapter_dir if self.adapter_dir.is_dir() else self.model_dir
+
+    @property
+    def config_path(self) -> Path:
+        return self.path / "config.yaml"
+
+    @property
+    def log_path(self) -> Path:
+        return self.path / "log.jsonl"
+
+    def log(self) -> list[dict[str, Any]]:
+        """The records of log.jsonl; a last line cut short by a kill is dropped."""
+        records = []
+        for line in self.log_path.read_text().splitlines() if self.log_path.is_file() else []:
+            with contextlib.suppress(json.JSONDecodeError):
+                records.append(json.loads(line))
+        return records
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    def checkpoint(self, step: int) -> Path:
+        return self.checkpoints / f"step-{step:06d}"
+
+    def snapshot(self, step: int) -> Path:
+        """Trainable weights at `step`, for the paper's trajectory analysis."""
+        return self.checkpoints / "trajectory" / f"step-{step:06d}.safetensors"
+
+    def snapshots(self) -> list[tuple[int, Path]]:
+        return [(_step_of(p), p) for p in sorted((self.checkpoints / "trajectory").glob("step-*.safetensors"))]
+
+    def token_losses(self, split: str) -> Path:
+        return self.path / "token_losses" / f"{split}.npy"
+
+    def trajectory_losses(self, step: int) -> Path:
+        return self.path / "token_losses" / "trajectory" / f"step-{step:06d}.npy"
+
+    def trajectory_loss_files(self) -> list[tuple[int, Path]]:
+        return [(_step_of(p), p) for p in sorted((self.path / "token_losses" / "trajectory").glob("step-*.npy"))]
+
+    @property
+    def eval_path(self) -> Path:
+        return self.path / "eval.json"
+
+    @property
+    def selection_sample(self) -> Path:
+        return self.path / "selection_sample.npz"
+
+    @property
+    def reference_json(self) -> Path:
+        """The reference's description (only in `reference/`)."""
+        return self.path / "reference.json"
+
+
+def _step_of(path: Path) -> int:
+    return int(path.name.split(".")[0].split("-")[1])
+
+
+# --------------------------------------------------------------------------- the out dir
+
+
+@dataclass(frozen=True)
+class OutDir:
+    """Paths and readers of one experiment directory (`--out`)."""
+
+    root: Path
+
+    @classmethod
+    def of(cls, out: str | Path | OutDir) -> OutDir:
+        return out if isinstance(out, OutDir) else cls(Path(out))
+
+    def __str__(self) -> str:
+        return str(self.root)
+
+    # ---- token and score stores
+
+    def store_dir(self, split: str) -> Path:
+        return self.root / "data" / split
+
+    def store(self, split: str) -> TokenStore:
+        return load_store(self.store_dir(split))
+
+    def scores_dir(self, split: str) -> Path:
+        return self.root / "scores" / split
+
+    def reference_digest(self) -> str | None:
+        """The digest of the current reference's weights (None before `slm reference`)."""
+        path = self.reference.reference_json
+        return read_json(path)["digest"] if path.is_file() else None
+
+    def has_scores(self, split: str) -> bool:
+        return (self.scores_dir(split) / "meta.json").is_file()
+
+    def scores(self, split: str, store: TokenStore, tokenizer_fingerprint: str) -> np.ndarray:
+        """The score store of `split` as a read-only memmap, after checking every fingerprint."""
+        score_dir = self.scores_dir(split)
+        if not (score_dir / "ref_loss.npy").is_file() or not (score_dir / "meta.json").is_file():
+            raise UserError(f"score kind needs reference scores but {score_dir} has none: run `slm score --out "
+                            f"{self.root}` (or use train.score=loss / train.method=random)")
+        meta = read_json(score_dir / "meta.json")
+        if meta.get("token_store") != store.fingerprint:
+            raise UserError(f"the scores in {score_dir} belong to another token store: rerun `slm score`")
+        if meta.get("tokenizer_fingerprint") != tokenizer_fingerprint:
+            raise UserError(f"the scores in {score_dir} were made with another tokenizer: rerun `slm score`")
+        current = self.reference_digest()
+        if current is not None and meta.get("reference") != current:
+            raise UserError(f"the scores in {score_dir} come from another reference model: rerun `slm score`")
+        try:
+            scores = np.load(score_dir / "ref_loss.npy", mmap_mode="r")
+        except (OSError, ValueError) as e:
+            raise UserError(f"{score_dir}/ref_loss.npy is unreadable ({e}): rerun `slm score`") from None
+        if scores.shape != store.tokens.shape or scores.dtype != np.float32:
+            raise UserError(f"{score_dir}/ref_loss.npy has shape {scores.shape}, the tokens {store.tokens.shape}: "
+                            "rerun `slm score`")
+        return scores
+
+    # ---- runs
+
+    @property
+    def reference(self) -> RunDir:
+        return RunDir(self.root / "reference")
+
+    def run(self, name: str) -> RunDir:
+        """`runs/<name>/`, or `reference/` / `base/` for the two evaluated models that are not runs."""
+        return RunDir(self.root / name) if name in BASELINE_DIRS else RunDir(self.root / "runs" / name)
+
+    def run_dirs(self) -> list[RunDir]:
+        """Every directory under runs/ (finished or not), sorted by name."""
+        return sorted((RunDir(p) for p in (self.root / "runs").glob("*") if p.is_dir()), key=lambda r: r.name)
+
+    # ---- outputs
+
+    @property
+    def analysis(self) -> Path:
+        return self.root / "analysis.json"
+
+    @property
+    def results(self) -> Path:
+        return self.root / "results.json"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report.md"
+
+    def plot(self, name: str) -> Path:
+        return self.root / "plots" / f"{name}.png"
+
+    @property
+    def selection_html(self) -> Path:
+        return self.root / "selection.html"
+
+    @property
+    def selected_jsonl(self) -> Path:
+        return self.root / "selected.jsonl"
+
+    @property
+    def bench(self) -> Path:
+        return self.root / "bench.json"
+
+    def lock(self) -> contextlib.AbstractContextManager[None]:
+        """One writer per out dir (see `files.run_lock`)."""
+        return run_lock(self.root / ".slm.lock")
+
+    def iter_runs(self) -> Iterator[RunDir]:
+        """Finished runs under runs/, sorted by name."""
+        return (r for r in self.run_dirs() if r.finished)

@@ -1,0 +1,441 @@
+"""The one training loop, on accelerate: CLM, the oracle, every SLM variant, and the reference.
+
+Compute-matched by construction: every run starts from the same base weights, reads the same
+blocks in the same order (a permutation seeded by `train.seed` only), for the same number of
+optimizer steps; only the loss mask differs. CLM is SLM at ratio 1; `oracle` is CLM on every
+token except the injected noise.
+
+Gradient normalisation: each micro-batch backpropagates the *sum* of its selected token
+losses; at the end of the optimizer step the gradients are summed over ranks (an explicit
+all-reduce, equivalent to DDP) and divided by the number of tokens selected in the whole step
+on all ranks. The update is therefore the gradient of the true mean over trained tokens,
+whatever the accumulation or the per-batch selected count (torchtune's normalisation).
+The model is not wrapped in DDP because the selective loss calls the backbone and the LM
+head separately, which DDP's forward hooks would not see. Data parallel runs start from
+identical weights because LoRA's random init is seeded by `train.seed` (as is the global RNG
+that dropout draws from); launch them with `accelerate launch --multi_gpu --num_processes N`
+(on CPU too: accelerate's `--cpu` with N > 1 needs MPI and otherwise starts one process).
+
+`slm train` (train.py) and `slm reference` (reference.py) both run it; it imports no stage.
+
+Metrics: `log.jsonl` on rank 0, and the same scalars through accelerate's TensorBoard tracker
+under `runs/<name>/tb/` when `tensorboard` is installed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from . import __version__
+from .analysis import selection as diag
+from .config import Config, TrainConfig
+from .errors import UserError
+from .files import atomic_dir, atomic_path, fingerprint, read_json, write_json, write_text
+from .frozen import model_token_losses
+from .layout import BlockOrder, OutDir, RunDir, TokenStore, store_config_fingerprint
+from .loss import selective_lm_loss, valid_mask
+from .models import apply_lora, load_model, load_tokenizer, tokenizer_fingerprint
+from .selection import trainable_mask
+
+# Per-step sums (over micro-batches and ranks) that the log is made of; the selection diagnostics follow.
+STEP_KEYS = ("loss_sum", "n_selected", "n_valid", "n_fed", "score_selected", "score_unselected", "n_unselected")
+STAT_KEYS = (*STEP_KEYS, *diag.FIELDS)
+
+
+class NumericalError(UserError):
+    """A non-finite loss or gradient: the run stops, its last checkpoint stays the good one."""
+
+
+def _lr_lambda(cfg: TrainConfig):
+    def fn(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / (cfg.warmup_steps + 1)
+        if cfg.schedule == "constant":
+            return 1.0
+        progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return fn
+
+
+def _trainable(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _save_trainable(model: torch.nn.Module, path: Path) -> None:
+    """The trainable weights only (a checkpoint's or a trajectory snapshot's), as safetensors."""
+    save_file({k: v.detach().cpu().contiguous() for k, v in _trainable(model).items()}, str(path))
+
+
+class Trainer:
+    """Holds one run's state; `fit()` runs or resumes it. Validates everything before writing."""
+
+    def __init__(self, cfg: Config, out: OutDir, run: RunDir, *, split: str = "train",
+                 reference_model: Any = None) -> None:
+        from accelerate import Accelerator
+        from accelerate.utils import is_tensorboard_available
+
+        self.cfg, self.t, self.out, self.run = cfg, cfg.train, out, run
+        self.name = run.name
+        self.strategy, self.score_kind, self.ratio = self.t.selection_rule()
+        mp = self.t.mixed_precision
+        self.acc = Accelerator(  # creates nothing on disk: the tracker starts in fit(), after validation
+            cpu=not torch.cuda.is_available(),
+            mixed_precision=("bf16" if torch.cuda.is_available() else "no") if mp == "auto" else mp,
+            log_with="tensorboard" if is_tensorboard_available() else None, project_dir=str(self.run.path),
+        )
+        self.split = split
+        self.store: TokenStore = out.store(split)
+        self.tokenizer = load_tokenizer(cfg.model)
+        self._check_store()
+        self.ref_loss: np.ndarray | None = None
+        # Online: the reference model scores each micro-batch (it must be the one the offline scores would
+        # come from); stored scores are then not used at all, not even for the diagnostics.
+        self.online = self.t.needs_reference() and cfg.scoring.mode == "online"
+        if self.online and reference_model is None:
+            raise UserError("scoring.mode=online needs the reference model (run through `slm run`)")
+        self.reference_model = reference_model.to(self.acc.device) if self.online else None
+        tok_fp = tokenizer_fingerprint(self.tokenizer)
+        if self.t.needs_reference() and not self.online:
+            self.ref_loss = out.scores(split, self.store, tok_fp)
+        elif not self.online and out.has_scores(split):  # diagnostics only
+            with contextlib.suppress(UserError):
+                self.ref_loss = out.scores(split, self.store, tok_fp)
+        if self.t.method == "oracle" and self.store.noise_mask is None:
+            raise UserError("method oracle needs a train split with a noise mask (data.noise_rate > 0)")
+        model = load_model(cfg.model, vocab_size=len(self.tokenizer))
+        self._check_model(model)
+        # Compute-matched runs and data-parallel ranks must start from the same LoRA init, whatever the
+        # process drew before; dropout then draws from the same seeded stream (restored on resume).
+        torch.manual_seed(self.t.seed)
+        self.model = (apply_lora(model, cfg.model) if cfg.model.lora else model).to(self.acc.device)
+        if not cfg.model.lora:
+            self.model.requires_grad_(True)
+        params = list(_trainable(self.model).values())
+        self.optimizer = torch.optim.AdamW(params, lr=self.t.lr, weight_decay=self.t.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(self.t))
+        self.order = BlockOrder(self.store.tokens.shape[0], self.t.seed)
+        self.world, self.rank = self.acc.num_processes, self.acc.process_index
+        if self.ref_loss is not None and not self._scores_cover_reads():
+            if self.t.needs_reference():
+                raise UserError("the score store lacks blocks this run reads (it was made with scoring.blocks=used "
+                                "for a shorter grid or fewer processes): rerun `slm score` with scoring.blocks=all")
+            self.ref_loss = None  # diagnostics only: better none than biased
+
+    def _scores_cover_reads(self) -> bool:
+        """Whether every block this run reads has reference losses (stores scored with blocks=used)."""
+        rows = np.unique(self.order.blocks(0, self.t.steps * self.t.batch_size * self.t.grad_accum * self.world))
+        return not np.isnan(np.asarray(self.ref_loss[rows])[:, 1:]).any()
+
+    # ------------------------------------------------------------------ checks
+
+    def _check_store(self) -> None:
+        meta = self.store.meta
+        if meta.get("tokenizer_fingerprint") != tokenizer_fingerprint(self.tokenizer):
+            raise UserError(f"the token store was built with tokenizer {meta.get('tokenizer')!r}, not the one of "
+                            f"model {self.cfg.model.name!r}: rerun `slm prepare` with this model")
+        if meta.get("block_len") != self.cfg.data.block_len:
+            raise UserError(f"the token store has block_len {meta.get('block_len')}, the config "
+                            f"{self.cfg.data.block_len}: rerun `slm prepare` or set data.block_len")
+        if meta.get("config_fingerprint") not in (None, store_config_fingerprint(self.cfg, self.split)):
+            raise UserError(f"the token store in {self.store.path} was built from other data settings than "
+                            "the config's: rerun `slm prepare` with this config")
+
+    def _check_model(self, model: Any) -> None:
+        n_emb = model.get_input_embeddings().num_embeddings
+        if len(self.tokenizer) > n_emb:
+            raise UserError(f"the tokenizer has {len(self.tokenizer)} tokens but the model's embeddings only "
+                            f"{n_emb}: use the model's own tokenizer")
+        max_pos = getattr(model.config, "max_position_embeddings", None)
+        if max_pos is not None and self.cfg.data.block_len > max_pos:
+            raise UserError(f"data.block_len {self.cfg.data.block_len} exceeds the model's maximum positions {max_pos}")
+
+    # ------------------------------------------------------------------ data
+
+    def _micro_batches(self, step: int) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor, torch.Tensor | None,
+                                                          torch.Tensor | None]]:
+        """This rank's micro-batches of one optimizer step: (rows, input_ids, valid, noise, ref_loss)."""
+        b, a, w = self.t.batch_size, self.t.grad_accum, self.world
+        base = step * b * a * w
+        for m in range(a):
+            rows = np.sort(self.order.blocks(base + (m * w + self.rank) * b, b))  # sorted: faster memmap reads
+            ids = torch.from_numpy(np.asarray(self.store.tokens[rows], dtype=np.int64))
+            doc = torch.from_numpy(np.asarray(self.store.doc_ids[rows])) if self.cfg.data.doc_boundaries else None
+            valid = valid_mask(ids, doc_ids=doc)
+            noise = None
+            if self.store.noise_mask is not None:
+                noise = torch.from_numpy(np.asarray(self.store.noise_mask[rows], dtype=bool)).to(self.acc.device)
+            ref = torch.from_numpy(np.asarray(self.ref_loss[rows])) if self.ref_loss is not None else None
+            yield rows, ids.to(self.acc.device), valid.to(self.acc.device), noise, ref
+
+    def _online_ref(self, ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        return model_token_losses(self.reference_model, ids, valid, self.cfg.scoring.chunk_size)
+
+    # ------------------------------------------------------------------ one step
+
+    def _micro_stats(self, out: Any, ids: torch.Tensor, valid: torch.Tensor, noise: torch.Tensor | None,
+                     ref: torch.Tensor | None) -> torch.Tensor:
+        """One micro-batch's contribution to STAT_KEYS (summed over micro-batches and ranks)."""
+        values = {
+            "loss_sum": out.loss_sum.detach(), "n_selected": out.n_selected, "n_valid": out.n_valid,
+            "n_fed": torch.tensor(float(ids.numel()), device=out.weights.device),
+            "score_selected": torch.nan_to_num(out.score_selected) * out.n_selected,
+            "score_unselected": torch.nan_to_num(out.score_unselected) * out.n_unselected,
+            "n_unselected": out.n_unselected,
+        }
+        step = torch.stack([values[k].double() for k in STEP_KEYS])
+        return torch.cat([step, diag.counts(out.weights, valid, noise, ref)])
+
+    def _step(self, step: int) -> dict[str, float]:
+        """One optimizer step; returns the summed STAT_KEYS plus lr, grad norm and time."""
+        start = time.perf_counter()
+        self.model.train()
+        stats = torch.zeros(len(STAT_KEYS), dtype=torch.float64, device=self.acc.device)
+        for m, (rows, ids, valid, noise, ref) in enumerate(self._micro_batches(step)):
+            if self.online:
+                ref = self._online_ref(ids, valid)
+            train_valid = trainable_mask(valid, noise, oracle=self.t.method == "oracle")
+            # Seeded per (step, micro-batch): resumes draw the same tokens; `global` needs equal draws on all ranks.
+            rank = 0 if self.t.scope == "global" else self.rank
+            gen = torch.Generator().manual_seed(
+                int(np.random.SeedSequence([self.t.seed, step, m, rank]).generate_state(1)[0])
+            )
+            try:
+                with self.acc.autocast():
+                    out = selective_lm_loss(
+                        self.model, ids, train_valid, ref.to(ids.device) if ref is not None else None,
+                        score_kind=self.score_kind, ratio=self.ratio, strategy=self.strategy, scope=self.t.scope,
+                        generator=gen, temperature=self.t.temperature, soft=self.t.soft,
+                        chunk_size=self.cfg.scoring.chunk_size,
+                    )
+            except ValueError:
+                # Selection refuses non-finite own losses; when the weights caused them, say so.
+                if all(torch.isfinite(p).all() for p in _trainable(self.model).values()):
+                    raise
+                raise NumericalError(f"step {step + 1}: the trainable weights are not finite; the last good "
+                                     "checkpoint is kept (lower train.lr)") from None
+            out.loss_sum.backward()
+            stats += self._micro_stats(out, ids, valid, noise, ref)
+            if step == 0 and m == 0 and self.acc.is_main_process:
+                self._save_selection_sample(rows, ids, out.weights)
+        params = list(_trainable(self.model).values())
+        if self.world > 1:
+            stats = self.acc.reduce(stats, reduction="sum")
+            self._all_reduce_grads(params)
+        result = dict(zip(STAT_KEYS, stats.tolist(), strict=True))
+        for p in params:
+            if p.grad is not None:
+                p.grad.div_(max(result["n_selected"], 1.0))
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.t.max_grad_norm or float("inf"))
+        if not math.isfinite(float(grad_norm)) or not math.isfinite(result["loss_sum"]):
+            raise NumericalError(f"step {step + 1}: loss {result['loss_sum']} / grad norm {float(grad_norm)} is not "
+                                 "finite; the last good checkpoint is kept (lower train.lr or check the data)")
+        result.update(lr=self.scheduler.get_last_lr()[0], grad_norm=float(grad_norm))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        result["step_s"] = time.perf_counter() - start
+        return result
+
+    def _save_selection_sample(self, rows: np.ndarray, ids: torch.Tensor, weights: torch.Tensor) -> None:
+        """The first micro-batch's selection: the same blocks in every run, for the highlight page."""
+        path = self.run.selection_sample
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            np.savez(f, rows=rows, tokens=ids.cpu().numpy(), weights=weights.float().cpu().numpy())
+
+    @staticmethod
+    def _all_reduce_grads(params: list[torch.nn.Parameter]) -> None:
+        import torch.distributed as dist
+
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        offset = 0
+        for p, g in zip(params, grads, strict=True):
+            n = g.numel()
+            p.grad = flat[offset : offset + n].view_as(p).clone()
+            offset += n
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _save_checkpoint(self, step: int, state: dict[str, Any]) -> None:
+        path = self.run.checkpoint(step)
+        with atomic_dir(path) as tmp:
+            _save_trainable(self.model, tmp / "trainable.safetensors")
+            torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
+            torch.save({"cpu": torch.get_rng_state()}, tmp / "rng.pt")
+            write_json(tmp / "state.json", {**state, "step": step})
+        for old in self.run.checkpoints.glob("step-*"):  # keep only the newest full checkpoint
+            if old.name != path.name:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def _latest_checkpoint(self) -> Path | None:
+        found = sorted(self.run.checkpoints.glob("step-[0-9]*"))
+        return found[-1] if found else None
+
+    def _load_checkpoint(self, path: Path) -> dict[str, Any]:
+        weights = load_file(path / "trainable.safetensors")
+        params = _trainable(self.model)
+        if set(weights) != set(params):
+            raise UserError(f"checkpoint {path} does not match this run's model: delete {self.run.path} to restart")
+        with torch.no_grad():
+            for k, v in weights.items():
+                params[k].copy_(v)
+        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+        self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+        torch.set_rng_state(torch.load(path / "rng.pt", weights_only=True)["cpu"])
+        return json.loads((path / "state.json").read_text())
+
+    def _snapshot(self, step: int) -> None:
+        """Trainable weights only, for the paper's trajectory analysis."""
+        with atomic_path(self.run.snapshot(step)) as tmp:
+            _save_trainable(self.model, tmp)
+
+    def _remove_partial_writes(self) -> None:
+        """Temp files and dirs (`.<name>.*.tmp`) of atomic writes that a kill cut off: never complete, never read."""
+        for tmp in sorted(self.run.path.rglob(".*.tmp")) if self.run.path.is_dir() else []:
+            if tmp.is_dir():
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                tmp.unlink(missing_ok=True)
+
+    # ------------------------------------------------------------------ the loop
+
+    def _config_hash(self) -> str:
+        """What the run's result depends on: data, model, training, and the reference behind its scores."""
+        ref = self.out.reference_digest() if self.t.needs_reference() else None
+        # Fields that change how a run is stored or named, not what it learns, stay out of the hash.
+        t = self.t.model_dump(exclude={"name", "checkpoint_every", "merge"})
+        return fingerprint(self.cfg.data.model_dump(), self.cfg.model.model_dump(), t, ref)
+
+    def _check_existing(self, config_hash: str, replace_stale: bool) -> dict[str, Any] | None:
+        """The finished summary when the run is done; clears (or refuses) a run dir of another config."""
+        summary_path, ckpt = self.run.summary_path, self._latest_checkpoint()
+        found = None
+        if summary_path.is_file():
+            found = read_json(summary_path).get("config_hash")
+        elif ckpt is not None:
+            found = read_json(ckpt / "state.json").get("config_hash")
+        if found is None or found == config_hash:  # a checkpoint without train.json: resume it
+            return read_json(summary_path) if summary_path.is_file() else None
+        if not replace_stale:
+            raise UserError(f"{self.run.path} holds a run of another config: set train.name or delete that directory")
+        if self.acc.is_main_process:
+            shutil.rmtree(self.run.path)
+        self.acc.wait_for_everyone()
+        return None
+
+    def fit(self, replace_stale: bool = False) -> dict[str, Any]:
+        config_hash = self._config_hash()
+        done = self._check_existing(config_hash, replace_stale)
+        if done is not None:
+            return done
+        main = self.acc.is_main_process
+        if main:
+            self._remove_partial_writes()
+        state: dict[str, Any] = {"step": 0, "tokens_seen": 0, "tokens_trained": 0, "config_hash": config_hash,
+                                 "diag": dict.fromkeys(diag.FIELDS, 0.0)}
+        ckpt = self._latest_checkpoint()
+        if ckpt is not None:
+            state = self._load_checkpoint(ckpt)
+        elif main:
+            self.run.path.mkdir(parents=True, exist_ok=True)
+            write_text(self.run.config_path, self.cfg.to_yaml())
+            if self.t.snapshot_every:
+                self._snapshot(0)
+        log_path = self.run.log_path
+        if main:  # drop log lines past the checkpoint we resume from (and a line a kill cut short)
+            kept = [r for r in self.run.log() if r["step"] <= state["step"]]
+            write_text(log_path, "".join(json.dumps(r) + "\n" for r in kept))
+        # TensorBoard hides the events a killed run logged past the checkpoint (purge_step).
+        self.acc.init_trackers("tb", init_kwargs={"tensorboard": {"purge_step": state["step"] + 1}})
+        bar = tqdm(total=self.t.steps, initial=state["step"], desc=f"train {self.name}", disable=not main,
+                   unit="step", dynamic_ncols=True)
+        try:
+            with open(log_path, "a") if main else contextlib.nullcontext() as log:
+                for step in range(state["step"], self.t.steps):
+                    rng = torch.get_rng_state()
+                    try:
+                        sums = self._step(step)
+                    except KeyboardInterrupt:
+                        if main and state["step"] > 0:  # resume from the last finished step, with its RNG
+                            torch.set_rng_state(rng)
+                            self._save_checkpoint(state["step"], state)
+                        raise
+                    record = self._advance(state, sums)
+                    self.acc.log({k: v for k, v in record.items() if k != "step" and v is not None},
+                                 step=record["step"])
+                    if main:
+                        log.write(json.dumps(record) + "\n")
+                        log.flush()
+                        bar.set_postfix(loss=f"{record['loss']:.3f}", sel=f"{record['selected_frac']:.2f}")
+                        bar.update(1)
+                        if self.t.snapshot_every and (step + 1) % self.t.snapshot_every == 0:
+                            self._snapshot(step + 1)
+                        if self.t.checkpoint_every and (step + 1) % self.t.checkpoint_every == 0:
+                            self._save_checkpoint(step + 1, state)
+        finally:
+            bar.close()
+            for tracker in self.acc.trackers:  # not acc.end_training(): that would end the process group too
+                tracker.finish()
+        if not main:
+            return {}
+        self._save_checkpoint(self.t.steps, state)
+        self._save_final()
+        last = self.run.log()[-1]
+        summary = {
+            "name": self.name, "method": self.t.method, "strategy": self.strategy, "score": self.score_kind,
+            "ratio": self.ratio, "scope": self.t.scope, "seed": self.t.seed, "steps": state["step"],
+            "tokens_seen": state["tokens_seen"], "tokens_trained": state["tokens_trained"],
+            "train_loss_final": last["loss"], "selection": diag.diagnostics(state["diag"]),
+            "config_hash": config_hash, "version": __version__,
+        }
+        write_json(self.run.summary_path, summary)
+        return summary
+
+    @staticmethod
+    def _advance(state: dict[str, Any], sums: dict[str, float]) -> dict[str, Any]:
+        """Fold one step's sums into the run state; return the step's log record."""
+        state["step"] += 1
+        state["tokens_seen"] += int(sums["n_fed"])
+        state["tokens_trained"] += int(round(sums["n_selected"]))
+        for k in diag.FIELDS:
+            state["diag"][k] += sums[k]
+        n_sel = sums["n_selected"]
+        return {
+            "step": state["step"], "tokens_seen": state["tokens_seen"], "tokens_trained": state["tokens_trained"],
+            "loss": sums["loss_sum"] / max(n_sel, 1.0), "selected_frac": n_sel / max(sums["n_valid"], 1.0),
+            "score_selected": _ratio(sums["score_selected"], n_sel),
+            "score_unselected": _ratio(sums["score_unselected"], sums["n_unselected"]),
+            "lr": sums["lr"], "grad_norm": sums["grad_norm"], "step_s": sums["step_s"],
+        }
+
+    def _save_final(self) -> None:
+        if self.cfg.model.lora:
+            with atomic_dir(self.run.adapter_dir) as tmp:
+                self.model.save_pretrained(tmp)
+            if self.t.merge:
+                with atomic_dir(self.run.merged_dir) as tmp:
+                    self.model.merge_and_unload().save_pretrained(tmp)
+                    self.tokenizer.save_pretrained(tmp)
+        else:
+            with atomic_dir(self.run.model_dir) as tmp:
+                self.model.save_pretrained(tmp)
+                self.tokenizer.save_pretrained(tmp)
+
+
+def _ratio(num: float, den: float) -> float | None:
+    return num / den if den else None
