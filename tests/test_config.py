@@ -108,3 +108,32 @@ def test_methods_map_to_strategy_score_and_ratio() -> None:
     assert eff("train.method=stochastic", "train.ratio=0.5", "train.score=loss") == ("stochastic", "loss", 0.5)
     assert eff("train.method=stochastic", "train.stochastic=positive", "train.ratio=0.5") == (
         "stochastic_positive", "excess", 0.5)
+
+
+def test_choices_are_the_registries() -> None:
+    """train.method/score/scope and grid.methods accept what selection.py registers, and nothing else."""
+    from typing import get_args
+
+    from selective_lm.config import GridConfig, TrainConfig
+    from selective_lm.selection import SCOPES, SCORE_KINDS, STRATEGIES
+
+    fields = TrainConfig.model_fields
+    assert get_args(fields["method"].annotation) == ("clm", "oracle", *STRATEGIES)
+    assert get_args(fields["score"].annotation) == tuple(SCORE_KINDS)
+    assert get_args(fields["scope"].annotation) == SCOPES
+    (item,) = get_args(GridConfig.model_fields["methods"].annotation)  # list[Literal[...]]
+    assert get_args(item) == tuple(STRATEGIES)
+    for name in STRATEGIES:
+        assert load_config("smoke", overrides=[f"train.method={name}", "train.ratio=0.5"]).train.method == name
+    with pytest.raises(UserError, match="train.method"):
+        load_config("smoke", overrides=["train.method=nope"])
+
+
+def test_unknown_corpus_names_the_registered_ones() -> None:
+    from selective_lm.corpora import CORPORA
+
+    with pytest.raises(UserError, match="data.corpus") as err:
+        load_config("smoke", overrides=["data.corpus=nope"])
+    assert "'nope'" in str(err.value)
+    for name in CORPORA:
+        assert name in str(err.value)

@@ -20,6 +20,7 @@ from selective_lm.data import prepare, write_store
 from selective_lm.errors import UserError
 from selective_lm.layout import load_store
 from selective_lm.models import tokenizer_fingerprint
+from selective_lm.noise import KIND_IDS, KIND_NAMES, KINDS, NoiseInjector
 
 WEB_MARKERS = ("utm_", "All rights reserved", "We use cookies", "min.js", "menu-item", "https://www.",
                "comments · Reply", "&nbsp;")
@@ -66,7 +67,7 @@ def test_blocks_are_the_concatenated_documents(tok, texts, block_len):
                                                          for t in texts])
         np.testing.assert_array_equal(store.doc_ids.ravel(), doc_of_token[:n])
         assert meta["dropped_tail_tokens"] == len(stream) - n < block_len
-        assert meta["n_docs"] == doc_of_token[n - 1] + 1 and store.noise_mask is None
+        assert meta["n_docs"] == doc_of_token[n - 1] + 1 and store.noise_mask is None and store.noise_kind is None
 
 
 def test_eos_closes_each_document(tok, tmp_path):
@@ -126,7 +127,7 @@ def test_smoke_prepare_writes_every_split(smoke, tok):
         assert meta["eos_id"] == tok.eos_token_id
         assert meta["split"] == split and meta["config_fingerprint"] and meta["fingerprint"]
         assert len(meta["documents"]) == meta["n_docs"] == int(store.doc_ids.max()) + 1
-        assert (store.noise_mask is not None) == (split == "train")
+        assert (store.noise_mask is not None) == (store.noise_kind is not None) == (split == "train")
     assert summary["reference"]["n_tokens"] < summary["train"]["n_tokens"]
 
 
@@ -155,17 +156,41 @@ def test_reference_conversations_never_in_train(smoke):
     assert {tuple(d.split("|", 1)) for d in ref_model_docs} <= set(part.reference_conversations)
     assert {tuple(d.split("|", 1)) for d in train_docs} <= set(part.train_conversations)
     by_origin = ref_meta["tokens_by_origin"]
-    assert by_origin["model"] / ref_meta["n_tokens"] == pytest.approx(cfg.data.reference_mix, abs=0.1)
+    assert by_origin["model"] / ref_meta["n_tokens"] == pytest.approx(cfg.data.reference_mix, abs=0.15)
 
 
-def test_noise_rate_within_20_percent(smoke):
+def test_noise_rate_lands_on_the_configured_rate(smoke):
     cfg, out, summary = smoke
     store = load_store(out / "data" / "train")
     realized = float(store.noise_mask.mean())
-    assert realized == pytest.approx(cfg.data.noise_rate, rel=0.2)
+    assert realized == pytest.approx(cfg.data.noise_rate, abs=0.02)
     assert store.meta["noise"]["realized_rate"] == pytest.approx(realized)
     assert summary["train"]["noise_rate"] == pytest.approx(realized, abs=1e-4)
-    assert all(v > 0 for v in store.meta["noise"]["realized_by_kind"].values())
+    by_kind = store.meta["noise"]["realized_by_kind"]
+    assert list(by_kind) == store.meta["noise"]["kind_names"] == list(KIND_NAMES)
+    assert all(v > 0 for v in by_kind.values())
+    assert sum(by_kind.values()) == pytest.approx(1.0)
+    assert sum(by_kind[k] for k in KINDS) == pytest.approx(realized)
+
+
+def test_noise_kind_is_stored_for_every_token(smoke, tok):
+    _, out, _ = smoke
+    store = load_store(out / "data" / "train")
+    kind = store.noise_kind
+    assert kind.dtype == np.uint8 and kind.shape == store.tokens.shape
+    assert np.load(out / "data" / "train" / "noise_kind.npy", mmap_mode="r").shape == kind.shape
+    np.testing.assert_array_equal(store.noise_mask, np.isin(kind, [KIND_IDS[k] for k in KINDS]))
+    counts = np.bincount(np.asarray(kind).ravel(), minlength=len(KIND_NAMES))
+    for i, name in enumerate(store.meta["noise"]["kind_names"]):
+        assert store.meta["noise"]["realized_by_kind"][name] == pytest.approx(counts[i] / store.meta["n_tokens"])
+    flat, docs = store.tokens.ravel(), store.doc_ids.ravel()
+    assert not np.any(kind.ravel()[flat == tok.eos_token_id])  # the EOS of each document is clean
+    header = kind.ravel() == KIND_IDS["header"]
+    starts = np.flatnonzero(np.diff(docs)) + 1  # first token of each document (the first one may be cut)
+    assert np.all(header[starts])  # every CHAMP train document opens with its problem statement
+    text = tok.decode(flat[starts[0]:starts[1]][header[starts[0]:starts[1]]].tolist())
+    assert text.startswith("Problem:") and text.rstrip().endswith("Solution:")
+    assert not any(m in tok.decode(flat[header].tolist()) for m in WEB_MARKERS)
 
 
 def test_noise_mask_marks_the_injected_text(smoke, tok):
@@ -192,6 +217,8 @@ def test_prepare_is_deterministic(smoke, tmp_path):
         assert a.meta["fingerprint"] == b.meta["fingerprint"]
     np.testing.assert_array_equal(load_store(out / "data" / "train").noise_mask,
                                   load_store(tmp_path / "data" / "train").noise_mask)
+    np.testing.assert_array_equal(load_store(out / "data" / "train").noise_kind,
+                                  load_store(tmp_path / "data" / "train").noise_kind)
 
 
 def test_seed_and_val_fraction_change_the_partition():
@@ -314,6 +341,21 @@ def test_failed_write_leaves_no_store(tok, tmp_path):
         write_store(tmp_path / "fresh", docs(), tok, 8)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s"]  # no temp dirs, no half store
     assert load_store(tmp_path / "s").meta["fingerprint"] == old
+
+
+def test_noisy_store_needs_its_kind_file(tok, tmp_path):
+    line = "Step {}: we add 1 and 3 to get 4, which we keep for the next step of the argument."
+    docs = [Document("Problem: 1+3?\n" + "\n".join(line.format(k) for k in range(6)), group=str(i), protect=14)
+            for i in range(20)]
+    meta = write_store(tmp_path / "s", docs, tok, 16, cap=1000, injector=NoiseInjector(0.2, {"numbers": 1.0}, 0))
+    store = load_store(tmp_path / "s")
+    kinds = np.asarray(store.noise_kind).ravel()
+    assert meta["format"] == 2 and meta["capped"]
+    assert {KIND_NAMES[k] for k in np.unique(kinds)} == {"clean", "header", "numbers", "numbers_context"}
+    np.testing.assert_array_equal(store.noise_mask.ravel(), kinds == KIND_IDS["numbers"])
+    (tmp_path / "s" / "noise_kind.npy").unlink()
+    with pytest.raises(UserError, match="noise_kind.npy is missing"):
+        load_store(tmp_path / "s")
 
 
 def test_load_store_rejects_broken_stores(tok, tmp_path):

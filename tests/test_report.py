@@ -186,7 +186,7 @@ def test_html_escapes_whole_token_and_ids_without_tokenizer(tmp_path: Path) -> N
         def convert_tokens_to_string(self, tokens: list[str]) -> str:
             return "".join(tokens)
 
-    (tmp_path / "results.json").write_text(json.dumps({"runs": {}}))
+    (tmp_path / "results.json").write_text(json.dumps({"runs": {"clm": {"method": "clm"}}}))
     d = tmp_path / "runs" / "clm"
     d.mkdir(parents=True)
     np.savez(

@@ -29,7 +29,9 @@ from safetensors.torch import load_file
 
 from . import __version__
 from .analysis.buckets import quantile_buckets, trajectory_buckets
+from .analysis.selection import outrank_probability
 from .analysis.similarity import full_delta, lora_delta_from_config, update_cosine
+from .analysis.uncertainty import doc_sums, paired_delta
 from .config import Config
 from .errors import UserError
 from .files import fingerprint, read_json, write_json
@@ -138,6 +140,79 @@ def _val(run: RunDir) -> dict[str, Any]:
     return read_json(run.eval_path) if run.eval_path.is_file() else {}
 
 
+def _deltas_vs_clm(cfg: Config, out: OutDir, entries: dict[str, Any]) -> dict[str, dict[str, dict[str, float]]]:
+    """run -> split -> Δ perplexity vs the CLM run of its seed, in %, with a paired bootstrap 95 % interval
+    over the validation documents (`analysis.uncertainty`)."""
+    result: dict[str, dict[str, dict[str, float]]] = {}
+    for split in cfg.eval.splits:
+        if not out.store_dir(split).is_dir():
+            continue
+        store = out.store(split)
+        doc_ids = np.asarray(store.doc_ids[store.spread_blocks(cfg.eval.max_tokens)])
+        for name in entries:
+            base_name = _baseline(name, entries)
+            if base_name is None:
+                continue
+            run_loss, base_loss = _token_losses(out.run(name), split), _token_losses(out.run(base_name), split)
+            if run_loss is None or base_loss is None or run_loss.shape != doc_ids.shape != base_loss.shape:
+                continue
+            keep = np.isfinite(run_loss) & np.isfinite(base_loss)
+            _, run_nats, counts = doc_sums(np.where(keep, run_loss, np.nan), doc_ids)
+            _, base_nats, _ = doc_sums(np.where(keep, base_loss, np.nan), doc_ids)
+            result.setdefault(name, {})[split] = paired_delta(run_nats, base_nats, counts, seed=cfg.train.seed)
+    return result
+
+
+def separation_step0(cfg: Config, out: OutDir) -> dict[str, dict[str, float | None]]:
+    """kind -> step-0 excess loss (base minus reference) of its tokens vs clean tokens, on scored train blocks:
+    mean excess, token count and the probability that a clean token outranks one of the kind."""
+    path = out.run("base").token_losses("train")
+    if not path.is_file() or not out.has_scores("train"):
+        return {}
+    store = out.store("train")
+    names = (store.meta.get("noise") or {}).get("kind_names")
+    rows = out.scored_blocks("train", cfg.analysis.separation_tokens)
+    base = np.load(path)
+    if store.noise_kind is None or not names or base.shape != (len(rows), store.block_len):
+        return {}
+    excess = (base - np.load(out.scores_dir("train") / "ref_loss.npy", mmap_mode="r")[rows]).ravel()
+    kinds = np.asarray(store.noise_kind[rows]).ravel()
+    ok = np.isfinite(excess)
+    clean = excess[ok & (kinds == 0)]
+    result = {}
+    for k, name in enumerate(names):
+        mine = excess[ok & (kinds == k)]
+        if mine.size:
+            result[name] = {"tokens": int(mine.size), "mean_excess": float(mine.mean()),
+                            "p_clean_outranks": outrank_probability(clean, mine) if k else 0.5}
+    return result
+
+
+def _tokens_to_reach(curve: list[dict[str, Any]], split: str, target: float) -> float | None:
+    """Training tokens at which a learning curve first reaches `target` (linear between points), None if never."""
+    points = [(r["tokens_seen"], r["val_loss"][split]) for r in curve if split in r.get("val_loss", {})]
+    for (t0, y0), (t1, y1) in zip([(None, None), *points], points, strict=False):
+        if y1 <= target:
+            if t0 is None or y0 == y1:
+                return float(t1)
+            return float(t0 + (t1 - t0) * (y0 - target) / (y0 - y1))
+    return None
+
+
+def _tokens_to_clm_final(cfg: Config, out: OutDir, entries: dict[str, Any]) -> dict[str, dict[str, float | None]]:
+    """run -> split -> tokens the run needs to reach its CLM baseline's final curve loss (Rho-1's speed-up)."""
+    result: dict[str, dict[str, float | None]] = {}
+    for name in entries:
+        base_name = _baseline(name, entries)
+        curve = out.run(name).curve()
+        base_curve = out.run(base_name).curve() if base_name else []
+        if not curve or not base_curve:
+            continue
+        result[name] = {split: _tokens_to_reach(curve, split, base_curve[-1]["val_loss"][split])
+                        for split in base_curve[-1]["val_loss"]}
+    return result
+
+
 def analyze(cfg: Config, out: str | Path | OutDir) -> dict[str, Any]:
     """Write analysis.json and results.json for the current grid; a no-op when their inputs are unchanged."""
     out = OutDir.of(out)
@@ -145,16 +220,22 @@ def analyze(cfg: Config, out: str | Path | OutDir) -> dict[str, Any]:
     summaries = {name: run.summary for name, run in runs.items()}
     entries = _run_entries(cfg, out, summaries)
     inputs = fingerprint({n: s["config_hash"] for n, s in summaries.items()}, cfg.analysis.model_dump(),
-                         {n: e["val"] for n, e in entries.items()})
+                         cfg.eval.model_dump(), {n: e["val"] for n, e in entries.items()}, others)
     if out.results.is_file():
         previous = read_json(out.results)
         if previous.get("inputs") == inputs:
             return previous
     analysis = _analysis(cfg, runs, summaries)
+    deltas, speed = _deltas_vs_clm(cfg, out, entries), _tokens_to_clm_final(cfg, out, entries)
+    for name, entry in entries.items():
+        entry["delta_vs_clm"] = deltas.get(name, {})
+        first = next(iter(cfg.eval.splits), None)
+        entry["tokens_to_clm_final"] = speed.get(name, {}).get(first)
+        entry["tokens_to_clm_final_by_split"] = speed.get(name, {})
     write_json(out.analysis, analysis)
     results = {"preset": cfg.preset, "version": __version__, "runs": entries,
                **{k: analysis[k] for k in ANALYSIS_KEYS}, "bucket_threshold": analysis["bucket_threshold"],
-               "inputs": inputs}
+               "separation_step0": separation_step0(cfg, out), "other_runs": others, "inputs": inputs}
     write_json(out.results, results)
     return results
 

@@ -71,6 +71,17 @@ class DataConfig(Section):
         0.5, ge=0.0, le=1.0, description="share of noise-free model-written text in the reference split"
     )
     val_fraction: float = Field(0.15, gt=0.0, lt=1.0, description="share of CHAMP problems held out")
+    reference_problems: Literal["disjoint", "shared"] = Field(
+        "disjoint", description="CHAMP: 'disjoint' draws the reference split from its own problems, in neither train "
+        "nor validation, so the reference has not learned the training problems' statements; 'shared' (the old "
+        "behaviour, to reproduce old results) uses the training problems' human documents and reserved conversations"
+    )
+    reference_fraction: float = Field(
+        0.25, gt=0.0, lt=1.0, description="CHAMP, reference_problems=disjoint: share of the problems (per category) "
+        "kept for the reference split. 0.25 (66 of 270) gives it ~27k human SmolLM2 tokens, ~53k with "
+        "reference_mix=0.5: 2.5x the 20k that the default reference training reads (40 steps x 4 x 128), while "
+        "train keeps 60 % of the problems (162), more than enough for its 300k tokens"
+    )
     doc_boundaries: bool = Field(False, description="mask targets that cross a document separator")
     seed: int = 0
 
@@ -100,6 +111,13 @@ class DataConfig(Section):
         if v and sum(v.values()) <= 0:
             raise ValueError("noise kind weights sum to 0")
         return v
+
+    @model_validator(mode="after")
+    def _problem_shares(self) -> DataConfig:
+        if self.reference_problems == "disjoint" and self.val_fraction + self.reference_fraction >= 1:
+            raise ValueError(f"data.val_fraction + data.reference_fraction = "
+                             f"{self.val_fraction + self.reference_fraction:g} leaves no problems for train")
+        return self
 
     def cap(self, split: str) -> int | None:
         """Token cap of one split (None = no cap)."""
@@ -170,6 +188,9 @@ class TrainConfig(Section):
         "score (the cs512-slm replication's variant)"
     )
     soft: bool = False
+    common_random: bool = Field(
+        False, description="draw the selection's random numbers from (seed, step, batch position) only, shared by "
+        "every method and ratio (common random numbers); default: independent draws per run")
     steps: int = Field(60, ge=1)
     batch_size: int = Field(4, ge=1)
     grad_accum: int = Field(1, ge=1)
@@ -236,12 +257,19 @@ class EvalConfig(Section):
         return [_safe_name(x, "split") for x in v]
 
     batch_size: int = Field(8, ge=1)
-    max_tokens: int | None = Field(None, ge=1, description="evaluate only the first blocks of each split")
+    max_tokens: int | None = Field(
+        None, ge=1, description="evaluate about this many tokens of each split, in blocks spread over every "
+        "document (None = all)")
+    every: int = Field(15, ge=0, description="learning curve: validation loss on a fixed subset every this many "
+                       "training steps, and at step 0 and the end (0 = off)")
+    curve_tokens: int = Field(512, ge=1, description="tokens of each eval split in the learning curve's subset")
 
 
 class AnalysisConfig(Section):
     bucket_split: str = "val_clean"
     bucket_quantile: float = Field(0.7, gt=0.0, lt=1.0)
+    separation_tokens: int = Field(
+        12_800, ge=1, description="scored train tokens on which the step-0 excess loss is compared by token kind")
     trajectory_tokens: int | None = Field(
         None, ge=1, description="tokens of the bucket split evaluated at each trajectory snapshot (None = all)"
     )

@@ -4,7 +4,9 @@ Packing: every document is tokenized without special tokens and followed by one 
 documents are concatenated and cut into blocks of `data.block_len`. The final incomplete
 block is dropped (`dropped_tail_tokens` in meta.json); no other token is lost or repeated.
 `data.max_tokens` caps a split: the stream stops once the cap is reached (the last document
-is cut there). The `train` split gets injected noise when `data.noise_rate > 0` (noise.py).
+is cut there). The `train` split gets injected noise when `data.noise_rate > 0` (noise.py):
+then `noise_kind.npy` holds every token's kind id (names in meta.json `noise.kind_names`; the
+EOS is clean) and `noise_mask.npy` is True on the noise kinds only (`noise.KINDS`).
 
 A store is written streaming — blocks are appended to .npy files whose header is rewritten
 in place at the end (`layout.BlockFile`) — so memory stays bounded whatever the corpus size,
@@ -29,7 +31,7 @@ from .corpora import CORPORA, Document
 from .errors import UserError, did_you_mean
 from .files import atomic_dir, write_json
 from .layout import STORE_FORMAT, BlockFile, OutDir, load_store, store_config_fingerprint
-from .noise import KINDS, NoiseInjector, token_kinds
+from .noise import KIND_NAMES, KINDS, NOISE_IDS, NoiseInjector, is_noise, noise_chars, token_kinds
 
 BATCH_DOCS = 64  # documents per tokenizer call: fast tokenizers batch in Rust, memory stays small
 FLUSH_BLOCKS = 256  # blocks gathered before each write
@@ -44,13 +46,14 @@ class _Packer:
                       "doc_ids": BlockFile(root / "doc_ids.npy", np.int32, block_len)}
         if noise:
             self.files["noise_mask"] = BlockFile(root / "noise_mask.npy", np.bool_, block_len)
+            self.files["noise_kind"] = BlockFile(root / "noise_kind.npy", np.uint8, block_len)
         self.pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         self.n_pending = self.accepted = self.n_docs = self.stored_docs = 0
         self.source_ids: list[str] = []
         self.origins: list[str] = []
         self.origin_codes = bytearray()  # per document: index into self.origins
         self.origin_tokens = np.zeros(256, np.int64)
-        self.kind_tokens = np.zeros(len(KINDS) + 1, np.int64)
+        self.kind_tokens = np.zeros(len(KIND_NAMES), np.int64)
         self.hash = hashlib.sha256()
 
     def add(self, doc: Document, ids: np.ndarray, kinds: np.ndarray) -> bool:
@@ -74,7 +77,8 @@ class _Packer:
         tokens, docs, kinds = (np.concatenate(parts) for parts in zip(*self.pending, strict=True))
         n = len(tokens) // self.block_len * self.block_len
         if n:
-            rows = {"tokens": tokens[:n], "doc_ids": docs[:n], "noise_mask": kinds[:n] > 0}
+            rows = {"tokens": tokens[:n], "doc_ids": docs[:n],
+                    "noise_mask": is_noise(kinds[:n]), "noise_kind": kinds[:n]}
             for name, f in self.files.items():
                 f.append(rows[name].reshape(-1, self.block_len))
                 self.hash.update(rows[name].tobytes())
@@ -167,8 +171,7 @@ def _pack_batch(batch: list[Document], tokenizer: Any, eos: int, injector: Noise
         kinds = np.zeros(len(ids), np.uint8)
         if injector is not None:
             kinds[:-1] = token_kinds(np.asarray(enc["offset_mapping"][i], np.int64).reshape(-1, 2), spans[i])
-            injector.observe(len(ids), int(np.count_nonzero(kinds)), len(texts[i]),
-                             sum(e - s for s, e, _ in spans[i]))
+            injector.observe(len(ids), int(np.count_nonzero(is_noise(kinds))), len(texts[i]), noise_chars(spans[i]))
         before = packer.accepted
         full = packer.add(doc, ids, kinds)
         bar.update(packer.accepted - before)
@@ -181,8 +184,9 @@ def _noise_meta(injector: NoiseInjector | None, packer: _Packer, n_tokens: int) 
     if injector is None:
         return None
     return {"rate": injector.rate, "kinds": injector.weights,
-            "realized_rate": float(packer.kind_tokens[1:].sum() / n_tokens),
-            "realized_by_kind": {k: float(packer.kind_tokens[i + 1] / n_tokens) for i, k in enumerate(KINDS)}}
+            "kind_names": list(KIND_NAMES), "noise_kinds": list(KINDS),
+            "realized_rate": float(packer.kind_tokens[NOISE_IDS].sum() / n_tokens),
+            "realized_by_kind": {k: float(packer.kind_tokens[i] / n_tokens) for i, k in enumerate(KIND_NAMES)}}
 
 
 # --------------------------------------------------------------------------- the stage

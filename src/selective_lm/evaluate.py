@@ -2,8 +2,9 @@
 
 Perplexity is exp(Σ nats / Σ tokens) over every predicted token of a split (lm-eval's
 weighted perplexity), with the project's one next-token shift (`loss.token_losses`). The
-per-token losses are kept under `token_losses/<split>.npy` (the token store's shape, or its
-first blocks under `eval.max_tokens`; NaN where nothing was predicted) for the bucket
+per-token losses are kept under `token_losses/<split>.npy` (the token store's shape, or under
+`eval.max_tokens` the blocks `TokenStore.spread_blocks` picks over every document; NaN where
+nothing was predicted) for the bucket
 analyses; trajectory snapshots are evaluated on the bucket split into
 `token_losses/trajectory/step-NNNNNN.npy`.
 """
@@ -12,7 +13,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -49,13 +49,9 @@ def _load(cfg: Config, out: OutDir, run: RunDir, vocab: int) -> tuple[Any, str]:
     return load_trained(cfg.model, run.weights_dir, vocab), config_hash
 
 
-def _head(store: TokenStore, max_tokens: int | None) -> TokenStore:
-    """The first blocks of `store` that hold `max_tokens` tokens (rounded up to whole blocks); all if None."""
-    if max_tokens is None:
-        return store
-    n = min(store.n_blocks, -(-max_tokens // store.block_len))
-    noise = store.noise_mask[:n] if store.noise_mask is not None else None
-    return replace(store, tokens=store.tokens[:n], doc_ids=store.doc_ids[:n], noise_mask=noise)
+def eval_subset(store: TokenStore, max_tokens: int | None) -> TokenStore:
+    """The blocks evaluated: about `max_tokens` tokens spread over every document (`spread_blocks`)."""
+    return store.subset(store.spread_blocks(max_tokens))
 
 
 def _cached_pass(cfg: Config, model: Any, store: TokenStore, path: Path, expected: dict[str, Any],
@@ -64,7 +60,8 @@ def _cached_pass(cfg: Config, model: Any, store: TokenStore, path: Path, expecte
 
     `prepare` runs first when the pass is needed (e.g. to load a snapshot's weights).
     """
-    expected = {**expected, "store": store.fingerprint, "blocks": store.n_blocks,
+    blocks = store.n_blocks if store.rows is None else fingerprint(store.rows.tolist())
+    expected = {**expected, "store": store.fingerprint, "blocks": blocks,
                 "doc_boundaries": cfg.data.doc_boundaries}
     meta_path = path.with_suffix(".json")
     if path.is_file() and meta_path.is_file() and read_json(meta_path) == expected:
@@ -82,20 +79,28 @@ def _cached_pass(cfg: Config, model: Any, store: TokenStore, path: Path, expecte
 def evaluate(cfg: Config, out: str | Path | OutDir, name: str | None = None) -> dict[str, Any]:
     """Evaluate one model (`train.name`-derived run, `reference` or `base`) on `eval.splits`.
 
-    `eval.max_tokens` limits each split to its first blocks. Token losses are reused while the
+    `eval.max_tokens` limits each split to blocks spread over all its documents. Token losses are reused while the
     model (run config hash / reference digest), the blocks and `data.doc_boundaries` are unchanged.
     """
     out = OutDir.of(out)
     run = out.run(name or cfg.train.run_name())
     tokenizer = load_tokenizer(cfg.model)
-    stores = {split: _head(out.store(split), cfg.eval.max_tokens) for split in cfg.eval.splits}
+    stores = {split: eval_subset(out.store(split), cfg.eval.max_tokens) for split in cfg.eval.splits}
     model, digest = _load(cfg, out, run, len(tokenizer))
     model.eval().requires_grad_(False)
     results: dict[str, Any] = {}
     for split, store in stores.items():
         path = run.token_losses(split)
         _cached_pass(cfg, model, store, path, {"model": digest}, f"eval {run.name} {split}")
-        results[split] = summarize(np.load(path, mmap_mode="r"))
+        results[split] = {**summarize(np.load(path, mmap_mode="r")), "docs": len(np.unique(store.doc_ids)),
+                          "docs_in_split": int(store.meta["n_docs"])}
+    if run.name == "base" and (out.scores_dir("train") / "ref_loss.npy").is_file():
+        # The students' step-0 model is the base (LoRA B = 0): its losses on scored train blocks give the
+        # step-0 excess loss, whose separation by token kind `slm analyze` reports.
+        train = out.store("train")
+        rows = out.scored_blocks("train", cfg.analysis.separation_tokens)
+        _cached_pass(cfg, model, train.subset(rows), run.token_losses("train"), {"model": digest},
+                     "eval base train (step-0 excess)")
     write_json(run.eval_path, results)
     return results
 
@@ -113,7 +118,7 @@ def evaluate_trajectory(cfg: Config, out: str | Path | OutDir, name: str) -> lis
     if len(snaps) < 2 or not cfg.model.lora:
         return []
     config_hash = run.summary["config_hash"]
-    store = _head(out.store(cfg.analysis.bucket_split), cfg.analysis.trajectory_tokens)
+    store = eval_subset(out.store(cfg.analysis.bucket_split), cfg.analysis.trajectory_tokens)
     tokenizer = load_tokenizer(cfg.model)
     model = apply_lora(load_model(cfg.model, vocab_size=len(tokenizer)), cfg.model)
     model.eval().requires_grad_(False)

@@ -73,11 +73,14 @@ def export_selected(cfg: Config, out: str | Path | OutDir) -> dict[str, Any]:
         for start in tqdm(range(0, n_blocks, bs), desc=f"export {run.name}", unit="batch", dynamic_ncols=True):
             rows = slice(start, min(start + bs, n_blocks))
             ids = torch.from_numpy(np.asarray(store.tokens[rows], dtype=np.int64))
-            noise = torch.from_numpy(np.asarray(store.noise_mask[rows])) if store.noise_mask is not None else None
-            valid = trainable_mask(valid_mask(ids), noise, oracle=cfg.train.method == "oracle" and noise is not None)
+            noise = torch.from_numpy(np.array(store.noise_mask[rows])) if store.noise_mask is not None else None
+            # The trainer's targets: no document's first token under data.doc_boundaries.
+            doc = torch.from_numpy(np.array(store.doc_ids[rows])) if cfg.data.doc_boundaries else None
+            valid = trainable_mask(valid_mask(ids, doc_ids=doc), noise,
+                                   oracle=cfg.train.method == "oracle" and noise is not None)
             hidden, head = forward_hidden(model, ids)
             own = token_losses(hidden, head, ids, valid, chunk_size=cfg.scoring.chunk_size)
-            ref_rows = torch.from_numpy(np.asarray(ref[rows])) if ref is not None else None
+            ref_rows = torch.from_numpy(np.array(ref[rows])) if ref is not None else None
             s = scores(score_kind, own, ref_rows)
             chosen = select(s, ratio, strategy, "sequence", valid, gen, temperature=cfg.train.temperature)
             keep[rows], score_arr[rows] = chosen.numpy(), torch.where(valid, s, torch.nan).numpy()

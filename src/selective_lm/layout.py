@@ -1,7 +1,7 @@
 """The one owner of the on-disk layout under `--out`: token stores, score stores, runs.
 
 ```
-<out>/data/<split>/      token store: tokens.npy, doc_ids.npy, [noise_mask.npy], meta.json
+<out>/data/<split>/      token store: tokens.npy, doc_ids.npy, [noise_mask.npy, noise_kind.npy], meta.json
 <out>/scores/<split>/    score store: ref_loss.npy (+ meta.json with the fingerprints it was made from)
 <out>/reference/         the reference model (a RunDir) + reference.json
 <out>/base/              evaluation outputs of the untrained base model (a RunDir without weights)
@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ from .config import Config
 from .errors import UserError
 from .files import fingerprint, read_json, run_lock
 
-STORE_FORMAT = 1
+STORE_FORMAT = 2  # 2: noise_kind.npy; noise_mask holds inserted/altered text only (noise.py)
 BASELINE_DIRS = ("reference", "base")  # evaluated models that are not runs under runs/
 
 
@@ -38,13 +38,17 @@ BASELINE_DIRS = ("reference", "base")  # evaluated models that are not runs unde
 @dataclass(frozen=True)
 class TokenStore:
     """A split's store, memory-mapped: tokens and doc_ids int32 [n_blocks, block_len],
-    noise_mask bool of the same shape (None when no noise was injected)."""
+    noise_mask bool of the same shape (True on the noise kinds; None when no noise was injected),
+    noise_kind uint8 of the same shape (every token's kind id, names in
+    meta["noise"]["kind_names"]; None when no noise was injected)."""
 
     path: Path
     tokens: np.ndarray
     doc_ids: np.ndarray
     noise_mask: np.ndarray | None
     meta: dict[str, Any]
+    noise_kind: np.ndarray | None = None
+    rows: np.ndarray | None = None  # a subset's block indices in the full store (None: the whole store)
 
     @property
     def n_blocks(self) -> int:
@@ -58,6 +62,33 @@ class TokenStore:
     def fingerprint(self) -> str:
         """Identifies the store's content and settings: score stores and token losses record it."""
         return fingerprint(self.meta)
+
+    def spread_blocks(self, max_tokens: int | None) -> np.ndarray:
+        """Sorted indices of the blocks holding about `max_tokens` tokens, spread over every document.
+
+        The first blocks of a split would hold its first documents only (a third of them under a
+        typical evaluation cap). Instead: the block at the middle of each document (evenly spaced
+        over the documents when the cap allows fewer blocks than there are documents), then evenly
+        spaced blocks among the rest. None = every block.
+        """
+        n = self.n_blocks if max_tokens is None else min(self.n_blocks, -(-max_tokens // self.block_len))
+        if n >= self.n_blocks:
+            return np.arange(self.n_blocks)
+        flat = np.asarray(self.doc_ids).reshape(-1)
+        _, first = np.unique(flat, return_index=True)
+        _, last_rev = np.unique(flat[::-1], return_index=True)
+        middles = np.unique(((first + flat.size - 1 - last_rev) // 2) // self.block_len)
+        if len(middles) >= n:
+            return np.sort(middles[np.linspace(0, len(middles) - 1, n).round().astype(int)])
+        rest = np.setdiff1d(np.arange(self.n_blocks), middles)
+        fill = rest[np.linspace(0, len(rest) - 1, n - len(middles)).round().astype(int)]
+        return np.sort(np.concatenate([middles, fill]))
+
+    def subset(self, rows: np.ndarray) -> TokenStore:
+        """The store restricted to `rows` (in memory: meant for evaluation subsets)."""
+        arrays = {f.name: np.asarray(getattr(self, f.name)[rows]) for f in fields(self)
+                  if f.name != "rows" and isinstance(getattr(self, f.name), np.ndarray)}
+        return replace(self, **arrays, rows=np.asarray(rows))
 
 
 class BlockOrder:
@@ -120,8 +151,10 @@ def load_store(path: str | Path) -> TokenStore:
         raise UserError(f"{path / 'meta.json'} lacks n_blocks/block_len; rerun `slm prepare`") from None
     tokens = _open_array(path / "tokens.npy", np.int32, shape)
     doc_ids = _open_array(path / "doc_ids.npy", np.int32, shape)
-    noise = _open_array(path / "noise_mask.npy", np.bool_, shape) if meta.get("noise") else None
-    return TokenStore(path, tokens, doc_ids, noise, meta)
+    noisy = bool(meta.get("noise"))
+    noise = _open_array(path / "noise_mask.npy", np.bool_, shape) if noisy else None
+    kind = _open_array(path / "noise_kind.npy", np.uint8, shape) if noisy else None
+    return TokenStore(path, tokens, doc_ids, noise, meta, noise_kind=kind)
 
 
 class BlockFile:
@@ -209,12 +242,16 @@ class RunDir:
         return self.path / "log.jsonl"
 
     def log(self) -> list[dict[str, Any]]:
-        """The records of log.jsonl; a last line cut short by a kill is dropped."""
-        records = []
-        for line in self.log_path.read_text().splitlines() if self.log_path.is_file() else []:
-            with contextlib.suppress(json.JSONDecodeError):
-                records.append(json.loads(line))
-        return records
+        """One record per optimizer step (log.jsonl)."""
+        return _read_jsonl(self.log_path)
+
+    @property
+    def curve_path(self) -> Path:
+        return self.path / "curve.jsonl"
+
+    def curve(self) -> list[dict[str, Any]]:
+        """The learning curve: validation loss on a fixed small subset every `eval.every` steps (curve.jsonl)."""
+        return _read_jsonl(self.curve_path)
 
     @property
     def checkpoints(self) -> Path:
@@ -251,6 +288,15 @@ class RunDir:
     def reference_json(self) -> Path:
         """The reference's description (only in `reference/`)."""
         return self.path / "reference.json"
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The records of a .jsonl file (none if it is missing); a last line cut short by a kill is dropped."""
+    records = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        with contextlib.suppress(json.JSONDecodeError):
+            records.append(json.loads(line))
+    return records
 
 
 def _step_of(path: Path) -> int:
@@ -314,6 +360,14 @@ class OutDir:
             raise UserError(f"{score_dir}/ref_loss.npy has shape {scores.shape}, the tokens {store.tokens.shape}: "
                             "rerun `slm score`")
         return scores
+
+    def scored_blocks(self, split: str, max_tokens: int) -> np.ndarray:
+        """Up to `max_tokens` tokens' worth of the blocks the score store of `split` covers, evenly spaced:
+        where the step-0 separation of excess loss by token kind is measured."""
+        ref = np.load(self.scores_dir(split) / "ref_loss.npy", mmap_mode="r")
+        rows = np.flatnonzero(np.isfinite(ref[:, 1:]).any(axis=1))
+        n = min(len(rows), -(-max_tokens // ref.shape[1]))
+        return rows[np.linspace(0, len(rows) - 1, n).round().astype(int)] if n else rows
 
     # ---- runs
 

@@ -1,24 +1,42 @@
-"""Noise injection for the train split, marked character by character.
+"""Noise injection for the train split, every character labelled with its kind.
 
 Rho-1's premise is that a pretraining corpus mixes useful tokens with tokens that teach the
 model nothing or something wrong. CHAMP's model-written solutions are fluent; we make the
 training split realistically dirty and — unlike real web data — know exactly where the dirt
-is, so selection precision can be measured (`noise_mask.npy`). Four kinds:
+is, so selection precision can be measured. A label must mean what it says: only text that
+was inserted or altered, or that now follows a cut, is noise; unchanged text is never noise.
 
-- `web`: navigation/menu lines, cookie and legal boilerplate, HTML fragments, URLs and
-  mojibake, generated from templates with seeded randomness (never one fixed string);
-- `numbers`: a number (and sometimes an operator after it) altered inside a step; the span
-  runs from the altered number to the end of its sentence, because everything the step
-  derives from a wrong number is wrong too (CHAMP's first-wrong-step annotations reason alike);
-- `foreign_step`: a fluent line taken from a document of another group (another problem)
-  inserted between lines;
-- `truncate`: a line cut off mid-sentence and followed by the next line; the cut-off sentence
-  fragment is the span.
+Kinds (`KIND_NAMES`, ids stored per token in `noise_kind.npy`; names in meta.json):
 
-Kinds mix by their weights as shares of noisy characters: each event goes to the kind that
-is furthest behind its share. How much to inject per document is steered by feedback on
-realized token counts (`observe`), so the split's token-level noise fraction lands on `rate`
-whatever the tokenizer does to markup and digits.
+- 0 `clean`: ordinary body text, unchanged (the EOS appended per document is clean too);
+- 1 `web`: an inserted line (with its newline) of navigation/menu text, cookie and legal
+  boilerplate, HTML fragments, URLs or mojibake, generated from templates with seeded
+  randomness (never one fixed string);
+- 2 `numbers`: only the altered characters of a number changed inside a step — not a prefix
+  or suffix the old and new number share, nor a digit equal to the old one in its place when
+  the length stayed — and an operator flipped after it in the same sentence;
+- 3 `foreign_step`: an inserted line (with its newline): a fluent line taken from a document
+  of another group (another problem);
+- 4 `truncate`: a line cut off mid-sentence (its rest deleted); the text that now follows the
+  cut — the newline at the cut and the next sentence, up to its end or the end of its line —
+  is the span; the kept fragment before the cut is unchanged and stays `clean`;
+- 5 `header`: the protected prefix (`Document.protect` characters: the CHAMP problem
+  statement), never changed;
+- 6 `numbers_context`: the unchanged text after the first altered character of a number to
+  the end of its sentence (wrong in substance, since it builds on the wrong number, but
+  unchanged and predictable text): reported, never counted as noise.
+
+The noise kinds (`KINDS`: web, numbers, foreign_step, truncate) make `noise_mask.npy`, the
+injected rate and the oracle's removal; header and numbers_context are reported only. A token
+whose characters touch several spans takes the most specific kind (`PRECEDENCE`: a noise kind
+beats numbers_context, which beats header, which beats clean).
+
+Kinds mix by their weights as shares of noise events (edits): each event goes to the kind
+furthest behind its share. Events differ in size (a web line has tens of characters, an
+altered number one or two), so a split's token shares by kind follow from the event mix and
+are reported in meta.json (`realized_by_kind`). How much to inject per document is steered by
+feedback on realized token counts of the noise kinds only (`observe`), so the split's
+`noise_mask` fraction lands on `rate` whatever the tokenizer does to markup and digits.
 """
 
 from __future__ import annotations
@@ -28,16 +46,21 @@ import re
 
 import numpy as np
 
-KINDS = ("web", "numbers", "foreign_step", "truncate")
-KIND_IDS = {k: i + 1 for i, k in enumerate(KINDS)}  # 0 = clean in token-level kind arrays
+KINDS = ("web", "numbers", "foreign_step", "truncate")  # the noise kinds: injected, in the noise mask
+KIND_NAMES = ("clean", *KINDS, "header", "numbers_context")  # indexed by the ids in noise_kind.npy
+KIND_IDS = {k: i for i, k in enumerate(KIND_NAMES)}
+NOISE_IDS = np.array([KIND_IDS[k] for k in KINDS], np.uint8)
+PRECEDENCE = ("clean", "header", "numbers_context", "truncate", "foreign_step", "web", "numbers")  # later wins
+_RANK = {k: i for i, k in enumerate(PRECEDENCE)}
 
-Span = tuple[int, int, str]  # [start, end) character span of injected/corrupted text, kind
+Span = tuple[int, int, str]  # [start, end) character span and its kind (any kind but clean)
 
 _MAX_EVENTS = 200  # per document; a guard, reached only by tiny documents with high rates
 _POOL_SIZE = 2000  # lines kept for foreign steps (reservoir: memory stays bounded)
 _NUMBER = re.compile(r"(?<![A-Za-z_\d.])\d+(?:\.\d+)?")
 _OPERATOR = re.compile(r"(?<= )[-+<>≤≥×÷*/](?= )")
 _FLIP = {"+": "-", "-": "+", "<": ">", ">": "<", "≤": "≥", "≥": "≤", "×": "÷", "÷": "×", "*": "/", "/": "*"}
+_STOP = re.compile(r"[.!?](?=\s)")
 _SENTENCE_END = re.compile(r"[.!?](?=\s)|\n")
 
 # --------------------------------------------------------------------------- web-style text
@@ -118,15 +141,20 @@ def _clean(spans: list[Span], a: int, b: int) -> bool:
     return all(b <= s or a >= e for s, e, _ in spans)
 
 
+def noise_chars(spans: list[Span]) -> int:
+    """Characters of the noise kinds: what the rate counts (header and numbers_context are not noise)."""
+    return sum(e - s for s, e, k in spans if k in KINDS)
+
+
 def _fraction(text: str, spans: list[Span]) -> float:
-    return sum(e - s for s, e, _ in spans) / max(len(text), 1)
+    return noise_chars(spans) / max(len(text), 1)
 
 
-def _edit(text: str, spans: list[Span], a: int, b: int, new: str, mark: tuple[int, int, str]) -> tuple[str, list[Span]]:
-    """Replace text[a:b] with `new`, shift later spans, and add `mark` (offsets into the new text)."""
+def _edit(text: str, spans: list[Span], a: int, b: int, new: str, marks: list[Span]) -> tuple[str, list[Span]]:
+    """Replace text[a:b] with `new`, shift later spans, and add `marks` (offsets into the new text)."""
     shift = len(new) - (b - a)
     moved = [(s, e, k) if e <= a else (s + shift, e + shift, k) for s, e, k in spans]
-    return text[:a] + new + text[b:], sorted([*moved, mark])
+    return text[:a] + new + text[b:], sorted([*moved, *marks])
 
 
 def _lines(text: str, protect: int) -> list[tuple[int, int]]:
@@ -155,15 +183,50 @@ def _mutate_number(tok: str, rng: random.Random) -> str:
     return str(new if new >= 0 and new != n else n + rng.randint(1, 3))
 
 
+def _altered(old: str, new: str) -> list[tuple[int, int]]:
+    """[start, end) ranges in `new` of the characters that differ from `old`: a common prefix and
+    suffix are unchanged, and so is a digit equal to the one in its place when the length stayed."""
+    n = min(len(old), len(new))
+    p = next((i for i in range(n) if old[i] != new[i]), n)
+    s = next((i for i in range(n - p) if old[-1 - i] != new[-1 - i]), n - p)
+    if p >= len(new) - s:  # a pure deletion: nothing new to point at, the whole number is the edit
+        return [(0, len(new))]
+    if len(old) != len(new):  # digits shifted: everything between prefix and suffix is new
+        return [(p, len(new) - s)]
+    out: list[tuple[int, int]] = []
+    for i in range(p, len(new) - s):
+        if old[i] == new[i]:
+            continue
+        if out and out[-1][1] == i:
+            out[-1] = (out[-1][0], i + 1)
+        else:
+            out.append((i, i + 1))
+    return out
+
+
+def _follow_end(text: str, pos: int) -> int:
+    """End of the sentence that starts at the first non-space character from `pos` (its line end at most)."""
+    while pos < len(text) and text[pos].isspace():
+        pos += 1
+    m = _SENTENCE_END.search(text, pos)
+    return len(text) if m is None else m.start() if m.group() == "\n" else m.end()
+
+
+def is_noise(kinds: np.ndarray) -> np.ndarray:
+    """The noise mask of kind ids: True on the noise kinds (web, numbers, foreign_step, truncate)."""
+    return np.isin(kinds, NOISE_IDS)
+
+
 def token_kinds(offsets: np.ndarray, spans: list[Span]) -> np.ndarray:
-    """Noise kind id per token (0 = clean): a token is noisy if its characters overlap a span.
+    """Kind id per token (0 = clean): the kind of the spans its characters overlap, the most specific
+    (`PRECEDENCE`) where they overlap several.
 
     offsets: [n_tokens, 2] character offsets from a fast tokenizer; returns uint8 [n_tokens].
     """
     kinds = np.zeros(len(offsets), np.uint8)
     if spans and len(offsets):
         starts, ends = offsets[:, 0], offsets[:, 1]
-        for s, e, k in spans:
+        for s, e, k in sorted(spans, key=lambda sp: _RANK[sp[2]]):
             kinds[(starts < e) & (ends > s)] = KIND_IDS[k]
     return kinds
 
@@ -179,20 +242,24 @@ class NoiseInjector:
         self.rate = rate
         self.weights = {k: w for k, w in weights.items() if w > 0}
         self.rng = random.Random(f"{seed}:noise")
-        self.kind_chars = dict.fromkeys(self.weights, 0)
+        self.kind_events = dict.fromkeys(self.weights, 0)  # what the mix steers on
+        self.kind_chars = dict.fromkeys(self.weights, 0)  # noise characters added, for the record
         self.tokens = self.noisy_tokens = self.chars = self.noisy_chars = 0
         self._pool: list[tuple[str | None, str]] = []
         self._pool_seen = 0
 
     def observe(self, n_tokens: int, n_noisy_tokens: int, n_chars: int, n_noisy_chars: int) -> None:
-        """Record how one injected document tokenized (feeds `char_target`)."""
+        """Record how one injected document tokenized (feeds `char_target`).
+
+        Noisy means the noise kinds only (`is_noise`, `noise_chars`), never header or numbers_context.
+        """
         self.tokens += n_tokens
         self.noisy_tokens += n_noisy_tokens
         self.chars += n_chars
         self.noisy_chars += n_noisy_chars
 
     def char_target(self) -> float:
-        """Noisy-character fraction to aim at in the next document.
+        """Noise-character fraction to aim at in the next document.
 
         Token and character fractions relate through their odds, odds(tokens) = κ·odds(chars),
         with κ measured so far; the goal overshoots by the current deficit so that the
@@ -207,21 +274,22 @@ class NoiseInjector:
         return odds / (1 + odds)
 
     def inject(self, text: str, group: str | None = None, protect: int = 0) -> tuple[str, list[Span]]:
-        """Return the noisy text and its noise spans; the first `protect` characters stay intact.
+        """Return the noisy text and the spans of every labelled character (all kinds but clean),
+        sorted and disjoint; the first `protect` characters stay intact and are the `header` span.
 
         `group` names where the document comes from (a CHAMP problem): foreign steps are
         only taken from documents of other groups.
         """
+        spans: list[Span] = [(0, min(protect, len(text)), "header")] if protect > 0 and text else []
         if self.rate <= 0 or not self.weights:
-            return text, []
+            return text, spans
         target, original = self.char_target(), text
-        spans: list[Span] = []
         active = list(self.weights)
         for _ in range(_MAX_EVENTS):
             before = _fraction(text, spans)
             if not active or before >= target:
                 break
-            kind = min(active, key=lambda k: self.kind_chars[k] / self.weights[k])
+            kind = min(active, key=lambda k: self.kind_events[k] / self.weights[k])
             done = getattr(self, f"_{kind}")(text, spans, protect, group)
             if done is None:  # nothing left in this document for that kind
                 active.remove(kind)
@@ -229,11 +297,12 @@ class NoiseInjector:
             if _fraction(done[0], done[1]) - target > target - before:
                 break  # this event would overshoot by more than stopping short: unbiased per document
             text, spans, added = done
+            self.kind_events[kind] += 1
             self.kind_chars[kind] += added
         self._remember(original, group, protect)
         return text, spans
 
-    # ---- the four kinds: each returns (text, spans, noisy chars added) or None
+    # ---- the four noise kinds: each returns (text, spans, noise chars added) or None
 
     def _web(self, text: str, spans: list[Span], protect: int, group: str | None):
         return self._insert(text, spans, protect, web_text(self.rng), "web")
@@ -248,6 +317,11 @@ class NoiseInjector:
         return None
 
     def _numbers(self, text: str, spans: list[Span], protect: int, group: str | None):
+        """Alter one number of a clean line (and maybe an operator after it in its sentence).
+
+        Only the altered characters are `numbers`; the unchanged rest of the sentence from the
+        first altered character on is `numbers_context`.
+        """
         lines = [(a, b) for a, b in _lines(text, protect) if _clean(spans, a, b) and _NUMBER.search(text, a, b)]
         if not lines:
             return None
@@ -255,31 +329,45 @@ class NoiseInjector:
         found = list(_NUMBER.finditer(text, a, b))
         results = [m for m in found if text[a:m.start()].rstrip().endswith("=")]
         m = self.rng.choice(results or found)
-        stop = re.compile(r"[.!?](?=\s)").search(text, m.end(), b)
+        stop = _STOP.search(text, m.end(), b)
         end = stop.end() if stop else b
-        new = _mutate_number(m.group(), self.rng) + text[m.end():end]
+        number = _mutate_number(m.group(), self.rng)
+        new = number + text[m.end():end]
+        altered = _altered(m.group(), number)  # offsets into `new`
         ops = list(_OPERATOR.finditer(new))
         if ops and self.rng.random() < 0.5:
             op = self.rng.choice(ops)
-            new = new[:op.start()] + _FLIP[op.group()] + new[op.end():]
-        text, spans = _edit(text, spans, m.start(), end, new, (m.start(), m.start() + len(new), "numbers"))
-        return text, spans, len(new)
+            flipped = _FLIP[op.group()]
+            new = new[:op.start()] + flipped + new[op.end():]
+            altered.append((op.start(), op.start() + len(flipped)))
+        marks: list[Span] = []
+        pos = altered[0][0]
+        for i, j in altered:
+            if i > pos:
+                marks.append((m.start() + pos, m.start() + i, "numbers_context"))
+            marks.append((m.start() + i, m.start() + j, "numbers"))
+            pos = j
+        if pos < len(new):
+            marks.append((m.start() + pos, m.start() + len(new), "numbers_context"))
+        text, spans = _edit(text, spans, m.start(), end, new, marks)
+        return text, spans, sum(j - i for i, j in altered)
 
     def _truncate(self, text: str, spans: list[Span], protect: int, group: str | None):
+        """Cut a clean line mid-sentence and delete its rest: what now follows the cut is the span."""
         body_end = len(text.rstrip())
-        lines = [(a, b) for a, b in _lines(text, protect)
+        lines = [(a, b, _follow_end(text, b)) for a, b in _lines(text, protect)
                  if b - a >= 50 and b < body_end and _clean(spans, a, b) and text.count(" ", a, b) >= 8]
+        lines = [(a, b, f) for a, b, f in lines if _clean(spans, b, f)]
         if not lines:
             return None
-        a, b = self.rng.choice(lines)
-        cuts = [i for i in range(a + (b - a) * 35 // 100, a + (b - a) * 75 // 100) if text[i] == " "]
+        a, b, follow = self.rng.choice(lines)
+        cuts = [i for i in range(a + (b - a) * 35 // 100, a + (b - a) * 75 // 100)
+                if text[i] == " " and text[i - 1] not in ".!?"]  # mid-sentence: never after a full stop
         if not cuts:
             return None
         cut = self.rng.choice(cuts)
-        ends = [m.end() for m in re.finditer(r"[.!?] ", text[a:cut])]
-        start = a + ends[-1] if ends else a
-        text, spans = _edit(text, spans, start, b, text[start:cut], (start, cut, "truncate"))
-        return text, spans, cut - start
+        text, spans = _edit(text, spans, cut, b, "", [(cut, cut + follow - b, "truncate")])
+        return text, spans, follow - b
 
     def _insert(self, text: str, spans: list[Span], protect: int, new: str, kind: str):
         """Insert `new` as a line of its own at a random line start (the end if there is none)."""
@@ -291,7 +379,7 @@ class NoiseInjector:
         else:
             p = len(text)
             new = "\n" + new
-        text, spans = _edit(text, spans, p, p, new, (p, p + len(new), kind))
+        text, spans = _edit(text, spans, p, p, new, [(p, p + len(new), kind)])
         return text, spans, len(new)
 
     def _remember(self, text: str, group: str | None, protect: int) -> None:

@@ -35,8 +35,8 @@ def _save(fig: Figure, path: Path) -> None:
 
 
 def _smooth(y: np.ndarray) -> np.ndarray:
-    """A centred moving average over ~2 % of the points: per-step SLM losses are noisy."""
-    window = max(1, len(y) // 50)
+    """A centred moving average over ~10 % of the points: per-step SLM losses are noisy."""
+    window = max(1, len(y) // 10)
     if window == 1:
         return y
     kernel = np.ones(window) / window
@@ -66,19 +66,37 @@ def loss_curves(logs: Mapping[str, Sequence[tuple[int, float]]], path: Path) -> 
     fig = Figure(figsize=(9, 5))
     ax = fig.subplots()
     colors = matplotlib.colormaps["tab20" if len(logs) > 10 else "tab10"]
-    smoothed = False
     for i, (name, points) in enumerate(logs.items()):
         steps = np.array([p[0] for p in points], dtype=float)
         loss = np.array([p[1] for p in points], dtype=float)
-        y = _smooth(loss)
-        smoothed |= y is not loss
-        ax.plot(steps, y, color=colors(i % colors.N), lw=1.4, label=name)
+        color = colors(i % colors.N)
+        ax.plot(steps, loss, color=color, lw=0.7, alpha=0.3)
+        ax.plot(steps, _smooth(loss), color=color, lw=1.6, label=name)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("training loss (nats, mean over trained tokens)")
-    title = "Training loss — mean over the tokens each run trains on"
-    ax.set_title(title + (" (moving average)" if smoothed else ""))
+    ax.set_title("Training loss — mean over the tokens each run trains on\n(faint: per step; bold: moving average)")
     ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     ax.grid(alpha=0.3)
+    _save(fig, path)
+
+
+def learning_curves(curves: Mapping[str, Mapping[str, Sequence[tuple[int, float]]]], path: Path) -> None:
+    """Validation perplexity vs training tokens seen, one panel per split; `curves` maps run → split → points."""
+    splits = list(dict.fromkeys(s for by_split in curves.values() for s in by_split))
+    fig = Figure(figsize=(6.5 * len(splits), 4.8))
+    axes = fig.subplots(1, len(splits), squeeze=False)[0]
+    colors = matplotlib.colormaps["tab20" if len(curves) > 10 else "tab10"]
+    for ax, split in zip(axes, splits, strict=True):
+        for i, (name, by_split) in enumerate(curves.items()):
+            if split in by_split:
+                tokens, loss = zip(*by_split[split], strict=True)
+                ax.plot(tokens, np.exp(loss), color=colors(i % colors.N), marker="o", ms=3, lw=1.4, label=name)
+        ax.set_xlabel("training tokens seen")
+        ax.set_ylabel("validation perplexity (fixed subset)")
+        ax.set_title(split)
+        ax.grid(alpha=0.3)
+    axes[-1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.suptitle("Learning curves: validation perplexity during training")
     _save(fig, path)
 
 
@@ -140,6 +158,35 @@ def selection(runs: Sequence[str], noise: Sequence[float], clean: Sequence[float
     _grouped_bars(ax, runs, series, "{:.0f}", colors=["#d62728", "#2ca02c"])
     ax.set_ylabel("selected (%)")
     ax.set_title("Share of noise vs clean tokens selected\n(a selection that filters noise keeps red well below green)")
+    _save(fig, path)
+
+
+def selection_by_kind(runs: Sequence[str], shares: Mapping[str, Sequence[float]], path: Path) -> None:
+    """Share of each token kind trained per run, relative to the clean share (1 = no preference; below 1 =
+    the selection drops that kind); `shares` maps kind → one ratio per run."""
+    fig = Figure(figsize=(max(7, 1.1 * len(runs) + 3), 4.8))
+    ax = fig.subplots()
+    _grouped_bars(ax, runs, shares, "{:.2f}")
+    ax.axhline(1.0, color="black", lw=0.8, ls="--")
+    ax.set_ylabel("share trained / clean share trained")
+    ax.set_title("Selection by token kind (below the dashed line: the run trains less on that kind than on clean text)")
+    _save(fig, path)
+
+
+def selection_over_training(curves: Mapping[str, Mapping[str, Sequence[tuple[int, float]]]], path: Path) -> None:
+    """Per-step share of each kind trained, one panel per run; `curves` maps run → kind → (step, share)."""
+    fig = Figure(figsize=(5 * len(curves), 4))
+    axes = fig.subplots(1, len(curves), squeeze=False)[0]
+    for ax, (name, kinds) in zip(axes, curves.items(), strict=True):
+        for kind, points in kinds.items():
+            steps, share = zip(*points, strict=True)
+            ax.plot(steps, _smooth(np.array(share)), lw=1.4, label=kind)
+        ax.set_title(name)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("share of the kind's tokens trained (moving average)")
+    axes[-1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     _save(fig, path)
 
 

@@ -54,8 +54,10 @@ def write_report(out: str | Path | OutDir, tokenizer: Any = None) -> dict[str, A
     splits = _splits(runs)
     written: dict[str, Any] = {"plots": {}, "skipped": {}}
 
-    logs = {n: _loss_points(out.run(n).log()) for n in _run_dirs(out, order)}
+    logs = {n: _loss_points(out.run(n).log()) for n in order}
     logs = {n: pts for n, pts in logs.items() if pts}
+    curves = {n: _curve_points(out.run(n).curve()) for n in order}
+    curves = {n: pts for n, pts in curves.items() if pts}
     cos_names, cos_matrix = _cosine_matrix(results.get("cosine") or {}, order)
     bucket_panels = {
         title: {n: table[n] for n in sorted(table, key=lambda n: _run_key(n, runs.get(n, {})))}
@@ -71,6 +73,7 @@ def write_report(out: str | Path | OutDir, tokenizer: Any = None) -> dict[str, A
     figures = {
         "loss_curves": (logs, lambda p: plots.loss_curves(logs, p), "no runs/*/log.jsonl"),
         "val_ppl": (splits, lambda p: plots.val_ppl(order, ppl, p), "no validation results"),
+        "learning_curves": (curves, lambda p: plots.learning_curves(curves, p), "no runs/*/curve.jsonl"),
         "buckets": (bucket_panels, lambda p: plots.buckets(bucket_panels, p), "no bucket analysis"),
         "cosine": (cos_names, lambda p: plots.cosine(cos_names, cos_matrix, p), "no cosine similarities"),
         "selection": (
@@ -84,6 +87,16 @@ def write_report(out: str | Path | OutDir, tokenizer: Any = None) -> dict[str, A
             "no selection diagnostics",
         ),
     }
+    kind_runs = [n for n in sel_runs if (selection[n].get("by_kind") or {}).get("clean")]
+    kinds = [k for k in dict.fromkeys(k for n in kind_runs for k in selection[n]["by_kind"]) if k != "clean"]
+    rel = {k: [_relative(selection[n]["by_kind"], k) for n in kind_runs] for k in kinds}
+    figures["selection_by_kind"] = (kind_runs and kinds, lambda p: plots.selection_by_kind(kind_runs, rel, p),
+                                    "no per-kind selection")
+    slm_runs = [n for n in order if runs[n].get("method") not in NOT_SLM]
+    over = {n: _kind_points(out.run(n).log()) for n in slm_runs}
+    over = {n: pts for n, pts in over.items() if pts}
+    figures["selection_over_training"] = (over, lambda p: plots.selection_over_training(over, p),
+                                          "no per-step selection by kind")
     for name, (data, draw, why) in figures.items():
         if data:
             path = out.plot(name)
@@ -104,11 +117,13 @@ def write_report(out: str | Path | OutDir, tokenizer: Any = None) -> dict[str, A
 
     sections = [
         f"# Selective LM report — preset `{results.get('preset', '?')}`, selective-lm {results.get('version', '?')}",
-        _runs_section(runs, order, splits),
+        _runs_section(runs, order, splits, results.get("other_runs") or []),
         _comparison_section(runs, order, splits),
+        _speed_section(runs, order),
         _buckets_section(bucket_panels),
         _cosine_section(cos_names, cos_matrix),
         _selection_section(selection, sel_runs),
+        _kinds_section(selection, kind_runs, kinds, results.get("separation_step0") or {}),
         _links_section(written),
     ]
     write_text(out.report, "\n\n".join(sections) + "\n")
@@ -136,12 +151,6 @@ def _ppl(run: dict[str, Any], split: str) -> float:
     return float(((run.get("val") or {}).get(split) or {}).get("ppl", np.nan))
 
 
-def _run_dirs(out: OutDir, order: list[str]) -> list[str]:
-    """Runs in results.json order, plus run directories not (yet) in results.json."""
-    extra = [r.name for r in out.run_dirs() if r.name not in order]
-    return [*order, *extra]
-
-
 def _loss_points(log: list[dict[str, Any]]) -> list[tuple[int, float]]:
     """(step, loss) pairs of a run's log; a record without a usable loss is skipped."""
     points = []
@@ -153,9 +162,18 @@ def _loss_points(log: list[dict[str, Any]]) -> list[tuple[int, float]]:
     return points
 
 
+def _curve_points(curve: list[dict[str, Any]]) -> dict[str, list[tuple[int, float]]]:
+    """split -> (tokens seen, validation loss) points of a run's learning curve."""
+    points: dict[str, list[tuple[int, float]]] = {}
+    for row in curve:
+        for split, loss in (row.get("val_loss") or {}).items():
+            points.setdefault(split, []).append((int(row["tokens_seen"]), float(loss)))
+    return points
+
+
 def _read_samples(out: OutDir, order: list[str]) -> dict[str, dict[str, np.ndarray]]:
     samples = {}
-    for n in _run_dirs(out, order):
+    for n in order:
         path = out.run(n).selection_sample
         if path.is_file():
             with np.load(path) as z:
@@ -202,9 +220,11 @@ def _signed(pct: float) -> str:
 # ---------------------------------------------------------------- sections
 
 
-def _runs_section(runs: dict[str, dict[str, Any]], order: list[str], splits: list[str]) -> str:
+def _runs_section(runs: dict[str, dict[str, Any]], order: list[str], splits: list[str], others: list[str]) -> str:
     if not runs:
         return "## Runs\n\nresults.json has no runs yet."
+    note = (f"\n\nNot in this grid (other configs in the same out dir, left out of every table): "
+            f"{', '.join(f'`{n}`' for n in others)}." if others else "")
     header = ["run", "method", "ratio", "seed", "steps", "tokens trained", "train loss (final)"]
     header += [f"{s} ppl" for s in splits]
     rows = []
@@ -232,7 +252,7 @@ def _runs_section(runs: dict[str, dict[str, Any]], order: list[str], splits: lis
         ]
         text += "\n\n### Over seeds\n\nMean ± sample standard deviation of validation perplexity.\n\n"
         text += _table(["group", "method", "ratio", "seeds"] + [f"{s} ppl" for s in splits], rows)
-    return text
+    return text + note
 
 
 def _mean_std(values: list[float]) -> str:
@@ -251,6 +271,18 @@ class _Group:
     ratio: float | None
     names: list[str] = field(default_factory=list)
     ppl: dict[str, list[float]] = field(default_factory=dict)
+    deltas: dict[str, list[dict[str, float]]] = field(default_factory=dict)  # split -> each seed's Δ vs CLM
+
+    def interval(self, split: str) -> tuple[float, float] | None:
+        """The paired bootstrap 95 % interval of Δ vs CLM in % (over seeds: the envelope of theirs)."""
+        d = self.deltas.get(split, [])
+        if not d or len(d) < len(self.names):
+            return None
+        return min(x["lo"] for x in d), max(x["hi"] for x in d)
+
+    def within_noise(self, split: str) -> bool:
+        iv = self.interval(split)
+        return iv is not None and iv[0] <= 0 <= iv[1]
 
     def mean(self, split: str) -> float:
         v = [x for x in self.ppl.get(split, []) if np.isfinite(x)]
@@ -270,6 +302,8 @@ def _groups(runs: dict[str, dict[str, Any]], order: list[str]) -> dict[str, _Gro
         g.names.append(n)
         for s, v in (r.get("val") or {}).items():
             g.ppl.setdefault(s, []).append(float(v.get("ppl", np.nan)))
+        for s, d in (r.get("delta_vs_clm") or {}).items():
+            g.deltas.setdefault(s, []).append(d)
     return groups
 
 
@@ -286,7 +320,9 @@ def _comparison_section(runs: dict[str, dict[str, Any]], order: list[str], split
         title,
         "Each SLM setting beside the random-selection control at the same ratio, the oracle (CLM "
         "trained without the injected noise tokens), CLM and the reference model. Δ is the relative "
-        "perplexity change vs CLM (negative = better); settings with several seeds use the mean.",
+        "perplexity change vs CLM (negative = better), with its paired bootstrap 95 % interval over the "
+        "validation documents in brackets; settings with several seeds use the mean (and the envelope of "
+        "their intervals). A difference whose interval covers 0 is called within noise.",
     ]
     for g in slm:
         peers = (g, randoms.get(g.ratio), *(by_method.get(m) for m in ("oracle", "clm", "reference")))
@@ -297,7 +333,9 @@ def _comparison_section(runs: dict[str, dict[str, Any]], order: list[str], split
             row = [f"`{x.label}`" + (f" ({len(x.names)} seeds)" if len(x.names) > 1 else "")]
             for s in splits:
                 base = clm.mean(s) if clm else np.nan
-                row += [_fmt(x.mean(s), ".2f"), _signed(_pct_change(x.mean(s), base)) if clm else NA]
+                iv = x.interval(s)
+                ci = f" [{iv[0]:+.1f}, {iv[1]:+.1f}]" if iv and x is not clm else ""
+                row += [_fmt(x.mean(s), ".2f"), _signed(_pct_change(x.mean(s), base)) + ci if clm else NA]
             rows.append(row)
         lines += [
             f"### `{g.label}`",
@@ -336,8 +374,11 @@ def _verdict(g: _Group, clm: _Group | None, rnd: _Group | None, oracle: _Group |
     else:
         out.append(f"`{g.label}`{seeds} is {_versus(g, clm, splits, 'CLM')}.")
         deltas = {s: _pct_change(g.mean(s), clm.mean(s)) for s in splits}
-        better = [s for s, d in deltas.items() if np.isfinite(d) and d <= -PAR_PCT]
-        worse = [s for s, d in deltas.items() if np.isfinite(d) and d >= PAR_PCT]
+        noise = [s for s in splits if g.within_noise(s)]
+        if noise:
+            out.append(f"On {', '.join(noise)} the difference is within noise (its 95 % interval covers 0).")
+        better = [s for s, d in deltas.items() if np.isfinite(d) and d <= -PAR_PCT and s not in noise]
+        worse = [s for s, d in deltas.items() if np.isfinite(d) and d >= PAR_PCT and s not in noise]
         noisy_seed = [s for s in splits if abs(g.mean(s) - clm.mean(s)) < g.std(s)]
         if noisy_seed:
             out.append(f"On {', '.join(noisy_seed)} the difference is smaller than the spread across seeds.")
@@ -372,6 +413,21 @@ def _verdict(g: _Group, clm: _Group | None, rnd: _Group | None, oracle: _Group |
         elif not worse:
             out.append(f"`{g.label}` improves on CLM without losing on any split.")
     return " ".join(out)
+
+
+def _speed_section(runs: dict[str, dict[str, Any]], order: list[str]) -> str:
+    title = "## Learning curves and tokens to CLM's final loss"
+    rows = [[f"`{n}`"] + [_fmt(v, ",.0f") if v is not None else "never" for v in by_split.values()]
+            for n in order if (by_split := runs[n].get("tokens_to_clm_final_by_split"))]
+    if not rows:
+        return f"{title}\n\nNo learning curves (runs/*/curve.jsonl; `eval.every=0` turns them off)."
+    splits = next(iter(runs[n]["tokens_to_clm_final_by_split"] for n in order
+                       if runs[n].get("tokens_to_clm_final_by_split")))
+    clm = next((runs[n]["tokens_seen"] for n in order if runs[n].get("method") == "clm"), None)
+    return (f"{title}\n\nValidation loss on a fixed subset of each split during training "
+            "(plots/learning_curves.png), and the training tokens each run needs to reach the final loss of its "
+            f"CLM baseline on that subset (Rho-1's speed-up figure; CLM itself needs {_fmt(clm, ',')}; "
+            "\"never\" = not within the run).\n\n" + _table(["run"] + [f"{s} tokens" for s in splits], rows))
 
 
 def _buckets_section(panels: dict[str, dict[str, dict[str, float]]]) -> str:
@@ -421,6 +477,43 @@ def _selection_section(selection: dict[str, dict[str, float]], order: list[str])
             ["run", "noise selected %", "clean selected %", "reading"] + [k.replace("_", " ") for k in extra], rows
         )
     )
+
+
+def _relative(by_kind: dict[str, float | None], kind: str) -> float:
+    """Share of `kind` trained / share of clean tokens trained (NaN when either is unknown)."""
+    share, clean = by_kind.get(kind), by_kind.get("clean")
+    return share / clean if share is not None and clean else np.nan
+
+
+def _kind_points(log: list[dict[str, Any]]) -> dict[str, list[tuple[int, float]]]:
+    points: dict[str, list[tuple[int, float]]] = {}
+    for row in log:
+        for kind, share in (row.get("selected_by_kind") or {}).items():
+            points.setdefault(kind, []).append((int(row["step"]), float(share)))
+    return points
+
+
+def _kinds_section(selection: dict[str, Any], kind_runs: list[str], kinds: list[str],
+                   step0: dict[str, dict[str, Any]]) -> str:
+    title = "## Selection by token kind"
+    if not kind_runs:
+        return f"{title}\n\nNo per-kind selection (the train split has no noise_kind.npy)."
+    noise = "`web`, `numbers`, `foreign_step`, `truncate`"
+    text = [title, f"Share of each kind's target tokens trained, divided by the share of clean tokens trained "
+            f"(1.00 = no preference, below 1 = the run drops that kind). Noise (the oracle removes it): {noise}; "
+            "`header` (the problem statement) and `numbers_context` (unchanged text after an altered number) "
+            "are not noise.",
+            _table(["run"] + [f"`{k}`" for k in kinds],
+                   [[f"`{n}`"] + [_fmt(_relative(selection[n]["by_kind"], k), ".2f") for k in kinds]
+                    for n in kind_runs])]
+    if step0:
+        text += ["Step 0 (the base model as student): excess loss (base − reference) by kind on scored train "
+                 "blocks, and the probability that a clean token's excess outranks a token of the kind (0.5 = "
+                 "the score cannot tell them apart; top-k drops a kind only where this is well above 0.5).",
+                 _table(["kind", "tokens", "mean excess", "P(clean outranks)"],
+                        [[f"`{k}`", _fmt(v["tokens"], ","), _fmt(v["mean_excess"], "+.3f"),
+                          _fmt(v["p_clean_outranks"], ".2f")] for k, v in step0.items()])]
+    return "\n\n".join(text)
 
 
 def _selection_word(noise: float, clean: float) -> str:

@@ -127,6 +127,13 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(params, lr=self.t.lr, weight_decay=self.t.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(self.t))
         self.order = BlockOrder(self.store.tokens.shape[0], self.t.seed)
+        self.kind_names: list[str] = (self.store.meta.get("noise") or {}).get("kind_names") or []
+        # The learning curve's fixed subsets (students only): the same blocks for every run and step.
+        self.curve: dict[str, TokenStore] = {}
+        if split == "train" and cfg.eval.every:
+            for s in (s for s in cfg.eval.splits if out.store_dir(s).is_dir()):
+                store = out.store(s)
+                self.curve[s] = store.subset(store.spread_blocks(cfg.eval.curve_tokens))
         self.world, self.rank = self.acc.num_processes, self.acc.process_index
         if self.ref_loss is not None and not self._scores_cover_reads():
             if self.t.needs_reference():
@@ -165,20 +172,24 @@ class Trainer:
     # ------------------------------------------------------------------ data
 
     def _micro_batches(self, step: int) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor, torch.Tensor | None,
-                                                          torch.Tensor | None]]:
-        """This rank's micro-batches of one optimizer step: (rows, input_ids, valid, noise, ref_loss)."""
+                                                          torch.Tensor | None, torch.Tensor | None]]:
+        """This rank's micro-batches of one optimizer step: (rows, input_ids, valid, noise, kinds, ref_loss)."""
         b, a, w = self.t.batch_size, self.t.grad_accum, self.world
         base = step * b * a * w
         for m in range(a):
-            rows = np.sort(self.order.blocks(base + (m * w + self.rank) * b, b))  # sorted: faster memmap reads
+            # Stream order, not sorted: a token's random draw then depends on its global batch position only,
+            # so data parallel equals one process for every strategy.
+            rows = self.order.blocks(base + (m * w + self.rank) * b, b)
             ids = torch.from_numpy(np.asarray(self.store.tokens[rows], dtype=np.int64))
             doc = torch.from_numpy(np.asarray(self.store.doc_ids[rows])) if self.cfg.data.doc_boundaries else None
             valid = valid_mask(ids, doc_ids=doc)
-            noise = None
+            noise = kinds = None
             if self.store.noise_mask is not None:
                 noise = torch.from_numpy(np.asarray(self.store.noise_mask[rows], dtype=bool)).to(self.acc.device)
+            if self.store.noise_kind is not None:
+                kinds = torch.from_numpy(np.asarray(self.store.noise_kind[rows])).to(self.acc.device)
             ref = torch.from_numpy(np.asarray(self.ref_loss[rows])) if self.ref_loss is not None else None
-            yield rows, ids.to(self.acc.device), valid.to(self.acc.device), noise, ref
+            yield rows, ids.to(self.acc.device), valid.to(self.acc.device), noise, kinds, ref
 
     def _online_ref(self, ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         return model_token_losses(self.reference_model, ids, valid, self.cfg.scoring.chunk_size)
@@ -186,7 +197,7 @@ class Trainer:
     # ------------------------------------------------------------------ one step
 
     def _micro_stats(self, out: Any, ids: torch.Tensor, valid: torch.Tensor, noise: torch.Tensor | None,
-                     ref: torch.Tensor | None) -> torch.Tensor:
+                     kinds: torch.Tensor | None, ref: torch.Tensor | None) -> torch.Tensor:
         """One micro-batch's contribution to STAT_KEYS (summed over micro-batches and ranks)."""
         values = {
             "loss_sum": out.loss_sum.detach(), "n_selected": out.n_selected, "n_valid": out.n_valid,
@@ -196,22 +207,18 @@ class Trainer:
             "n_unselected": out.n_unselected,
         }
         step = torch.stack([values[k].double() for k in STEP_KEYS])
-        return torch.cat([step, diag.counts(out.weights, valid, noise, ref)])
+        return torch.cat([step, diag.counts(out.weights, valid, noise, ref, kinds)])
 
     def _step(self, step: int) -> dict[str, float]:
         """One optimizer step; returns the summed STAT_KEYS plus lr, grad norm and time."""
         start = time.perf_counter()
         self.model.train()
         stats = torch.zeros(len(STAT_KEYS), dtype=torch.float64, device=self.acc.device)
-        for m, (rows, ids, valid, noise, ref) in enumerate(self._micro_batches(step)):
+        for m, (rows, ids, valid, noise, kinds, ref) in enumerate(self._micro_batches(step)):
             if self.online:
                 ref = self._online_ref(ids, valid)
             train_valid = trainable_mask(valid, noise, oracle=self.t.method == "oracle")
-            # Seeded per (step, micro-batch): resumes draw the same tokens; `global` needs equal draws on all ranks.
-            rank = 0 if self.t.scope == "global" else self.rank
-            gen = torch.Generator().manual_seed(
-                int(np.random.SeedSequence([self.t.seed, step, m, rank]).generate_state(1)[0])
-            )
+            gen = self._generator(step, m)
             try:
                 with self.acc.autocast():
                     out = selective_lm_loss(
@@ -227,7 +234,7 @@ class Trainer:
                 raise NumericalError(f"step {step + 1}: the trainable weights are not finite; the last good "
                                      "checkpoint is kept (lower train.lr)") from None
             out.loss_sum.backward()
-            stats += self._micro_stats(out, ids, valid, noise, ref)
+            stats += self._micro_stats(out, ids, valid, noise, kinds, ref)
             if step == 0 and m == 0 and self.acc.is_main_process:
                 self._save_selection_sample(rows, ids, out.weights)
         params = list(_trainable(self.model).values())
@@ -248,6 +255,40 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         result["step_s"] = time.perf_counter() - start
         return result
+
+    def _generator(self, step: int, m: int) -> torch.Generator:
+        """The selection's random draws for micro-batch `m` of `step`.
+
+        Keyed by the run's identity (method, ratio, seed), so that random and stochastic runs, or two
+        ratios, are independent controls; `train.common_random=true` drops method and ratio from the
+        key (common random numbers: random-r0.3 then selects a subset of random-r0.5). Keyed by the
+        micro-batch's global position, so resumes draw the same tokens and data parallel equals one
+        process; `global` scope gathers all ranks' micro-batch m and must draw the same on each.
+        """
+        position = m if self.t.scope == "global" else m * self.world + self.rank
+        key = [self.t.seed, step, position]
+        if not self.t.common_random:
+            key.append(int(fingerprint(self.t.method, self.ratio), 16))
+        return torch.Generator().manual_seed(int(np.random.SeedSequence(key).generate_state(1)[0]))
+
+    @torch.no_grad()
+    def _curve_point(self, step: int, tokens_seen: int) -> dict[str, Any]:
+        """Validation loss (token-weighted mean) of the current weights on each split's curve subset."""
+        self.model.eval()
+        val = {}
+        for split, store in self.curve.items():
+            nats = count = 0.0
+            for i in range(0, store.n_blocks, self.cfg.eval.batch_size):
+                ids = torch.from_numpy(store.tokens[i : i + self.cfg.eval.batch_size].astype(np.int64))
+                doc = torch.from_numpy(store.doc_ids[i : i + len(ids)]) if self.cfg.data.doc_boundaries else None
+                ids = ids.to(self.acc.device)
+                valid = valid_mask(ids, doc_ids=doc.to(self.acc.device) if doc is not None else None)
+                losses = model_token_losses(self.model, ids, valid, self.cfg.scoring.chunk_size)
+                nats += float(losses.nansum())
+                count += float(valid.sum())
+            val[split] = nats / max(count, 1.0)
+        self.model.train()
+        return {"step": step, "tokens_seen": tokens_seen, "val_loss": val}
 
     def _save_selection_sample(self, rows: np.ndarray, ids: torch.Tensor, weights: torch.Tensor) -> None:
         """The first micro-batch's selection: the same blocks in every run, for the highlight page."""
@@ -316,10 +357,13 @@ class Trainer:
 
     def _config_hash(self) -> str:
         """What the run's result depends on: data, model, training, and the reference behind its scores."""
-        ref = self.out.reference_digest() if self.t.needs_reference() else None
+        # A run that reads stored scores, if only for its diagnostics, depends on the reference behind them.
+        uses_ref = self.t.needs_reference() or self.ref_loss is not None
+        ref = self.out.reference_digest() if uses_ref else None
         # Fields that change how a run is stored or named, not what it learns, stay out of the hash.
         t = self.t.model_dump(exclude={"name", "checkpoint_every", "merge"})
-        return fingerprint(self.cfg.data.model_dump(), self.cfg.model.model_dump(), t, ref)
+        curve = self.cfg.eval.model_dump(include={"splits", "every", "curve_tokens"}) if self.curve else None
+        return fingerprint(self.cfg.data.model_dump(), self.cfg.model.model_dump(), t, ref, curve)
 
     def _check_existing(self, config_hash: str, replace_stale: bool) -> dict[str, Any] | None:
         """The finished summary when the run is done; clears (or refuses) a run dir of another config."""
@@ -356,16 +400,20 @@ class Trainer:
             write_text(self.run.config_path, self.cfg.to_yaml())
             if self.t.snapshot_every:
                 self._snapshot(0)
-        log_path = self.run.log_path
-        if main:  # drop log lines past the checkpoint we resume from (and a line a kill cut short)
-            kept = [r for r in self.run.log() if r["step"] <= state["step"]]
-            write_text(log_path, "".join(json.dumps(r) + "\n" for r in kept))
+        log_path, curve_path = self.run.log_path, self.run.curve_path
+        if main:  # drop records past the checkpoint we resume from (and a line a kill cut short)
+            for path, records in ((log_path, self.run.log()), (curve_path, self.run.curve())):
+                kept = [r for r in records if r["step"] <= state["step"]]
+                write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+            if self.curve and state["step"] == 0:
+                write_text(curve_path, json.dumps(self._curve_point(0, 0)) + "\n")
         # TensorBoard hides the events a killed run logged past the checkpoint (purge_step).
         self.acc.init_trackers("tb", init_kwargs={"tensorboard": {"purge_step": state["step"] + 1}})
         bar = tqdm(total=self.t.steps, initial=state["step"], desc=f"train {self.name}", disable=not main,
                    unit="step", dynamic_ncols=True)
         try:
-            with open(log_path, "a") if main else contextlib.nullcontext() as log:
+            with open(log_path, "a") if main else contextlib.nullcontext() as log, \
+                    open(curve_path, "a") if main else contextlib.nullcontext() as curve:
                 for step in range(state["step"], self.t.steps):
                     rng = torch.get_rng_state()
                     try:
@@ -376,13 +424,17 @@ class Trainer:
                             self._save_checkpoint(state["step"], state)
                         raise
                     record = self._advance(state, sums)
-                    self.acc.log({k: v for k, v in record.items() if k != "step" and v is not None},
-                                 step=record["step"])
+                    scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
+                    scalars |= {f"selected_by_kind/{k}": v for k, v in record["selected_by_kind"].items()}
+                    self.acc.log(scalars, step=record["step"])
                     if main:
                         log.write(json.dumps(record) + "\n")
                         log.flush()
                         bar.set_postfix(loss=f"{record['loss']:.3f}", sel=f"{record['selected_frac']:.2f}")
                         bar.update(1)
+                        if self.curve and ((step + 1) % self.cfg.eval.every == 0 or step + 1 == self.t.steps):
+                            curve.write(json.dumps(self._curve_point(step + 1, state["tokens_seen"])) + "\n")
+                            curve.flush()
                         if self.t.snapshot_every and (step + 1) % self.t.snapshot_every == 0:
                             self._snapshot(step + 1)
                         if self.t.checkpoint_every and (step + 1) % self.t.checkpoint_every == 0:
@@ -400,20 +452,20 @@ class Trainer:
             "name": self.name, "method": self.t.method, "strategy": self.strategy, "score": self.score_kind,
             "ratio": self.ratio, "scope": self.t.scope, "seed": self.t.seed, "steps": state["step"],
             "tokens_seen": state["tokens_seen"], "tokens_trained": state["tokens_trained"],
-            "train_loss_final": last["loss"], "selection": diag.diagnostics(state["diag"]),
+            "train_loss_final": last["loss"],
+            "selection": {**diag.diagnostics(state["diag"]), "by_kind": diag.by_kind(state["diag"], self.kind_names)},
             "config_hash": config_hash, "version": __version__,
         }
         write_json(self.run.summary_path, summary)
         return summary
 
-    @staticmethod
-    def _advance(state: dict[str, Any], sums: dict[str, float]) -> dict[str, Any]:
+    def _advance(self, state: dict[str, Any], sums: dict[str, float]) -> dict[str, Any]:
         """Fold one step's sums into the run state; return the step's log record."""
         state["step"] += 1
         state["tokens_seen"] += int(sums["n_fed"])
         state["tokens_trained"] += int(round(sums["n_selected"]))
         for k in diag.FIELDS:
-            state["diag"][k] += sums[k]
+            state["diag"][k] = state["diag"].get(k, 0.0) + sums[k]
         n_sel = sums["n_selected"]
         return {
             "step": state["step"], "tokens_seen": state["tokens_seen"], "tokens_trained": state["tokens_trained"],
@@ -421,6 +473,7 @@ class Trainer:
             "score_selected": _ratio(sums["score_selected"], n_sel),
             "score_unselected": _ratio(sums["score_unselected"], sums["n_unselected"]),
             "lr": sums["lr"], "grad_norm": sums["grad_norm"], "step_s": sums["step_s"],
+            "selected_by_kind": {k: v for k, v in diag.by_kind(sums, self.kind_names).items() if v is not None},
         }
 
     def _save_final(self) -> None:

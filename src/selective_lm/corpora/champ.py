@@ -1,15 +1,23 @@
 """`champ`: the embedded CHAMP math corpus (PyPI champ-dataset, MIT), no network needed.
 
-Problems are split into train/validation by problem id, stratified by category and seeded by
-`data.seed`. `val_clean` holds the human documents of the held-out problems (problem, concepts,
-hints, step-by-step solution, answer); `val_noisy` their model-written solutions; `train` the
+Problems are partitioned by problem id, stratified by category and seeded by `data.seed`:
+within each category the shuffled problems go to validation (`data.val_fraction`), then, by
+default (`data.reference_problems=disjoint`), to the reference (`data.reference_fraction`), and
+the rest to train, so that no problem feeds two of them: a reference trained on the training
+problems' statements would score those tokens as learnable and bias selection towards them.
+`val_clean` holds the human documents of the held-out problems (problem, concepts, hints,
+step-by-step solution, answer); `val_noisy` their model-written solutions; `train` the
 model-written solutions of the training problems (noise is injected by `slm prepare`);
-`reference` the human documents of the training problems plus, as `data.reference_mix` of its
-text, noise-free model-written solutions from conversations reserved for it and never used in
-`train`. A model-written document is one conversation: the problem statement, the model's
-solution and its one-sentence summary; the statement is the protected prefix, so that the
-solution reads in context and noise injection leaves it intact. Documents are shuffled (seeded)
-before capping, so a cap takes a random sample.
+`reference` the human documents of the reference problems plus, as `data.reference_mix` of its
+text, noise-free model-written solutions of the same problems. `reference_problems=shared`
+reproduces the old split: the reference holds the human documents of the training problems
+plus conversations reserved from them (RESERVED_SHARE of each) and never used in `train`; the
+validation problems are the same in both modes. Each split's meta lists its problems.
+
+A model-written document is one conversation: the problem statement, the model's solution and
+its one-sentence summary; the statement is the protected prefix, so that the solution reads in
+context and noise injection leaves it intact. Documents are shuffled (seeded) before capping,
+so a cap takes a random sample.
 """
 
 from __future__ import annotations
@@ -44,27 +52,45 @@ def load_champ() -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class ChampPartition:
-    """Which problems and conversations each CHAMP split may draw from (all lists sorted)."""
+    """Which problems and conversations each CHAMP split may draw from (all lists sorted).
+
+    With `reference_problems=shared`, `reference_problems` is `train_problems` and the reference
+    conversations are reserved from the training problems' conversations.
+    """
 
     train_problems: list[str]
     val_problems: list[str]
+    reference_problems: list[str]
     train_conversations: list[tuple[str, str]]  # (problem id, conversation key)
     reference_conversations: list[tuple[str, str]]
 
 
 def champ_partition(data: DataConfig, corpus: dict[str, Any] | None = None) -> ChampPartition:
-    """Hold out `val_fraction` of the problems per category; reserve RESERVED_SHARE of each
-    training problem's conversations for the reference. Seeded by `data.seed`."""
+    """Per category: `val_fraction` of the problems to validation, then (disjoint mode)
+    `reference_fraction` to the reference, the rest to train; every category of at least
+    three problems feeds all three. Shared mode reserves RESERVED_SHARE of each training
+    problem's conversations for the reference instead. Seeded by `data.seed`; the
+    validation problems do not depend on the mode."""
     problems = (corpus or load_champ())["problems"]
+    disjoint = data.reference_problems == "disjoint"
     rng = random.Random(f"{data.seed}:champ-split")
     by_category: dict[str, list[str]] = {}
     for pid, p in sorted(problems.items()):
         by_category.setdefault(p["category"], []).append(pid)
     val: list[str] = []
+    ref: list[str] = []
     for _, ids in sorted(by_category.items()):
         rng.shuffle(ids)
-        val += ids[: max(1, min(len(ids) - 1, round(len(ids) * data.val_fraction)))]
-    train = sorted(set(problems) - set(val))
+        n_val = max(1, min(len(ids) - 1, round(len(ids) * data.val_fraction)))
+        val += ids[:n_val]
+        if disjoint and (rest := len(ids) - n_val) >= 2:
+            n_ref = max(1, min(rest - 1, round(len(ids) * data.reference_fraction)))
+            ref += ids[n_val:n_val + n_ref]
+    train = sorted(set(problems) - set(val) - set(ref))
+    if disjoint:
+        def convs(pids: list[str]) -> list[tuple[str, str]]:
+            return [(pid, key) for pid in pids for key in sorted(problems[pid]["conversations"])]
+        return ChampPartition(train, sorted(val), sorted(ref), convs(train), convs(sorted(ref)))
     train_convs, reserved = [], []
     for pid in train:
         keys = sorted(problems[pid]["conversations"])
@@ -72,7 +98,7 @@ def champ_partition(data: DataConfig, corpus: dict[str, Any] | None = None) -> C
         k = round(len(keys) * RESERVED_SHARE)
         reserved += [(pid, key) for key in keys[:k]]
         train_convs += [(pid, key) for key in keys[k:]]
-    return ChampPartition(train, sorted(val), sorted(train_convs), sorted(reserved))
+    return ChampPartition(train, sorted(val), list(train), sorted(train_convs), sorted(reserved))
 
 
 def _human_text(p: dict[str, Any], corpus: dict[str, Any]) -> str:
@@ -145,6 +171,9 @@ def champ(data: DataConfig) -> dict[str, Split]:
     part = champ_partition(data, corpus)
     problems = corpus["problems"]
     val_convs = [(pid, key) for pid in part.val_problems for key in sorted(problems[pid]["conversations"])]
+    ref_text = ("human solutions + noise-free model-written solutions of the reference problems"
+                if data.reference_problems == "disjoint"
+                else "human solutions + reserved model-written solutions of the training problems")
     src = {"corpus": "champ", "package": f"champ-dataset {metadata.version('champ-dataset')}", "file": CHAMP_FILE}
 
     def docs(split: str, items: list[tuple[str, str | None]]) -> Iterator[Document]:
@@ -152,10 +181,10 @@ def champ(data: DataConfig) -> dict[str, Split]:
 
     return {
         "reference": Split(
-            _mix(docs("reference-human", [(p, None) for p in part.train_problems]),
+            _mix(docs("reference-human", [(p, None) for p in part.reference_problems]),
                  docs("reference-model", part.reference_conversations), data.reference_mix),
-            {"sources": {**src, "text": "human solutions + reserved model-written solutions",
-                         "reference_mix": data.reference_mix}, "problems": part.train_problems}),
+            {"sources": {**src, "text": ref_text, "reference_mix": data.reference_mix,
+                         "reference_problems": data.reference_problems}, "problems": part.reference_problems}),
         "train": Split(docs("train", part.train_conversations),
                        {"sources": {**src, "text": "model-written solutions"}, "problems": part.train_problems}),
         "val_clean": Split(docs("val_clean", [(p, None) for p in part.val_problems]),

@@ -1,0 +1,141 @@
+"""`slm analyze` and `slm report` after the stages were run one by one through the CLI.
+
+`analyze` writes results.json for the current grid (its finished runs, the reference and the
+base model when they were evaluated); `report` reads only that and the run directories, so
+the stages need not run through `slm run`. Run directories outside the grid stay out of it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from conftest import private_copy
+from selective_lm.cli import main
+
+STEPS = ("train.steps=2",)
+CLM = (*STEPS, "train.method=clm")
+TOPK = (*STEPS, "train.method=topk", "train.ratio=0.5")
+RUNS = ("clm", "topk-r0.5")
+SPLITS = ("val_clean", "val_noisy")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _slm(command: str, out: Path, *overrides: str) -> int:
+    return main([command, "--preset", "smoke", "--out", str(out), *overrides])
+
+
+def _results(out: Path) -> dict[str, Any]:
+    return json.loads((out / "results.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def staged(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """A fresh out dir through prepare, reference, score, two trainings, their evals and the
+    reference's and base model's evals, one command at a time; then `report` (refused: no
+    results.json yet), `analyze` and `report` again. Exit codes and stderr are kept."""
+    out = tmp_path_factory.mktemp("staged") / "out"
+    codes: dict[str, int] = {}
+    for key, command, overrides in (
+        ("prepare", "prepare", ()),
+        ("reference", "reference", ()),
+        ("score", "score", ()),
+        ("train clm", "train", CLM),
+        ("train topk", "train", TOPK),
+        ("eval clm", "eval", CLM),
+        ("eval topk", "eval", TOPK),
+        ("eval reference", "eval", ("train.name=reference",)),
+        ("eval base", "eval", ("train.name=base",)),
+    ):
+        codes[key] = _slm(command, out, *overrides)
+    return {"out": out, "codes": codes}
+
+
+@pytest.fixture(scope="module")
+def analyzed(staged: dict[str, Any]) -> dict[str, Any]:
+    out = staged["out"]
+    staged["report before analyze"] = _slm("report", out)
+    staged["codes"]["analyze"] = _slm("analyze", out)
+    staged["codes"]["report"] = _slm("report", out)
+    return staged
+
+
+@pytest.mark.slow
+def test_report_before_analyze_exits_2_with_one_line(staged: dict[str, Any], tmp_path: Path, capsys) -> None:
+    assert all(code == 0 for code in staged["codes"].values()), staged["codes"]
+    out = private_copy(staged["out"], tmp_path)
+    for name in ("results.json", "analysis.json", "report.md"):  # in case `analyzed` ran first
+        (out / name).unlink(missing_ok=True)
+    capsys.readouterr()
+    assert _slm("report", out) == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("slm: error: ") and "slm analyze" in lines[0], err
+    assert not (out / "report.md").exists()
+
+
+@pytest.mark.slow
+def test_report_works_after_the_stages_were_run_one_by_one(analyzed: dict[str, Any]) -> None:
+    out = analyzed["out"]
+    assert analyzed["report before analyze"] == 2
+    assert all(code == 0 for code in analyzed["codes"].values()), analyzed["codes"]
+    results = _results(out)
+    assert results["preset"] == "smoke"
+    assert set(results["runs"]) == {*RUNS, "reference", "base"}
+    for name, method in (("clm", "clm"), ("topk-r0.5", "topk"), ("reference", "reference"), ("base", "base")):
+        entry = results["runs"][name]
+        assert entry["method"] == method
+        assert set(entry["val"]) == set(SPLITS)
+        for split in SPLITS:
+            assert entry["val"][split]["tokens"] > 0 and entry["val"][split]["ppl"] > 1.0
+    assert results["runs"]["topk-r0.5"]["ratio"] == 0.5 and results["runs"]["clm"]["ratio"] == 1.0
+    assert all(results["runs"][n]["steps"] == 2 for n in RUNS)
+    assert results["other_runs"] == []
+    assert set(results["cosine"]) == {"clm|topk-r0.5"}
+    assert set(results["buckets"]) == {"topk-r0.5"}  # every run but the CLM baseline it is compared with
+    assert set(results["selection"]) <= set(RUNS) and "topk-r0.5" in results["selection"]
+    assert (out / "analysis.json").is_file()
+    report = (out / "report.md").read_text()
+    for name in RUNS:
+        assert name in report
+
+
+@pytest.mark.slow
+def test_analyze_takes_only_the_current_grids_runs(analyzed: dict[str, Any], tmp_path: Path) -> None:
+    out = private_copy(analyzed["out"], tmp_path)
+    extra = (*STEPS, "train.name=extra", "train.method=random", "train.ratio=0.5")
+    assert _slm("train", out, *extra) == 0
+    assert _slm("eval", out, *extra) == 0
+    assert (out / "runs" / "extra" / "eval.json").is_file()
+    assert _slm("analyze", out) == 0
+    results = _results(out)
+    assert set(results["runs"]) == {*RUNS, "reference", "base"}
+    assert results["other_runs"] == ["extra"]  # listed, so that a reader knows why it is missing
+    for table in ("selection", "buckets", "buckets_trajectory"):
+        assert "extra" not in results[table], table
+    assert not [pair for pair in results["cosine"] if "extra" in pair.split("|")]
+    assert "extra" not in json.dumps(json.loads((out / "analysis.json").read_text()))
+    assert _slm("report", out) == 0
+
+
+@pytest.mark.slow
+def test_analyze_keeps_a_grid_run_that_is_not_finished_out(analyzed: dict[str, Any], tmp_path: Path) -> None:
+    """A grid run killed before its end (checkpoints, no train.json) is not analysed."""
+    out = private_copy(analyzed["out"], tmp_path)
+    shutil.copytree(out / "runs" / "topk-r0.5", out / "runs" / "random-r0.5")
+    (out / "runs" / "random-r0.5" / "train.json").unlink()
+    assert _slm("analyze", out) == 0
+    results = _results(out)
+    assert set(results["runs"]) == {*RUNS, "reference", "base"} and results["other_runs"] == []
