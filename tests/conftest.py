@@ -7,11 +7,21 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 # Never wait on the Hub's retries in tests: an unreachable hub id must fail at once.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """The tiny model is no faster on two threads, and one thread cannot spin-wait on a busy CI machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture

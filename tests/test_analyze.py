@@ -13,10 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
 from conftest import private_copy
-from selective_lm.cli import main
+from helpers.cli import slm
 
 STEPS = ("train.steps=2",)
 CLM = (*STEPS, "train.method=clm")
@@ -25,16 +24,8 @@ RUNS = ("clm", "topk-r0.5")
 SPLITS = ("val_clean", "val_noisy")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-
-def _slm(command: str, out: Path, *overrides: str) -> int:
-    return main([command, "--preset", "smoke", "--out", str(out), *overrides])
 
 
 def _results(out: Path) -> dict[str, Any]:
@@ -59,16 +50,16 @@ def staged(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         ("eval reference", "eval", ("train.name=reference",)),
         ("eval base", "eval", ("train.name=base",)),
     ):
-        codes[key] = _slm(command, out, *overrides)
+        codes[key] = slm(command, out, *overrides)
     return {"out": out, "codes": codes}
 
 
 @pytest.fixture(scope="module")
 def analyzed(staged: dict[str, Any]) -> dict[str, Any]:
     out = staged["out"]
-    staged["report before analyze"] = _slm("report", out)
-    staged["codes"]["analyze"] = _slm("analyze", out)
-    staged["codes"]["report"] = _slm("report", out)
+    staged["report before analyze"] = slm("report", out)
+    staged["codes"]["analyze"] = slm("analyze", out)
+    staged["codes"]["report"] = slm("report", out)
     return staged
 
 
@@ -79,7 +70,7 @@ def test_report_before_analyze_exits_2_with_one_line(staged: dict[str, Any], tmp
     for name in ("results.json", "analysis.json", "report.md"):  # in case `analyzed` ran first
         (out / name).unlink(missing_ok=True)
     capsys.readouterr()
-    assert _slm("report", out) == 2
+    assert slm("report", out) == 2
     err = capsys.readouterr().err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("slm: error: ") and "slm analyze" in lines[0], err
@@ -116,10 +107,10 @@ def test_report_works_after_the_stages_were_run_one_by_one(analyzed: dict[str, A
 def test_analyze_takes_only_the_current_grids_runs(analyzed: dict[str, Any], tmp_path: Path) -> None:
     out = private_copy(analyzed["out"], tmp_path)
     extra = (*STEPS, "train.name=extra", "train.method=random", "train.ratio=0.5")
-    assert _slm("train", out, *extra) == 0
-    assert _slm("eval", out, *extra) == 0
+    assert slm("train", out, *extra) == 0
+    assert slm("eval", out, *extra) == 0
     assert (out / "runs" / "extra" / "eval.json").is_file()
-    assert _slm("analyze", out) == 0
+    assert slm("analyze", out) == 0
     results = _results(out)
     assert set(results["runs"]) == {*RUNS, "reference", "base"}
     assert results["other_runs"] == ["extra"]  # listed, so that a reader knows why it is missing
@@ -127,7 +118,7 @@ def test_analyze_takes_only_the_current_grids_runs(analyzed: dict[str, Any], tmp
         assert "extra" not in results[table], table
     assert not [pair for pair in results["cosine"] if "extra" in pair.split("|")]
     assert "extra" not in json.dumps(json.loads((out / "analysis.json").read_text()))
-    assert _slm("report", out) == 0
+    assert slm("report", out) == 0
 
 
 @pytest.mark.slow
@@ -136,6 +127,6 @@ def test_analyze_keeps_a_grid_run_that_is_not_finished_out(analyzed: dict[str, A
     out = private_copy(analyzed["out"], tmp_path)
     shutil.copytree(out / "runs" / "topk-r0.5", out / "runs" / "random-r0.5")
     (out / "runs" / "random-r0.5" / "train.json").unlink()
-    assert _slm("analyze", out) == 0
+    assert slm("analyze", out) == 0
     results = _results(out)
     assert set(results["runs"]) == {*RUNS, "reference", "base"} and results["other_runs"] == []

@@ -15,9 +15,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-import torch
 
-from selective_lm.cli import main
+from helpers.cli import slm
 from selective_lm.config import load_config
 from selective_lm.layout import load_store
 from selective_lm.models import load_tokenizer, token_texts
@@ -26,21 +25,13 @@ TOPK = ("train.method=topk", "train.ratio=0.5", "train.steps=2")
 ORACLE = ("train.method=oracle", "train.steps=2")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-
-def _slm(command: str, out: Path, *overrides: str) -> int:
-    return main([command, "--preset", "smoke", "--out", str(out), *overrides])
 
 
 def _export(out: Path, *overrides: str) -> bytes:
     """Run `slm export-selected` and return the bytes of selected.jsonl."""
-    assert _slm("export-selected", out, *overrides) == 0
+    assert slm("export-selected", out, *overrides) == 0
     return (out / "selected.jsonl").read_bytes()
 
 
@@ -55,7 +46,7 @@ def exported(_smoke_template: Path, tmp_path_factory: pytest.TempPathFactory) ->
     shutil.copytree(_smoke_template, out)
     files: dict[str, Any] = {"out": out}
     for name, overrides in (("topk-r0.5", TOPK), ("oracle", ORACLE)):
-        assert _slm("train", out, *overrides) == 0
+        assert slm("train", out, *overrides) == 0
         files[name] = _export(out, *overrides)
         files[f"{name}/again"] = _export(out, *overrides)
     return files
@@ -146,7 +137,7 @@ def test_oracle_never_selects_injected_noise(exported: dict[str, Any]) -> None:
 def test_unfinished_run_exits_2_and_writes_nothing(smoke_out: Path, capsys) -> None:
     def refused(*overrides: str) -> str:
         capsys.readouterr()
-        assert _slm("export-selected", smoke_out, *overrides) == 2
+        assert slm("export-selected", smoke_out, *overrides) == 2
         err = capsys.readouterr().err
         lines = err.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("slm: error: "), err
@@ -165,8 +156,8 @@ def test_doc_boundaries_keep_document_starts_out_of_the_export(tmp_path: Path) -
     """Under data.doc_boundaries the run never trains on a document's first token: neither may the export."""
     out = tmp_path / "out"
     overrides = ("data.doc_boundaries=true", "train.method=clm", "train.steps=1")
-    assert _slm("prepare", out, *overrides) == 0
-    assert _slm("train", out, *overrides) == 0
+    assert slm("prepare", out, *overrides) == 0
+    assert slm("train", out, *overrides) == 0
     records = _records(_export(out, *overrides))
     store = load_store(out / "data" / "train")
     docs = np.asarray(store.doc_ids)

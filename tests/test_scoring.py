@@ -15,8 +15,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers.cli import slm
 from selective_lm import frozen, scoring
-from selective_lm.cli import main
 from selective_lm.errors import UserError
 from selective_lm.files import read_json
 from selective_lm.layout import OutDir, load_store
@@ -27,10 +27,6 @@ from selective_lm.models import load_model, load_tokenizer, tokenizer_fingerprin
 def load_scores(out: Path, store, tokenizer):
     """The score store reader, as the trainer calls it."""
     return OutDir(out).scores("train", store, tokenizer_fingerprint(tokenizer))
-
-
-def slm(command: str, out: Path, *overrides: str) -> int:
-    return main([command, "--preset", "smoke", "--out", str(out), *overrides])
 
 
 def one_line_error(capsys: pytest.CaptureFixture[str], *words: str) -> str:

@@ -39,13 +39,7 @@ LOG_KEYS = {"step", "tokens_seen", "tokens_trained", "loss", "lr", "selected_fra
 TESTS = Path(__file__).parent
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tiny model is no faster on two threads, and one thread cannot spin-wait on a busy CI machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _train(out: Path, *overrides: str) -> int:

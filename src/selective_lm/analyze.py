@@ -154,7 +154,7 @@ def _deltas_vs_clm(cfg: Config, out: OutDir, entries: dict[str, Any]) -> dict[st
             if base_name is None:
                 continue
             run_loss, base_loss = _token_losses(out.run(name), split), _token_losses(out.run(base_name), split)
-            if run_loss is None or base_loss is None or run_loss.shape != doc_ids.shape != base_loss.shape:
+            if run_loss is None or base_loss is None or not run_loss.shape == doc_ids.shape == base_loss.shape:
                 continue
             keep = np.isfinite(run_loss) & np.isfinite(base_loss)
             _, run_nats, counts = doc_sums(np.where(keep, run_loss, np.nan), doc_ids)
@@ -188,7 +188,7 @@ def separation_step0(cfg: Config, out: OutDir) -> dict[str, dict[str, float | No
     return result
 
 
-def _tokens_to_reach(curve: list[dict[str, Any]], split: str, target: float) -> float | None:
+def tokens_to_reach(curve: list[dict[str, Any]], split: str, target: float) -> float | None:
     """Training tokens at which a learning curve first reaches `target` (linear between points), None if never."""
     points = [(r["tokens_seen"], r["val_loss"][split]) for r in curve if split in r.get("val_loss", {})]
     for (t0, y0), (t1, y1) in zip([(None, None), *points], points, strict=False):
@@ -208,7 +208,7 @@ def _tokens_to_clm_final(cfg: Config, out: OutDir, entries: dict[str, Any]) -> d
         base_curve = out.run(base_name).curve() if base_name else []
         if not curve or not base_curve:
             continue
-        result[name] = {split: _tokens_to_reach(curve, split, base_curve[-1]["val_loss"][split])
+        result[name] = {split: tokens_to_reach(curve, split, base_curve[-1]["val_loss"][split])
                         for split in base_curve[-1]["val_loss"]}
     return result
 

@@ -149,6 +149,9 @@ class ReferenceConfig(Section):
     batch_size: int = Field(4, ge=1)
     grad_accum: int = Field(1, ge=1)
     lr: float = Field(3e-4, gt=0)
+    lora: bool | None = Field(None, description="LoRA (true) or full fine-tuning (false) of a trained reference; "
+                              "None = as model.lora")
+    lora_r: int | None = Field(None, ge=1, description="LoRA rank of a trained reference; None = model.lora_r")
 
     @model_validator(mode="after")
     def _path_needed(self) -> ReferenceConfig:

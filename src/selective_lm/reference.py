@@ -76,10 +76,13 @@ def _check_path_tokenizer(path: Path, tokenizer: Any) -> bool:
 
 
 def _reference_train_config(cfg: Config) -> Config:
-    """CLM on the reference split with the reference section's budget; everything else as the students."""
+    """CLM on the reference split with the reference section's budget and adapter; everything else as the
+    students (the same base model, tokenizer and data settings)."""
     r = cfg.reference
     train = cfg.train.model_copy(update={
         "name": "reference", "method": "clm", "ratio": 1.0, "steps": r.steps, "batch_size": r.batch_size,
         "grad_accum": r.grad_accum, "lr": r.lr, "snapshot_every": 0, "merge": False,
     })
-    return cfg.model_copy(update={"train": train})
+    model = cfg.model.model_copy(update={"lora": cfg.model.lora if r.lora is None else r.lora,
+                                         "lora_r": r.lora_r or cfg.model.lora_r})
+    return cfg.model_copy(update={"train": train, "model": model})
