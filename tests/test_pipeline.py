@@ -10,7 +10,8 @@ import pytest
 from selective_lm.cli import main
 from selective_lm.config import load_config
 
-RUN_KEYS = {"method", "ratio", "seed", "steps", "tokens_seen", "tokens_trained", "train_loss_final", "val"}
+RUN_KEYS = {"method", "ratio", "seed", "steps", "tokens_seen", "tokens_trained", "train_loss_final", "val",
+            "delta_vs_clm", "tokens_to_clm_final"}
 BUCKETS = {"H->H", "H->L", "L->H", "L->L"}
 
 
@@ -57,13 +58,23 @@ def test_results_json_has_every_design_key_and_sane_values(smoke_run: Path) -> N
     assert sel["oracle"]["noise_selected_frac"] == 0.0 and sel["oracle"]["clean_selected_frac"] == 1.0
     for name in ("topk-r0.5", "random-r0.3"):
         assert 0 <= sel[name]["noise_selected_frac"] <= 1 and sel[name]["ref_loss_selected"] is not None
+    oracle = sel["oracle"]["by_kind"]  # the oracle drops exactly the noise kinds
+    assert all(oracle[k] in (0.0, None) for k in ("web", "numbers", "foreign_step", "truncate"))
+    assert oracle["clean"] == oracle["header"] == 1.0
+    assert set(r["separation_step0"]) <= set(sel["topk-r0.5"]["by_kind"])
+    for name, run in r["runs"].items():  # a paired interval around every Δ vs CLM
+        for d in run["delta_vs_clm"].values():
+            assert d["lo"] <= d["pct"] <= d["hi"], name
+    assert r["runs"]["clm"]["delta_vs_clm"] == {} and "val_clean" in r["runs"]["topk-r0.5"]["delta_vs_clm"]
+    assert r["other_runs"] == []
 
 
 @pytest.mark.slow
 def test_report_plots_and_page_exist(smoke_run: Path) -> None:
     text = (smoke_run / "report.md").read_text()
     assert "topk-r0.5" in text and "oracle" in text and "val_noisy" in text
-    for plot in ("loss_curves", "val_ppl", "buckets", "cosine", "selection"):
+    for plot in ("loss_curves", "val_ppl", "buckets", "cosine", "selection", "learning_curves", "selection_by_kind",
+                 "selection_over_training"):
         data = (smoke_run / "plots" / f"{plot}.png").read_bytes()
         assert data.startswith(b"\x89PNG"), plot
     assert "<html" in (smoke_run / "selection.html").read_text().lower()
@@ -83,6 +94,10 @@ def test_second_run_does_nothing_and_a_new_ratio_runs_only_its_runs(smoke_run: P
                  "grid.methods=[topk]"]) == 0
     r = _results(smoke_run)
     assert "topk-r0.4" in r["runs"] and "random-r0.3" not in r["runs"]
+    # The earlier grid's runs stay on disk but out of every table: listed as not in this grid.
+    assert "random-r0.3" in r["other_runs"] and "random-r0.3" not in r["selection"]
+    assert not any("random-r0.3" in pair for pair in r["cosine"])
+    assert "Not in this grid" in (smoke_run / "report.md").read_text()
     for n, mtime in trained_before.items():
         assert (smoke_run / "runs" / n / "train.json").stat().st_mtime_ns == mtime, n
 
