@@ -503,3 +503,13 @@ def test_controls_draw_independently_unless_common_random_is_asked(smoke_out: Pa
     assert (half & stoch).sum() / stoch.sum() < 0.75
     half, third = _selected(smoke_out, "random-r0.5-crn"), _selected(smoke_out, "random-r0.3-crn")
     assert (third <= half).all()  # common random numbers: the lower ratio takes a subset
+
+
+def test_a_run_that_reads_the_scores_depends_on_the_reference(smoke_out: Path, capsys) -> None:
+    """CLM selects nothing by score, but its diagnostics read the score store: a new reference makes it stale."""
+    assert _train(smoke_out, "train.steps=1") == 0
+    for stage in ("reference", "score"):
+        assert main([stage, "--preset", "smoke", "--out", str(smoke_out), "reference.steps=2"]) == 0
+    capsys.readouterr()
+    assert _train(smoke_out, "train.steps=1", "reference.steps=2") == 2  # `slm run` retrains such a run
+    assert "another config" in capsys.readouterr().err

@@ -10,8 +10,13 @@ listed under `other_runs` and left out of every table. Per run:
 - buckets_trajectory (the paper's method): each run's own trajectory snapshots on that split;
 - cosine: of the real weight updates, ΔW = scale·B·A per LoRA module (ΔW = W_run − W_base for
   full fine-tuning), for every pair of runs, with per-module-kind means beside;
-- selection: noise vs clean tokens selected and the reference loss of selected/unselected
-  tokens, accumulated by the trainer over the whole run.
+- selection: noise vs clean tokens selected, the share of each token kind trained, and the
+  reference loss of selected/unselected tokens, accumulated by the trainer over the whole run;
+- separation_step0: per token kind, the probability that a clean token's step-0 excess loss
+  (base minus reference) outranks one of the kind;
+- per run: Δ perplexity vs CLM with a paired bootstrap interval over validation documents
+  (`delta_vs_clm`), and the training tokens needed to reach CLM's final learning-curve loss
+  (`tokens_to_clm_final`).
 
 `results.json` (DESIGN.md) joins these with each run's training summary and validation results;
 `slm report` reads only it and the run directories, so the stages can be run one by one.

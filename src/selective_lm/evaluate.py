@@ -4,9 +4,10 @@ Perplexity is exp(Σ nats / Σ tokens) over every predicted token of a split (lm
 weighted perplexity), with the project's one next-token shift (`loss.token_losses`). The
 per-token losses are kept under `token_losses/<split>.npy` (the token store's shape, or under
 `eval.max_tokens` the blocks `TokenStore.spread_blocks` picks over every document; NaN where
-nothing was predicted) for the bucket
-analyses; trajectory snapshots are evaluated on the bucket split into
-`token_losses/trajectory/step-NNNNNN.npy`.
+nothing was predicted) for the bucket analyses and the bootstrap intervals; trajectory
+snapshots are evaluated on the bucket split into `token_losses/trajectory/step-NNNNNN.npy`,
+and the base model also on the scored train blocks (`base/token_losses/train.npy`: the
+students' step-0 losses, for the separation of excess loss by token kind).
 """
 
 from __future__ import annotations
