@@ -50,11 +50,6 @@ def _load(cfg: Config, out: OutDir, run: RunDir, vocab: int) -> tuple[Any, str]:
     return load_trained(cfg.model, run.weights_dir, vocab), config_hash
 
 
-def eval_subset(store: TokenStore, max_tokens: int | None) -> TokenStore:
-    """The blocks evaluated: about `max_tokens` tokens spread over every document (`spread_blocks`)."""
-    return store.subset(store.spread_blocks(max_tokens))
-
-
 def _cached_pass(cfg: Config, model: Any, store: TokenStore, path: Path, expected: dict[str, Any],
                  desc: str, prepare: Callable[[], None] = lambda: None) -> None:
     """Token losses of `store` into `path` unless `path.json` shows they were made from `expected`.
@@ -86,7 +81,7 @@ def evaluate(cfg: Config, out: str | Path | OutDir, name: str | None = None) -> 
     out = OutDir.of(out)
     run = out.run(name or cfg.train.run_name())
     tokenizer = load_tokenizer(cfg.model)
-    stores = {split: eval_subset(out.store(split), cfg.eval.max_tokens) for split in cfg.eval.splits}
+    stores = {split: out.store(split).spread(cfg.eval.max_tokens) for split in cfg.eval.splits}
     model, digest = _load(cfg, out, run, len(tokenizer))
     model.eval().requires_grad_(False)
     results: dict[str, Any] = {}
@@ -119,7 +114,7 @@ def evaluate_trajectory(cfg: Config, out: str | Path | OutDir, name: str) -> lis
     if len(snaps) < 2 or not cfg.model.lora:
         return []
     config_hash = run.summary["config_hash"]
-    store = eval_subset(out.store(cfg.analysis.bucket_split), cfg.analysis.trajectory_tokens)
+    store = out.store(cfg.analysis.bucket_split).spread(cfg.analysis.trajectory_tokens)
     tokenizer = load_tokenizer(cfg.model)
     model = apply_lora(load_model(cfg.model, vocab_size=len(tokenizer)), cfg.model)
     model.eval().requires_grad_(False)

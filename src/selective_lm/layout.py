@@ -84,6 +84,10 @@ class TokenStore:
         fill = rest[np.linspace(0, len(rest) - 1, n - len(middles)).round().astype(int)]
         return np.sort(np.concatenate([middles, fill]))
 
+    def spread(self, max_tokens: int | None) -> TokenStore:
+        """The subset of `spread_blocks(max_tokens)`: what evaluation and the learning curves read."""
+        return self.subset(self.spread_blocks(max_tokens))
+
     def subset(self, rows: np.ndarray) -> TokenStore:
         """The store restricted to `rows` (in memory: meant for evaluation subsets)."""
         arrays = {f.name: np.asarray(getattr(self, f.name)[rows]) for f in fields(self)

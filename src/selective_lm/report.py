@@ -56,7 +56,7 @@ def write_report(out: str | Path | OutDir, tokenizer: Any = None) -> dict[str, A
 
     logs = {n: _loss_points(out.run(n).log()) for n in order}
     logs = {n: pts for n, pts in logs.items() if pts}
-    curves = {n: _curve_points(out.run(n).curve()) for n in order}
+    curves = {n: _series(out.run(n).curve(), "tokens_seen", "val_loss") for n in order}
     curves = {n: pts for n, pts in curves.items() if pts}
     cos_names, cos_matrix = _cosine_matrix(results.get("cosine") or {}, order)
     bucket_panels = {
@@ -93,7 +93,7 @@ def write_report(out: str | Path | OutDir, tokenizer: Any = None) -> dict[str, A
     figures["selection_by_kind"] = (kind_runs and kinds, lambda p: plots.selection_by_kind(kind_runs, rel, p),
                                     "no per-kind selection")
     slm_runs = [n for n in order if runs[n].get("method") not in NOT_SLM]
-    over = {n: _kind_points(out.run(n).log()) for n in slm_runs}
+    over = {n: _series(out.run(n).log(), "step", "selected_by_kind") for n in slm_runs}
     over = {n: pts for n, pts in over.items() if pts}
     figures["selection_over_training"] = (over, lambda p: plots.selection_over_training(over, p),
                                           "no per-step selection by kind")
@@ -162,12 +162,13 @@ def _loss_points(log: list[dict[str, Any]]) -> list[tuple[int, float]]:
     return points
 
 
-def _curve_points(curve: list[dict[str, Any]]) -> dict[str, list[tuple[int, float]]]:
-    """split -> (tokens seen, validation loss) points of a run's learning curve."""
+def _series(records: list[dict[str, Any]], x: str, field: str) -> dict[str, list[tuple[int, float]]]:
+    """key -> (record[x], value) points of a per-record mapping `field` (a curve's `val_loss` per split,
+    a log's `selected_by_kind` per kind)."""
     points: dict[str, list[tuple[int, float]]] = {}
-    for row in curve:
-        for split, loss in (row.get("val_loss") or {}).items():
-            points.setdefault(split, []).append((int(row["tokens_seen"]), float(loss)))
+    for row in records:
+        for key, value in (row.get(field) or {}).items():
+            points.setdefault(key, []).append((int(row[x]), float(value)))
     return points
 
 
@@ -483,14 +484,6 @@ def _relative(by_kind: dict[str, float | None], kind: str) -> float:
     """Share of `kind` trained / share of clean tokens trained (NaN when either is unknown)."""
     share, clean = by_kind.get(kind), by_kind.get("clean")
     return share / clean if share is not None and clean else np.nan
-
-
-def _kind_points(log: list[dict[str, Any]]) -> dict[str, list[tuple[int, float]]]:
-    points: dict[str, list[tuple[int, float]]] = {}
-    for row in log:
-        for kind, share in (row.get("selected_by_kind") or {}).items():
-            points.setdefault(kind, []).append((int(row["step"]), float(share)))
-    return points
 
 
 def _kinds_section(selection: dict[str, Any], kind_runs: list[str], kinds: list[str],

@@ -132,8 +132,7 @@ class Trainer:
         self.curve: dict[str, TokenStore] = {}
         if split == "train" and cfg.eval.every:
             for s in (s for s in cfg.eval.splits if out.store_dir(s).is_dir()):
-                store = out.store(s)
-                self.curve[s] = store.subset(store.spread_blocks(cfg.eval.curve_tokens))
+                self.curve[s] = out.store(s).spread(cfg.eval.curve_tokens)
         self.world, self.rank = self.acc.num_processes, self.acc.process_index
         if self.ref_loss is not None and not self._scores_cover_reads():
             if self.t.needs_reference():
