@@ -288,6 +288,10 @@ def bench(cfg: Config, out: str | Path | OutDir) -> dict[str, Any]:
     only (the CLI prints the return value after the table).
     """
     s = cfg.bench.model_dump()
+    for name in cfg.bench.cases:
+        if name not in SIDE_CASES:
+            raise UserError(f"unknown bench case {name!r}{did_you_mean(name, SIDE_CASES)} "
+                            f"(bench.cases: {', '.join(SIDE_CASES)})")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     chunk = cfg.scoring.chunk_size
     main = case_name(cfg.model)
@@ -300,7 +304,15 @@ def bench(cfg: Config, out: str | Path | OutDir) -> dict[str, Any]:
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
     result = {"device": where, "torch": torch.__version__, "settings": s, "cases": cases,
               "targets": targets(cases, main, large, cfg.bench.targets)}
+    for name in cfg.bench.cases:
+        result[name] = SIDE_CASES[name](cfg, OutDir.of(out))
     path = OutDir.of(out).bench
     write_json(path, result)
     print(format_table(result))
     return {"bench": str(path), "targets": {k: t["pass"] for k, t in result["targets"].items()}}
+
+
+# ---------------------------------------------------------------------------- side cases
+
+# `bench.cases`: name -> case(cfg, out) -> its bench.json entry (under its own name, beside `cases`).
+SIDE_CASES: dict[str, Callable[[Config, OutDir], dict[str, Any]]] = {}

@@ -287,6 +287,8 @@ class BenchConfig(Section):
     block_len: int = Field(256, ge=2)
     ratio: float = Field(0.6, description="selection ratio of the slm and naive variants")
     large_vocab: int = Field(151_936, ge=0, description="vocabulary of the large-vocab case (0 skips it)")
+    cases: list[str] = Field(default_factory=list, description="side cases to run after the step cases "
+                             "(bench.py SIDE_CASES), each written under its own key of bench.json")
     targets: dict[str, float] = Field(
         default_factory=lambda: {"slm_step_vs_clm": 1.05, "naive_step_vs_slm": 1.4, "score_vs_forward": 0.95,
                                  "slm_peak_vs_clm": 1.0, "loss_path_peak_vs_logits": 0.25},
