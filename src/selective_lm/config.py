@@ -209,6 +209,9 @@ class TrainConfig(Section):
     checkpoint_every: int = Field(0, ge=0, description="0 = only at the end")
     snapshot_every: int = Field(10, ge=0, description="trajectory snapshots (0 = none)")
     merge: bool = False
+    parallel: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="engine on several processes: ddp (accelerate) or fsdp (FSDP2 per decoder layer); "
+        "the result is the same, fsdp shards weights, gradients and optimizer state")
 
     @field_validator("ratio")
     @classmethod

@@ -30,7 +30,8 @@ With grad there are two paths:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -43,6 +44,7 @@ from .selection import scores, select
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
     "MAX_CHUNK_LOGITS",
+    "SelectiveLM",
     "SelectiveLoss",
     "forward_hidden",
     "selected_loss_sum",
@@ -370,3 +372,29 @@ def selective_lm_loss(
         loss_selected=_weighted_mean(own, w),
         weights=w,
     )
+
+
+class SelectiveLM(nn.Module):
+    """A causal LM whose forward returns the selective loss (or the token losses): the unit DDP and FSDP wrap.
+
+    The selective loss runs the backbone and the LM head separately (`forward_hidden`), and
+    selection needs the per-token losses before the loss exists. Inside one module forward, the
+    engines see an ordinary forward/backward: DDP's gradient hooks fire, and FSDP gathers the
+    root's parameters (embeddings, final norm, LM head) for the duration of the forward, so the
+    head is never read while sharded. The output is a dict (a pytree node) so that FSDP's
+    pre-backward hooks attach to its tensors.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: Tensor, valid: Tensor, ref_loss: Tensor | None = None, *,
+                losses_only: bool = False, chunk_size: int = DEFAULT_CHUNK_SIZE, **selection: Any) -> dict[str, Tensor]:
+        """`{"losses": [B, T]}` with `losses_only` (no grad), else the fields of `selective_lm_loss`'s result."""
+        if losses_only:
+            with torch.no_grad():
+                hidden, head = forward_hidden(self.model, input_ids)
+                return {"losses": token_losses(hidden, head, input_ids, valid, chunk_size=chunk_size)}
+        out = selective_lm_loss(self.model, input_ids, valid, ref_loss, chunk_size=chunk_size, **selection)
+        return {f.name: getattr(out, f.name) for f in fields(out)}  # not asdict: it deep-copies

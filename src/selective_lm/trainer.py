@@ -6,15 +6,23 @@ optimizer steps; only the loss mask differs. CLM is SLM at ratio 1; `oracle` is 
 token except the injected noise.
 
 Gradient normalisation: each micro-batch backpropagates the *sum* of its selected token
-losses; at the end of the optimizer step the gradients are summed over ranks (an explicit
-all-reduce, equivalent to DDP) and divided by the number of tokens selected in the whole step
-on all ranks. The update is therefore the gradient of the true mean over trained tokens,
-whatever the accumulation or the per-batch selected count (torchtune's normalisation).
-The model is not wrapped in DDP because the selective loss calls the backbone and the LM
-head separately, which DDP's forward hooks would not see. Data parallel runs start from
-identical weights because LoRA's random init is seeded by `train.seed` (as is the global RNG
-that dropout draws from); launch them with `accelerate launch --multi_gpu --num_processes N`
-(on CPU too: accelerate's `--cpu` with N > 1 needs MPI and otherwise starts one process).
+losses; the engine averages the gradients over ranks at the step's last micro-batch, and the
+trainer then scales them by world / (tokens selected in the whole step on all ranks). The
+update is therefore the gradient of the true mean over trained tokens, whatever the
+accumulation or the per-batch selected count (torchtune's normalisation).
+
+Engines: the model is wrapped in `loss.SelectiveLM`, whose forward returns the selective loss,
+so the engines see an ordinary forward/backward. `train.parallel=ddp` (default) goes through
+`accelerate.prepare` (DDP when launched on several processes); `train.parallel=fsdp` shards every
+decoder layer and the root with torch's FSDP2 (`fully_shard`), on GPUs (NCCL) and on CPUs
+(gloo) alike: accelerate 1.x routes its own FSDP plugin to GPUs only, so the trainer applies
+FSDP2 itself, and a launch with accelerate's FSDP config (`--use_fsdp`) takes this path too.
+Checkpoints gather the trainable weights and the optimizer state in full on the main process
+(torch.distributed.checkpoint's state-dict API), so a run resumes on any number of processes.
+Data parallel runs start from identical weights because LoRA's random init is seeded by
+`train.seed` (as is the global RNG that dropout draws from); launch them with
+`accelerate launch --multi_gpu --num_processes N` (on CPU too: accelerate's `--cpu` with N > 1
+needs MPI and otherwise starts one process).
 
 `slm train` (train.py) and `slm reference` (reference.py) both run it; it imports no stage.
 
@@ -45,7 +53,7 @@ from .errors import UserError
 from .files import atomic_dir, atomic_path, fingerprint, read_json, write_json, write_text
 from .frozen import model_token_losses
 from .layout import BlockOrder, OutDir, RunDir, TokenStore, store_config_fingerprint
-from .loss import selective_lm_loss, valid_mask
+from .loss import SelectiveLM, SelectiveLoss, valid_mask
 from .models import apply_lora, load_model, load_tokenizer, tokenizer_fingerprint
 from .selection import trainable_mask
 
@@ -74,9 +82,15 @@ def _trainable(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
-def _save_trainable(model: torch.nn.Module, path: Path) -> None:
-    """The trainable weights only (a checkpoint's or a trajectory snapshot's), as safetensors."""
-    save_file({k: v.detach().cpu().contiguous() for k, v in _trainable(model).items()}, str(path))
+def _local(x: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a tensor that FSDP sharded (a DTensor), else the tensor."""
+    return x.to_local() if hasattr(x, "to_local") else x
+
+
+def _state_options(**kwargs: bool) -> Any:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, **kwargs)
 
 
 class Trainer:
@@ -123,7 +137,9 @@ class Trainer:
         self.model = (apply_lora(model, cfg.model) if cfg.model.lora else model).to(self.acc.device)
         if not cfg.model.lora:
             self.model.requires_grad_(True)
-        params = list(_trainable(self.model).values())
+        self.world, self.rank = self.acc.num_processes, self.acc.process_index
+        self.engine = self._wrap(SelectiveLM(self.model))
+        params = list(_trainable(self.model).values())  # after wrapping: FSDP turns them into shards
         self.optimizer = torch.optim.AdamW(params, lr=self.t.lr, weight_decay=self.t.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(self.t))
         self.order = BlockOrder(self.store.tokens.shape[0], self.t.seed)
@@ -133,12 +149,42 @@ class Trainer:
         if split == "train" and cfg.eval.every:
             for s in (s for s in cfg.eval.splits if out.store_dir(s).is_dir()):
                 self.curve[s] = out.store(s).spread(cfg.eval.curve_tokens)
-        self.world, self.rank = self.acc.num_processes, self.acc.process_index
         if self.ref_loss is not None and not self._scores_cover_reads():
             if self.t.needs_reference():
                 raise UserError("the score store lacks blocks this run reads (it was made with scoring.blocks=used "
                                 "for a shorter grid or fewer processes): rerun `slm score` with scoring.blocks=all")
             self.ref_loss = None  # diagnostics only: better none than biased
+
+    @property
+    def fsdp(self) -> bool:
+        """FSDP asked by the config or by accelerate's FSDP launch config; one process has nothing to shard."""
+        from accelerate.utils import DistributedType
+
+        asked = self.t.parallel == "fsdp" or self.acc.distributed_type == DistributedType.FSDP
+        return asked and self.world > 1
+
+    def _wrap(self, module: SelectiveLM) -> torch.nn.Module:
+        """DDP through accelerate, or FSDP2 over every decoder layer and the root (module docstring)."""
+        from accelerate.utils import DistributedType
+
+        if self.acc.distributed_type == DistributedType.DEEPSPEED:
+            raise UserError("DeepSpeed is not supported: launch with DDP (the default) or set train.parallel=fsdp")
+        if not self.fsdp:
+            return self.acc.prepare(module)
+        if self.t.merge:
+            raise UserError("train.merge=true cannot merge a sharded model: train with train.parallel=fsdp and "
+                            "merge the saved adapter afterwards, or use train.parallel=ddp")
+        from torch.distributed.fsdp import fully_shard
+
+        lm = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        layer_types = set(getattr(lm, "_no_split_modules", None) or ())
+        layers = [m for m in module.modules() if type(m).__name__ in layer_types]
+        if not layers:
+            raise UserError(f"train.parallel=fsdp: {type(lm).__name__} names no decoder layer class "
+                            "(_no_split_modules) to shard; use train.parallel=ddp")
+        for layer in layers:
+            fully_shard(layer)
+        return fully_shard(module)
 
     def _scores_cover_reads(self) -> bool:
         """Whether every block this run reads has reference losses (stores scored with blocks=used)."""
@@ -219,32 +265,33 @@ class Trainer:
             train_valid = trainable_mask(valid, noise, oracle=self.t.method == "oracle")
             gen = self._generator(step, m)
             try:
-                with self.acc.autocast():
-                    out = selective_lm_loss(
-                        self.model, ids, train_valid, ref.to(ids.device) if ref is not None else None,
+                with self._grad_sync(m == self.t.grad_accum - 1), self.acc.autocast():
+                    out = SelectiveLoss(**self.engine(
+                        ids, train_valid, ref.to(ids.device) if ref is not None else None,
                         score_kind=self.score_kind, ratio=self.ratio, strategy=self.strategy, scope=self.t.scope,
                         generator=gen, temperature=self.t.temperature, soft=self.t.soft,
                         chunk_size=self.cfg.scoring.chunk_size,
-                    )
+                    ))
+                    out.loss_sum.backward()
             except ValueError:
                 # Selection refuses non-finite own losses; when the weights caused them, say so.
-                if all(torch.isfinite(p).all() for p in _trainable(self.model).values()):
+                if all(torch.isfinite(_local(p)).all() for p in _trainable(self.model).values()):
                     raise
                 raise NumericalError(f"step {step + 1}: the trainable weights are not finite; the last good "
                                      "checkpoint is kept (lower train.lr)") from None
-            out.loss_sum.backward()
             stats += self._micro_stats(out, ids, valid, noise, kinds, ref)
             if step == 0 and m == 0 and self.acc.is_main_process:
                 self._save_selection_sample(rows, ids, out.weights)
         params = list(_trainable(self.model).values())
         if self.world > 1:
             stats = self.acc.reduce(stats, reduction="sum")
-            self._all_reduce_grads(params)
         result = dict(zip(STAT_KEYS, stats.tolist(), strict=True))
-        for p in params:
+        for p in params:  # the engine averaged over ranks: x world / n_selected makes it the true mean
             if p.grad is not None:
-                p.grad.div_(max(result["n_selected"], 1.0))
+                p.grad.div_(max(result["n_selected"], 1.0) / self.world)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, self.t.max_grad_norm or float("inf"))
+        if hasattr(grad_norm, "full_tensor"):  # FSDP: the norm over every rank's shards
+            grad_norm = grad_norm.full_tensor()
         if not math.isfinite(float(grad_norm)) or not math.isfinite(result["loss_sum"]):
             raise NumericalError(f"step {step + 1}: loss {result['loss_sum']} / grad norm {float(grad_norm)} is not "
                                  "finite; the last good checkpoint is kept (lower train.lr or check the data)")
@@ -254,6 +301,21 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         result["step_s"] = time.perf_counter() - start
         return result
+
+    @contextlib.contextmanager
+    def _grad_sync(self, sync: bool) -> Iterator[None]:
+        """Reduce gradients over ranks only at the step's last micro-batch; the others accumulate locally."""
+        if sync or self.world == 1:
+            yield
+        elif self.fsdp:
+            self.engine.set_requires_gradient_sync(False)
+            try:
+                yield
+            finally:
+                self.engine.set_requires_gradient_sync(True)
+        else:
+            with self.acc.no_sync(self.engine):
+                yield
 
     def _generator(self, step: int, m: int) -> torch.Generator:
         """The selection's random draws for micro-batch `m` of `step`.
@@ -272,7 +334,10 @@ class Trainer:
 
     @torch.no_grad()
     def _curve_point(self, step: int, tokens_seen: int) -> dict[str, Any]:
-        """Validation loss (token-weighted mean) of the current weights on each split's curve subset."""
+        """Validation loss (token-weighted mean) of the current weights on each split's curve subset.
+
+        Every rank computes it (a sharded model's forward needs them all); the main process writes it.
+        """
         self.model.eval()
         val = {}
         for split, store in self.curve.items():
@@ -282,7 +347,8 @@ class Trainer:
                 doc = torch.from_numpy(store.doc_ids[i : i + len(ids)]) if self.cfg.data.doc_boundaries else None
                 ids = ids.to(self.acc.device)
                 valid = valid_mask(ids, doc_ids=doc.to(self.acc.device) if doc is not None else None)
-                losses = model_token_losses(self.model, ids, valid, self.cfg.scoring.chunk_size)
+                with self.acc.autocast():  # through the engine: FSDP gathers the head in its forward
+                    losses = self.engine(ids, valid, losses_only=True, chunk_size=self.cfg.scoring.chunk_size)["losses"]
                 nats += float(losses.nansum())
                 count += float(valid.sum())
             val[split] = nats / max(count, 1.0)
@@ -295,28 +361,30 @@ class Trainer:
         with atomic_path(path) as tmp, open(tmp, "wb") as f:
             np.savez(f, rows=rows, tokens=ids.cpu().numpy(), weights=weights.float().cpu().numpy())
 
-    @staticmethod
-    def _all_reduce_grads(params: list[torch.nn.Parameter]) -> None:
-        import torch.distributed as dist
-
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat)
-        offset = 0
-        for p, g in zip(params, grads, strict=True):
-            n = g.numel()
-            p.grad = flat[offset : offset + n].view_as(p).clone()
-            offset += n
-
     # ------------------------------------------------------------------ checkpoints
 
+    def _trainable_state(self) -> dict[str, torch.Tensor]:
+        """The trainable weights under the model's own names, in full on the main process (a collective)."""
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        state = get_model_state_dict(self.engine, options=_state_options(cpu_offload=True, ignore_frozen_params=True))
+        names = _trainable(self.model)  # named_parameters: a tied head is stored once, as its embedding
+        return {k: v.contiguous() for k, v in ((k.removeprefix("model."), v) for k, v in state.items()) if k in names}
+
     def _save_checkpoint(self, step: int, state: dict[str, Any]) -> None:
+        """Trainable weights, optimizer (gathered in full), scheduler, RNG (CPU and CUDA); every rank calls it."""
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        weights = self._trainable_state()
+        optim = get_optimizer_state_dict(self.engine, self.optimizer, options=_state_options(cpu_offload=True))
+        if not self.acc.is_main_process:
+            return
         path = self.run.checkpoint(step)
         with atomic_dir(path) as tmp:
-            _save_trainable(self.model, tmp / "trainable.safetensors")
-            torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+            save_file(weights, str(tmp / "trainable.safetensors"))
+            torch.save(optim, tmp / "optimizer.pt")
             torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
-            torch.save({"cpu": torch.get_rng_state()}, tmp / "rng.pt")
+            torch.save(_rng_state(), tmp / "rng.pt")
             write_json(tmp / "state.json", {**state, "step": step})
         for old in self.run.checkpoints.glob("step-*"):  # keep only the newest full checkpoint
             if old.name != path.name:
@@ -327,22 +395,30 @@ class Trainer:
         return found[-1] if found else None
 
     def _load_checkpoint(self, path: Path) -> dict[str, Any]:
+        """Every rank reads the full checkpoint and keeps its part (the out dir is shared by the ranks)."""
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
         weights = load_file(path / "trainable.safetensors")
-        params = _trainable(self.model)
-        if set(weights) != set(params):
-            raise UserError(f"checkpoint {path} does not match this run's model: delete {self.run.path} to restart")
-        with torch.no_grad():
-            for k, v in weights.items():
-                params[k].copy_(v)
-        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+        optim = torch.load(path / "optimizer.pt", weights_only=True)
+        if set(weights) != set(_trainable(self.model)) or not isinstance(optim.get("state"), dict) \
+                or not all(isinstance(k, str) for k in optim["state"]):
+            raise UserError(f"checkpoint {path} does not match this run's model or version: delete "
+                            f"{self.run.path} to restart")
+        set_state_dict(self.engine, self.optimizer, model_state_dict={f"model.{k}": v for k, v in weights.items()},
+                       optim_state_dict=optim, options=_state_options(strict=False))
         self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-        torch.set_rng_state(torch.load(path / "rng.pt", weights_only=True)["cpu"])
+        rng = torch.load(path / "rng.pt", weights_only=True)
+        torch.set_rng_state(rng["cpu"])
+        if rng.get("cuda") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
         return json.loads((path / "state.json").read_text())
 
     def _snapshot(self, step: int) -> None:
-        """Trainable weights only, for the paper's trajectory analysis."""
-        with atomic_path(self.run.snapshot(step)) as tmp:
-            _save_trainable(self.model, tmp)
+        """Trainable weights only, for the paper's trajectory analysis; every rank calls it."""
+        weights = self._trainable_state()
+        if self.acc.is_main_process:
+            with atomic_path(self.run.snapshot(step)) as tmp:
+                save_file(weights, str(tmp))
 
     def _remove_partial_writes(self) -> None:
         """Temp files and dirs (`.<name>.*.tmp`) of atomic writes that a kill cut off: never complete, never read."""
@@ -360,7 +436,7 @@ class Trainer:
         uses_ref = self.t.needs_reference() or self.ref_loss is not None
         ref = self.out.reference_digest() if uses_ref else None
         # Fields that change how a run is stored or named, not what it learns, stay out of the hash.
-        t = self.t.model_dump(exclude={"name", "checkpoint_every", "merge"})
+        t = self.t.model_dump(exclude={"name", "checkpoint_every", "merge", "parallel"})
         curve = self.cfg.eval.model_dump(include={"splits", "every", "curve_tokens"}) if self.curve else None
         return fingerprint(self.cfg.data.model_dump(), self.cfg.model.model_dump(), t, ref, curve)
 
@@ -394,18 +470,21 @@ class Trainer:
         ckpt = self._latest_checkpoint()
         if ckpt is not None:
             state = self._load_checkpoint(ckpt)
-        elif main:
-            self.run.path.mkdir(parents=True, exist_ok=True)
-            write_text(self.run.config_path, self.cfg.to_yaml())
+        else:
+            if main:
+                self.run.path.mkdir(parents=True, exist_ok=True)
+                write_text(self.run.config_path, self.cfg.to_yaml())
+            self.acc.wait_for_everyone()
             if self.t.snapshot_every:
                 self._snapshot(0)
         log_path, curve_path = self.run.log_path, self.run.curve_path
+        first_point = self._curve_point(0, 0) if self.curve and state["step"] == 0 else None
         if main:  # drop records past the checkpoint we resume from (and a line a kill cut short)
             for path, records in ((log_path, self.run.log()), (curve_path, self.run.curve())):
                 kept = [r for r in records if r["step"] <= state["step"]]
                 write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
-            if self.curve and state["step"] == 0:
-                write_text(curve_path, json.dumps(self._curve_point(0, 0)) + "\n")
+            if first_point is not None:
+                write_text(curve_path, json.dumps(first_point) + "\n")
         # TensorBoard hides the events a killed run logged past the checkpoint (purge_step).
         self.acc.init_trackers("tb", init_kwargs={"tensorboard": {"purge_step": state["step"] + 1}})
         bar = tqdm(total=self.t.steps, initial=state["step"], desc=f"train {self.name}", disable=not main,
@@ -418,7 +497,9 @@ class Trainer:
                     try:
                         sums = self._step(step)
                     except KeyboardInterrupt:
-                        if main and state["step"] > 0:  # resume from the last finished step, with its RNG
+                        # Resume from the last finished step, with its RNG; with several processes a collective
+                        # after an interrupt could hang, so those resume from the last periodic checkpoint.
+                        if self.world == 1 and state["step"] > 0:
                             torch.set_rng_state(rng)
                             self._save_checkpoint(state["step"], state)
                         raise
@@ -431,21 +512,23 @@ class Trainer:
                         log.flush()
                         bar.set_postfix(loss=f"{record['loss']:.3f}", sel=f"{record['selected_frac']:.2f}")
                         bar.update(1)
-                        if self.curve and ((step + 1) % self.cfg.eval.every == 0 or step + 1 == self.t.steps):
-                            curve.write(json.dumps(self._curve_point(step + 1, state["tokens_seen"])) + "\n")
+                    if self.curve and ((step + 1) % self.cfg.eval.every == 0 or step + 1 == self.t.steps):
+                        point = self._curve_point(step + 1, state["tokens_seen"])
+                        if main:
+                            curve.write(json.dumps(point) + "\n")
                             curve.flush()
-                        if self.t.snapshot_every and (step + 1) % self.t.snapshot_every == 0:
-                            self._snapshot(step + 1)
-                        if self.t.checkpoint_every and (step + 1) % self.t.checkpoint_every == 0:
-                            self._save_checkpoint(step + 1, state)
+                    if self.t.snapshot_every and (step + 1) % self.t.snapshot_every == 0:
+                        self._snapshot(step + 1)
+                    if self.t.checkpoint_every and (step + 1) % self.t.checkpoint_every == 0:
+                        self._save_checkpoint(step + 1, state)
         finally:
             bar.close()
             for tracker in self.acc.trackers:  # not acc.end_training(): that would end the process group too
                 tracker.finish()
-        if not main:
-            return {}
         self._save_checkpoint(self.t.steps, state)
         self._save_final()
+        if not main:
+            return {}
         last = self.run.log()[-1]
         summary = {
             "name": self.name, "method": self.t.method, "strategy": self.strategy, "score": self.score_kind,
@@ -476,17 +559,26 @@ class Trainer:
         }
 
     def _save_final(self) -> None:
+        """The adapter (PEFT format) or the whole model (HF format); every rank calls it, the main one writes."""
+        weights = self._trainable_state()
+        if not self.acc.is_main_process:
+            return
         if self.cfg.model.lora:
             with atomic_dir(self.run.adapter_dir) as tmp:
-                self.model.save_pretrained(tmp)
-            if self.t.merge:
+                self.model.save_pretrained(tmp, state_dict=weights)
+            if self.t.merge:  # never sharded: merge is refused with FSDP
                 with atomic_dir(self.run.merged_dir) as tmp:
                     self.model.merge_and_unload().save_pretrained(tmp)
                     self.tokenizer.save_pretrained(tmp)
         else:
             with atomic_dir(self.run.model_dir) as tmp:
-                self.model.save_pretrained(tmp)
+                self.model.save_pretrained(tmp, state_dict=weights)
                 self.tokenizer.save_pretrained(tmp)
+
+
+def _rng_state() -> dict[str, torch.Tensor | None]:
+    """The RNG streams dropout draws from: CPU, and the current CUDA device's (exact resume on GPUs)."""
+    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
 
 
 def _ratio(num: float, den: float) -> float | None:
