@@ -433,6 +433,7 @@ def _expect_bad_input(out: Path, capsys, *overrides: str, match: str) -> None:
     (("model.lora_targets=[c_attn]",), "c_attn"),
     (("train.method=topk", "train.ratio=0.5", "train.score=none"), "train.score=none"),
     (("train.method=topk", "train.ratio=0.5", "scoring.mode=online"), "scoring.mode=online"),
+    (("train.parallel=fsdp", "train.merge=true"), "train.parallel=ddp"),
 ])
 def test_bad_config_fails_before_writing(smoke_out: Path, capsys, overrides: tuple[str, ...], match: str) -> None:
     _expect_bad_input(smoke_out, capsys, *overrides, match=match)

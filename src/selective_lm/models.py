@@ -24,6 +24,9 @@ RANDOM_MODELS = {
     # hidden ≤ 128 and two layers: the smoke preset and tests train it in seconds on a CPU.
     "tiny-llama": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024),
+    # TinyLlama-1.1B's shape (untied head), randomly initialised: `slm bench` case gpu needs no download.
+    "tinyllama-1.1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                           num_key_value_heads=4, max_position_embeddings=2048, tie_word_embeddings=False),
 }
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -87,7 +90,7 @@ def load_model(cfg: ModelConfig, vocab_size: int | None = None, path: str | None
             vocab_size = len(byte_tokenizer())
         tok = byte_tokenizer()
         config = LlamaConfig(vocab_size=vocab_size, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                             tie_word_embeddings=True, **RANDOM_MODELS[key])
+                             **{"tie_word_embeddings": True, **RANDOM_MODELS[key]})
         # Seeded from the name so every process (reference, each run, each rank) starts identical.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(hashlib.sha256(name.encode()).hexdigest()[:8], 16))

@@ -171,9 +171,6 @@ class Trainer:
             raise UserError("DeepSpeed is not supported: launch with DDP (the default) or set train.parallel=fsdp")
         if not self.fsdp:
             return self.acc.prepare(module)
-        if self.t.merge:
-            raise UserError("train.merge=true cannot merge a sharded model: train with train.parallel=fsdp and "
-                            "merge the saved adapter afterwards, or use train.parallel=ddp")
         from torch.distributed.fsdp import fully_shard
 
         lm = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
@@ -566,7 +563,7 @@ class Trainer:
         if self.cfg.model.lora:
             with atomic_dir(self.run.adapter_dir) as tmp:
                 self.model.save_pretrained(tmp, state_dict=weights)
-            if self.t.merge:  # never sharded: merge is refused with FSDP
+            if self.t.merge:  # never sharded: the config refuses merge with fsdp
                 with atomic_dir(self.run.merged_dir) as tmp:
                     self.model.merge_and_unload().save_pretrained(tmp)
                     self.tokenizer.save_pretrained(tmp)
