@@ -576,3 +576,14 @@ def test_a_run_that_reads_the_scores_depends_on_the_reference(smoke_out: Path, c
     capsys.readouterr()
     assert _train(smoke_out, "train.steps=1", "reference.steps=2") == 2  # `slm run` retrains such a run
     assert "another config" in capsys.readouterr().err
+
+
+def test_checkpoints_hold_the_cuda_rng_state(monkeypatch) -> None:
+    """Dropout on a GPU draws from the CUDA generator: a resume must restore it (faked here: no GPU in CI)."""
+    from selective_lm import trainer
+
+    state = torch.arange(8, dtype=torch.uint8)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda: state)
+    saved = trainer._rng_state()
+    assert torch.equal(saved["cpu"], torch.get_rng_state()) and torch.equal(saved["cuda"], state)
