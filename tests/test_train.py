@@ -587,3 +587,27 @@ def test_checkpoints_hold_the_cuda_rng_state(monkeypatch) -> None:
     monkeypatch.setattr(torch.cuda, "get_rng_state", lambda: state)
     saved = trainer._rng_state()
     assert torch.equal(saved["cpu"], torch.get_rng_state()) and torch.equal(saved["cuda"], state)
+
+
+@pytest.mark.parametrize("lora", [True, False])
+def test_gradient_checkpointing_changes_memory_not_the_run(smoke_out: Path, lora: bool, monkeypatch) -> None:
+    """The layers run again in backward (their MLPs counted), and the run is the same, dropout included."""
+    from transformers.models.llama import modeling_llama
+
+    calls = {"n": 0}
+    forward = modeling_llama.LlamaMLP.forward  # not the layer's: transformers wraps that one for the recompute
+
+    def counted(*a: Any, **k: Any) -> Any:
+        calls["n"] += 1
+        return forward(*a, **k)
+
+    monkeypatch.setattr(modeling_llama.LlamaMLP, "forward", counted)
+    args = ["train.method=topk", "train.ratio=0.3", "train.steps=3", f"model.lora={str(lora).lower()}",
+            "model.lora_dropout=0.1", "eval.every=0", "train.snapshot_every=0"]
+    assert _train(smoke_out, *args, "train.name=plain") == 0
+    plain_calls, calls["n"] = calls["n"], 0
+    assert _train(smoke_out, *args, "train.name=recompute", "train.gradient_checkpointing=true") == 0
+    assert calls["n"] == 2 * plain_calls > 0
+    plain, recompute = _log(smoke_out / "runs" / "plain"), _log(smoke_out / "runs" / "recompute")
+    for a, b in zip(plain, recompute, strict=True):
+        assert _close(a["loss"], b["loss"], 1e-6) and _close(a["grad_norm"], b["grad_norm"], 1e-5), (a, b)

@@ -134,6 +134,12 @@ class Trainer:
         # Compute-matched runs and data-parallel ranks must start from the same LoRA init, whatever the
         # process drew before; dropout then draws from the same seeded stream (restored on resume).
         torch.manual_seed(self.t.seed)
+        if self.t.gradient_checkpointing:  # before LoRA: peft then makes the frozen embeddings' output need grad
+            kwargs = {"use_reentrant": False}
+            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         self.model = (apply_lora(model, cfg.model) if cfg.model.lora else model).to(self.acc.device)
         if not cfg.model.lora:
             self.model.requires_grad_(True)
@@ -433,7 +439,7 @@ class Trainer:
         uses_ref = self.t.needs_reference() or self.ref_loss is not None
         ref = self.out.reference_digest() if uses_ref else None
         # Fields that change how a run is stored or named, not what it learns, stay out of the hash.
-        t = self.t.model_dump(exclude={"name", "checkpoint_every", "merge", "parallel"})
+        t = self.t.model_dump(exclude={"name", "checkpoint_every", "merge", "parallel", "gradient_checkpointing"})
         curve = self.cfg.eval.model_dump(include={"splits", "every", "curve_tokens"}) if self.curve else None
         return fingerprint(self.cfg.data.model_dump(), self.cfg.model.model_dump(), t, ref, curve)
 
