@@ -3,6 +3,9 @@
 import json
 import math
 import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -122,4 +125,38 @@ def test_second_writer_is_refused_and_stale_lock_taken_over(tmp_path: Path, caps
     (out / ".slm.lock").write_text("999999999")  # dead holder
     with run_lock(out / ".slm.lock"):
         assert (out / ".slm.lock").read_text() == str(os.getpid())
+    assert not (out / ".slm.lock").exists()
+
+
+def _launch_run(out: Path, *overrides: str) -> subprocess.CompletedProcess:
+    """`accelerate launch ... -m selective_lm.cli run --preset smoke` on 2 CPU processes (gloo)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    accelerate = Path(sys.executable).with_name("accelerate")
+    cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
+           "-m", "selective_lm.cli", "run", "--preset", "smoke", "--out", str(out), *overrides]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1",
+           "TQDM_DISABLE": "1"}
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_two_processes_run_the_pipeline(tmp_path: Path) -> None:
+    """Every rank runs `slm run`: the lock and the single-process stages on rank 0, the others wait."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".slm.lock").write_text(str(os.getpid()))  # held by a live process: every rank stops, none hangs
+    held = _launch_run(out)
+    assert held.returncode != 0 and f"in use by another slm process (pid {os.getpid()})" in held.stderr
+    (out / ".slm.lock").unlink()
+
+    short = ("grid.methods=[topk]", "grid.ratios=[0.5]", "grid.oracle=false", "train.steps=2", "reference.steps=2")
+    done = _launch_run(out, *short)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = _results(out)
+    assert set(results["runs"]) == {"clm", "topk-r0.5", "reference", "base"}
+    assert json.loads((out / "scores" / "train" / "meta.json").read_text())["processes"] == 2
+    assert done.stdout.count('"report"') == 1  # the main rank alone prints the summary
     assert not (out / ".slm.lock").exists()

@@ -319,3 +319,217 @@ def test_unwritable_out_dir_exits_2(smoke_out: Path, tmp_path: Path, capsys) -> 
     (smoke_out / "scores").write_text("")
     assert slm("score", smoke_out) == 2
     one_line_error(capsys, "cannot write scores")
+
+
+# ---------------------------------------------------------------------------- scoring.dtype
+
+# Largest relative rounding error of each storage dtype (half an ulp: 2^-11, 2^-8; float16 subnormals aside).
+_REL = {"float16": 2.0 ** -11, "bfloat16": 2.0 ** -8}
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_store_reads_back_within_its_precision(smoke_cfg, smoke_out: Path, dtype: str) -> None:
+    score_dir = smoke_out / "scores" / "train"
+    full = np.load(score_dir / "ref_loss.npy")
+    assert slm("score", smoke_out, f"scoring.dtype={dtype}") == 0  # the dtype is a fingerprint: rescored
+    raw = np.load(score_dir / "ref_loss.npy")
+    assert raw.dtype == {"float16": np.float16, "bfloat16": np.uint16}[dtype] and raw.shape == full.shape
+    assert read_json(score_dir / "meta.json")["dtype"] == dtype
+    store = load_store(smoke_out / "data" / "train")
+    tok_fp = tokenizer_fingerprint(load_tokenizer(smoke_cfg.model))
+    values = OutDir(smoke_out).scores("train", store, tok_fp, dtype)
+    assert values.shape == full.shape and values.dtype == np.float32
+    rows = np.array([0, 5, 17, 200])
+    got = np.asarray(values[rows])  # as the trainer reads it
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(full[rows]))
+    np.testing.assert_allclose(got, full[rows], rtol=_REL[dtype], atol=0, equal_nan=True)
+    np.testing.assert_allclose(np.asarray(values), full, rtol=_REL[dtype], atol=0, equal_nan=True)
+    # The documented way to read the file without this package.
+    plain = torch.from_numpy(raw).view(torch.bfloat16) if dtype == "bfloat16" else torch.from_numpy(raw)
+    np.testing.assert_array_equal(plain.float().numpy(), np.asarray(values))
+    assert OutDir(smoke_out).scored_blocks("train", 64 * 10).size == 10  # NaN detection works on bit patterns
+
+
+def test_score_store_of_another_dtype_is_refused(smoke_out: Path, capsys) -> None:
+    assert slm("score", smoke_out, "scoring.dtype=float16") == 0
+    capsys.readouterr()
+    assert slm("train", smoke_out, "train.method=topk", "train.ratio=0.5") == 2
+    err = one_line_error(capsys, "float16", "scoring.dtype=float32")
+    assert "slm score" in err
+    assert not (smoke_out / "runs").exists()
+    # With the store's dtype the trainer reads it (as float32).
+    assert slm("train", smoke_out, "train.method=topk", "train.ratio=0.5", "train.steps=2",
+               "scoring.dtype=float16") == 0
+    assert slm("score", smoke_out) == 0  # back to float32: rescored
+    assert np.load(smoke_out / "scores" / "train" / "ref_loss.npy").dtype == np.float32
+
+
+# ---------------------------------------------------------------------------- sharded scoring
+
+
+class _ThreadRanks(frozen.Ranks):
+    """Ranks of threads in one process: the sharding logic without a process group."""
+
+    def __init__(self, world: int, rank: int, barrier, totals: list[int]) -> None:
+        super().__init__(world, rank)
+        self.barrier, self.totals = barrier, totals
+
+    def wait(self) -> None:
+        self.barrier.wait()
+
+    def total(self, value: int) -> int:
+        self.totals[self.rank] = value
+        self.barrier.wait()
+        return sum(self.totals)
+
+
+def _score_on_threads(cfg, out: Path, world: int, model) -> list:
+    """`scoring.score` on `world` thread ranks sharing `model`; their return values."""
+    import threading
+
+    barrier, totals, results = threading.Barrier(world, timeout=120), [0] * world, [None] * world
+    team = {}
+
+    def rank_main(rank: int) -> None:
+        team[threading.get_ident()] = _ThreadRanks(world, rank, barrier, totals)
+        results[rank] = scoring.score(cfg, out, model=model)
+
+    threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(world)]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(scoring, "ranks", lambda: team[threading.get_ident()])
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+    return results
+
+
+@pytest.mark.parametrize("blocks", ["all", "used"])
+def test_shards_of_two_ranks_make_the_one_process_store(smoke_cfg, smoke_out: Path, tmp_path: Path,
+                                                        blocks: str) -> None:
+    cfg = smoke_cfg.model_copy(update={"scoring": smoke_cfg.scoring.model_copy(update={"blocks": blocks})})
+    model = scoring.load_reference_model(cfg, smoke_out)
+    single = tmp_path / "single"
+    shutil.copytree(smoke_out, single)
+    shutil.rmtree(single / "scores")
+    # `used` on 2 processes: the blocks that 2 ranks read, those of one process taking twice the steps.
+    twice = cfg.model_copy(update={"train": cfg.train.model_copy(update={"steps": 2 * cfg.train.steps})})
+    one = scoring.score(twice, single, model=model)
+    shutil.rmtree(smoke_out / "scores")
+    results = _score_on_threads(cfg, smoke_out, 2, model)
+    assert results[0]["processes"] == 2 and results[1] is None  # only the main rank reports
+    score_dir = smoke_out / "scores" / "train"
+    assert sorted(p.name for p in score_dir.iterdir()) == ["meta.json", "ref_loss.npy"]
+    want = np.load(single / "scores" / "train" / "ref_loss.npy")
+    np.testing.assert_array_equal(np.load(score_dir / "ref_loss.npy"), want)
+    assert results[0]["blocks"] == one["blocks"]
+    if blocks == "used":
+        assert 0 < np.isfinite(want[:, 1:]).all(axis=1).sum() < len(want)
+
+
+def test_partial_store_of_another_process_count_is_refused(smoke_cfg, smoke_out: Path, monkeypatch,
+                                                           capsys) -> None:
+    """A rank of a 2-process pass dies; resuming it with one process would mix two shardings: exit 2."""
+    shutil.rmtree(smoke_out / "scores")
+    real, calls = frozen.model_token_losses, []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("killed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(frozen, "model_token_losses", failing)
+    monkeypatch.setattr(scoring, "ranks", lambda: frozen.Ranks(world=2, rank=0))
+    with pytest.raises(RuntimeError, match="killed"):
+        scoring.score(smoke_cfg, smoke_out)
+    score_dir = smoke_out / "scores" / "train"
+    progress = read_json(score_dir / ".ref_loss.progress.0-of-2.json")
+    assert (progress["world"], progress["rank"], progress["done_blocks"]) == (2, 0, 2 * smoke_cfg.scoring.batch_size)
+    monkeypatch.undo()
+    partial = (score_dir / ".ref_loss.partial.npy").read_bytes()
+    assert slm("score", smoke_out) == 2
+    one_line_error(capsys, "2 process(es)", "--num_processes 2", str(score_dir))
+    assert (score_dir / ".ref_loss.partial.npy").read_bytes() == partial  # nothing discarded
+    assert not (score_dir / "ref_loss.npy").exists()
+    assert slm("score", smoke_out, "scoring.batch_size=4") == 0  # another batch size: a new pass, not a resume
+    assert sorted(p.name for p in score_dir.iterdir()) == ["meta.json", "ref_loss.npy"]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# Each rank counts its progress writes (= batches scored) and SIGKILLs itself at the N-th (0: never);
+# `accelerate launch` runs a script, not `-c`.
+_COUNTING_SCORE = """
+import os, signal, sys
+from selective_lm import files
+from selective_lm.cli import main
+real, n = files.write_text, {"calls": 0}
+def counting(path, text):
+    real(path, text)
+    if ".ref_loss.progress" in str(path):
+        n["calls"] += 1
+        if n["calls"] == int(sys.argv[1]):
+            os.kill(os.getpid(), signal.SIGKILL)
+files.write_text = counting
+code = main(sys.argv[2:])
+print(f"batches scored: {n['calls']}", file=sys.stderr)
+sys.exit(code)
+"""
+
+
+def _launch(out: Path, *overrides: str, prefix: tuple[str, ...] = ("-m", "selective_lm.cli")
+            ) -> subprocess.CompletedProcess:
+    """`accelerate launch <prefix> score --preset smoke --out <out> <overrides>` on 2 CPU processes (gloo)."""
+    accelerate = Path(sys.executable).with_name("accelerate")
+    cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+           *prefix, "score", "--preset", "smoke", "--out", str(out), *overrides]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1",
+           "TQDM_DISABLE": "1"}
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_two_processes_score_the_one_process_store_and_resume_after_a_kill(smoke_cfg, smoke_out: Path,
+                                                                           tmp_path: Path, one_thread,
+                                                                           capsys) -> None:
+    single = tmp_path / "single"  # one process, one thread like each launched rank: the same floats
+    shutil.copytree(smoke_out, single)
+    shutil.rmtree(single / "scores")
+    assert slm("score", single, "scoring.batch_size=4") == 0
+    want = np.load(single / "scores" / "train" / "ref_loss.npy")
+    score_dir = smoke_out / "scores" / "train"
+
+    shutil.rmtree(smoke_out / "scores")
+    script = tmp_path / "counting_score.py"
+    script.write_text(_COUNTING_SCORE)
+    killed = _launch(smoke_out, "scoring.batch_size=4", prefix=(str(script), "3"))
+    assert killed.returncode != 0, killed.stderr[-3000:]
+    assert not (score_dir / "ref_loss.npy").exists() and (score_dir / ".ref_loss.partial.npy").is_file()
+    # The first rank to die wrote 3 batches of 4; the launcher may have stopped the other one earlier.
+    progress = [read_json(p) for p in score_dir.glob(".ref_loss.progress.*-of-2.json")]
+    assert max(p["done_blocks"] for p in progress) == 3 * 4, progress
+    batches_done = sum(p["done_blocks"] for p in progress) // 4
+    capsys.readouterr()
+    assert slm("score", smoke_out, "scoring.batch_size=4") == 2  # one process cannot resume two shards
+    one_line_error(capsys, "--num_processes 2")
+
+    done = _launch(smoke_out, "scoring.batch_size=4", prefix=(str(script), "0"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    counts = [int(line.rsplit(" ", 1)[1]) for line in done.stderr.splitlines() if "batches scored:" in line]
+    assert len(counts) == 2 and sum(counts) == -(-len(want) // 4) - batches_done, counts  # resumed, not redone
+    assert sorted(p.name for p in score_dir.iterdir()) == ["meta.json", "ref_loss.npy"]
+    got = np.load(score_dir / "ref_loss.npy")
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    assert np.nanmax(np.abs(got - want)) <= 1e-6
+    meta = read_json(score_dir / "meta.json")
+    assert meta["processes"] == 2 and meta["dtype"] == "float32"
+    assert done.stdout.count('"token_store"') == 1  # only the main rank prints the result

@@ -180,7 +180,7 @@ def separation_step0(cfg: Config, out: OutDir) -> dict[str, dict[str, float | No
     base = np.load(path)
     if store.noise_kind is None or not names or base.shape != (len(rows), store.block_len):
         return {}
-    excess = (base - np.load(out.scores_dir("train") / "ref_loss.npy", mmap_mode="r")[rows]).ravel()
+    excess = (base - out.score_values("train")[rows]).ravel()
     kinds = np.asarray(store.noise_kind[rows]).ravel()
     ok = np.isfinite(excess)
     clean = excess[ok & (kinds == 0)]

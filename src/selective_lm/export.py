@@ -61,7 +61,8 @@ def export_selected(cfg: Config, out: str | Path | OutDir) -> dict[str, Any]:
     strategy, score_kind, ratio = cfg.train.selection_rule()
     store = out.store("train")
     tokenizer = load_tokenizer(cfg.model)
-    ref = out.scores("train", store, tokenizer_fingerprint(tokenizer)) if cfg.train.needs_reference() else None
+    ref = out.scores("train", store, tokenizer_fingerprint(tokenizer), cfg.scoring.dtype) \
+        if cfg.train.needs_reference() else None
     model = load_trained(cfg.model, run.weights_dir, len(tokenizer))
     model.eval().requires_grad_(False)
     n_blocks, block_len = store.tokens.shape

@@ -2,11 +2,12 @@
 
 ```
 <out>/data/<split>/      token store: tokens.npy, doc_ids.npy, [noise_mask.npy, noise_kind.npy], meta.json
-<out>/scores/<split>/    score store: ref_loss.npy (+ meta.json with the fingerprints it was made from)
+<out>/scores/<split>/    score store: ref_loss.npy in scoring.dtype (+ meta.json: its fingerprints and dtype)
 <out>/reference/         the reference model (a RunDir) + reference.json
 <out>/base/              evaluation outputs of the untrained base model (a RunDir without weights)
 <out>/runs/<name>/       one training run (a RunDir)
 <out>/analysis.json, results.json, report.md, plots/, selection.html, selected.jsonl, bench.json
+<out>/bench/             scratch space of `slm bench` side cases (generated corpora, throwaway stores)
 ```
 
 Every stage asks `OutDir` / `RunDir` for a path; no other module joins paths under `--out`.
@@ -29,6 +30,8 @@ from .errors import UserError
 from .files import fingerprint, read_json, run_lock
 
 STORE_FORMAT = 2  # 2: noise_kind.npy; noise_mask holds inserted/altered text only (noise.py)
+# scoring.dtype -> the numpy dtype of ref_loss.npy: numpy has no bfloat16, so its bit patterns are stored as uint16.
+SCORE_STORAGE = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16), "bfloat16": np.dtype(np.uint16)}
 BASELINE_DIRS = ("reference", "base")  # evaluated models that are not runs under runs/
 
 
@@ -191,6 +194,43 @@ class BlockFile:
         self.f.close()
 
 
+# --------------------------------------------------------------------------- score store
+
+
+def decode_scores(raw: np.ndarray, dtype: str) -> np.ndarray:
+    """float32 values of stored scores: float16 widened, bfloat16 bit patterns moved into float32's high half
+    (exact: bfloat16 is float32 with the low 16 mantissa bits dropped)."""
+    if dtype == "bfloat16":
+        return (np.asarray(raw, dtype=np.uint32) << 16).view(np.float32)
+    return np.asarray(raw, dtype=np.float32)
+
+
+class HalfScores:
+    """A float16 / bfloat16 score store that reads as float32: indexing converts only the rows it reads,
+    so the trainer's `np.asarray(ref_loss[rows])` gets float32 without a float32 copy of the store."""
+
+    def __init__(self, raw: np.ndarray, dtype: str) -> None:
+        self.raw, self.stored = raw, dtype
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.raw.shape
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(np.float32)
+
+    def __len__(self) -> int:
+        return len(self.raw)
+
+    def __getitem__(self, index: Any) -> np.ndarray:
+        return decode_scores(self.raw[index], self.stored)
+
+    def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
+        values = decode_scores(self.raw, self.stored)
+        return values if dtype is None else values.astype(dtype)
+
+
 # --------------------------------------------------------------------------- runs
 
 
@@ -342,8 +382,21 @@ class OutDir:
     def has_scores(self, split: str) -> bool:
         return (self.scores_dir(split) / "meta.json").is_file()
 
-    def scores(self, split: str, store: TokenStore, tokenizer_fingerprint: str) -> np.ndarray:
-        """The score store of `split` as a read-only memmap, after checking every fingerprint."""
+    def score_dtype(self, split: str) -> str:
+        """The dtype the score store of `split` holds (stores made before scoring.dtype existed: float32)."""
+        return read_json(self.scores_dir(split) / "meta.json").get("dtype", "float32")
+
+    def check_score_dtype(self, split: str, dtype: str) -> None:
+        """UserError when the score store of `split` exists in another dtype than `dtype` (scoring.dtype)."""
+        if self.has_scores(split) and (stored := self.score_dtype(split)) != dtype:
+            raise UserError(f"the scores in {self.scores_dir(split)} are stored as {stored} but scoring.dtype is "
+                            f"{dtype}: rerun `slm score` with scoring.dtype={dtype}, or set scoring.dtype={stored}")
+
+    def scores(self, split: str, store: TokenStore, tokenizer_fingerprint: str,
+               dtype: str | None = None) -> np.ndarray | HalfScores:
+        """The score store of `split` as float32 values, after checking every fingerprint (and the stored
+        dtype against `dtype`, the config's scoring.dtype, when given): the read-only memmap itself when
+        stored as float32, else a `HalfScores` that converts the rows it is indexed with."""
         score_dir = self.scores_dir(split)
         if not (score_dir / "ref_loss.npy").is_file() or not (score_dir / "meta.json").is_file():
             raise UserError(f"score kind needs reference scores but {score_dir} has none: run `slm score --out "
@@ -356,19 +409,30 @@ class OutDir:
         current = self.reference_digest()
         if current is not None and meta.get("reference") != current:
             raise UserError(f"the scores in {score_dir} come from another reference model: rerun `slm score`")
-        try:
-            scores = np.load(score_dir / "ref_loss.npy", mmap_mode="r")
-        except (OSError, ValueError) as e:
-            raise UserError(f"{score_dir}/ref_loss.npy is unreadable ({e}): rerun `slm score`") from None
-        if scores.shape != store.tokens.shape or scores.dtype != np.float32:
+        if dtype is not None:
+            self.check_score_dtype(split, dtype)
+        scores = self.score_values(split)
+        if scores.shape != store.tokens.shape:
             raise UserError(f"{score_dir}/ref_loss.npy has shape {scores.shape}, the tokens {store.tokens.shape}: "
                             "rerun `slm score`")
         return scores
 
+    def score_values(self, split: str) -> np.ndarray | HalfScores:
+        """The score store of `split` as float32 values (see `scores`), without the fingerprint checks."""
+        path, dtype = self.scores_dir(split) / "ref_loss.npy", self.score_dtype(split)
+        try:
+            raw = np.load(path, mmap_mode="r")
+        except (OSError, ValueError) as e:
+            raise UserError(f"{path} is unreadable ({e}): rerun `slm score`") from None
+        if raw.dtype != SCORE_STORAGE.get(dtype) or raw.ndim != 2:
+            raise UserError(f"{path} holds {raw.dtype} {raw.shape}, not the {dtype} blocks its meta.json says: "
+                            "rerun `slm score`")
+        return raw if dtype == "float32" else HalfScores(raw, dtype)
+
     def scored_blocks(self, split: str, max_tokens: int) -> np.ndarray:
         """Up to `max_tokens` tokens' worth of the blocks the score store of `split` covers, evenly spaced:
         where the step-0 separation of excess loss by token kind is measured."""
-        ref = np.load(self.scores_dir(split) / "ref_loss.npy", mmap_mode="r")
+        ref = self.score_values(split)
         rows = np.flatnonzero(np.isfinite(ref[:, 1:]).any(axis=1))
         n = min(len(rows), -(-max_tokens // ref.shape[1]))
         return rows[np.linspace(0, len(rows) - 1, n).round().astype(int)] if n else rows
@@ -415,6 +479,11 @@ class OutDir:
     @property
     def bench(self) -> Path:
         return self.root / "bench.json"
+
+    @property
+    def bench_dir(self) -> Path:
+        """Scratch space of `slm bench` side cases (generated corpora, throwaway stores): `bench/`."""
+        return self.root / "bench"
 
     def lock(self) -> contextlib.AbstractContextManager[None]:
         """One writer per out dir (see `files.run_lock`)."""

@@ -7,10 +7,16 @@ config that produced them (token stores by config fingerprint, runs by `train.js
 hash, scores and token losses by the fingerprints of their inputs, results by the fingerprint
 of everything they are made of), so a second `slm run` does nothing and a changed ratio re-runs
 only what depends on it. A killed run resumes from the last checkpoint of the stage it was in.
+
+Under `accelerate launch --num_processes N -m selective_lm.cli run ...` every rank runs `run()`:
+reference and training run data-parallel and scoring sharded on all of them; the out-dir lock,
+prepare, evaluation, analysis and report belong to the main process (the others wait for
+prepare and stop after the last training run), which alone returns the summary.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +29,7 @@ from .config import Config
 from .data import prepare
 from .evaluate import evaluate, evaluate_trajectory
 from .files import read_json
+from .frozen import Ranks, ranks
 from .layout import OutDir
 from .models import load_reference_model
 from .reference import reference
@@ -39,16 +46,17 @@ class Task:
     cost: float
 
 
-def run(cfg: Config, out: str | Path | OutDir) -> dict[str, Any]:
-    """Run (or resume, or confirm) the whole experiment under `out`; returns a short summary."""
-    out = OutDir.of(out)
-    with out.lock():
-        return _run(cfg, out)
+def run(cfg: Config, out: str | Path | OutDir) -> dict[str, Any] | None:
+    """Run (or resume, or confirm) the whole experiment under `out`; returns a short summary (main process)."""
+    out, team = OutDir.of(out), ranks()
+    with contextlib.ExitStack() as held:
+        team.on_main(lambda: held.enter_context(out.lock()))  # one lock holder, or every rank stops
+        return _run(cfg, out, team)
 
 
-def _run(cfg: Config, out: OutDir) -> dict[str, Any]:
+def _run(cfg: Config, out: OutDir, team: Ranks) -> dict[str, Any] | None:
     start = time.perf_counter()
-    prepared = prepare(cfg, out)
+    prepared = team.on_main(lambda: prepare(cfg, out))
     train_tokens = cfg.train.steps * cfg.train.batch_size * cfg.train.grad_accum * cfg.data.block_len
     configs = cfg.grid_runs(has_noise=bool(prepared.get("train", {}).get("noise_rate")))
     val_tokens = sum(prepared.get(s, {}).get("n_tokens", 0) for s in cfg.eval.splits)
@@ -59,7 +67,8 @@ def _run(cfg: Config, out: OutDir) -> dict[str, Any]:
              *(Task(f"eval {n}", val_tokens) for n in evaluated),
              Task("analyze + report", val_tokens)]
     bar = tqdm(total=sum(t.cost for t in tasks), desc="slm run", unit="tok", unit_scale=True, position=0,
-               dynamic_ncols=True, bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}]")
+               dynamic_ncols=True, bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}]",
+               disable=not team.main)
     progress = iter(tasks)
 
     def advance() -> None:
@@ -68,6 +77,7 @@ def _run(cfg: Config, out: OutDir) -> dict[str, Any]:
         bar.update(task.cost)
 
     reference(cfg, out)
+    team.wait()  # reference.json is written before any rank scores with it
     advance()
     if cfg.scoring.mode == "offline" and any(c.train.needs_reference() for c in configs.values()):
         score(cfg, out)
@@ -76,6 +86,8 @@ def _run(cfg: Config, out: OutDir) -> dict[str, Any]:
     for name, run_cfg in configs.items():
         train(run_cfg, out, name, reference_model=ref_model, replace_stale=True)
         advance()
+    if not team.main:
+        return None
     for name in evaluated:
         evaluate(configs.get(name, cfg), out, name)
         if name in configs:

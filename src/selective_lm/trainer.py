@@ -52,7 +52,7 @@ from .config import Config, TrainConfig
 from .errors import UserError
 from .files import atomic_dir, atomic_path, fingerprint, read_json, write_json, write_text
 from .frozen import model_token_losses
-from .layout import BlockOrder, OutDir, RunDir, TokenStore, store_config_fingerprint
+from .layout import BlockOrder, HalfScores, OutDir, RunDir, TokenStore, store_config_fingerprint
 from .loss import SelectiveLM, SelectiveLoss, valid_mask
 from .models import apply_lora, load_model, load_tokenizer, tokenizer_fingerprint
 from .selection import trainable_mask
@@ -114,7 +114,7 @@ class Trainer:
         self.store: TokenStore = out.store(split)
         self.tokenizer = load_tokenizer(cfg.model)
         self._check_store()
-        self.ref_loss: np.ndarray | None = None
+        self.ref_loss: np.ndarray | HalfScores | None = None
         # Online: the reference model scores each micro-batch (it must be the one the offline scores would
         # come from); stored scores are then not used at all, not even for the diagnostics.
         self.online = self.t.needs_reference() and cfg.scoring.mode == "online"
@@ -122,11 +122,12 @@ class Trainer:
             raise UserError("scoring.mode=online needs the reference model (run through `slm run`)")
         self.reference_model = reference_model.to(self.acc.device) if self.online else None
         tok_fp = tokenizer_fingerprint(self.tokenizer)
+        dtype = cfg.scoring.dtype  # any stored dtype reads as float32; a store of another dtype is refused
         if self.t.needs_reference() and not self.online:
-            self.ref_loss = out.scores(split, self.store, tok_fp)
+            self.ref_loss = out.scores(split, self.store, tok_fp, dtype)
         elif not self.online and out.has_scores(split):  # diagnostics only
             with contextlib.suppress(UserError):
-                self.ref_loss = out.scores(split, self.store, tok_fp)
+                self.ref_loss = out.scores(split, self.store, tok_fp, dtype)
         if self.t.method == "oracle" and self.store.noise_mask is None:
             raise UserError("method oracle needs a train split with a noise mask (data.noise_rate > 0)")
         model = load_model(cfg.model, vocab_size=len(self.tokenizer))
@@ -177,7 +178,11 @@ class Trainer:
             raise UserError("DeepSpeed is not supported: launch with DDP (the default) or set train.parallel=fsdp")
         if not self.fsdp:
             return self.acc.prepare(module)
-        from torch.distributed.fsdp import fully_shard
+        try:
+            from torch.distributed.fsdp import fully_shard
+        except ImportError:  # public from torch 2.6
+            raise UserError(f"train.parallel=fsdp needs FSDP2 (torch >= 2.6; this is {torch.__version__}): "
+                            "upgrade torch or use train.parallel=ddp") from None
 
         lm = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         layer_types = set(getattr(lm, "_no_split_modules", None) or ())
@@ -438,6 +443,8 @@ class Trainer:
         # A run that reads stored scores, if only for its diagnostics, depends on the reference behind them.
         uses_ref = self.t.needs_reference() or self.ref_loss is not None
         ref = self.out.reference_digest() if uses_ref else None
+        if uses_ref and self.cfg.scoring.dtype != "float32":  # rounded scores select (slightly) differently;
+            ref = (ref, self.cfg.scoring.dtype)  # float32 keeps the plain digest, so earlier runs stay valid
         # Fields that change how a run is stored or named, not what it learns, stay out of the hash.
         t = self.t.model_dump(exclude={"name", "checkpoint_every", "merge", "parallel", "gradient_checkpointing"})
         curve = self.cfg.eval.model_dump(include={"splits", "every", "curve_tokens"}) if self.curve else None
