@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
+import subprocess
+import sys
 import tempfile
 import tracemalloc
 from pathlib import Path
@@ -16,7 +20,7 @@ from selective_lm.assets import byte_tokenizer
 from selective_lm.config import load_config
 from selective_lm.corpora import Document
 from selective_lm.corpora.champ import champ_partition
-from selective_lm.data import prepare, write_store
+from selective_lm.data import BATCH_DOCS, NOISE_LAG, prepare, write_store
 from selective_lm.errors import UserError
 from selective_lm.layout import load_store
 from selective_lm.models import tokenizer_fingerprint
@@ -280,6 +284,7 @@ def test_custom_train_gets_noise_and_slices_stream(tmp_path, tok):
     (["data.corpus=custom", "data.sources={val_clean: x.jsonl}"], "data.sources.train"),
     (["data.corpus=custom", "data.sources={train: /nonexistent/corpus.jsonl}"], "/nonexistent/corpus.jsonl not found"),
     (["data.corpus=custom", "data.sources={train: ./nowhere/corpus.xyz}"], "not found"),
+    (["data.num_proc=0"], "data.num_proc"),
 ])
 def test_bad_corpus_settings(tmp_path, overrides, needle):
     with pytest.raises(UserError, match=needle):
@@ -377,3 +382,109 @@ def test_load_store_rejects_broken_stores(tok, tmp_path):
     (tmp_path / "s" / "tokens.npy").write_bytes(b"not a numpy file")
     with pytest.raises(UserError, match="truncated or corrupt"):
         load_store(tmp_path / "s")
+
+
+# --------------------------------------------------------------------------- parallel prepare (data.num_proc)
+
+
+def test_num_proc_writes_the_same_store(tmp_path, tok):
+    body = "\n".join(f"Step {k}: we compute {k} + {k} = {2 * k}, so the running total grows by {2 * k} again."
+                     for k in range(1, 5))
+    src = _jsonl(tmp_path / "t.jsonl", [{"text": f"Doc {i}.\n{body}"} for i in range(60 * BATCH_DOCS)])
+    stores = {}
+    for n in (1, 2, 3):
+        summary = prepare(_custom(tmp_path, {"train": src}, f"data.num_proc={n}"), tmp_path / f"out{n}")
+        assert not summary["train"]["reused"]
+        stores[n] = tmp_path / f"out{n}" / "data" / "train"
+    names = sorted(p.name for p in stores[1].iterdir())
+    assert names == ["doc_ids.npy", "meta.json", "noise_kind.npy", "noise_mask.npy", "tokens.npy"]
+    for n in (2, 3):  # every byte, meta.json included (it holds no timings)
+        for name in names:
+            assert (stores[n] / name).read_bytes() == (stores[1] / name).read_bytes(), (n, name)
+    meta = load_store(stores[1]).meta
+    assert meta["n_docs"] == 60 * BATCH_DOCS > 10 * NOISE_LAG * BATCH_DOCS  # the lagged feedback had time to act
+    assert meta["noise"]["realized_rate"] == pytest.approx(0.2, abs=0.02)
+    # num_proc is how a store is made, not what it holds: a store made by 3 processes is reused by 1
+    assert prepare(_custom(tmp_path, {"train": src}), tmp_path / "out3")["train"]["reused"]
+
+
+class _FailingTokenizer:
+    """The byte tokenizer, failing on a batch that holds `trigger`, or killing its (worker) process."""
+
+    def __init__(self, tok, trigger: str, kill: bool) -> None:
+        self.tok, self.trigger, self.kill = tok, trigger, kill
+
+    def __getattr__(self, name: str):
+        return getattr(self.tok, name)
+
+    def __call__(self, texts: list[str], **kwargs):
+        if any(self.trigger in t for t in texts):
+            if self.kill:
+                os._exit(1)
+            raise RuntimeError(f"cannot tokenize {self.trigger!r}")
+        return self.tok(texts, **kwargs)
+
+
+@pytest.mark.parametrize(("kill", "error", "needle"), [
+    (False, RuntimeError, "cannot tokenize 'poison'"),  # the worker's own exception, as with num_proc=1
+    (True, UserError, "worker process died.*lower data.num_proc"),
+])
+def test_a_failing_worker_stops_prepare_cleanly(tok, tmp_path, kill, error, needle):
+    docs = [Document(f"document {i} " * 8) for i in range(20 * BATCH_DOCS)]
+    docs.insert(10 * BATCH_DOCS, Document("poison"))
+    with pytest.raises(error, match=needle):
+        write_store(tmp_path / "s", docs, _FailingTokenizer(tok, "poison", kill), 8, num_proc=2)
+    assert list(tmp_path.iterdir()) == []  # no store, no temp dir
+    assert multiprocessing.active_children() == []  # the pool was shut down
+
+
+def test_a_bad_row_mid_corpus_is_one_error_line(tmp_path, capfd):
+    """The parse error surfaces while workers tokenize (the first 10 MB chunk of the JSON reader was good)."""
+    good = "".join(json.dumps({"text": f"Lemma {i} holds.", "pad": "x" * 30_000}) + "\n" for i in range(400))
+    (tmp_path / "bad.jsonl").write_text(good + "{not json\n" + good)
+    with pytest.raises(UserError, match=r"cannot read .*bad.jsonl.*JSON parse error"):
+        prepare(_custom(tmp_path, {"train": tmp_path / "bad.jsonl"}, "data.num_proc=2"), tmp_path / "out")
+    assert "Failed to load JSON" not in capfd.readouterr().err  # datasets' own log line of the error
+    assert not (tmp_path / "out" / "data" / "train").exists() and multiprocessing.active_children() == []
+
+
+_PEAK_RSS = """
+import json, resource, sys
+from selective_lm.config import load_config
+from selective_lm.data import prepare
+cfg = load_config("smoke", overrides=["data.corpus=custom", "data.sources={train: %s}" % sys.argv[1],
+                                      "data.max_tokens=null", "data.noise_rate=0", "data.num_proc=2"])
+summary = prepare(cfg, sys.argv[2])["train"]
+print(json.dumps({"main_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "workers_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, **summary}))
+"""
+
+
+@pytest.mark.slow
+def test_prepare_streams_a_large_corpus_in_bounded_memory(tmp_path):
+    """Peak RSS of a 2-process prepare of a 300 MB JSONL against a 30 MB one: it grows by far less than
+    the extra input. Most of each row is a second column, so that reading 300 MB takes seconds while
+    every row still goes through the reader, the workers and the packer."""
+    pad = "x" * 30_000
+
+    def corpus(mb: int) -> tuple[Path, int]:
+        path, rows, size = tmp_path / f"c{mb}.jsonl", 0, 0
+        with path.open("w") as f:
+            while size < mb * 1_000_000:
+                size += f.write(f'{{"text": "Lemma {rows}: every odd square is 1 mod 8.", "pad": "{pad}"}}\n')
+                rows += 1
+        return path, rows
+
+    peaks = {}
+    for mb in (30, 300):
+        path, rows = corpus(mb)
+        run = subprocess.run([sys.executable, "-c", _PEAK_RSS, str(path), str(tmp_path / f"out{mb}")],
+                             capture_output=True, text=True, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        peaks[mb] = json.loads(run.stdout.strip().splitlines()[-1])
+        assert peaks[mb]["n_docs"] == rows
+        path.unlink()
+    print(peaks)
+    extra_mb = 270 * 1e6 / 2**20
+    for proc in ("main_mb", "workers_mb"):
+        assert peaks[300][proc] - peaks[30][proc] < extra_mb / 4, (proc, peaks)
+

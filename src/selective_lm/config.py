@@ -84,6 +84,11 @@ class DataConfig(Section):
     )
     doc_boundaries: bool = Field(False, description="mask targets that cross a document separator")
     seed: int = 0
+    num_proc: int = Field(
+        1, ge=1, exclude=True, description="tokenizer processes of `slm prepare` (1: in process, no pool). How a "
+        "store is made, not what it holds (the same bytes for every value): left out of config dumps and "
+        "fingerprints, so a store prepared with 2 processes is reused with 1"
+    )
 
     @field_validator("corpus")
     @classmethod
@@ -169,6 +174,10 @@ class ScoringConfig(Section):
     chunk_size: int = Field(
         1024, ge=1, description="at most this many tokens per LM-head chunk (a chunk also never exceeds 2^24 logits)"
     )
+    dtype: Literal["float32", "float16", "bfloat16"] = Field(
+        "float32", description="storage dtype of ref_loss.npy (losses are computed in float32; bfloat16 is stored "
+        "as its uint16 bit patterns): half the bytes of float32, selection agreement in `slm bench` case precision"
+    )
 
 
 class SelectionRule(NamedTuple):
@@ -209,6 +218,9 @@ class TrainConfig(Section):
     checkpoint_every: int = Field(0, ge=0, description="0 = only at the end")
     snapshot_every: int = Field(10, ge=0, description="trajectory snapshots (0 = none)")
     merge: bool = False
+    gradient_checkpointing: bool = Field(
+        False, description="recompute each decoder layer's activations in backward (transformers' "
+        "gradient checkpointing): the memory of one layer instead of all, about a third more compute")
     parallel: Literal["ddp", "fsdp"] = Field(
         "ddp", description="engine on several processes: ddp (accelerate) or fsdp (FSDP2 per decoder layer); "
         "the result is the same, fsdp shards weights, gradients and optimizer state")
@@ -231,6 +243,9 @@ class TrainConfig(Section):
         if rule.strategy == "topk" and rule.score == "none" and rule.ratio < 1 and not self.soft:
             raise ValueError("train.score=none with top-k selection would select by position: "
                              "use train.method=random or another train.score")
+        if self.parallel == "fsdp" and self.merge:
+            raise ValueError("train.merge=true cannot merge a sharded model: use train.parallel=ddp, or merge the "
+                             "saved adapter after an fsdp run")
         return self
 
     def run_name(self, with_seed: bool = False) -> str:
@@ -269,6 +284,25 @@ class EvalConfig(Section):
     every: int = Field(15, ge=0, description="learning curve: validation loss on a fixed subset every this many "
                        "training steps, and at step 0 and the end (0 = off)")
     curve_tokens: int = Field(512, ge=1, description="tokens of each eval split in the learning curve's subset")
+    tasks: list[str] = Field(
+        default_factory=list, description="lm-evaluation-harness tasks run on every evaluated model besides "
+        "perplexity (needs `pip install 'selective-lm[eval]'`): the embedded 'champ_answer', any task of "
+        "eval.task_paths, or lm-eval's own (those download their data from the Hub); empty = perplexity only")
+    num_fewshot: int | None = Field(None, ge=0, description="few-shot examples per task (None = each task's default)")
+    limit: int | None = Field(None, ge=1, description="evaluate only the first this many documents of each task "
+                              "(None = all)")
+    task_paths: list[str] = Field(
+        default_factory=list, description="directories of lm-eval task YAML files, searched before lm-eval's own")
+
+    @field_validator("tasks")
+    @classmethod
+    def _tasks(cls, v: list[str]) -> list[str]:
+        for name in v:
+            if not name or name != name.strip() or "," in name:
+                raise ValueError(f"task name {name!r} must be non-empty, without spaces around it or commas")
+        if len(set(v)) < len(v):
+            raise ValueError(f"a task is named twice in {v}")
+        return v
 
 
 class AnalysisConfig(Section):
@@ -292,9 +326,21 @@ class BenchConfig(Section):
     large_vocab: int = Field(151_936, ge=0, description="vocabulary of the large-vocab case (0 skips it)")
     cases: list[str] = Field(default_factory=list, description="side cases to run after the step cases "
                              "(bench.py SIDE_CASES), each written under its own key of bench.json")
+    gpu_model: str = Field("random:tinyllama-1.1b", description="case gpu: the model (full fine-tuning, bf16)")
+    gpu_vocab: int = Field(32_000, ge=2, description="case gpu: vocabulary of a random model")
+    gpu_batch_size: int = Field(4, ge=1)
+    gpu_block_len: int = Field(2048, ge=2)
+    gpu_peak_tflops: float | None = Field(
+        None, gt=0, description="case gpu: the device's dense bf16 peak for MFU (None: known for H100/H200/A100)")
+    gpu_on_cpu: bool = Field(False, description="run case gpu without a GPU (tests, with a small bench.gpu_model)")
+    precision_blocks: int = Field(64, ge=1, description="train blocks on which case precision compares top-k "
+                                  "selections from float32 and half-precision reference losses")
+    prepare_tokens: int = Field(4_000_000, ge=1, description="case prepare: tokens (of model.tokenizer) of the "
+                                "generated JSONL corpus that `slm prepare` is timed on")
     targets: dict[str, float] = Field(
         default_factory=lambda: {"slm_step_vs_clm": 1.05, "naive_step_vs_slm": 1.4, "score_vs_forward": 0.95,
-                                 "slm_peak_vs_clm": 1.0, "loss_path_peak_vs_logits": 0.25},
+                                 "slm_peak_vs_clm": 1.0, "loss_path_peak_vs_logits": 0.25,
+                                 "score_f16_topk_agreement": 0.995, "prepare_vs_bare": 0.8},
         description="target -> threshold checked by `slm bench` (bench.py says what each ratio measures and "
         "whether the threshold bounds it from above or below)",
     )

@@ -11,16 +11,30 @@ EOS is clean) and `noise_mask.npy` is True on the noise kinds only (`noise.KINDS
 A store is written streaming — blocks are appended to .npy files whose header is rewritten
 in place at the end (`layout.BlockFile`) — so memory stays bounded whatever the corpus size,
 and atomically (`files.atomic_dir`), so a killed prepare never leaves a half store behind.
+
+Parallelism (`data.num_proc`): documents go in batches of BATCH_DOCS to `num_proc` worker
+processes, each holding the tokenizer once (num_proc=1 tokenizes in this process, no pool).
+The main process reads the corpus, injects noise and packs; at most a few batches per worker
+are in flight, so memory stays bounded, and results are packed in corpus order. The noise
+controller (`NoiseInjector.observe`) learns how the injected text tokenized with a fixed lag
+of NOISE_LAG batches whatever `num_proc` is, so a store is byte-identical for every num_proc
+(and num_proc is no part of the config fingerprint: such a store is reused as it is).
 """
 
 from __future__ import annotations
 
 import hashlib
 import itertools
+import multiprocessing
+import os
+import signal
 import time
+from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -31,42 +45,179 @@ from .corpora import CORPORA, Document
 from .errors import UserError, did_you_mean
 from .files import atomic_dir, write_json
 from .layout import STORE_FORMAT, BlockFile, OutDir, load_store, store_config_fingerprint
-from .noise import KIND_NAMES, KINDS, NOISE_IDS, NoiseInjector, is_noise, noise_chars, token_kinds
+from .noise import KIND_NAMES, KINDS, NOISE_IDS, NoiseInjector, Span, is_noise, noise_chars, token_kinds
 
-BATCH_DOCS = 64  # documents per tokenizer call: fast tokenizers batch in Rust, memory stays small
+BATCH_DOCS = 16  # documents per tokenizer call and per worker task: small enough for a fine noise feedback
+NOISE_LAG = 4  # batch k is injected knowing how batches 0 .. k-NOISE_LAG-1 tokenized (the same for every num_proc)
+TASKS_PER_PROC = 2  # batches in flight per worker: one being tokenized, one queued; memory stays bounded
 FLUSH_BLOCKS = 256  # blocks gathered before each write
+
+
+class _Encoded(NamedTuple):
+    """One batch of documents tokenized: what a worker sends back (arrays pickle cheaply, lists do not)."""
+
+    ids: np.ndarray  # int32, the documents' tokens concatenated, each document followed by EOS
+    lens: np.ndarray  # int64, tokens per document, EOS included
+    kinds: np.ndarray | None  # uint8 noise kind id per token (None without noise injection)
+
+
+def _encode(tokenizer: Any, eos: int, texts: list[str], spans: list[list[Span]] | None) -> _Encoded:
+    """Tokenize a batch (without special tokens, EOS appended) and, with `spans`, label every token's kind."""
+    # verbose=False: documents longer than the model's context are expected here, they get cut into blocks
+    enc = tokenizer(texts, add_special_tokens=False, return_attention_mask=False,
+                    return_offsets_mapping=spans is not None, verbose=False)
+    raw = enc["input_ids"]
+    lens = np.fromiter(map(len, raw), np.int64, len(raw))
+    starts = np.cumsum(lens) - lens  # of each document's tokens, EOS not counted
+    flat = np.fromiter(itertools.chain.from_iterable(raw), np.int32, int(lens.sum()))
+    ids = np.insert(flat, starts + lens, eos)
+    kinds = None
+    if spans is not None:  # fromiter over the flattened pairs: twice as fast as np.asarray on lists of tuples
+        chain = itertools.chain.from_iterable
+        offsets = np.fromiter(chain(chain(enc["offset_mapping"])), np.int64, 2 * len(flat)).reshape(-1, 2)
+        kinds = np.zeros(len(ids), np.uint8)
+        for i, (start, n, sp) in enumerate(zip(starts, lens, spans, strict=True)):
+            if sp:
+                kinds[start + i:start + i + n] = token_kinds(offsets[start:start + n], sp)
+    return _Encoded(ids, lens + 1, kinds)
+
+
+_worker_state: dict[str, Any] = {}  # a worker process's tokenizer and EOS id, set once by _init_worker
+
+
+def _init_worker(tokenizer: Any, eos: int) -> None:
+    # Ctrl-C reaches the whole process group: the main process handles it and shuts the pool down.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _worker_state.update(tokenizer=tokenizer, eos=eos)
+
+
+def _encode_in_worker(texts: list[str], spans: list[list[Span]] | None) -> _Encoded:
+    return _encode(_worker_state["tokenizer"], _worker_state["eos"], texts, spans)
+
+
+class _Tokenizers:
+    """Tokenize batches in this process (num_proc=1: no pool) or in `num_proc` worker processes.
+
+    A context manager: leaving it shuts the pool down (queued batches cancelled), on errors too.
+    Workers are forked where the platform can (they start at once and share the loaded tokenizer)
+    and, unless TOKENIZERS_PARALLELISM says otherwise, run the tokenizer on one thread each: one
+    process per core, and no "process just got forked" warning from the tokenizers library.
+    Not `Pool.imap`: it feeds tasks as fast as it can read them (memory unbounded) and waits
+    forever for a worker that was killed; `submit` here is called for a bounded window only.
+    """
+
+    def __init__(self, tokenizer: Any, eos: int, num_proc: int) -> None:
+        self.tokenizer, self.eos, self.num_proc = tokenizer, eos, num_proc
+        self.ahead = 1 if num_proc == 1 else TASKS_PER_PROC * num_proc  # batches submitted but not yet packed
+        self._pool: ProcessPoolExecutor | None = None
+        self._set_env = False
+
+    def __enter__(self) -> _Tokenizers:
+        if self.num_proc > 1:
+            self._set_env = "TOKENIZERS_PARALLELISM" not in os.environ
+            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # inherited by the workers
+            method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+            self._pool = ProcessPoolExecutor(self.num_proc, multiprocessing.get_context(method),
+                                             initializer=_init_worker, initargs=(self.tokenizer, self.eos))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+        if self._set_env:
+            del os.environ["TOKENIZERS_PARALLELISM"]
+
+    def submit(self, texts: list[str], spans: list[list[Span]] | None) -> Future[_Encoded]:
+        if self._pool is None:
+            done: Future[_Encoded] = Future()
+            done.set_result(_encode(self.tokenizer, self.eos, texts, spans))
+            return done
+        return self._pool.submit(_encode_in_worker, texts, spans)
+
+    def result(self, future: Future[_Encoded]) -> _Encoded:
+        """The batch's tokens; a worker that died (killed, out of memory) is a clean one-line error."""
+        try:
+            return future.result()
+        except BrokenProcessPool:
+            raise UserError(f"a tokenizer worker process died (killed or out of memory?) with data.num_proc="
+                            f"{self.num_proc}; rerun with a lower data.num_proc") from None
+
+
+def _encoded_batches(docs: Iterable[Document], tokenizers: _Tokenizers,
+                    injector: NoiseInjector | None) -> Iterator[tuple[list[Document], _Encoded]]:
+    """Every batch of non-empty documents with its tokens, in corpus order.
+
+    Noise is injected here, in one process, batch after batch; the controller is fed each batch's
+    token counts NOISE_LAG batches late, whether the batch came back at once (num_proc=1) or
+    from a worker, so the noisy text is the same for every num_proc. At most `tokenizers.ahead`
+    batches (and NOISE_LAG + 1 with noise) are in flight.
+    """
+    it = (d for d in docs if d.text.strip())
+    submitted: deque[tuple[list[Document], Future[_Encoded], tuple[int, int]]] = deque()
+    unseen: deque[tuple[int, int, int, int]] = deque()  # token/char counts the controller has not seen yet
+    retrieved = 0
+    for k in itertools.count():
+        seen = max(0, k - NOISE_LAG) if injector is not None else 0  # batches fed back before injecting batch k
+        while submitted and (len(submitted) >= tokenizers.ahead or retrieved < seen):
+            batch, future, chars = submitted.popleft()
+            enc = tokenizers.result(future)
+            retrieved += 1
+            if injector is not None:
+                unseen.append((len(enc.ids), int(np.count_nonzero(is_noise(enc.kinds))), *chars))
+            yield batch, enc
+        batch = list(itertools.islice(it, BATCH_DOCS))
+        if not batch:
+            break
+        if injector is None:
+            submitted.append((batch, tokenizers.submit([d.text for d in batch], None), (0, 0)))
+            continue
+        while retrieved - len(unseen) < seen:
+            injector.observe(*unseen.popleft())
+        noisy = [injector.inject(d.text, d.group, d.protect) for d in batch]
+        texts, spans = [t for t, _ in noisy], [sp for _, sp in noisy]
+        chars = (sum(map(len, texts)), sum(map(noise_chars, spans)))
+        submitted.append((batch, tokenizers.submit(texts, spans), chars))
+    while submitted:
+        batch, future, _ = submitted.popleft()
+        yield batch, tokenizers.result(future)
 
 
 class _Packer:
     """Concatenate documents and write full blocks; only the unfinished blocks stay in memory."""
 
     def __init__(self, root: Path, block_len: int, cap: int | None, noise: bool) -> None:
-        self.block_len, self.cap = block_len, cap
+        self.block_len, self.cap, self.noise = block_len, cap, noise
         self.files = {"tokens": BlockFile(root / "tokens.npy", np.int32, block_len),
                       "doc_ids": BlockFile(root / "doc_ids.npy", np.int32, block_len)}
         if noise:
             self.files["noise_mask"] = BlockFile(root / "noise_mask.npy", np.bool_, block_len)
             self.files["noise_kind"] = BlockFile(root / "noise_kind.npy", np.uint8, block_len)
-        self.pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        # per token, not yet written: tokens, doc_ids, origin (index into origins), noise_kind
+        self.parts: dict[str, list[np.ndarray]] = {"tokens": [], "doc_ids": [], "origin": [], "noise_kind": []}
         self.n_pending = self.accepted = self.n_docs = self.stored_docs = 0
         self.source_ids: list[str] = []
-        self.origins: list[str] = []
-        self.origin_codes = bytearray()  # per document: index into self.origins
+        self.origins: dict[str, int] = {}  # origin -> its code (uint8)
         self.origin_tokens = np.zeros(256, np.int64)
         self.kind_tokens = np.zeros(len(KIND_NAMES), np.int64)
         self.hash = hashlib.sha256()
 
-    def add(self, doc: Document, ids: np.ndarray, kinds: np.ndarray) -> bool:
-        """Append one document (EOS included); True once the cap is reached."""
-        if self.cap is not None:
-            ids, kinds = ids[: self.cap - self.accepted], kinds[: self.cap - self.accepted]
-        if doc.origin not in self.origins:
-            self.origins.append(doc.origin)
-        self.origin_codes.append(self.origins.index(doc.origin))
-        if doc.source_id is not None:
-            self.source_ids.append(doc.source_id)
-        self.pending.append((ids, np.full(len(ids), self.n_docs, np.int32), kinds))
-        self.n_docs += 1
+    def add(self, docs: list[Document], enc: _Encoded) -> bool:
+        """Append a batch of documents (EOS included); True once the cap is reached (the batch is cut there)."""
+        ids, lens, kinds = enc
+        if self.cap is not None and self.accepted + len(ids) >= self.cap:
+            keep = self.cap - self.accepted
+            ends = np.cumsum(lens)
+            n = int(np.searchsorted(ends, keep)) + 1  # the documents that the first `keep` tokens touch
+            docs, ids, lens = docs[:n], ids[:keep], np.append(lens[:n - 1], keep - ends[n - 1] + lens[n - 1])
+            kinds = None if kinds is None else kinds[:keep]
+        codes = np.array([self.origins.setdefault(d.origin, len(self.origins)) for d in docs], np.uint8)
+        self.source_ids += [d.source_id for d in docs if d.source_id is not None]
+        self.parts["tokens"].append(ids)
+        self.parts["doc_ids"].append(np.repeat(np.arange(self.n_docs, self.n_docs + len(docs), dtype=np.int32), lens))
+        self.parts["origin"].append(np.repeat(codes, lens))
+        if kinds is not None:
+            self.parts["noise_kind"].append(kinds)
+        self.n_docs += len(docs)
         self.n_pending += len(ids)
         self.accepted += len(ids)
         if self.n_pending >= FLUSH_BLOCKS * self.block_len:
@@ -74,23 +225,24 @@ class _Packer:
         return self.cap is not None and self.accepted >= self.cap
 
     def _flush(self) -> None:
-        tokens, docs, kinds = (np.concatenate(parts) for parts in zip(*self.pending, strict=True))
-        n = len(tokens) // self.block_len * self.block_len
+        pending = {k: np.concatenate(v) for k, v in self.parts.items() if v}
+        n = self.n_pending // self.block_len * self.block_len
         if n:
-            rows = {"tokens": tokens[:n], "doc_ids": docs[:n],
-                    "noise_mask": is_noise(kinds[:n]), "noise_kind": kinds[:n]}
+            rows = {k: pending[k][:n] for k in ("tokens", "doc_ids")}
+            if self.noise:
+                kinds = pending["noise_kind"][:n]
+                rows.update(noise_mask=is_noise(kinds), noise_kind=kinds)
+                self.kind_tokens += np.bincount(kinds, minlength=len(self.kind_tokens))
             for name, f in self.files.items():
                 f.append(rows[name].reshape(-1, self.block_len))
                 self.hash.update(rows[name].tobytes())
-            self.kind_tokens += np.bincount(kinds[:n], minlength=len(self.kind_tokens))
-            codes = np.frombuffer(bytes(self.origin_codes), np.uint8)[docs[:n]]
-            self.origin_tokens += np.bincount(codes, minlength=256)
-            self.stored_docs = int(docs[n - 1]) + 1
-        self.pending = [(tokens[n:], docs[n:], kinds[n:])]
-        self.n_pending = len(tokens) - n
+            self.origin_tokens += np.bincount(pending["origin"][:n], minlength=256)
+            self.stored_docs = int(rows["doc_ids"][-1]) + 1
+        self.parts = {k: [pending[k][n:]] if k in pending else [] for k in self.parts}
+        self.n_pending -= n
 
     def finish(self) -> None:
-        if self.pending:
+        if self.n_pending:
             self._flush()
         self.close(finished=True)
 
@@ -100,18 +252,15 @@ class _Packer:
                 f.close(finished)
 
 
-def _batches(docs: Iterable[Document], size: int) -> Iterator[list[Document]]:
-    it = (d for d in docs if d.text.strip())
-    while batch := list(itertools.islice(it, size)):
-        yield batch
-
-
 def write_store(path: str | Path, docs: Iterable[Document], tokenizer: Any, block_len: int, *,
                 cap: int | None = None, injector: NoiseInjector | None = None,
-                meta: dict[str, Any] | None = None, label: str = "store") -> dict[str, Any]:
+                meta: dict[str, Any] | None = None, label: str = "store", num_proc: int = 1,
+                tokenizer_fp: str | None = None) -> dict[str, Any]:
     """Tokenize, inject noise (if `injector`), pack and write one store atomically; returns its meta.json.
 
-    `docs` may be a generator of any length: it is consumed in batches of BATCH_DOCS.
+    `docs` may be a generator of any length: it is consumed in batches of BATCH_DOCS, tokenized
+    by `num_proc` processes (module docstring). `tokenizer_fp` saves recomputing the tokenizer's
+    fingerprint when the caller has it.
     """
     from .models import tokenizer_fingerprint
 
@@ -122,11 +271,15 @@ def write_store(path: str | Path, docs: Iterable[Document], tokenizer: Any, bloc
         raise UserError("noise injection maps characters to tokens and needs a fast tokenizer; "
                         "set data.noise_rate=0 or use a tokenizer with a tokenizer.json")
     path = Path(path)
-    with atomic_dir(path) as tmp, tqdm(total=cap, unit="tok", desc=f"prepare {label}", disable=None) as bar:
+    with (atomic_dir(path) as tmp, _Tokenizers(tokenizer, eos, num_proc) as tokenizers,
+          tqdm(total=cap, unit="tok", desc=f"prepare {label}", disable=None) as bar):
         packer = _Packer(tmp, block_len, cap, noise=injector is not None)
         try:
-            for batch in _batches(docs, BATCH_DOCS):
-                if _pack_batch(batch, tokenizer, eos, injector, packer, bar):
+            for batch, enc in _encoded_batches(docs, tokenizers, injector):
+                before = packer.accepted
+                full = packer.add(batch, enc)
+                bar.update(packer.accepted - before)
+                if full:
                     break
             packer.finish()
         finally:
@@ -140,11 +293,12 @@ def write_store(path: str | Path, docs: Iterable[Document], tokenizer: Any, bloc
         n_tokens = n_blocks * block_len
         info = {
             "format": STORE_FORMAT,
-            "tokenizer": tokenizer.name_or_path, "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+            "tokenizer": tokenizer.name_or_path,
+            "tokenizer_fingerprint": tokenizer_fp or tokenizer_fingerprint(tokenizer),
             "eos_id": int(eos), "block_len": block_len, "n_blocks": n_blocks, "n_tokens": n_tokens,
             "n_docs": packer.stored_docs, "dropped_tail_tokens": packer.accepted - n_tokens,
             "max_tokens": cap, "capped": cap is not None and packer.accepted >= cap,
-            "tokens_by_origin": {o: int(packer.origin_tokens[i]) for i, o in enumerate(packer.origins)},
+            "tokens_by_origin": {o: int(packer.origin_tokens[i]) for o, i in packer.origins.items()},
             "noise": _noise_meta(injector, packer, n_tokens),
             "fingerprint": packer.hash.hexdigest()[:16],
             "created_by": __version__,
@@ -154,30 +308,6 @@ def write_store(path: str | Path, docs: Iterable[Document], tokenizer: Any, bloc
             info["documents"] = packer.source_ids[: packer.stored_docs]
         write_json(tmp / "meta.json", info)
     return info
-
-
-def _pack_batch(batch: list[Document], tokenizer: Any, eos: int, injector: NoiseInjector | None,
-                packer: _Packer, bar: tqdm) -> bool:
-    """Tokenize one batch of documents into the packer; True once the cap is reached."""
-    texts, spans = [], []
-    for doc in batch:
-        text, sp = injector.inject(doc.text, doc.group, doc.protect) if injector else (doc.text, [])
-        texts.append(text)
-        spans.append(sp)
-    # verbose=False: documents longer than the model's context are expected here, they get cut into blocks
-    enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=injector is not None, verbose=False)
-    for i, doc in enumerate(batch):
-        ids = np.asarray([*enc["input_ids"][i], eos], np.int32)
-        kinds = np.zeros(len(ids), np.uint8)
-        if injector is not None:
-            kinds[:-1] = token_kinds(np.asarray(enc["offset_mapping"][i], np.int64).reshape(-1, 2), spans[i])
-            injector.observe(len(ids), int(np.count_nonzero(is_noise(kinds))), len(texts[i]), noise_chars(spans[i]))
-        before = packer.accepted
-        full = packer.add(doc, ids, kinds)
-        bar.update(packer.accepted - before)
-        if full:
-            return True
-    return False
 
 
 def _noise_meta(injector: NoiseInjector | None, packer: _Packer, n_tokens: int) -> dict[str, Any] | None:
@@ -216,6 +346,7 @@ def prepare(cfg: Config, out: str | Path | OutDir, splits: Sequence[str] | None 
         injector = NoiseInjector(data.noise_rate, data.noise_kinds, data.seed) if noisy else None
         meta = write_store(out.store_dir(split), plans[split].documents, tokenizer, data.block_len,
                            cap=data.cap(split), injector=injector, label=f"split {split}",
+                           num_proc=data.num_proc, tokenizer_fp=tok_fp,
                            meta={"split": split, "seed": data.seed, "tokenizer": cfg.model.tokenizer or cfg.model.name,
                                  "config_fingerprint": store_config_fingerprint(cfg, split), **plans[split].meta})
         summary[split] = _summary(meta, time.perf_counter() - start, reused=False)

@@ -9,6 +9,7 @@ paragraph. Documents keep the source order (the split syntax already chooses the
 from __future__ import annotations
 
 import itertools
+import logging
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -72,19 +73,26 @@ def _custom_docs(source: str, field: str) -> Iterator[Document]:
     ds, is_text = _open_source(source)
     field = "text" if is_text else field
     rows = iter(ds)
-    for i in itertools.count():
-        try:
-            row = next(rows)
-        except StopIteration:
-            return
-        except Exception as e:  # parse errors of the user's file surface while streaming
-            raise UserError(f"cannot read {source!r}: {_first_line(e)}") from None
-        if i == 0 and field not in row:
-            raise UserError(f"{source!r} has no text field {field!r} (data.text_field); "
-                            f"its columns: {', '.join(map(str, row)) or 'none'}")
-        text = row[field]
-        if isinstance(text, str):
-            yield Document(text.strip() if is_text else text, origin="custom")
+    # The json/csv/parquet builders log a parse error before raising it; the raise becomes our one line.
+    builders = logging.getLogger("datasets.packaged_modules")
+    level = builders.level
+    builders.setLevel(logging.CRITICAL)
+    try:
+        for i in itertools.count():
+            try:
+                row = next(rows)
+            except StopIteration:
+                return
+            except Exception as e:  # parse errors of the user's file surface while streaming
+                raise UserError(f"cannot read {source!r}: {_first_line(e)}") from None
+            if i == 0 and field not in row:
+                raise UserError(f"{source!r} has no text field {field!r} (data.text_field); "
+                                f"its columns: {', '.join(map(str, row)) or 'none'}")
+            text = row[field]
+            if isinstance(text, str):
+                yield Document(text.strip() if is_text else text, origin="custom")
+    finally:
+        builders.setLevel(level)
 
 
 @register("custom")
