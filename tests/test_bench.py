@@ -22,7 +22,8 @@ from selective_lm.bench import (
 from selective_lm.config import load_config
 from selective_lm.layout import OutDir
 
-TINY = ["bench.steps=1", "bench.warmup=0", "bench.batch_size=2", "bench.block_len=32", "bench.large_vocab=4096"]
+TINY = ["bench.steps=1", "bench.warmup=0", "bench.batch_size=2", "bench.block_len=32", "bench.large_vocab=4096",
+        "bench.cases=[]"]
 
 
 def test_bench_writes_every_case_variant_and_target(tmp_path: Path, capsys) -> None:

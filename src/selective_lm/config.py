@@ -324,7 +324,8 @@ class BenchConfig(Section):
     block_len: int = Field(256, ge=2)
     ratio: float = Field(0.6, description="selection ratio of the slm and naive variants")
     large_vocab: int = Field(151_936, ge=0, description="vocabulary of the large-vocab case (0 skips it)")
-    cases: list[str] = Field(default_factory=list, description="side cases to run after the step cases "
+    cases: list[str] = Field(default_factory=lambda: ["precision", "prepare", "gpu"],
+                             description="side cases to run after the step cases "
                              "(bench.py SIDE_CASES), each written under its own key of bench.json")
     gpu_model: str = Field("random:tinyllama-1.1b", description="case gpu: the model (full fine-tuning, bf16)")
     gpu_vocab: int = Field(32_000, ge=2, description="case gpu: vocabulary of a random model")
