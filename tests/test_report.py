@@ -206,3 +206,21 @@ def test_token_texts_byte_level() -> None:
     tok = byte_tokenizer()
     ids = tok("é a\n")["input_ids"]
     assert "".join(token_texts(tok, ids)) == "é a\n"
+
+
+def test_task_table_beside_perplexity(tmp_path: Path) -> None:
+    results = _results()
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    write_report(tmp_path)
+    assert "No task results (`eval.tasks`" in (tmp_path / "report.md").read_text()
+
+    for name, (acc, se) in {"clm": (0.10, 0.05), "topk-r0.5-s0": (0.16, 0.06), "base": (0.05, None)}.items():
+        results["runs"][name]["tasks"] = {"champ_answer": {"acc": acc, "acc_stderr": se}}
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    write_report(tmp_path)
+    section = (tmp_path / "report.md").read_text().split("## Downstream tasks")[1].split("\n## ")[0]
+    assert "### `champ_answer`" in section and "| run | acc | Δ acc vs CLM |" in section
+    assert "| `base` | 0.050 | -0.050 |" in section  # no stderr: none combined
+    assert "| `clm` | 0.100 ± 0.050 | — |" in section
+    assert "| `topk-r0.5-s0` | 0.160 ± 0.060 | +0.060 ± 0.078 |" in section  # √(0.06² + 0.05²)
+    assert "`oracle`" not in section  # no task results: no row

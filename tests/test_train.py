@@ -9,6 +9,7 @@ process on the same global batch, and bad input fails before anything is written
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 import pytest
 import torch
 import torch.nn.functional as F
@@ -388,7 +390,7 @@ def test_a_killed_fsdp_run_resumes_under_ddp(smoke_out: Path, tmp_path: Path) ->
     proc = subprocess.Popen(  # both ranks pause before step 6: checkpoint 4 is on disk
         _launch(smoke_out, *args, "train.parallel=fsdp", script=(str(TESTS / "helpers" / "train_proc.py"), "6",
                                                                  str(marker))),
-        env={**os.environ, **DIST_ENV}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+        env={**os.environ, **DIST_ENV}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )
     try:
         deadline = time.monotonic() + 180
@@ -396,8 +398,10 @@ def test_a_killed_fsdp_run_resumes_under_ddp(smoke_out: Path, tmp_path: Path) ->
             assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
             assert time.monotonic() < deadline, "the ranks never reached step 6"
             time.sleep(0.2)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
+    finally:  # the launcher's workers run in sessions of their own: kill the whole tree
+        for child in [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.kill()
         proc.wait()
     run = smoke_out / "runs" / "killed"
     assert [p.name for p in (run / "checkpoints").glob("step-*")] == ["step-000004"]

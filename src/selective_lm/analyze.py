@@ -39,7 +39,9 @@ from .analysis.similarity import full_delta, lora_delta_from_config, update_cosi
 from .analysis.uncertainty import doc_sums, paired_delta
 from .config import Config
 from .errors import UserError
+from .evaluate import model_digest
 from .files import fingerprint, read_json, write_json
+from .harness import task_results
 from .layout import OutDir, RunDir
 from .models import load_model, load_tokenizer, load_trained
 
@@ -124,11 +126,12 @@ def _analysis(cfg: Config, runs: dict[str, RunDir], summaries: dict[str, dict[st
 
 
 def _run_entries(cfg: Config, out: OutDir, summaries: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """results.json `runs`: each grid run's summary and validation results, then the reference and base."""
+    """results.json `runs`: each grid run's summary, validation and task results, then the reference and base."""
     entries: dict[str, Any] = {}
     for name, s in summaries.items():
         entries[name] = {k: s[k] for k in RUN_FIELDS}
         entries[name]["val"] = _val(out.run(name))
+        entries[name]["tasks"] = task_results(out.run(name), s["config_hash"])
     for name in ("reference", "base"):
         run = out.run(name)
         if not run.eval_path.is_file():
@@ -137,7 +140,8 @@ def _run_entries(cfg: Config, out: OutDir, summaries: dict[str, dict[str, Any]])
         entries[name] = {"method": name, "ratio": 1.0, "seed": cfg.train.seed, "steps": trained.get("steps", 0),
                          "tokens_seen": trained.get("tokens_seen", 0),
                          "tokens_trained": trained.get("tokens_trained", 0),
-                         "train_loss_final": trained.get("train_loss_final"), "val": _val(run)}
+                         "train_loss_final": trained.get("train_loss_final"), "val": _val(run),
+                         "tasks": task_results(run, model_digest(cfg, run))}
     return entries
 
 
@@ -225,7 +229,7 @@ def analyze(cfg: Config, out: str | Path | OutDir) -> dict[str, Any]:
     summaries = {name: run.summary for name, run in runs.items()}
     entries = _run_entries(cfg, out, summaries)
     inputs = fingerprint({n: s["config_hash"] for n, s in summaries.items()}, cfg.analysis.model_dump(),
-                         cfg.eval.model_dump(), {n: e["val"] for n, e in entries.items()}, others)
+                         cfg.eval.model_dump(), {n: [e["val"], e["tasks"]] for n, e in entries.items()}, others)
     if out.results.is_file():
         previous = read_json(out.results)
         if previous.get("inputs") == inputs:

@@ -61,7 +61,16 @@ def _parser() -> argparse.ArgumentParser:
         group.add_argument("--config", help="YAML config file (may name a preset to start from)")
         p.add_argument("--out", default=None, help="output directory (default: out/<preset>)")
         p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+        if name == "eval":
+            p.add_argument("--tasks", metavar="A,B", help="lm-evaluation-harness tasks to run besides perplexity "
+                           "(the same as eval.tasks=[A,B])")
     return parser
+
+
+def _overrides(args: argparse.Namespace) -> list[str]:
+    """The key=value overrides, with `--tasks A,B` (slm eval) as `eval.tasks` (JSON: a YAML list of strings)."""
+    tasks = getattr(args, "tasks", None)
+    return [*args.overrides, *([f"eval.tasks={json.dumps(tasks.split(','))}"] if tasks is not None else [])]
 
 
 def _out_dir(args: argparse.Namespace, cfg: Config) -> Path:
@@ -96,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     # peft calls a transformers property deprecated in v5; the warning says nothing to our users.
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
     try:
-        cfg = load_config(args.preset, args.config, args.overrides)
+        cfg = load_config(args.preset, args.config, _overrides(args))
         result = _stage(args.command)(cfg, _out_dir(args, cfg))
     except (UserError, ValueError) as e:  # pure functions raise ValueError for bad input
         return _fail(str(e), 2)

@@ -15,7 +15,10 @@ class UserError(Exception):
     """A mistake the user can fix (bad config, missing file, ...): the CLI exits 2 with one line."""
 
 
-def did_you_mean(name: object, choices: Iterable[str], cutoff: float = 0.6) -> str:
-    """`"; did you mean 'x'?"` for the closest of `choices`, or `""` when nothing is close."""
-    close = difflib.get_close_matches(str(name), list(choices), n=1, cutoff=cutoff)
-    return f"; did you mean {close[0]!r}?" if close else ""
+def did_you_mean(name: object, choices: Iterable[str], cutoff: float = 0.6, n: int = 1) -> str:
+    """`"; did you mean 'x'?"` for the closest of `choices` (up to `n` of them, closest first: "'x', 'y' or
+    'z'"), or `""` when nothing is close."""
+    close = [repr(c) for c in difflib.get_close_matches(str(name), list(choices), n=n, cutoff=cutoff)]
+    if not close:
+        return ""
+    return f"; did you mean {close[0] if len(close) == 1 else ', '.join(close[:-1]) + ' or ' + close[-1]}?"

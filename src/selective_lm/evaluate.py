@@ -7,7 +7,8 @@ per-token losses are kept under `token_losses/<split>.npy` (the token store's sh
 nothing was predicted) for the bucket analyses and the bootstrap intervals; trajectory
 snapshots are evaluated on the bucket split into `token_losses/trajectory/step-NNNNNN.npy`,
 and the base model also on the scored train blocks (`base/token_losses/train.npy`: the
-students' step-0 losses, for the separation of excess loss by token kind).
+students' step-0 losses, for the separation of excess loss by token kind). With `eval.tasks`, the
+same in-memory model then runs downstream tasks through lm-evaluation-harness (`harness`: `tasks.json`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from .config import Config
 from .errors import UserError
 from .files import fingerprint, read_json, write_json
 from .frozen import token_loss_pass
+from .harness import TaskEval
 from .layout import OutDir, RunDir, TokenStore
 from .models import apply_lora, load_model, load_reference_model, load_tokenizer, load_trained
 
@@ -39,15 +41,26 @@ def summarize(losses: np.ndarray) -> dict[str, float]:
     return {"loss": mean, "ppl": math.exp(mean), "tokens": n}
 
 
+def model_digest(cfg: Config, run: RunDir) -> str:
+    """What identifies the weights evaluated as `run` (token losses and task results record it, so that a
+    retrained run or another base model invalidates them): the reference's digest, the base model's name,
+    a run's config hash."""
+    if run.name == "reference":
+        return read_json(run.reference_json)["digest"]
+    if run.name == "base":
+        return fingerprint(cfg.model.name, cfg.model.revision)
+    return run.summary["config_hash"]  # says `run slm train` when the run has not finished
+
+
 def _load(cfg: Config, out: OutDir, run: RunDir, vocab: int) -> tuple[Any, str]:
-    """The model to evaluate and a digest of its weights (to invalidate stale token losses)."""
+    """The model to evaluate and its `model_digest`."""
     if run.name == "reference":
         model = load_reference_model(cfg, out)  # says `run slm reference` when there is none
-        return model, read_json(run.reference_json)["digest"]
+        return model, model_digest(cfg, run)
+    digest = model_digest(cfg, run)
     if run.name == "base":
-        return load_model(cfg.model, vocab_size=vocab), fingerprint(cfg.model.name, cfg.model.revision)
-    config_hash = run.summary["config_hash"]  # says `run slm train` when the run has not finished
-    return load_trained(cfg.model, run.weights_dir, vocab), config_hash
+        return load_model(cfg.model, vocab_size=vocab), digest
+    return load_trained(cfg.model, run.weights_dir, vocab), digest
 
 
 def _cached_pass(cfg: Config, model: Any, store: TokenStore, path: Path, expected: dict[str, Any],
@@ -73,16 +86,19 @@ def _cached_pass(cfg: Config, model: Any, store: TokenStore, path: Path, expecte
 
 
 def evaluate(cfg: Config, out: str | Path | OutDir, name: str | None = None) -> dict[str, Any]:
-    """Evaluate one model (`train.name`-derived run, `reference` or `base`) on `eval.splits`.
+    """Evaluate one model (`train.name`-derived run, `reference` or `base`) on `eval.splits`, and on the
+    downstream tasks of `eval.tasks` when there are any (`harness`; their metrics under "tasks").
 
     `eval.max_tokens` limits each split to blocks spread over all its documents. Token losses are reused while the
-    model (run config hash / reference digest), the blocks and `data.doc_boundaries` are unchanged.
+    model (run config hash / reference digest), the blocks and `data.doc_boundaries` are unchanged; task results
+    while their fingerprint is (`harness`). Tasks are checked before any evaluation starts.
     """
     out = OutDir.of(out)
     run = out.run(name or cfg.train.run_name())
     tokenizer = load_tokenizer(cfg.model)
     stores = {split: out.store(split).spread(cfg.eval.max_tokens) for split in cfg.eval.splits}
     model, digest = _load(cfg, out, run, len(tokenizer))
+    tasks = TaskEval(cfg, run, digest) if cfg.eval.tasks else None
     model.eval().requires_grad_(False)
     results: dict[str, Any] = {}
     for split, store in stores.items():
@@ -98,6 +114,8 @@ def evaluate(cfg: Config, out: str | Path | OutDir, name: str | None = None) -> 
         _cached_pass(cfg, model, train.subset(rows), run.token_losses("train"), {"model": digest},
                      "eval base train (step-0 excess)")
     write_json(run.eval_path, results)
+    if tasks is not None:
+        return {**results, "tasks": tasks.run(model, tokenizer)}
     return results
 
 

@@ -325,6 +325,11 @@ class RunDir:
         return self.path / "eval.json"
 
     @property
+    def tasks_path(self) -> Path:
+        """tasks.json: lm-evaluation-harness results of the model, each task with the fingerprint it was run for."""
+        return self.path / "tasks.json"
+
+    @property
     def selection_sample(self) -> Path:
         return self.path / "selection_sample.npz"
 

@@ -119,6 +119,7 @@ def write_report(out: str | Path | OutDir, tokenizer: Any = None) -> dict[str, A
         f"# Selective LM report — preset `{results.get('preset', '?')}`, selective-lm {results.get('version', '?')}",
         _runs_section(runs, order, splits, results.get("other_runs") or []),
         _comparison_section(runs, order, splits),
+        _tasks_section(runs, order),
         _speed_section(runs, order),
         _buckets_section(bucket_panels),
         _cosine_section(cos_names, cos_matrix),
@@ -414,6 +415,48 @@ def _verdict(g: _Group, clm: _Group | None, rnd: _Group | None, oracle: _Group |
         elif not worse:
             out.append(f"`{g.label}` improves on CLM without losing on any split.")
     return " ".join(out)
+
+
+def _clm_of(name: str, runs: dict[str, dict[str, Any]], order: list[str]) -> str | None:
+    """The CLM run a model is compared with: the one of its seed, else the first."""
+    clms = [n for n in order if runs[n].get("method") == "clm"]
+    return next((n for n in clms if runs[n].get("seed") == runs[name].get("seed")), clms[0] if clms else None)
+
+
+def _with_stderr(value: float | None, stderr: float | None, spec: str) -> str:
+    if value is None or not np.isfinite(value):
+        return NA
+    return format(value, spec) + (f" ± {stderr:.3f}" if stderr is not None and np.isfinite(stderr) else "")
+
+
+def _tasks_section(runs: dict[str, dict[str, Any]], order: list[str]) -> str:
+    """One table per lm-eval task: each model's metrics with lm-eval's stderr, and the difference from CLM."""
+    title = "## Downstream tasks"
+    scores = {n: runs[n].get("tasks") or {} for n in order}
+    tasks = list(dict.fromkeys(t for n in order for t in scores[n]))
+    if not tasks:
+        return f"{title}\n\nNo task results (`eval.tasks`, e.g. `slm run eval.tasks=[champ_answer]`)."
+    text = [title, "lm-evaluation-harness metrics of each model (its tasks.json) ± lm-eval's standard error "
+            "over the task's documents. Δ vs CLM is the difference from the CLM run of the same seed, ± the two "
+            "standard errors combined as if independent (√(se₁² + se₂²)); both models answer the same documents, "
+            "so this overstates the noise of the difference. A Δ under twice its standard error is within noise."]
+    for task in tasks:
+        have = [n for n in order if task in scores[n]]
+        metrics = list(dict.fromkeys(m for n in have for m in scores[n][task] if not m.endswith("_stderr")))
+        rows = []
+        for n in have:
+            mine, clm = scores[n][task], _clm_of(n, runs, order)
+            theirs = scores[clm].get(task, {}) if clm is not None and clm != n else {}
+            row = [f"`{n}`"]
+            for m in metrics:
+                a, b = mine.get(m), theirs.get(m)
+                errors = [e for e in (mine.get(f"{m}_stderr"), theirs.get(f"{m}_stderr")) if e is not None]
+                se = float(np.hypot(*errors)) if len(errors) == 2 else None
+                row += [_with_stderr(a, mine.get(f"{m}_stderr"), ".3f"),
+                        _with_stderr(a - b, se, "+.3f") if a is not None and b is not None else NA]
+            rows.append(row)
+        text += [f"### `{task}`", _table(["run"] + [c for m in metrics for c in (m, f"Δ {m} vs CLM")], rows)]
+    return "\n\n".join(text)
 
 
 def _speed_section(runs: dict[str, dict[str, Any]], order: list[str]) -> str:
