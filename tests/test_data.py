@@ -22,7 +22,7 @@ from selective_lm.corpora import Document
 from selective_lm.corpora.champ import champ_partition
 from selective_lm.data import BATCH_DOCS, NOISE_LAG, prepare, write_store
 from selective_lm.errors import UserError
-from selective_lm.layout import load_store
+from selective_lm.layout import STORE_FORMAT, load_store
 from selective_lm.models import tokenizer_fingerprint
 from selective_lm.noise import KIND_IDS, KIND_NAMES, KINDS, NoiseInjector
 
@@ -355,7 +355,7 @@ def test_noisy_store_needs_its_kind_file(tok, tmp_path):
     meta = write_store(tmp_path / "s", docs, tok, 16, cap=1000, injector=NoiseInjector(0.2, {"numbers": 1.0}, 0))
     store = load_store(tmp_path / "s")
     kinds = np.asarray(store.noise_kind).ravel()
-    assert meta["format"] == 2 and meta["capped"]
+    assert meta["format"] == STORE_FORMAT and meta["capped"]
     assert {KIND_NAMES[k] for k in np.unique(kinds)} == {"clean", "header", "numbers", "numbers_context"}
     np.testing.assert_array_equal(store.noise_mask.ravel(), kinds == KIND_IDS["numbers"])
     (tmp_path / "s" / "noise_kind.npy").unlink()

@@ -29,7 +29,8 @@ from .config import Config
 from .errors import UserError
 from .files import fingerprint, read_json, run_lock
 
-STORE_FORMAT = 2  # 2: noise_kind.npy; noise_mask holds inserted/altered text only (noise.py)
+STORE_FORMAT = 3  # 2: noise_kind.npy, noise_mask on inserted/altered text only (noise.py); 3: noise rate
+# control lagged by data.NOISE_LAG batches, so that every data.num_proc writes the same bytes
 # scoring.dtype -> the numpy dtype of ref_loss.npy: numpy has no bfloat16, so its bit patterns are stored as uint16.
 SCORE_STORAGE = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16), "bfloat16": np.dtype(np.uint16)}
 BASELINE_DIRS = ("reference", "base")  # evaluated models that are not runs under runs/

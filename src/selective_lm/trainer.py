@@ -448,7 +448,9 @@ class Trainer:
         # Fields that change how a run is stored or named, not what it learns, stay out of the hash.
         t = self.t.model_dump(exclude={"name", "checkpoint_every", "merge", "parallel", "gradient_checkpointing"})
         curve = self.cfg.eval.model_dump(include={"splits", "every", "curve_tokens"}) if self.curve else None
-        return fingerprint(self.cfg.data.model_dump(), self.cfg.model.model_dump(), t, ref, curve)
+        # The store's content too: the code that packs it may change while the data settings do not.
+        return fingerprint(self.cfg.data.model_dump(), self.store.fingerprint, self.cfg.model.model_dump(), t, ref,
+                           curve)
 
     def _check_existing(self, config_hash: str, replace_stale: bool) -> dict[str, Any] | None:
         """The finished summary when the run is done; clears (or refuses) a run dir of another config."""
