@@ -113,12 +113,13 @@ def test_precision_case_is_skipped_without_the_stores(tmp_path: Path) -> None:
 
 def test_prepare_case_times_prepare_beside_the_bare_tokenizer(tmp_path: Path) -> None:
     assert SIDE_CASES["prepare"] is prepare_case  # bench.cases=[prepare] runs it (as the precision test shows)
-    cfg = load_config("smoke", overrides=["bench.prepare_tokens=20000"])
+    cfg = load_config("smoke", overrides=["bench.prepare_tokens=20000", "bench.prepare_rounds=2"])
     case = prepare_case(cfg, OutDir(tmp_path))
     assert case["bare"]["tokens"] >= 20_000 and case["bare"]["tokens_per_s"] > 0 and case["setup_s"] > 0
     assert set(case["runs"]) == {"1_proc", "2_proc", "noise_1_proc", "noise_2_proc"}
     for run in case["runs"].values():
         assert run["tokens"] > 0 and run["vs_bare"] == pytest.approx(run["tokens_per_s"] / case["bare"]["tokens_per_s"])
+        assert len(run["s_all"]) == 2 and run["s"] == pytest.approx(sum(run["s_all"]) / 2)  # the median of 2 rounds
     assert case["runs"]["noise_1_proc"]["realized_noise_rate"] == case["runs"]["noise_2_proc"]["realized_noise_rate"]
     assert case["runs"]["noise_2_proc"]["tokens"] > case["runs"]["2_proc"]["tokens"]  # the injected text
     assert case["same_store"] == {"0.0": True, "0.2": True}

@@ -461,7 +461,9 @@ def prepare_case(cfg: Config, out: OutDir) -> dict[str, Any]:
     process and nothing else: the ceiling. Each of PREPARE_RUNS is the real `prepare` of the train
     split into a throwaway store, timed from the call, so loading the tokenizer and opening the
     dataset count (`setup_s`, a prepare of one block after a warm-up one, is what they cost).
-    `vs_bare`: tokens/s (tokens written) over bare's. `same_store`: whether the stores of a noise
+    `vs_bare`: tokens/s (tokens written) over bare's. Bare and every run are timed round-robin for
+    `bench.prepare_rounds` rounds and the medians kept (`s_all` has every round): one pass of a few
+    seconds moved by 20 % between identical rounds here. `same_store`: whether the stores of a noise
     rate are identical for every num_proc (they must be). Peak memory is not measured here: it would
     be this process's, models included; tests/test_data.py measures prepare's on a large corpus.
     """
@@ -470,10 +472,13 @@ def prepare_case(cfg: Config, out: OutDir) -> dict[str, Any]:
     corpus = _prepare_corpus(tokenizer, cfg.bench.prepare_tokens, out.bench_dir)
     with corpus.open() as f:
         texts = [json.loads(line)["text"] for line in f]
-    bare_start = time.perf_counter()
-    bare_tokens = sum(len(ids) for i in range(0, len(texts), BATCH_DOCS)
-                      for ids in tokenizer(texts[i:i + BATCH_DOCS], add_special_tokens=False)["input_ids"])
-    bare_s = time.perf_counter() - bare_start
+
+    def bare() -> tuple[float, int]:
+        t = time.perf_counter()
+        n = sum(len(ids) for i in range(0, len(texts), BATCH_DOCS)
+                for ids in tokenizer(texts[i:i + BATCH_DOCS], add_special_tokens=False)["input_ids"])
+        return time.perf_counter() - t, n
+
     scratch = out.bench_dir / "prepare-store"
 
     def timed(noise_rate: float, num_proc: int, cap: int | None = None) -> tuple[float, dict[str, Any]]:
@@ -486,21 +491,31 @@ def prepare_case(cfg: Config, out: OutDir) -> dict[str, Any]:
 
     try:
         setup_s = min(timed(0.0, 1, cfg.data.block_len)[0] for _ in range(2))  # the first imports datasets
-        runs, fingerprints = {}, {}
-        for name, (rate, num_proc) in PREPARE_RUNS.items():
-            seconds, meta = timed(rate, num_proc)
-            runs[name] = {"noise_rate": rate, "num_proc": num_proc, "s": seconds, "tokens": meta["n_tokens"],
-                          "tokens_per_s": meta["n_tokens"] / seconds,
-                          "vs_bare": meta["n_tokens"] / seconds / (bare_tokens / bare_s)}
-            if meta["noise"]:
-                runs[name]["realized_noise_rate"] = meta["noise"]["realized_rate"]
-            fingerprints.setdefault(str(rate), set()).add(meta["fingerprint"])
+        times: dict[str, list[float]] = {name: [] for name in ("bare", *PREPARE_RUNS)}
+        metas: dict[str, dict[str, Any]] = {}
+        fingerprints: dict[str, set[str]] = {}
+        for _ in range(cfg.bench.prepare_rounds):
+            seconds, bare_tokens = bare()
+            times["bare"].append(seconds)
+            for name, (rate, num_proc) in PREPARE_RUNS.items():
+                seconds, metas[name] = timed(rate, num_proc)
+                times[name].append(seconds)
+                fingerprints.setdefault(str(rate), set()).add(metas[name]["fingerprint"])
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+    bare_s = statistics.median(times["bare"])
+    runs = {}
+    for name, (rate, num_proc) in PREPARE_RUNS.items():
+        meta, seconds = metas[name], statistics.median(times[name])
+        runs[name] = {"noise_rate": rate, "num_proc": num_proc, "s": seconds, "s_all": times[name],
+                      "tokens": meta["n_tokens"], "tokens_per_s": meta["n_tokens"] / seconds,
+                      "vs_bare": meta["n_tokens"] / seconds / (bare_tokens / bare_s)}
+        if meta["noise"]:
+            runs[name]["realized_noise_rate"] = meta["noise"]["realized_rate"]
     return {
         "tokenizer": cfg.model.tokenizer or cfg.model.name, "corpus": str(corpus), "docs": len(texts),
         "tokenizers_parallelism": os.environ.get("TOKENIZERS_PARALLELISM"),
-        "bare": {"s": bare_s, "tokens": bare_tokens, "tokens_per_s": bare_tokens / bare_s},
+        "bare": {"s": bare_s, "s_all": times["bare"], "tokens": bare_tokens, "tokens_per_s": bare_tokens / bare_s},
         "setup_s": setup_s, "runs": runs, "same_store": {r: len(fp) == 1 for r, fp in fingerprints.items()},
         "seconds": time.perf_counter() - start,
     }

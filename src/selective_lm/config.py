@@ -336,6 +336,7 @@ class BenchConfig(Section):
     gpu_on_cpu: bool = Field(False, description="run case gpu without a GPU (tests, with a small bench.gpu_model)")
     precision_blocks: int = Field(64, ge=1, description="train blocks on which case precision compares top-k "
                                   "selections from float32 and half-precision reference losses")
+    prepare_rounds: int = Field(3, ge=1, description="case prepare: round-robin rounds (medians reported)")
     prepare_tokens: int = Field(4_000_000, ge=1, description="case prepare: tokens (of model.tokenizer) of the "
                                 "generated JSONL corpus that `slm prepare` is timed on")
     targets: dict[str, float] = Field(
