@@ -167,3 +167,36 @@ def test_doc_boundaries_keep_document_starts_out_of_the_export(tmp_path: Path) -
     assert (docs[:, 1:] != docs[:, :-1]).any()  # some document starts inside a block
     per_doc = np.bincount(docs.reshape(-1), weights=has_target.reshape(-1), minlength=len(records))
     assert [r["n_selected"] for r in records] == per_doc.astype(int).tolist()  # CLM: every target, no other
+
+
+@pytest.mark.slow
+def test_hf_export_trains_with_transformers_trainer_on_exactly_the_selection(exported: dict[str, Any],
+                                                                             tmp_path: Path) -> None:
+    """`--format hf`: labels -100 off the selection; one `Trainer` step's loss is our mean over the selected tokens."""
+    import datasets
+    import torch
+    from transformers import Trainer, TrainingArguments
+
+    from selective_lm.loss import forward_hidden, token_losses
+    from selective_lm.models import load_model
+
+    out = exported["out"]
+    assert slm("export-selected", out, "--format", "hf", *TOPK) == 0
+    ds = datasets.load_from_disk(str(out / "selected_hf"))
+    store = load_store(out / "data" / "train")
+    ids, labels = np.array(ds["input_ids"]), np.array(ds["labels"])
+    assert np.array_equal(ids, store.tokens) and np.array_equal(np.array(ds["attention_mask"]), np.ones_like(ids))
+    keep = labels != -100
+    assert np.array_equal(labels[keep], ids[keep]) and not keep[:, 0].any()
+    per_block = keep.sum(axis=1)  # top-k 0.5 per block, as the JSONL export (sequence scope)
+    assert per_block.sum() == sum(r["n_selected"] for r in _records(exported["topk-r0.5"]))
+    cfg = load_config("smoke")
+    with torch.no_grad():
+        model = load_model(cfg.model)
+        hidden, head = forward_hidden(model, torch.from_numpy(ids))
+        ours = token_losses(hidden, head, torch.from_numpy(ids), torch.from_numpy(keep))
+    expected = float(ours[torch.from_numpy(keep)].mean())
+    args = TrainingArguments(output_dir=str(tmp_path / "trainer"), per_device_train_batch_size=len(ds), max_steps=1,
+                             learning_rate=1e-3, report_to=[], use_cpu=True, save_strategy="no", logging_steps=1)
+    result = Trainer(model=load_model(cfg.model), args=args, train_dataset=ds).train()
+    assert result.training_loss == pytest.approx(expected, rel=1e-5)

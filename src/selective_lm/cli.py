@@ -64,13 +64,18 @@ def _parser() -> argparse.ArgumentParser:
         if name == "eval":
             p.add_argument("--tasks", metavar="A,B", help="lm-evaluation-harness tasks to run besides perplexity "
                            "(the same as eval.tasks=[A,B])")
+        if name == "export-selected":
+            p.add_argument("--format", choices=["jsonl", "hf"], help="selected.jsonl, or selected_hf/: a datasets "
+                           "directory any trainer reads (the same as export.format=...)")
     return parser
 
 
 def _overrides(args: argparse.Namespace) -> list[str]:
-    """The key=value overrides, with `--tasks A,B` (slm eval) as `eval.tasks` (JSON: a YAML list of strings)."""
-    tasks = getattr(args, "tasks", None)
-    return [*args.overrides, *([f"eval.tasks={json.dumps(tasks.split(','))}"] if tasks is not None else [])]
+    """The key=value overrides, with `--tasks A,B` (slm eval) as `eval.tasks` (JSON: a YAML list of strings)
+    and `--format F` (slm export-selected) as `export.format`."""
+    tasks, fmt = getattr(args, "tasks", None), getattr(args, "format", None)
+    return [*args.overrides, *([f"eval.tasks={json.dumps(tasks.split(','))}"] if tasks is not None else []),
+            *([f"export.format={fmt}"] if fmt is not None else [])]
 
 
 def _out_dir(args: argparse.Namespace, cfg: Config) -> Path:

@@ -353,6 +353,14 @@ class BenchConfig(Section):
         return TrainConfig._ratio(v)
 
 
+class ExportConfig(Section):
+    """`slm export-selected`: the selection as JSONL (text and spans) or as a `datasets` directory for any trainer."""
+
+    format: Literal["jsonl", "hf"] = Field(
+        "jsonl", description="jsonl: selected.jsonl, one document per line; hf: selected_hf/, a datasets directory "
+        "of blocks (input_ids, labels = -100 on unselected tokens, attention_mask)")
+
+
 class GridConfig(Section):
     methods: list[Strategy] = Field(default_factory=lambda: ["topk", "random", "stochastic"])
     ratios: list[float] = Field(default_factory=lambda: [0.5, 0.3])
@@ -376,6 +384,7 @@ class Config(Section):
     reference: ReferenceConfig = Field(default_factory=ReferenceConfig)
     scoring: ScoringConfig = Field(default_factory=ScoringConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     analysis: AnalysisConfig = Field(default_factory=AnalysisConfig)
     grid: GridConfig = Field(default_factory=GridConfig)

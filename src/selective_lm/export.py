@@ -1,10 +1,16 @@
-"""`slm export-selected`: the training documents with the tokens a run's selection keeps, as JSONL.
+"""`slm export-selected`: the training documents with the tokens a run's selection keeps, as JSONL or HF.
 
 For building a "concentrated" dataset from the selection. The run's final model gives its
 own per-token losses, the score store the reference's, and the run's own strategy, score
 kind and ratio pick the tokens — per block (`sequence` scope), with a generator seeded by
 `train.seed`, so the export is deterministic. One line per document (a document spans
 blocks): its text, the selected character spans, the selected text, and per-span mean scores.
+
+`export.format=hf` (`--format hf`) writes instead a `datasets` directory with one row per block
+of the train store: `input_ids`, `labels` (the token where it is selected, -100 elsewhere) and
+`attention_mask`, so any trainer that shifts labels the Hugging Face way (transformers'
+causal-LM loss: position t's logits predict `labels[t + 1]`) trains on exactly the selected
+tokens, without this package: `datasets.load_from_disk(path)` and transformers' `Trainer`.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import Config
-from .files import atomic_path
+from .files import atomic_dir, atomic_path
 from .layout import OutDir
 from .loss import forward_hidden, token_losses, valid_mask
 from .models import load_tokenizer, load_trained, token_texts, tokenizer_fingerprint
@@ -85,6 +91,9 @@ def export_selected(cfg: Config, out: str | Path | OutDir) -> dict[str, Any]:
             s = scores(score_kind, own, ref_rows)
             chosen = select(s, ratio, strategy, "sequence", valid, gen, temperature=cfg.train.temperature)
             keep[rows], score_arr[rows] = chosen.numpy(), torch.where(valid, s, torch.nan).numpy()
+    if cfg.export.format == "hf":
+        return _export_hf(out.selected_hf, np.asarray(store.tokens), keep, int(np.isfinite(score_arr).sum()),
+                          run.name)
     documents = store.meta.get("documents") or []
     path = out.selected_jsonl
     n_docs = n_kept = n_valid = 0
@@ -100,4 +109,19 @@ def export_selected(cfg: Config, out: str | Path | OutDir) -> dict[str, Any]:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
             n_docs, n_kept, n_valid = n_docs + 1, n_kept + int(k.sum()), n_valid + int(np.isfinite(sc).sum())
     return {"path": str(path), "documents": n_docs, "selected_tokens": n_kept,
+            "selected_frac": n_kept / max(n_valid, 1)}
+
+
+def _export_hf(path: Path, tokens: np.ndarray, keep: np.ndarray, n_valid: int, run_name: str) -> dict[str, Any]:
+    """The blocks with their selection as labels, written atomically as a `datasets` directory (built in
+    memory: the store's size in Python lists)."""
+    import datasets
+
+    labels = np.where(keep, tokens, -100)
+    table = {"input_ids": tokens.astype(np.int64).tolist(), "labels": labels.astype(np.int64).tolist(),
+             "attention_mask": np.ones_like(tokens, dtype=np.int8).tolist()}
+    with atomic_dir(path) as tmp:
+        datasets.Dataset.from_dict(table).save_to_disk(str(tmp))
+    n_kept = int(keep.sum())
+    return {"path": str(path), "run": run_name, "blocks": len(tokens), "selected_tokens": n_kept,
             "selected_frac": n_kept / max(n_valid, 1)}

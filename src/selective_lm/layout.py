@@ -483,6 +483,11 @@ class OutDir:
         return self.root / "selected.jsonl"
 
     @property
+    def selected_hf(self) -> Path:
+        """`slm export-selected` with export.format=hf: a `datasets.load_from_disk` directory."""
+        return self.root / "selected_hf"
+
+    @property
     def bench(self) -> Path:
         return self.root / "bench.json"
 
