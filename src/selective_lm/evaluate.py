@@ -57,10 +57,10 @@ def _load(cfg: Config, out: OutDir, run: RunDir, vocab: int) -> tuple[Any, str]:
     if run.name == "reference":
         model = load_reference_model(cfg, out)  # says `run slm reference` when there is none
         return model, model_digest(cfg, run)
-    digest = model_digest(cfg, run)
-    if run.name == "base":
-        return load_model(cfg.model, vocab_size=vocab), digest
-    return load_trained(cfg.model, run.weights_dir, vocab), digest
+    digest = model_digest(cfg, run)  # before loading: an unfinished run says `run slm train`
+    model = load_model(cfg.model, vocab_size=vocab) if run.name == "base" else load_trained(cfg.model,
+                                                                                             run.weights_dir, vocab)
+    return model, digest
 
 
 def _cached_pass(cfg: Config, model: Any, store: TokenStore, path: Path, expected: dict[str, Any],
