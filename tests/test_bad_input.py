@@ -74,6 +74,19 @@ def _small_vocab_model(out: Path, tmp: Path) -> None:
     LlamaForCausalLM(config).save_pretrained(tmp / "small-vocab")
 
 
+def _chat_tokenizer_and_text_rows(out: Path, tmp: Path) -> None:
+    """A tokenizer with a chat template, and a corpus whose rows have no `messages` field."""
+    from selective_lm.assets import byte_tokenizer
+
+    tok = byte_tokenizer()
+    tok.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    tok.save_pretrained(tmp / "chat-tok")
+    (tmp / "c.jsonl").write_text('{"text": "hello"}\n')
+
+
+SFT = ["data.corpus=custom", "data.sources.train={tmp}/c.jsonl", "data.noise_rate=0"]
+CHAT_ROW = '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}\n'
+
 # (id, argv after the command's --out, setup, text the one-line error must contain)
 CATALOGUE: list[tuple[str, list[str], Setup, str]] = [
     ("unknown key", ["config", "train.ratoi=0.5"], _nothing, "did you mean 'train.ratio'"),
@@ -93,6 +106,16 @@ CATALOGUE: list[tuple[str, list[str], Setup, str]] = [
      _write("empty.jsonl", ""), "empty"),
     ("missing text field", ["prepare", "data.corpus=custom", "data.sources.train={tmp}/c.jsonl"],
      _write("c.jsonl", '{"content": "hello"}\n'), "text"),
+    ("missing prompt field", ["prepare", *SFT, "data.format=prompt_response"],
+     _write("c.jsonl", '{"question": "q", "response": "r"}\n'), "no prompt field 'prompt'"),
+    ("missing messages field", ["prepare", *SFT, "data.format=chat", "model.tokenizer={tmp}/chat-tok"],
+     _chat_tokenizer_and_text_rows, "no messages field 'messages'"),
+    ("chat without a chat template", ["prepare", *SFT, "data.format=chat"], _write("c.jsonl", CHAT_ROW),
+     "chat template"),
+    ("chat format on the champ corpus", ["prepare", "data.format=chat", "data.noise_rate=0"], _nothing,
+     "data.corpus=custom"),
+    ("prompt/response with noise", ["prepare", *SFT[:2], "data.format=prompt_response"],
+     _write("c.jsonl", '{"prompt": "q", "response": "r"}\n'), "data.noise_rate=0"),
     ("no token store", ["train"], _delete("data"), "slm prepare"),
     ("truncated tokens.npy", ["train"], _truncate_tokens, "tokens.npy"),
     ("corrupt meta.json", ["train"], _corrupt_meta, "meta.json"),

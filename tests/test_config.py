@@ -98,16 +98,45 @@ def test_keys_that_docs_rely_on_exist() -> None:
 
 
 def test_methods_map_to_strategy_score_and_ratio() -> None:
-    def eff(*overrides: str) -> tuple[str, str, float]:
+    def eff(*overrides: str) -> tuple[str, str, float, float | None]:
         return load_config("smoke", overrides=list(overrides)).train.selection_rule()
 
-    assert eff("train.method=clm", "train.ratio=0.5") == ("topk", "none", 1.0)
-    assert eff("train.method=oracle") == ("topk", "none", 1.0)
-    assert eff("train.method=random", "train.ratio=0.3") == ("random", "none", 0.3)
-    assert eff("train.method=topk", "train.ratio=0.6") == ("topk", "excess", 0.6)
-    assert eff("train.method=stochastic", "train.ratio=0.5", "train.score=loss") == ("stochastic", "loss", 0.5)
+    assert eff("train.method=clm", "train.ratio=0.5") == ("topk", "none", 1.0, None)
+    assert eff("train.method=oracle") == ("topk", "none", 1.0, None)
+    assert eff("train.method=random", "train.ratio=0.3") == ("random", "none", 0.3, None)
+    assert eff("train.method=topk", "train.ratio=0.6") == ("topk", "excess", 0.6, None)
+    assert eff("train.method=stochastic", "train.ratio=0.5", "train.score=loss") == ("stochastic", "loss", 0.5, None)
     assert eff("train.method=stochastic", "train.stochastic=positive", "train.ratio=0.5") == (
-        "stochastic_positive", "excess", 0.5)
+        "stochastic_positive", "excess", 0.5, None)
+    # Threshold rules: the count is the threshold's (ratio 1), and a random control counts by the score too.
+    assert eff("train.method=topk", "train.rule=positive", "train.ratio=0.3") == ("topk", "excess", 1.0, 0.0)
+    assert eff("train.method=random", "train.rule=positive") == ("random", "excess", 1.0, 0.0)
+    assert eff("train.method=topk", "train.rule=threshold", "train.threshold=-0.5", "train.score=retrospective") == (
+        "topk", "retrospective", 1.0, -0.5)
+
+
+def test_grid_rules_name_their_runs() -> None:
+    cfg = load_config("smoke", overrides=["grid.rules=[topk,positive,threshold]", "train.threshold=0.25",
+                                          "grid.methods=[topk,random]", "grid.ratios=[0.5]"])
+    runs = cfg.grid_runs(has_noise=True)
+    assert list(runs) == ["clm", "oracle", "topk-r0.5", "random-r0.5", "topk-pos", "random-pos", "topk-t0.25",
+                          "random-t0.25"]
+    assert runs["random-t0.25"].train.selection_rule() == ("random", "excess", 1.0, 0.25)
+    assert runs["topk-pos"].train.threshold is None  # read by the threshold rule only
+    with pytest.raises(UserError, match="train.rule=threshold needs train.threshold"):
+        load_config("smoke", overrides=["grid.rules=[threshold]"]).grid_runs(has_noise=True)
+
+
+def test_fields_added_later_keep_old_fingerprints() -> None:
+    """New fields at their defaults are left out of `hashed()`: stores and runs made before them stay valid."""
+    cfg = load_config("smoke")
+    assert "rule" not in cfg.train.hashed() and "threshold" not in cfg.train.hashed()
+    assert cfg.train.hashed() == cfg.train.model_dump(exclude={"rule", "threshold"})
+    changed = load_config("smoke", overrides=["train.method=topk", "train.rule=positive"]).train.hashed()
+    assert changed["rule"] == "positive"
+    for section in ("data", "reference"):
+        later = getattr(cfg, section).LATER_FIELDS
+        assert later and not set(later) & set(getattr(cfg, section).hashed())
 
 
 def test_choices_are_the_registries() -> None:

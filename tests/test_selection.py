@@ -188,6 +188,37 @@ def test_global_without_process_group_is_batch() -> None:
         assert torch.equal(select(scores, 0.5, strategy, "global", valid, gen(8)), batch)
 
 
+@given(batch=batches(), threshold=st.sampled_from([-1.5, 0.0, 0.5, 2.0]), strategy=st.sampled_from(HARD_STRATEGIES),
+       scope=st.sampled_from(SCOPES))
+def test_threshold_counts_the_tokens_above_it(batch, threshold, strategy, scope) -> None:
+    """Rules positive/threshold: each scope unit selects as many tokens as score above the threshold (maybe
+    none); top-k selects exactly those, the other strategies as many by their own keys, all inside valid."""
+    scores, valid = batch
+    chosen = select(scores, 1.0, strategy, scope, valid, gen(), threshold=threshold)
+    above = valid & (scores > threshold)
+    assert not (chosen & ~valid).any()
+    assert torch.equal(units(chosen, scope).sum(1), units(above, scope).sum(1))
+    if strategy == "topk":
+        assert torch.equal(chosen, above)
+
+
+def test_threshold_selects_nothing_when_no_score_exceeds_it() -> None:
+    scores, valid = -torch.rand(2, 6, generator=gen(1)), torch.ones(2, 6, dtype=torch.bool)
+    for strategy in HARD_STRATEGIES:
+        assert not select(scores, 1.0, strategy, "batch", valid, gen(), threshold=0.0).any()
+
+
+def test_score_kinds_signs() -> None:
+    """excess = own - reference (Rho-1); retrospective = reference - own (ssToken); reference = -reference."""
+    from selective_lm.selection import scores as score_of
+
+    own, ref = torch.tensor([[2.0, 1.0]]), torch.tensor([[1.5, 3.0]])
+    assert torch.equal(score_of("excess", own, ref), own - ref)
+    assert torch.equal(score_of("retrospective", own, ref), ref - own)
+    assert torch.equal(score_of("reference", own, ref), -ref)
+    assert torch.equal(score_of("loss", own, ref), own)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
@@ -201,6 +232,9 @@ def test_global_without_process_group_is_batch() -> None:
         ({"valid": torch.ones(2, 3)}, "bool"),
         ({"scores": torch.tensor([[0.0, torch.nan, 1.0]] * 2)}, "finite"),
         ({"temperature": 0.0}, "temperature"),
+        ({"threshold": float("inf")}, "threshold"),
+        ({"threshold": 0.0, "soft": True}, "threshold"),
+        ({"strategy": "random", "threshold": 0.0, "scores": torch.tensor([[0.0, torch.nan, 1.0]] * 2)}, "finite"),
     ],
 )
 def test_bad_input_raises_a_clear_value_error(kwargs: dict, message: str) -> None:
@@ -214,6 +248,8 @@ def test_bad_input_raises_a_clear_value_error(kwargs: dict, message: str) -> Non
             args["scope"],
             args["valid"],
             temperature=args.get("temperature", 1.0),
+            threshold=args.get("threshold"),
+            soft=args.get("soft", False),
         )
 
 

@@ -349,8 +349,16 @@ DIST_ENV = {"HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS"
      ("train.batch_size=4", "train.grad_accum=2")),
     (("train.method=topk", "train.ratio=0.3", "train.scope=global", "train.parallel=fsdp", "model.lora=false"),
      ("train.batch_size=4", "model.lora=false")),
+    # A self-reference swaps its copy into the (sharded) weights: the EMA of LoRA under DDP; under FSDP the
+    # root's weights too (full fine-tuning), which FSDP must gather anew after each swap.
+    (("train.method=topk", "train.ratio=0.5", "train.scope=global", "reference.mode=ema", "reference.start_step=2"),
+     ("train.batch_size=4", "reference.mode=ema", "reference.start_step=2")),
+    (("train.method=topk", "train.ratio=0.5", "train.scope=global", "train.parallel=fsdp", "model.lora=false",
+      "reference.mode=checkpoint", "reference.checkpoint_step=1", "reference.start_step=2"),
+     ("train.batch_size=4", "model.lora=false", "reference.mode=checkpoint", "reference.checkpoint_step=1",
+      "reference.start_step=2")),
 ], ids=["clm", "topk-global", "random-global", "stochastic-global", "random-batch", "topk-accum",
-        "fsdp-clm", "fsdp-topk-accum", "fsdp-full-topk0.3"])
+        "fsdp-clm", "fsdp-topk-accum", "fsdp-full-topk0.3", "ddp-ema", "fsdp-full-checkpoint"])
 def test_two_processes_equal_one_with_the_same_global_batch(smoke_out: Path, extra: tuple[str, ...],
                                                             single: tuple[str, ...]) -> None:
     """`accelerate launch --multi_gpu` on CPU (gloo): `--cpu` with 2 processes would start only one.

@@ -129,10 +129,13 @@ def _run_entries(cfg: Config, out: OutDir, summaries: dict[str, dict[str, Any]])
     """results.json `runs`: each grid run's summary, validation and task results, then the reference and base."""
     entries: dict[str, Any] = {}
     for name, s in summaries.items():
-        entries[name] = {k: s[k] for k in RUN_FIELDS}
+        # Runs trained before selection rules existed were all ratio (top-k count) runs.
+        entries[name] = {k: s[k] for k in RUN_FIELDS} | {"rule": s.get("rule", "topk"), "threshold": s.get("threshold"),
+                                                         "selected_share": s.get("selected_share")}
         entries[name]["val"] = _val(out.run(name))
         entries[name]["tasks"] = task_results(out.run(name), s["config_hash"])
-    for name in ("reference", "base"):
+    # A self-reference (ema, checkpoint) has no model of its own: a reference/ left by another mode is not it.
+    for name in ("base",) if cfg.reference.is_self else ("reference", "base"):
         run = out.run(name)
         if not run.eval_path.is_file():
             continue
@@ -176,7 +179,7 @@ def separation_step0(cfg: Config, out: OutDir) -> dict[str, dict[str, float | No
     """kind -> step-0 excess loss (base minus reference) of its tokens vs clean tokens, on scored train blocks:
     mean excess, token count and the probability that a clean token outranks one of the kind."""
     path = out.run("base").token_losses("train")
-    if not path.is_file() or not out.has_scores("train"):
+    if not path.is_file() or not out.has_scores("train") or cfg.reference.is_self:
         return {}
     store = out.store("train")
     names = (store.meta.get("noise") or {}).get("kind_names")

@@ -379,8 +379,7 @@ def precision(cfg: Config, out: OutDir) -> dict[str, Any]:
     for i in range(0, len(rows), cfg.train.batch_size):
         batch = rows[i : i + cfg.train.batch_size]
         ids = torch.from_numpy(np.asarray(store.tokens[batch], dtype=np.int64)).to(device)
-        doc = torch.from_numpy(np.asarray(store.doc_ids[batch])).to(device) if cfg.data.doc_boundaries else None
-        valid = valid_mask(ids, doc_ids=doc)
+        valid = torch.from_numpy(store.targets(batch, cfg.data.doc_boundaries)).to(device)  # the trainer's targets
         own = model_token_losses(model, ids, valid, cfg.scoring.chunk_size)
         ref32 = torch.from_numpy(np.asarray(ref[batch]))
         refs = {d: torch.from_numpy(decode_scores(encode_losses(ref32, d), d)) for d in HALF_DTYPES}

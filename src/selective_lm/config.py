@@ -11,7 +11,7 @@ import math
 import re
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Any, ClassVar, Literal, NamedTuple
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -45,6 +45,18 @@ def _safe_name(value: str, what: str) -> str:
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
+    # Fields added after stores and runs were first made: left out of `hashed()` while at their
+    # default, so the fingerprints of stores and runs made before them stay what they were.
+    LATER_FIELDS: ClassVar[tuple[str, ...]] = ()
+
+    def hashed(self, **dump: Any) -> dict[str, Any]:
+        """`model_dump(**dump)` for fingerprints: LATER_FIELDS at their default are left out."""
+        out = self.model_dump(**dump)
+        for name in self.LATER_FIELDS:
+            if getattr(self, name) == type(self).model_fields[name].get_default(call_default_factory=True):
+                out.pop(name, None)
+        return out
+
 
 class DataConfig(Section):
     """What `slm prepare` builds: corpora, splits, noise injection and packing."""
@@ -57,6 +69,17 @@ class DataConfig(Section):
         "optionally 'name@split' (datasets split syntax, e.g. 'owm@train[:20000]')",
     )
     text_field: str = "text"
+    format: Literal["text", "prompt_response", "chat"] = Field(
+        "text", description="custom corpora: 'text' trains every token; 'prompt_response' (data.prompt_field + "
+        "data.separator + data.response_field) and 'chat' (data.messages_field rendered with the tokenizer's chat "
+        "template) train the response / assistant tokens only (loss_mask.npy): prompts are never trained, never "
+        "selected, and not counted by train.ratio or evaluation")
+    prompt_field: str = Field("prompt", description="data.format=prompt_response: the prompt's field")
+    response_field: str = Field("response", description="data.format=prompt_response: the response's field")
+    messages_field: str = Field("messages", description="data.format=chat: the field holding the conversation, "
+                                "a list of {role, content} messages; the assistant messages are trained")
+    separator: str = Field("\n", description="data.format=prompt_response: text between prompt and response; "
+                           "part of the prompt, so not trained")
     block_len: int = Field(128, ge=2, description="tokens per packed block")
     noise_rate: float = Field(0.2, ge=0.0, lt=1.0, description="injected-noise fraction of train tokens")
     noise_kinds: dict[str, float] = Field(
@@ -89,6 +112,9 @@ class DataConfig(Section):
         "store is made, not what it holds (the same bytes for every value): left out of config dumps and "
         "fingerprints, so a store prepared with 2 processes is reused with 1"
     )
+
+    LATER_FIELDS: ClassVar[tuple[str, ...]] = ("format", "prompt_field", "response_field", "messages_field",
+                                               "separator")
 
     @field_validator("corpus")
     @classmethod
@@ -124,6 +150,18 @@ class DataConfig(Section):
                              f"{self.val_fraction + self.reference_fraction:g} leaves no problems for train")
         return self
 
+    @model_validator(mode="after")
+    def _supervised_format(self) -> DataConfig:
+        if self.format == "text":
+            return self
+        if self.corpus != "custom":
+            raise ValueError(f"data.format={self.format} reads fields of the user's rows: it needs data.corpus=custom "
+                             f"(got {self.corpus!r})")
+        if self.noise_rate > 0:  # injected text would shift the characters the prompt/response spans point at
+            raise ValueError(f"data.format={self.format} cannot inject noise (it would move the prompt/response "
+                             f"boundaries): set data.noise_rate=0")
+        return self
+
     def cap(self, split: str) -> int | None:
         """Token cap of one split (None = no cap)."""
         if isinstance(self.max_tokens, dict):
@@ -147,9 +185,23 @@ class ModelConfig(Section):
     lora_targets: list[str] = Field(default_factory=lambda: list(LORA_ALL_LINEAR))
 
 
+SELF_REFERENCE_MODES = ("ema", "checkpoint")  # the student's own weights are the reference, scored online
+
+
 class ReferenceConfig(Section):
-    mode: Literal["trained", "self", "path"] = "trained"
+    LATER_FIELDS: ClassVar[tuple[str, ...]] = ("ema_decay", "start_step", "checkpoint_step")
+
+    mode: Literal[("trained", "self", "path", *SELF_REFERENCE_MODES)] = Field(  # type: ignore[valid-type]
+        "trained", description="trained: CLM on the reference split; self: the base model; path: reference.path; "
+        "ema: an exponential moving average of the student's trainable weights; checkpoint: the student's weights "
+        "at step reference.checkpoint_step (ema and checkpoint are scored online, during training)")
     path: str | None = Field(None, description="HF model dir / adapter for mode=path")
+    ema_decay: float = Field(0.99, gt=0.0, lt=1.0, description="mode=ema: after every optimizer step the reference "
+                             "becomes decay x reference + (1 - decay) x student")
+    start_step: int = Field(10, ge=1, description="modes ema and checkpoint: selecting runs train every token for "
+                            "this many optimizer steps first (a reference equal to the student scores every token 0)")
+    checkpoint_step: int = Field(0, ge=0, description="mode checkpoint: the step whose weights are the frozen "
+                                 "reference (0: the start weights, i.e. the base model with LoRA); below start_step")
     steps: int = Field(40, ge=1)
     batch_size: int = Field(4, ge=1)
     grad_accum: int = Field(1, ge=1)
@@ -162,7 +214,15 @@ class ReferenceConfig(Section):
     def _path_needed(self) -> ReferenceConfig:
         if self.mode == "path" and not self.path:
             raise ValueError("reference.mode=path needs reference.path")
+        if self.mode == "checkpoint" and self.checkpoint_step >= self.start_step:
+            raise ValueError(f"reference.checkpoint_step ({self.checkpoint_step}) must be below reference.start_step "
+                             f"({self.start_step}): at its own step the checkpoint equals the student")
         return self
+
+    @property
+    def is_self(self) -> bool:
+        """Whether the reference is the student's own weights (ema, checkpoint): no `slm reference`/`slm score`."""
+        return self.mode in SELF_REFERENCE_MODES
 
 
 class ScoringConfig(Section):
@@ -181,18 +241,32 @@ class ScoringConfig(Section):
 
 
 class SelectionRule(NamedTuple):
-    """What a run's selection really does: its strategy, score kind and ratio."""
+    """What a run's selection really does: its strategy, score kind, ratio, and the score threshold that
+    sets the count instead of the ratio (rules positive and threshold; None: the ratio's count)."""
 
     strategy: str
     score: str
     ratio: float
+    threshold: float | None = None
+
+
+RULES = ("topk", "positive", "threshold")  # how many tokens a selecting run trains (TrainConfig.rule)
 
 
 class TrainConfig(Section):
+    LATER_FIELDS: ClassVar[tuple[str, ...]] = ("rule", "threshold")
+
     name: str | None = Field(None, description="run name; default derives from method/ratio/seed")
     method: Method = Field("clm", description="clm, oracle, or a selection strategy (selection.STRATEGIES)")
     score: ScoreKind = "excess"
     ratio: float = Field(1.0, description="selection ratio in (0, 1]")
+    rule: Literal[RULES] = Field(  # type: ignore[valid-type]
+        "topk", description="how many tokens train: topk = the ratio's share of each scope unit (the paper); "
+        "positive = those whose score is > 0 (TokenCleaning's rule: excess > 0); threshold = score > "
+        "train.threshold. Strategy random (stochastic) then draws as many tokens at random (by its sampling): "
+        "a control matched in count")
+    threshold: float | None = Field(None, description="the score threshold of train.rule=threshold (nats; read by "
+                                    "that rule only)")
     scope: Scope = "batch"
     temperature: float = Field(1.0, gt=0)
     stochastic: Literal["softmax", "positive"] = Field(
@@ -243,6 +317,18 @@ class TrainConfig(Section):
         if rule.strategy == "topk" and rule.score == "none" and rule.ratio < 1 and not self.soft:
             raise ValueError("train.score=none with top-k selection would select by position: "
                              "use train.method=random or another train.score")
+        if self.rule != "topk":
+            if self.method in BASELINE_METHODS:
+                raise ValueError(f"train.rule={self.rule} applies to selection methods, not {self.method}")
+            if rule.score == "none":
+                raise ValueError(f"train.rule={self.rule} counts the tokens whose score exceeds a threshold: "
+                                 "train.score=none gives none")
+            if self.soft:
+                raise ValueError(f"train.soft weighs a ratio's tokens: use train.rule=topk, not {self.rule}")
+        if self.rule == "threshold" and self.threshold is None:
+            raise ValueError("train.rule=threshold needs train.threshold (the score above which tokens train)")
+        if self.threshold is not None and not math.isfinite(self.threshold):
+            raise ValueError(f"train.threshold must be finite (got {self.threshold})")
         if self.parallel == "fsdp" and self.merge:
             raise ValueError("train.merge=true cannot merge a sharded model: use train.parallel=ddp, or merge the "
                              "saved adapter after an fsdp run")
@@ -252,17 +338,22 @@ class TrainConfig(Section):
         """`train.name`, else `clm`, `oracle` or `<method>-r<ratio>`, with `-s<seed>` when several seeds run."""
         if self.name:
             return self.name
-        name = self.method if self.method in BASELINE_METHODS else f"{self.method}-r{self.ratio:g}"
+        budget = f"r{self.ratio:g}" if self.rule == "topk" else "pos" if self.rule == "positive" \
+            else f"t{self.threshold:g}"
+        name = self.method if self.method in BASELINE_METHODS else f"{self.method}-{budget}"
         return f"{name}-s{self.seed}" if with_seed else name
 
     def selection_rule(self) -> SelectionRule:
-        """The strategy, score kind and ratio the method really uses: CLM and the oracle select every
-        (trainable) token; a strategy that ignores scores runs with score kind `none`."""
+        """The strategy, score kind, ratio and threshold the method really uses: CLM and the oracle select
+        every (trainable) token; a strategy that ignores scores runs with score kind `none`, unless a threshold
+        rule counts its tokens by their scores. Threshold rules select at ratio 1 (their count is the threshold's)."""
         if self.method in BASELINE_METHODS:
             return SelectionRule("topk", "none", 1.0)
         strategy = "stochastic_positive" if self.method == "stochastic" and self.stochastic == "positive" \
             else self.method
-        return SelectionRule(strategy, self.score if STRATEGIES[strategy].uses_scores else "none", self.ratio)
+        threshold = {"topk": None, "positive": 0.0, "threshold": self.threshold}[self.rule]
+        score = self.score if STRATEGIES[strategy].uses_scores or threshold is not None else "none"
+        return SelectionRule(strategy, score, self.ratio if threshold is None else 1.0, threshold)
 
     def needs_reference(self) -> bool:
         """Whether the run reads reference losses (to select; diagnostics use them when they exist)."""
@@ -364,6 +455,9 @@ class ExportConfig(Section):
 class GridConfig(Section):
     methods: list[Strategy] = Field(default_factory=lambda: ["topk", "random", "stochastic"])
     ratios: list[float] = Field(default_factory=lambda: [0.5, 0.3])
+    rules: list[Literal[RULES]] = Field(  # type: ignore[valid-type]
+        default_factory=lambda: ["topk"], description="train.rule of the grid's runs: topk runs every method x "
+        "ratio, positive and threshold (with train.threshold) every method once")
     seeds: int = Field(1, ge=1)
     oracle: bool = True
 
@@ -390,6 +484,14 @@ class Config(Section):
     grid: GridConfig = Field(default_factory=GridConfig)
     bench: BenchConfig = Field(default_factory=BenchConfig)
 
+    @model_validator(mode="after")
+    def _self_reference_starts(self) -> Config:
+        r = self.reference
+        if r.is_self and r.start_step >= self.train.steps:
+            raise ValueError(f"reference.start_step ({r.start_step}) must be below train.steps ({self.train.steps}): "
+                             f"with reference.mode={r.mode} selection starts at that step")
+        return self
+
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
@@ -399,14 +501,21 @@ class Config(Section):
         specs: list[dict[str, Any]] = [{"method": "clm", "ratio": 1.0}]
         if self.grid.oracle and has_noise:
             specs.append({"method": "oracle", "ratio": 1.0})
-        specs += [{"method": m, "ratio": r} for m in self.grid.methods for r in self.grid.ratios]
+        for rule in self.grid.rules:
+            threshold = self.train.threshold if rule == "threshold" else None
+            ratios = self.grid.ratios if rule == "topk" else [self.train.ratio]
+            specs += [{"method": m, "ratio": r, "rule": rule, "threshold": threshold}
+                      for m in self.grid.methods for r in ratios]
         runs: dict[str, Config] = {}
         for seed in range(self.train.seed, self.train.seed + self.grid.seeds):
             for spec in specs:
+                spec = {"rule": "topk", "threshold": None, **spec}
                 try:
                     t = TrainConfig.model_validate({**self.train.model_dump(), **spec, "seed": seed, "name": None})
                 except ValidationError as e:
-                    raise UserError(f"grid run {spec['method']}-r{spec['ratio']:g}: {_describe_error(e, {})}") from None
+                    label = spec["method"] if spec["method"] in BASELINE_METHODS else \
+                        f"{spec['method']} ({spec['rule']})"
+                    raise UserError(f"grid run {label}: {_describe_error(e, {})}") from None
                 runs[t.run_name(with_seed=self.grid.seeds > 1)] = self.model_copy(update={"train": t})
         return runs
 
@@ -523,7 +632,7 @@ def _describe_error(err: ValidationError, tree: dict[str, Any]) -> str:
     for p in e["loc"]:
         node = node.get(p) if isinstance(node, dict) else None
     got = f" (got {node!r})" if node is not None and not isinstance(node, dict) and "got" not in msg else ""
-    return f"invalid value for {key}: {msg}{got}"
+    return f"invalid value for {key}: {msg}{got}" if key else f"{msg}{got}"
 
 
 def load_config(

@@ -8,6 +8,16 @@ is cut there). The `train` split gets injected noise when `data.noise_rate > 0` 
 then `noise_kind.npy` holds every token's kind id (names in meta.json `noise.kind_names`; the
 EOS is clean) and `noise_mask.npy` is True on the noise kinds only (`noise.KINDS`).
 
+Supervised fine-tuning data (`data.format` prompt_response or chat, custom corpora only): the
+documents carry the character spans that are trained (the response, the assistant turns; a
+chat conversation is rendered here with the tokenizer's chat template, `render_chat`), and
+`loss_mask.npy` (bool, the blocks' shape) is True on the tokens whose first character lies in
+such a span, and on each document's EOS (the model learns to stop); False on the prompt. A token
+that straddles the boundary counts where it starts. Training, selection and evaluation only see
+the masked-in positions (`TokenStore.targets`), so `train.ratio` applies to the response tokens.
+meta.json then holds `sft` (the format and the trained token count and share); text stores are
+written exactly as before (no loss_mask.npy, the same bytes and fingerprint).
+
 A store is written streaming — blocks are appended to .npy files whose header is rewritten
 in place at the end (`layout.BlockFile`) — so memory stays bounded whatever the corpus size,
 and atomically (`files.atomic_dir`), so a killed prepare never leaves a half store behind.
@@ -33,6 +43,7 @@ from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -43,7 +54,7 @@ from . import __version__
 from .config import SPLITS, Config
 from .corpora import CORPORA, Document
 from .errors import UserError, did_you_mean
-from .files import atomic_dir, write_json
+from .files import atomic_dir, fingerprint, write_json
 from .layout import STORE_FORMAT, BlockFile, OutDir, load_store, store_config_fingerprint
 from .noise import KIND_NAMES, KINDS, NOISE_IDS, NoiseInjector, Span, is_noise, noise_chars, token_kinds
 
@@ -59,27 +70,43 @@ class _Encoded(NamedTuple):
     ids: np.ndarray  # int32, the documents' tokens concatenated, each document followed by EOS
     lens: np.ndarray  # int64, tokens per document, EOS included
     kinds: np.ndarray | None  # uint8 noise kind id per token (None without noise injection)
+    trained: np.ndarray | None = None  # bool per token: trained (loss_mask.npy; None without a loss mask)
 
 
-def _encode(tokenizer: Any, eos: int, texts: list[str], spans: list[list[Span]] | None) -> _Encoded:
-    """Tokenize a batch (without special tokens, EOS appended) and, with `spans`, label every token's kind."""
+Trained = tuple[tuple[int, int], ...] | None  # a document's trained character spans (None: all of it)
+
+
+def _encode(tokenizer: Any, eos: int, texts: list[str], spans: list[list[Span]] | None,
+            trained: list[Trained] | None = None) -> _Encoded:
+    """Tokenize a batch (without special tokens, EOS appended); with `spans` label every token's kind, with
+    `trained` (one entry per document) mark the tokens whose first character lies in a trained span."""
     # verbose=False: documents longer than the model's context are expected here, they get cut into blocks
     enc = tokenizer(texts, add_special_tokens=False, return_attention_mask=False,
-                    return_offsets_mapping=spans is not None, verbose=False)
+                    return_offsets_mapping=spans is not None or trained is not None, verbose=False)
     raw = enc["input_ids"]
     lens = np.fromiter(map(len, raw), np.int64, len(raw))
     starts = np.cumsum(lens) - lens  # of each document's tokens, EOS not counted
     flat = np.fromiter(itertools.chain.from_iterable(raw), np.int32, int(lens.sum()))
     ids = np.insert(flat, starts + lens, eos)
-    kinds = None
-    if spans is not None:  # fromiter over the flattened pairs: twice as fast as np.asarray on lists of tuples
+    kinds = mask = None
+    if spans is not None or trained is not None:  # fromiter over the flattened pairs: twice as fast as np.asarray
         chain = itertools.chain.from_iterable
         offsets = np.fromiter(chain(chain(enc["offset_mapping"])), np.int64, 2 * len(flat)).reshape(-1, 2)
+    if spans is not None:
         kinds = np.zeros(len(ids), np.uint8)
         for i, (start, n, sp) in enumerate(zip(starts, lens, spans, strict=True)):
             if sp:
                 kinds[start + i:start + i + n] = token_kinds(offsets[start:start + n], sp)
-    return _Encoded(ids, lens + 1, kinds)
+    if trained is not None:
+        mask = np.ones(len(ids), np.bool_)  # the EOS after each document is trained
+        for i, (start, n, doc_spans) in enumerate(zip(starts, lens, trained, strict=True)):
+            if doc_spans is not None:
+                first = offsets[start:start + n, 0]
+                inside = np.zeros(n, np.bool_)
+                for a, b in doc_spans:
+                    inside |= (first >= a) & (first < b)
+                mask[start + i:start + i + n] = inside
+    return _Encoded(ids, lens + 1, kinds, mask)
 
 
 _worker_state: dict[str, Any] = {}  # a worker process's tokenizer and EOS id, set once by _init_worker
@@ -91,8 +118,8 @@ def _init_worker(tokenizer: Any, eos: int) -> None:
     _worker_state.update(tokenizer=tokenizer, eos=eos)
 
 
-def _encode_in_worker(texts: list[str], spans: list[list[Span]] | None) -> _Encoded:
-    return _encode(_worker_state["tokenizer"], _worker_state["eos"], texts, spans)
+def _encode_in_worker(texts: list[str], spans: list[list[Span]] | None, trained: list[Trained] | None) -> _Encoded:
+    return _encode(_worker_state["tokenizer"], _worker_state["eos"], texts, spans, trained)
 
 
 class _Tokenizers:
@@ -127,12 +154,13 @@ class _Tokenizers:
         if self._set_env:
             del os.environ["TOKENIZERS_PARALLELISM"]
 
-    def submit(self, texts: list[str], spans: list[list[Span]] | None) -> Future[_Encoded]:
+    def submit(self, texts: list[str], spans: list[list[Span]] | None,
+               trained: list[Trained] | None = None) -> Future[_Encoded]:
         if self._pool is None:
             done: Future[_Encoded] = Future()
-            done.set_result(_encode(self.tokenizer, self.eos, texts, spans))
+            done.set_result(_encode(self.tokenizer, self.eos, texts, spans, trained))
             return done
-        return self._pool.submit(_encode_in_worker, texts, spans)
+        return self._pool.submit(_encode_in_worker, texts, spans, trained)
 
     def result(self, future: Future[_Encoded]) -> _Encoded:
         """The batch's tokens; a worker that died (killed, out of memory) is a clean one-line error."""
@@ -143,9 +171,10 @@ class _Tokenizers:
                             f"{self.num_proc}; rerun with a lower data.num_proc") from None
 
 
-def _encoded_batches(docs: Iterable[Document], tokenizers: _Tokenizers,
-                    injector: NoiseInjector | None) -> Iterator[tuple[list[Document], _Encoded]]:
-    """Every batch of non-empty documents with its tokens, in corpus order.
+def _encoded_batches(docs: Iterable[Document], tokenizers: _Tokenizers, injector: NoiseInjector | None,
+                     loss_mask: bool = False) -> Iterator[tuple[list[Document], _Encoded]]:
+    """Every batch of non-empty documents with its tokens (and, with `loss_mask`, its trained tokens), in
+    corpus order.
 
     Noise is injected here, in one process, batch after batch; the controller is fed each batch's
     token counts NOISE_LAG batches late, whether the batch came back at once (num_proc=1) or
@@ -169,7 +198,8 @@ def _encoded_batches(docs: Iterable[Document], tokenizers: _Tokenizers,
         if not batch:
             break
         if injector is None:
-            submitted.append((batch, tokenizers.submit([d.text for d in batch], None), (0, 0)))
+            trained = [d.trained for d in batch] if loss_mask else None
+            submitted.append((batch, tokenizers.submit([d.text for d in batch], None, trained), (0, 0)))
             continue
         while retrieved - len(unseen) < seen:
             injector.observe(*unseen.popleft())
@@ -185,16 +215,19 @@ def _encoded_batches(docs: Iterable[Document], tokenizers: _Tokenizers,
 class _Packer:
     """Concatenate documents and write full blocks; only the unfinished blocks stay in memory."""
 
-    def __init__(self, root: Path, block_len: int, cap: int | None, noise: bool) -> None:
-        self.block_len, self.cap, self.noise = block_len, cap, noise
+    def __init__(self, root: Path, block_len: int, cap: int | None, noise: bool, loss_mask: bool = False) -> None:
+        self.block_len, self.cap, self.noise, self.loss_mask = block_len, cap, noise, loss_mask
         self.files = {"tokens": BlockFile(root / "tokens.npy", np.int32, block_len),
                       "doc_ids": BlockFile(root / "doc_ids.npy", np.int32, block_len)}
         if noise:
             self.files["noise_mask"] = BlockFile(root / "noise_mask.npy", np.bool_, block_len)
             self.files["noise_kind"] = BlockFile(root / "noise_kind.npy", np.uint8, block_len)
-        # per token, not yet written: tokens, doc_ids, origin (index into origins), noise_kind
-        self.parts: dict[str, list[np.ndarray]] = {"tokens": [], "doc_ids": [], "origin": [], "noise_kind": []}
-        self.n_pending = self.accepted = self.n_docs = self.stored_docs = 0
+        if loss_mask:
+            self.files["loss_mask"] = BlockFile(root / "loss_mask.npy", np.bool_, block_len)
+        # per token, not yet written: tokens, doc_ids, origin (index into origins), noise_kind, loss_mask
+        self.parts: dict[str, list[np.ndarray]] = {"tokens": [], "doc_ids": [], "origin": [], "noise_kind": [],
+                                                   "loss_mask": []}
+        self.n_pending = self.accepted = self.n_docs = self.stored_docs = self.trained_tokens = 0
         self.source_ids: list[str] = []
         self.origins: dict[str, int] = {}  # origin -> its code (uint8)
         self.origin_tokens = np.zeros(256, np.int64)
@@ -203,13 +236,14 @@ class _Packer:
 
     def add(self, docs: list[Document], enc: _Encoded) -> bool:
         """Append a batch of documents (EOS included); True once the cap is reached (the batch is cut there)."""
-        ids, lens, kinds = enc
+        ids, lens, kinds, trained = enc
         if self.cap is not None and self.accepted + len(ids) >= self.cap:
             keep = self.cap - self.accepted
             ends = np.cumsum(lens)
             n = int(np.searchsorted(ends, keep)) + 1  # the documents that the first `keep` tokens touch
             docs, ids, lens = docs[:n], ids[:keep], np.append(lens[:n - 1], keep - ends[n - 1] + lens[n - 1])
             kinds = None if kinds is None else kinds[:keep]
+            trained = None if trained is None else trained[:keep]
         codes = np.array([self.origins.setdefault(d.origin, len(self.origins)) for d in docs], np.uint8)
         self.source_ids += [d.source_id for d in docs if d.source_id is not None]
         self.parts["tokens"].append(ids)
@@ -217,6 +251,8 @@ class _Packer:
         self.parts["origin"].append(np.repeat(codes, lens))
         if kinds is not None:
             self.parts["noise_kind"].append(kinds)
+        if trained is not None:
+            self.parts["loss_mask"].append(trained)
         self.n_docs += len(docs)
         self.n_pending += len(ids)
         self.accepted += len(ids)
@@ -233,6 +269,9 @@ class _Packer:
                 kinds = pending["noise_kind"][:n]
                 rows.update(noise_mask=is_noise(kinds), noise_kind=kinds)
                 self.kind_tokens += np.bincount(kinds, minlength=len(self.kind_tokens))
+            if self.loss_mask:
+                rows["loss_mask"] = pending["loss_mask"][:n]
+                self.trained_tokens += int(np.count_nonzero(rows["loss_mask"]))
             for name, f in self.files.items():
                 f.append(rows[name].reshape(-1, self.block_len))
                 self.hash.update(rows[name].tobytes())
@@ -255,12 +294,13 @@ class _Packer:
 def write_store(path: str | Path, docs: Iterable[Document], tokenizer: Any, block_len: int, *,
                 cap: int | None = None, injector: NoiseInjector | None = None,
                 meta: dict[str, Any] | None = None, label: str = "store", num_proc: int = 1,
-                tokenizer_fp: str | None = None) -> dict[str, Any]:
+                tokenizer_fp: str | None = None, data_format: str = "text") -> dict[str, Any]:
     """Tokenize, inject noise (if `injector`), pack and write one store atomically; returns its meta.json.
 
     `docs` may be a generator of any length: it is consumed in batches of BATCH_DOCS, tokenized
     by `num_proc` processes (module docstring). `tokenizer_fp` saves recomputing the tokenizer's
-    fingerprint when the caller has it.
+    fingerprint when the caller has it. `data_format` other than "text" (`data.format`) renders
+    chat documents and writes loss_mask.npy from the documents' trained spans.
     """
     from .models import tokenizer_fingerprint
 
@@ -270,12 +310,20 @@ def write_store(path: str | Path, docs: Iterable[Document], tokenizer: Any, bloc
     if injector is not None and not tokenizer.is_fast:
         raise UserError("noise injection maps characters to tokens and needs a fast tokenizer; "
                         "set data.noise_rate=0 or use a tokenizer with a tokenizer.json")
+    loss_mask = data_format != "text"
+    if loss_mask and not tokenizer.is_fast:
+        raise UserError(f"data.format={data_format} maps the prompt/response characters to tokens and needs a fast "
+                        "tokenizer (one with a tokenizer.json)")
+    if loss_mask and injector is not None:
+        raise ValueError("noise injection would move the trained spans of a loss-masked store")
+    if loss_mask:
+        docs = (_rendered(tokenizer, d) for d in docs)
     path = Path(path)
     with (atomic_dir(path) as tmp, _Tokenizers(tokenizer, eos, num_proc) as tokenizers,
           tqdm(total=cap, unit="tok", desc=f"prepare {label}", disable=None) as bar):
-        packer = _Packer(tmp, block_len, cap, noise=injector is not None)
+        packer = _Packer(tmp, block_len, cap, noise=injector is not None, loss_mask=loss_mask)
         try:
-            for batch, enc in _encoded_batches(docs, tokenizers, injector):
+            for batch, enc in _encoded_batches(docs, tokenizers, injector, loss_mask):
                 before = packer.accepted
                 full = packer.add(batch, enc)
                 bar.update(packer.accepted - before)
@@ -300,6 +348,8 @@ def write_store(path: str | Path, docs: Iterable[Document], tokenizer: Any, bloc
             "max_tokens": cap, "capped": cap is not None and packer.accepted >= cap,
             "tokens_by_origin": {o: int(packer.origin_tokens[i]) for o, i in packer.origins.items()},
             "noise": _noise_meta(injector, packer, n_tokens),
+            **({"sft": {"format": data_format, "loss_mask_tokens": packer.trained_tokens,
+                        "loss_mask_share": packer.trained_tokens / n_tokens}} if loss_mask else {}),
             "fingerprint": packer.hash.hexdigest()[:16],
             "created_by": __version__,
             **(meta or {}),
@@ -308,6 +358,45 @@ def write_store(path: str | Path, docs: Iterable[Document], tokenizer: Any, bloc
             info["documents"] = packer.source_ids[: packer.stored_docs]
         write_json(tmp / "meta.json", info)
     return info
+
+
+def render_chat(tokenizer: Any, messages: Sequence[dict[str, Any]]) -> tuple[str, tuple[tuple[int, int], ...]]:
+    """A conversation rendered with the tokenizer's chat template, and its assistant turns' character spans.
+
+    The span of assistant message i is [len(P), len(F)) where P renders messages[:i] with the
+    generation prompt (what the model is given) and F renders messages[:i+1] (so the span holds the
+    answer and the template's end-of-turn text, which the model must learn to produce). Both must be
+    prefixes of the whole rendering; a template that rewrites earlier turns (e.g. drops past
+    reasoning) cannot be masked this way and is refused.
+    """
+    def render(msgs: Sequence[dict[str, Any]], generation_prompt: bool = False) -> str:
+        try:
+            return tokenizer.apply_chat_template(list(msgs), tokenize=False, add_generation_prompt=generation_prompt)
+        except Exception as e:  # jinja's errors (raise_exception in templates, bad roles, ...) are about the data
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise UserError(f"the chat template of {tokenizer.name_or_path} cannot render a conversation of "
+                            f"data.messages_field: {first}") from None
+
+    full = render(messages)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prompt, upto = render(messages[:i], generation_prompt=True), render(messages[:i + 1])
+        if not (full.startswith(upto) and upto.startswith(prompt)):
+            raise UserError(f"the chat template of {tokenizer.name_or_path} does not render conversations "
+                            "incrementally (a conversation's rendering does not start with that of its first turns), "
+                            "so the assistant turns cannot be located: use data.format=prompt_response")
+        spans.append((len(prompt), len(upto)))
+    return full, tuple(spans)
+
+
+def _rendered(tokenizer: Any, doc: Document) -> Document:
+    """A chat document (`messages`) as text and trained spans; other documents as they are."""
+    if doc.messages is None:
+        return doc
+    text, trained = render_chat(tokenizer, doc.messages)
+    return replace(doc, text=text, trained=trained, messages=None)
 
 
 def _noise_meta(injector: NoiseInjector | None, packer: _Packer, n_tokens: int) -> dict[str, Any] | None:
@@ -334,11 +423,17 @@ def prepare(cfg: Config, out: str | Path | OutDir, splits: Sequence[str] | None 
             raise UserError(f"no split {split!r} in data.corpus={data.corpus}{did_you_mean(split, plans)} "
                             f"(available: {', '.join(plans)})")
     tokenizer = load_tokenizer(cfg.model)
+    if data.format == "chat" and not tokenizer.chat_template:
+        raise UserError(f"data.format=chat renders conversations with the tokenizer's chat template, but the "
+                        f"tokenizer of {cfg.model.tokenizer or cfg.model.name} has none: set model.tokenizer to one "
+                        "that has, or use data.format=prompt_response")
     tok_fp = tokenizer_fingerprint(tokenizer)
+    # The vocabulary fingerprint does not see the chat template, which decides a chat store's text.
+    template = {"chat_template": fingerprint(tokenizer.chat_template)} if data.format == "chat" else {}
     summary: dict[str, dict[str, Any]] = {}
     for split in dict.fromkeys(names):
         start = time.perf_counter()
-        meta = _reusable_meta(out.store_dir(split), store_config_fingerprint(cfg, split), tok_fp)
+        meta = _reusable_meta(out.store_dir(split), store_config_fingerprint(cfg, split), tok_fp, template)
         if meta is not None:  # same config and tokenizer: nothing to redo
             summary[split] = _summary(meta, 0.0, reused=True)
             continue
@@ -346,15 +441,16 @@ def prepare(cfg: Config, out: str | Path | OutDir, splits: Sequence[str] | None 
         injector = NoiseInjector(data.noise_rate, data.noise_kinds, data.seed) if noisy else None
         meta = write_store(out.store_dir(split), plans[split].documents, tokenizer, data.block_len,
                            cap=data.cap(split), injector=injector, label=f"split {split}",
-                           num_proc=data.num_proc, tokenizer_fp=tok_fp,
+                           num_proc=data.num_proc, tokenizer_fp=tok_fp, data_format=data.format,
                            meta={"split": split, "seed": data.seed, "tokenizer": cfg.model.tokenizer or cfg.model.name,
-                                 "config_fingerprint": store_config_fingerprint(cfg, split), **plans[split].meta})
+                                 "config_fingerprint": store_config_fingerprint(cfg, split), **template,
+                                 **plans[split].meta})
         summary[split] = _summary(meta, time.perf_counter() - start, reused=False)
     return summary
 
 
-def _reusable_meta(path: Path, config_fp: str, tokenizer_fp: str) -> dict[str, Any] | None:
-    """The meta of an intact store at `path` built from the same config and tokenizer, else None."""
+def _reusable_meta(path: Path, config_fp: str, tokenizer_fp: str, template: dict[str, str]) -> dict[str, Any] | None:
+    """The meta of an intact store at `path` built from the same config, tokenizer and chat `template`, else None."""
     if not (path / "meta.json").is_file():
         return None
     try:
@@ -362,6 +458,7 @@ def _reusable_meta(path: Path, config_fp: str, tokenizer_fp: str) -> dict[str, A
     except UserError:
         return None
     ok = meta.get("config_fingerprint") == config_fp and meta.get("tokenizer_fingerprint") == tokenizer_fp
+    ok = ok and meta.get("chat_template") == template.get("chat_template")
     return meta if ok else None
 
 
@@ -369,4 +466,6 @@ def _summary(meta: dict[str, Any], seconds: float, reused: bool) -> dict[str, An
     out = {k: meta[k] for k in ("n_blocks", "n_tokens", "n_docs")}
     if meta["noise"]:
         out["noise_rate"] = round(meta["noise"]["realized_rate"], 4)
+    if meta.get("sft"):
+        out["trained_share"] = round(meta["sft"]["loss_mask_share"], 4)
     return {**out, "seconds": round(seconds, 2), "reused": reused}

@@ -1,8 +1,9 @@
 """`slm eval`: token-weighted validation loss and perplexity of a run, the reference or the base model.
 
 Perplexity is exp(Σ nats / Σ tokens) over every predicted token of a split (lm-eval's
-weighted perplexity), with the project's one next-token shift (`loss.token_losses`). The
-per-token losses are kept under `token_losses/<split>.npy` (the token store's shape, or under
+weighted perplexity), with the project's one next-token shift (`loss.token_losses`); on a
+supervised fine-tuning split, over its response tokens only (`TokenStore.targets`: what training
+trains). The per-token losses are kept under `token_losses/<split>.npy` (the token store's shape, or under
 `eval.max_tokens` the blocks `TokenStore.spread_blocks` picks over every document; NaN where
 nothing was predicted) for the bucket analyses and the bootstrap intervals; trajectory
 snapshots are evaluated on the bucket split into `token_losses/trajectory/step-NNNNNN.npy`,
@@ -46,6 +47,9 @@ def model_digest(cfg: Config, run: RunDir) -> str:
     retrained run or another base model invalidates them): the reference's digest, the base model's name,
     a run's config hash."""
     if run.name == "reference":
+        if cfg.reference.is_self:
+            raise UserError(f"reference.mode={cfg.reference.mode} has no reference model to evaluate: the "
+                            "students' own weights are their reference")
         return read_json(run.reference_json)["digest"]
     if run.name == "base":
         return fingerprint(cfg.model.name, cfg.model.revision)
@@ -81,7 +85,7 @@ def _cached_pass(cfg: Config, model: Any, store: TokenStore, path: Path, expecte
         raise UserError(f"cannot write token losses to {path.parent}: {e.strerror or e}") from None
     prepare()
     token_loss_pass(model, store, path, expected, desc, batch_size=cfg.eval.batch_size,
-                    chunk_size=cfg.scoring.chunk_size, doc_boundaries=cfg.data.doc_boundaries)
+                    chunk_size=cfg.scoring.chunk_size, doc_boundaries=cfg.data.doc_boundaries, loss_mask=True)
     write_json(meta_path, expected)
 
 

@@ -11,6 +11,7 @@ of the train store: `input_ids`, `labels` (the token where it is selected, -100 
 `attention_mask`, so any trainer that shifts labels the Hugging Face way (transformers'
 causal-LM loss: position t's logits predict `labels[t + 1]`) trains on exactly the selected
 tokens, without this package: `datasets.load_from_disk(path)` and transformers' `Trainer`.
+A supervised fine-tuning store's prompt tokens are never selected, so their labels are -100.
 """
 
 from __future__ import annotations
@@ -25,9 +26,10 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import Config
+from .errors import UserError
 from .files import atomic_dir, atomic_path
 from .layout import OutDir
-from .loss import forward_hidden, token_losses, valid_mask
+from .loss import forward_hidden, token_losses
 from .models import load_tokenizer, load_trained, token_texts, tokenizer_fingerprint
 from .selection import scores, select, trainable_mask
 
@@ -64,7 +66,10 @@ def export_selected(cfg: Config, out: str | Path | OutDir) -> dict[str, Any]:
     out = OutDir.of(out)
     run = out.run(cfg.train.run_name())
     summary = run.summary  # says `run slm train` when the run has not finished
-    strategy, score_kind, ratio = cfg.train.selection_rule()
+    if cfg.reference.is_self and cfg.train.needs_reference():
+        raise UserError(f"export-selected rescores with a stored reference; reference.mode={cfg.reference.mode} "
+                        "selected with the student's own weights, online: nothing to rescore with")
+    rule = cfg.train.selection_rule()
     store = out.store("train")
     tokenizer = load_tokenizer(cfg.model)
     ref = out.scores("train", store, tokenizer_fingerprint(tokenizer), cfg.scoring.dtype) \
@@ -81,15 +86,15 @@ def export_selected(cfg: Config, out: str | Path | OutDir) -> dict[str, Any]:
             rows = slice(start, min(start + bs, n_blocks))
             ids = torch.from_numpy(np.asarray(store.tokens[rows], dtype=np.int64))
             noise = torch.from_numpy(np.array(store.noise_mask[rows])) if store.noise_mask is not None else None
-            # The trainer's targets: no document's first token under data.doc_boundaries.
-            doc = torch.from_numpy(np.array(store.doc_ids[rows])) if cfg.data.doc_boundaries else None
-            valid = trainable_mask(valid_mask(ids, doc_ids=doc), noise,
+            # The trainer's targets: no document's first token under data.doc_boundaries, no prompt token.
+            valid = trainable_mask(torch.from_numpy(store.targets(rows, cfg.data.doc_boundaries)), noise,
                                    oracle=cfg.train.method == "oracle" and noise is not None)
             hidden, head = forward_hidden(model, ids)
             own = token_losses(hidden, head, ids, valid, chunk_size=cfg.scoring.chunk_size)
             ref_rows = torch.from_numpy(np.array(ref[rows])) if ref is not None else None
-            s = scores(score_kind, own, ref_rows)
-            chosen = select(s, ratio, strategy, "sequence", valid, gen, temperature=cfg.train.temperature)
+            s = scores(rule.score, own, ref_rows)
+            chosen = select(s, rule.ratio, rule.strategy, "sequence", valid, gen, temperature=cfg.train.temperature,
+                            threshold=rule.threshold)
             keep[rows], score_arr[rows] = chosen.numpy(), torch.where(valid, s, torch.nan).numpy()
     if cfg.export.format == "hf":
         return _export_hf(out.selected_hf, np.asarray(store.tokens), keep, int(np.isfinite(score_arr).sum()),
@@ -103,7 +108,7 @@ def export_selected(cfg: Config, out: str | Path | OutDir) -> dict[str, Any]:
             k, sc = keep.reshape(-1)[pos], score_arr.reshape(-1)[pos]
             text, spans = _spans(token_texts(tokenizer, ids), k, sc)
             record = {"run": run.name, "doc_id": doc, "source_id": documents[doc] if doc < len(documents) else None,
-                      "method": summary["method"], "ratio": ratio, "score": score_kind,
+                      "method": summary["method"], "ratio": summary["ratio"], "score": rule.score,
                       "n_tokens": len(ids), "n_selected": int(k.sum()), "text": text, "spans": spans,
                       "selected_text": "".join(text[s["start"]:s["end"]] for s in spans)}
             f.write(json.dumps(record, ensure_ascii=False) + "\n")

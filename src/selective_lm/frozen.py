@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from .errors import UserError
 from .files import atomic_path, read_json, write_json
 from .layout import SCORE_STORAGE, TokenStore
-from .loss import forward_hidden, token_losses, valid_mask
+from .loss import forward_hidden, token_losses
 
 T = TypeVar("T")
 # How long a rank waits for the others: the main process may evaluate and report alone, and a resumed rank
@@ -150,13 +150,15 @@ def _relaunch_hint(world: int) -> str:
 
 
 def token_loss_pass(model: Any, store: TokenStore, target: Path, expected: dict[str, Any], desc: str, *,
-                    batch_size: int, chunk_size: int, doc_boundaries: bool = False,
+                    batch_size: int, chunk_size: int, doc_boundaries: bool = False, loss_mask: bool = False,
                     rows: np.ndarray | None = None, dtype: str = "float32",
                     ranks: Ranks | None = None) -> float | None:
     """Per-token losses of every block of `store` into `target` (.npy `[n_blocks, T]`, NaN where no target).
 
     The losses are float32 and stored in `dtype` (see `encode_losses`).
-    `doc_boundaries` also masks (NaN) targets whose previous token is in another document.
+    `doc_boundaries` also masks (NaN) targets whose previous token is in another document, and
+    `loss_mask` the prompt tokens of a supervised fine-tuning store (`TokenStore.targets`): evaluation
+    counts what training trains; scoring leaves both off, so one score store serves every mask.
     `rows` (sorted block indices) restricts the pass to those blocks; the others stay NaN.
     Resumable: rows go into a partial memmap, and after every batch a progress file records how
     many are done; a rerun with the same `expected` fingerprints and batch size continues there,
@@ -210,9 +212,8 @@ def token_loss_pass(model: Any, store: TokenStore, target: Path, expected: dict[
             batch = mine[done : done + batch_size]
             # One copy: the int32 memmap rows straight into the int64 ids the embedding needs.
             ids = torch.from_numpy(np.asarray(store.tokens[batch], dtype=np.int64)).to(ranks.device)
-            doc = torch.from_numpy(np.array(store.doc_ids[batch])).to(ranks.device) if doc_boundaries else None
-            array[batch] = encode_losses(model_token_losses(model, ids, valid_mask(ids, doc_ids=doc), chunk_size),
-                                         dtype)
+            valid = torch.from_numpy(store.targets(batch, doc_boundaries, loss_mask)).to(ranks.device)
+            array[batch] = encode_losses(model_token_losses(model, ids, valid, chunk_size), dtype)
             done += len(batch)
             write_json(progress_path, {**key, "world": world, "rank": rank, "done_blocks": done})
             bar.update(len(batch) * block_len)

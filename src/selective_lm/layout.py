@@ -1,7 +1,8 @@
 """The one owner of the on-disk layout under `--out`: token stores, score stores, runs.
 
 ```
-<out>/data/<split>/      token store: tokens.npy, doc_ids.npy, [noise_mask.npy, noise_kind.npy], meta.json
+<out>/data/<split>/      token store: tokens.npy, doc_ids.npy, [noise_mask.npy, noise_kind.npy], [loss_mask.npy],
+                         meta.json
 <out>/scores/<split>/    score store: ref_loss.npy in scoring.dtype (+ meta.json: its fingerprints and dtype)
 <out>/reference/         the reference model (a RunDir) + reference.json
 <out>/base/              evaluation outputs of the untrained base model (a RunDir without weights)
@@ -44,7 +45,8 @@ class TokenStore:
     """A split's store, memory-mapped: tokens and doc_ids int32 [n_blocks, block_len],
     noise_mask bool of the same shape (True on the noise kinds; None when no noise was injected),
     noise_kind uint8 of the same shape (every token's kind id, names in
-    meta["noise"]["kind_names"]; None when no noise was injected)."""
+    meta["noise"]["kind_names"]; None when no noise was injected), loss_mask bool of the same
+    shape (False on prompt tokens, which are never trained; None for plain text: all trained)."""
 
     path: Path
     tokens: np.ndarray
@@ -53,6 +55,7 @@ class TokenStore:
     meta: dict[str, Any]
     noise_kind: np.ndarray | None = None
     rows: np.ndarray | None = None  # a subset's block indices in the full store (None: the whole store)
+    loss_mask: np.ndarray | None = None
 
     @property
     def n_blocks(self) -> int:
@@ -66,6 +69,24 @@ class TokenStore:
     def fingerprint(self) -> str:
         """Identifies the store's content and settings: score stores and token losses record it."""
         return fingerprint(self.meta)
+
+    def targets(self, rows: np.ndarray | slice, doc_boundaries: bool, loss_mask: bool = True) -> np.ndarray:
+        """bool `[len(rows), T]`: the positions of blocks `rows` that have a target to train or evaluate.
+
+        t > 0 (position 0 has no context in its block); with `doc_boundaries`, t and t - 1 in the
+        same document; with `loss_mask`, not a prompt token (the store's loss_mask). The one
+        definition that training, selection, evaluation and export share. Scoring passes
+        `loss_mask=False`: one score store then serves every mask.
+        """
+        n = len(range(self.n_blocks)[rows]) if isinstance(rows, slice) else len(rows)
+        valid = np.ones((n, self.block_len), dtype=np.bool_)
+        valid[:, 0] = False
+        if doc_boundaries:
+            doc = np.asarray(self.doc_ids[rows])
+            valid[:, 1:] &= doc[:, 1:] == doc[:, :-1]
+        if loss_mask and self.loss_mask is not None:
+            valid &= np.asarray(self.loss_mask[rows])
+        return valid
 
     def spread_blocks(self, max_tokens: int | None) -> np.ndarray:
         """Sorted indices of the blocks holding about `max_tokens` tokens, spread over every document.
@@ -127,7 +148,7 @@ class BlockOrder:
 
 def store_config_fingerprint(cfg: Config, split: str) -> str:
     """What produced a split: the data settings that matter to it and the tokenizer named."""
-    data = cfg.data.model_dump(mode="json")
+    data = cfg.data.hashed(mode="json")
     data["max_tokens"] = cfg.data.cap(split)
     return fingerprint(STORE_FORMAT, split, data, cfg.model.tokenizer or cfg.model.name, cfg.model.revision)
 
@@ -162,7 +183,8 @@ def load_store(path: str | Path) -> TokenStore:
     noisy = bool(meta.get("noise"))
     noise = _open_array(path / "noise_mask.npy", np.bool_, shape) if noisy else None
     kind = _open_array(path / "noise_kind.npy", np.uint8, shape) if noisy else None
-    return TokenStore(path, tokens, doc_ids, noise, meta, noise_kind=kind)
+    loss_mask = _open_array(path / "loss_mask.npy", np.bool_, shape) if meta.get("sft") else None
+    return TokenStore(path, tokens, doc_ids, noise, meta, noise_kind=kind, loss_mask=loss_mask)
 
 
 class BlockFile:
@@ -405,8 +427,8 @@ class OutDir:
         stored as float32, else a `HalfScores` that converts the rows it is indexed with."""
         score_dir = self.scores_dir(split)
         if not (score_dir / "ref_loss.npy").is_file() or not (score_dir / "meta.json").is_file():
-            raise UserError(f"score kind needs reference scores but {score_dir} has none: run `slm score --out "
-                            f"{self.root}` (or use train.score=loss / train.method=random)")
+            raise UserError(f"this run reads reference losses but {score_dir} has none: run `slm score --out "
+                            f"{self.root}` (or use train.score=loss, or a self-reference: reference.mode=ema)")
         meta = read_json(score_dir / "meta.json")
         if meta.get("token_store") != store.fingerprint:
             raise UserError(f"the scores in {score_dir} belong to another token store: rerun `slm score`")

@@ -319,6 +319,7 @@ def selective_lm_loss(
     generator: torch.Generator | None = None,
     temperature: float = 1.0,
     soft: bool = False,
+    threshold: float | None = None,
     attention_mask: Tensor | None = None,
     group: dist.ProcessGroup | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
@@ -330,14 +331,15 @@ def selective_lm_loss(
     linear head (LoRA) at ratio >= 0.5 the head runs once over every valid row with grad and the
     selected losses are summed; otherwise a no-grad pass on `hidden.detach()` scores, and only
     the selected rows go through the head with grad (see the module docstring for the cost).
-    At ratio 1 (hard) every valid token is selected whatever the scores: exactly CLM.
+    At ratio 1 (hard) every valid token is selected whatever the scores: exactly CLM. A `threshold`
+    selects the tokens scoring above it instead (`selection.select`; the ratio then only picks the path).
     """
     if valid.dtype != torch.bool or valid.shape != input_ids.shape:
         raise ValueError(f"valid must be a bool tensor shaped like input_ids {tuple(input_ids.shape)}")
     if valid[:, 0].any():
         raise ValueError("valid is True at position 0, which has no target: build it with valid_mask()")
-    if score_kind == "none" and strategy == "topk" and ratio < 1 and not soft:
-        raise ValueError("score kind 'none' with strategy 'topk' selects by position; use 'random'")
+    if score_kind == "none" and (threshold is not None or (strategy == "topk" and ratio < 1 and not soft)):
+        raise ValueError("score kind 'none' selects by position with top-k or a threshold; use 'random' or a score")
     hidden, head = forward_hidden(model, input_ids, attention_mask)
     own_grad = None
     # A frozen linear head costs 2 matmuls per row with grad, 1 without: one grad pass over every valid
@@ -351,7 +353,8 @@ def selective_lm_loss(
             own = token_losses(hidden.detach(), head, input_ids, valid, chunk_size=chunk_size)
     s = scores(score_kind, own, ref_loss)
     chosen = select(
-        s, ratio, strategy, scope, valid, generator, temperature=temperature, soft=soft, group=group
+        s, ratio, strategy, scope, valid, generator, temperature=temperature, soft=soft, threshold=threshold,
+        group=group,
     )
     if own_grad is None:
         loss_sum = selected_loss_sum(hidden, head, input_ids, chosen, chunk_size=chunk_size)

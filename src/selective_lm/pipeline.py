@@ -60,9 +60,10 @@ def _run(cfg: Config, out: OutDir, team: Ranks) -> dict[str, Any] | None:
     train_tokens = cfg.train.steps * cfg.train.batch_size * cfg.train.grad_accum * cfg.data.block_len
     configs = cfg.grid_runs(has_noise=bool(prepared.get("train", {}).get("noise_rate")))
     val_tokens = sum(prepared.get(s, {}).get("n_tokens", 0) for s in cfg.eval.splits)
-    evaluated = [*configs, "reference", "base"]
-    tasks = [Task("reference", 3 * cfg.reference.steps * cfg.reference.batch_size * cfg.data.block_len),
-             Task("score", prepared["train"]["n_tokens"] if cfg.scoring.mode == "offline" else 0),
+    own = cfg.reference.is_self  # the students' own weights are the reference: no reference model, no score store
+    evaluated = [*configs, *([] if own else ["reference"]), "base"]
+    tasks = [Task("reference", 0 if own else 3 * cfg.reference.steps * cfg.reference.batch_size * cfg.data.block_len),
+             Task("score", prepared["train"]["n_tokens"] if cfg.scoring.mode == "offline" and not own else 0),
              *(Task(f"train {n}", 3 * train_tokens) for n in configs),
              *(Task(f"eval {n}", val_tokens) for n in evaluated),
              Task("analyze + report", val_tokens)]
@@ -76,13 +77,14 @@ def _run(cfg: Config, out: OutDir, team: Ranks) -> dict[str, Any] | None:
         bar.set_description(f"slm run · {task.label}")
         bar.update(task.cost)
 
-    reference(cfg, out)
-    team.wait()  # reference.json is written before any rank scores with it
+    if not own:
+        reference(cfg, out)
+        team.wait()  # reference.json is written before any rank scores with it
     advance()
-    if cfg.scoring.mode == "offline" and any(c.train.needs_reference() for c in configs.values()):
+    if cfg.scoring.mode == "offline" and not own and any(c.train.needs_reference() for c in configs.values()):
         score(cfg, out)
     advance()
-    ref_model = load_reference_model(cfg, out) if cfg.scoring.mode == "online" else None
+    ref_model = load_reference_model(cfg, out) if cfg.scoring.mode == "online" and not own else None
     for name, run_cfg in configs.items():
         train(run_cfg, out, name, reference_model=ref_model, replace_stale=True)
         advance()

@@ -147,13 +147,14 @@ def cosine(names: Sequence[str], matrix: np.ndarray, path: Path) -> None:
     _save(fig, path)
 
 
-def selection(runs: Sequence[str], noise: Sequence[float], clean: Sequence[float], path: Path) -> None:
-    """Share of noise vs clean tokens each run selected (fractions in, percent shown)."""
+def selection(runs: Sequence[str], noise: Sequence[float | None], clean: Sequence[float | None], path: Path) -> None:
+    """Share of noise vs clean tokens each run selected (fractions in, percent shown; None, e.g. the noise share
+    of a noise-free store such as supervised fine-tuning data, is no bar)."""
     fig = Figure(figsize=(max(6, 0.9 * len(runs) + 3), 4.8))
     ax = fig.subplots()
     series = {
-        "noise tokens selected": [100 * v for v in noise],
-        "clean tokens selected": [100 * v for v in clean],
+        "noise tokens selected": [np.nan if v is None else 100 * v for v in noise],
+        "clean tokens selected": [np.nan if v is None else 100 * v for v in clean],
     }
     _grouped_bars(ax, runs, series, "{:.0f}", colors=["#d62728", "#2ca02c"])
     ax.set_ylabel("selected (%)")

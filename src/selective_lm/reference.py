@@ -31,6 +31,9 @@ def reference(cfg: Config, out: str | Path | OutDir) -> dict[str, Any]:
     out = OutDir.of(out)
     ref = out.reference
     mode = cfg.reference.mode
+    if cfg.reference.is_self:
+        raise UserError(f"reference.mode={mode} has no reference model to make: the student's own weights score "
+                        "online during `slm train` / `slm run`")
     tokenizer = load_tokenizer(cfg.model)
     if mode == "trained":
         summary = Trainer(_reference_train_config(cfg), out, ref, split="reference").fit(replace_stale=True)

@@ -227,7 +227,7 @@ def _runs_section(runs: dict[str, dict[str, Any]], order: list[str], splits: lis
         return "## Runs\n\nresults.json has no runs yet."
     note = (f"\n\nNot in this grid (other configs in the same out dir, left out of every table): "
             f"{', '.join(f'`{n}`' for n in others)}." if others else "")
-    header = ["run", "method", "ratio", "seed", "steps", "tokens trained", "train loss (final)"]
+    header = ["run", "method", "selects", "seed", "steps", "tokens trained", "trained share", "train loss (final)"]
     header += [f"{s} ppl" for s in splits]
     rows = []
     for n in order:
@@ -236,25 +236,37 @@ def _runs_section(runs: dict[str, dict[str, Any]], order: list[str], splits: lis
             [
                 f"`{n}`",
                 str(r.get("method", NA)),
-                _fmt(r.get("ratio"), "g"),
+                _budget(r),
                 _fmt(r.get("seed"), "d"),
                 _fmt(r.get("steps"), ","),
                 _fmt(r.get("tokens_trained"), ","),
+                _fmt(r.get("selected_share"), ".3f"),
                 _fmt(r.get("train_loss_final"), ".3f"),
             ]
             + [_fmt(_ppl(r, s), ".2f") for s in splits]
         )
-    text = "## Runs\n\nPerplexity is token-weighted (exp of the mean loss over all validation tokens).\n\n"
+    text = ("## Runs\n\nPerplexity is token-weighted (exp of the mean loss over all validation tokens). *Selects*: "
+            "the ratio of each scope unit's tokens (rule topk), or every token whose score exceeds a threshold "
+            "(rules positive and threshold; random controls then draw as many). *Trained share*: tokens trained / "
+            "tokens that could train, over the whole run (`log.jsonl` has it per step as `selected_frac`).\n\n")
     text += _table(header, rows)
     multi = [g for g in _groups(runs, order).values() if len(g.names) > 1]
     if multi:
         rows = [
-            [f"`{g.label}`", g.method, _fmt(g.ratio, "g"), str(len(g.names))] + [_mean_std(g.ppl[s]) for s in splits]
+            [f"`{g.label}`", g.method, g.budget, str(len(g.names))] + [_mean_std(g.ppl[s]) for s in splits]
             for g in multi
         ]
         text += "\n\n### Over seeds\n\nMean ± sample standard deviation of validation perplexity.\n\n"
-        text += _table(["group", "method", "ratio", "seeds"] + [f"{s} ppl" for s in splits], rows)
+        text += _table(["group", "method", "selects", "seeds"] + [f"{s} ppl" for s in splits], rows)
     return text + note
+
+
+def _budget(run: dict[str, Any]) -> str:
+    """How many tokens a run selects: 'ratio 0.5', or 'score > 0' for the threshold rules (positive, threshold)."""
+    rule = run.get("rule", "topk")
+    if rule == "topk" or run.get("method") in BASELINES:
+        return f"ratio {_fmt(run.get('ratio'), 'g')}"
+    return f"score > {_fmt(run.get('threshold') or 0.0, 'g')}"
 
 
 def _mean_std(values: list[float]) -> str:
@@ -270,7 +282,7 @@ class _Group:
 
     label: str
     method: str
-    ratio: float | None
+    budget: str  # how many tokens it selects (`_budget`): a random control must match it
     names: list[str] = field(default_factory=list)
     ppl: dict[str, list[float]] = field(default_factory=dict)
     deltas: dict[str, list[dict[str, float]]] = field(default_factory=dict)  # split -> each seed's Δ vs CLM
@@ -300,7 +312,7 @@ def _groups(runs: dict[str, dict[str, Any]], order: list[str]) -> dict[str, _Gro
     for n in order:
         r = runs[n]
         label = re.sub(r"-s\d+$", "", n)
-        g = groups.setdefault(label, _Group(label, str(r.get("method", label)), r.get("ratio")))
+        g = groups.setdefault(label, _Group(label, str(r.get("method", label)), _budget(r)))
         g.names.append(n)
         for s, v in (r.get("val") or {}).items():
             g.ppl.setdefault(s, []).append(float(v.get("ppl", np.nan)))
@@ -317,17 +329,17 @@ def _comparison_section(runs: dict[str, dict[str, Any]], order: list[str], split
         return f"{title}\n\nNo SLM run with validation results: nothing to compare."
     by_method = {g.method: g for g in groups.values() if g.method in ("clm", "oracle", "reference")}
     clm = by_method.get("clm")
-    randoms = {g.ratio: g for g in groups.values() if g.method == "random"}
+    randoms = {g.budget: g for g in groups.values() if g.method == "random"}
     lines = [
         title,
-        "Each SLM setting beside the random-selection control at the same ratio, the oracle (CLM "
+        "Each SLM setting beside the random-selection control of the same count (ratio or threshold), the oracle (CLM "
         "trained without the injected noise tokens), CLM and the reference model. Δ is the relative "
         "perplexity change vs CLM (negative = better), with its paired bootstrap 95 % interval over the "
         "validation documents in brackets; settings with several seeds use the mean (and the envelope of "
         "their intervals). A difference whose interval covers 0 is called within noise.",
     ]
     for g in slm:
-        peers = (g, randoms.get(g.ratio), *(by_method.get(m) for m in ("oracle", "clm", "reference")))
+        peers = (g, randoms.get(g.budget), *(by_method.get(m) for m in ("oracle", "clm", "reference")))
         rows_of = [x for x in peers if x]
         header = ["model"] + [c for s in splits for c in (f"{s} ppl", f"Δ {s} vs CLM")]
         rows = []
@@ -342,7 +354,7 @@ def _comparison_section(runs: dict[str, dict[str, Any]], order: list[str], split
         lines += [
             f"### `{g.label}`",
             _table(header, rows),
-            _verdict(g, clm, randoms.get(g.ratio), by_method.get("oracle"), splits),
+            _verdict(g, clm, randoms.get(g.budget), by_method.get("oracle"), splits),
         ]
     return "\n\n".join(lines)
 
@@ -385,20 +397,20 @@ def _verdict(g: _Group, clm: _Group | None, rnd: _Group | None, oracle: _Group |
         if noisy_seed:
             out.append(f"On {', '.join(noisy_seed)} the difference is smaller than the spread across seeds.")
     if rnd is None:
-        out.append(f"There is no random-selection control at ratio {_fmt(g.ratio, 'g')}.")
+        out.append(f"There is no random-selection control that selects {g.budget}.")
     else:
         wins = [s for s in splits if g.mean(s) < rnd.mean(s)]
         known = [s for s in splits if np.isfinite(g.mean(s)) and np.isfinite(rnd.mean(s))]
         if known and len(wins) == len(known):
             every = {1: known[0], 2: "both splits"}.get(len(known), f"all {len(known)} splits")
-            out.append(f"It beats `{rnd.label}` (random selection, same ratio) on {every}.")
+            out.append(f"It beats `{rnd.label}` (random selection, {g.budget}) on {every}.")
         elif wins:
             lost = [s for s in known if s not in wins]
             out.append(f"It beats `{rnd.label}` on {', '.join(wins)} but not on {', '.join(lost)}.")
         elif known:
             out.append(
                 f"It does not beat `{rnd.label}` on any split: the selection score adds nothing over "
-                "random selection at this ratio."
+                f"random selection of {g.budget}."
             )
     if oracle is not None:
         out.append(f"It is {_versus(g, oracle, splits, 'the oracle')}.")
@@ -509,7 +521,8 @@ def _selection_section(selection: dict[str, dict[str, float]], order: list[str])
     rows = []
     for n in order:
         d = selection[n]
-        noise, clean = d.get("noise_selected_frac", np.nan), d.get("clean_selected_frac", np.nan)
+        # None: nothing to measure (a noise-free store, e.g. supervised fine-tuning data, has no noise share)
+        noise, clean = (np.nan if d.get(k) is None else d[k] for k in ("noise_selected_frac", "clean_selected_frac"))
         rows.append(
             [f"`{n}`", _fmt(100 * noise, ".1f"), _fmt(100 * clean, ".1f"), _selection_word(noise, clean)]
             + [_fmt(d.get(k, np.nan), ".3f") for k in extra]

@@ -42,6 +42,9 @@ def score(cfg: Config, out: str | Path | OutDir, split: str = "train", model: An
     positions training uses, so one score store serves both settings. Launched on several processes,
     the ranks score shards of it; only the main process returns the meta, once the store is complete.
     """
+    if cfg.reference.is_self:
+        raise UserError(f"reference.mode={cfg.reference.mode} is scored online during training, by the student's "
+                        "own weights: there is no score store to make")
     out, team = OutDir.of(out), ranks()
     store = out.store(split)
     tokenizer = load_tokenizer(cfg.model)

@@ -13,6 +13,9 @@ Rules shared by every strategy and scope:
   0.5 of 5 tokens is 3), then at least 1 when `n_valid >= 1`: a micro-batch with a few valid
   tokens still trains on something and the trainer never divides by zero. `ratio = 1.0`
   selects every valid token, so SLM at ratio 1 is exactly CLM. See `num_selected`.
+  With a `threshold` instead (rules `positive` and `threshold`), `k` is the number of valid
+  tokens whose score exceeds it, possibly 0: `topk` then selects exactly those tokens, and
+  `random` or `stochastic` as many tokens by their own keys (a control matched in count).
 - **Order.** Tokens are ranked by the strategy's keys, highest first; ties go to the earlier
   position (row-major), so `topk` is deterministic. Invalid positions are never selected.
 - **Randomness.** One noise value is drawn per *valid* token, in row-major order, from
@@ -29,6 +32,7 @@ Rules shared by every strategy and scope:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
@@ -55,13 +59,17 @@ def lookup(what: str, name: str, registry: Mapping[str, V]) -> V:
 
 # --------------------------------------------------------------------------- score kinds
 
+# Higher = train it. own: the student's token loss now; ref: the reference's loss of the same token.
 SCORE_KINDS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
-    "excess": lambda own, ref: own - ref,  # the paper: what the model still has to learn
+    "excess": lambda own, ref: own - ref,  # Rho-1: what the model still has to learn (own - reference)
+    # ssToken's retrospective excess loss (reference - own): what the model has learned since its reference
+    # (a history model: reference.mode ema or checkpoint, or the base model with reference.mode self)
+    "retrospective": lambda own, ref: ref - own,
     "loss": lambda own, ref: own,  # hardest tokens by the model's own loss
     "reference": lambda own, ref: -ref,  # tokens the reference finds easy
     "none": lambda own, ref: torch.zeros_like(own),  # no preference: pair with random/stochastic
 }
-NEEDS_REFERENCE = ("excess", "reference")  # score kinds that read reference losses
+NEEDS_REFERENCE = ("excess", "retrospective", "reference")  # score kinds that read reference losses
 
 
 def scores(kind: str, own_loss: Tensor, ref_loss: Tensor | None = None) -> Tensor:
@@ -149,7 +157,8 @@ def num_selected(n_valid: Tensor, ratio: float) -> Tensor:
 
 
 def _check(
-    scores: Tensor, ratio: float, strategy: str, scope: str, valid: Tensor, temperature: float
+    scores: Tensor, ratio: float, strategy: str, scope: str, valid: Tensor, temperature: float,
+    threshold: float | None, soft: bool
 ) -> None:
     if not 0.0 < ratio <= 1.0:  # also rejects NaN
         raise ValueError(f"ratio must be in (0, 1], got {ratio}")
@@ -163,8 +172,10 @@ def _check(
         raise ValueError(f"scores {tuple(scores.shape)} and valid {tuple(valid.shape)} must both be [B, T]")
     if not scores.is_floating_point():
         raise ValueError(f"scores must be a float tensor, got {scores.dtype}")
-    if strategy != "random" and not torch.isfinite(scores[valid]).all():
+    if (strategy != "random" or threshold is not None) and not torch.isfinite(scores[valid]).all():
         raise ValueError("scores must be finite at valid positions (NaN/inf found)")
+    if threshold is not None and (soft or not math.isfinite(threshold)):
+        raise ValueError(f"a threshold ({threshold}) must be finite and selects hard masks (soft=False)")
 
 
 def _gumbel(valid: Tensor, dtype: torch.dtype, generator: torch.Generator | None) -> Tensor:
@@ -203,10 +214,14 @@ def _select_rows(
     generator: torch.Generator | None,
     temperature: float,
     soft: bool,
+    threshold: float | None = None,
 ) -> Tensor:
     """Select within each row of `[R, W]` independently; the noise covers all rows at once."""
     scores = scores.to(torch.promote_types(scores.dtype, torch.float32))  # no extra ties from fp16 noise
-    k = num_selected(valid.sum(dim=1), ratio)
+    if threshold is None:
+        k = num_selected(valid.sum(dim=1), ratio)
+    else:
+        k = (valid & (scores > threshold)).sum(dim=1)
     if soft:
         logw = torch.where(valid, strategy.log_weights(scores, temperature), -torch.inf)
         # A row whose weights are all zero (stochastic_positive with no positive score) is uniform.
@@ -245,6 +260,7 @@ def select(
     *,
     temperature: float = 1.0,
     soft: bool = False,
+    threshold: float | None = None,
     group: dist.ProcessGroup | None = None,
 ) -> Tensor:
     """Choose the tokens that train.
@@ -259,11 +275,14 @@ def select(
     zero outside `valid`. The weights of a unit sum to the `k` its hard mask would select, so
     the trainer's "sum of weight x loss, divided by the summed weights (n_selected)" is a
     weighted mean that is comparable with the hard mode's plain mean.
+
+    `threshold` replaces the ratio's count by the number of valid tokens of each scope unit whose
+    score exceeds it (module docstring); it needs finite scores and hard selection.
     """
-    _check(scores, ratio, strategy, scope, valid, temperature)
+    _check(scores, ratio, strategy, scope, valid, temperature, threshold, soft)
     strat = STRATEGIES[strategy]
     if scope == "sequence":
-        return _select_rows(scores, valid, ratio, strat, generator, temperature, soft)
+        return _select_rows(scores, valid, ratio, strat, generator, temperature, soft, threshold)
     if scope == "global" and dist.is_available() and dist.is_initialized():
         all_scores, offset = _gather_rows(scores.nan_to_num(0.0), group)
         all_valid, _ = _gather_rows(valid.to(torch.uint8), group)
@@ -276,10 +295,11 @@ def select(
             generator,
             temperature=temperature,
             soft=soft,
+            threshold=threshold,
         )
         return chosen[offset : offset + scores.shape[0], : scores.shape[1]].contiguous()
     # batch (and global without a process group): all rows as one row-major sequence.
     flat = _select_rows(
-        scores.reshape(1, -1), valid.reshape(1, -1), ratio, strat, generator, temperature, soft
+        scores.reshape(1, -1), valid.reshape(1, -1), ratio, strat, generator, temperature, soft, threshold
     )
     return flat.reshape(scores.shape)

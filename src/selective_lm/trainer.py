@@ -48,14 +48,15 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .analysis import selection as diag
-from .config import Config, TrainConfig
+from .config import BASELINE_METHODS, Config, SelectionRule, TrainConfig
 from .errors import UserError
 from .files import atomic_dir, atomic_path, fingerprint, read_json, write_json, write_text
 from .frozen import model_token_losses
 from .layout import BlockOrder, HalfScores, OutDir, RunDir, TokenStore, store_config_fingerprint
-from .loss import SelectiveLM, SelectiveLoss, valid_mask
+from .loss import SelectiveLM, SelectiveLoss
 from .models import apply_lora, load_model, load_tokenizer, tokenizer_fingerprint
-from .selection import trainable_mask
+from .selection import NEEDS_REFERENCE, trainable_mask
+from .selfref import SelfReference, extra_bytes, local_tensor
 
 # Per-step sums (over micro-batches and ranks) that the log is made of; the selection diagnostics follow.
 STEP_KEYS = ("loss_sum", "n_selected", "n_valid", "n_fed", "score_selected", "score_unselected", "n_unselected")
@@ -82,9 +83,13 @@ def _trainable(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
-def _local(x: torch.Tensor) -> torch.Tensor:
-    """This rank's part of a tensor that FSDP sharded (a DTensor), else the tensor."""
-    return x.to_local() if hasattr(x, "to_local") else x
+def _free_memory(device: torch.device) -> int:
+    """Bytes free for new tensors on `device`: the GPU's free memory, or the host's available memory."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    import psutil  # accelerate's dependency
+
+    return psutil.virtual_memory().available
 
 
 def _state_options(**kwargs: bool) -> Any:
@@ -103,7 +108,7 @@ class Trainer:
 
         self.cfg, self.t, self.out, self.run = cfg, cfg.train, out, run
         self.name = run.name
-        self.strategy, self.score_kind, self.ratio = self.t.selection_rule()
+        self.rule = self.t.selection_rule()
         mp = self.t.mixed_precision
         self.acc = Accelerator(  # creates nothing on disk: the tracker starts in fit(), after validation
             cpu=not torch.cuda.is_available(),
@@ -115,15 +120,21 @@ class Trainer:
         self.tokenizer = load_tokenizer(cfg.model)
         self._check_store()
         self.ref_loss: np.ndarray | HalfScores | None = None
+        # A self-reference (reference.mode ema/checkpoint) is the student's own earlier weights (selfref.py);
+        # every selecting run, controls included, trains every token for its first reference.start_step steps.
+        own_reference = cfg.reference.is_self and split == "train"
+        self.warmup = cfg.reference.start_step if own_reference and self.t.method not in BASELINE_METHODS else 0
         # Online: the reference model scores each micro-batch (it must be the one the offline scores would
         # come from); stored scores are then not used at all, not even for the diagnostics.
-        self.online = self.t.needs_reference() and cfg.scoring.mode == "online"
+        self.online = self.t.needs_reference() and cfg.scoring.mode == "online" and not own_reference
         if self.online and reference_model is None:
             raise UserError("scoring.mode=online needs the reference model (run through `slm run`)")
         self.reference_model = reference_model.to(self.acc.device) if self.online else None
         tok_fp = tokenizer_fingerprint(self.tokenizer)
         dtype = cfg.scoring.dtype  # any stored dtype reads as float32; a store of another dtype is refused
-        if self.t.needs_reference() and not self.online:
+        if own_reference:
+            pass  # stored scores come from another reference: not even the diagnostics read them
+        elif self.t.needs_reference() and not self.online:
             self.ref_loss = out.scores(split, self.store, tok_fp, dtype)
         elif not self.online and out.has_scores(split):  # diagnostics only
             with contextlib.suppress(UserError):
@@ -147,6 +158,11 @@ class Trainer:
         self.world, self.rank = self.acc.num_processes, self.acc.process_index
         self.engine = self._wrap(SelectiveLM(self.model))
         params = list(_trainable(self.model).values())  # after wrapping: FSDP turns them into shards
+        self.self_ref: SelfReference | None = None
+        if own_reference and self.t.needs_reference():
+            self._check_self_reference_memory()
+            r = cfg.reference
+            self.self_ref = SelfReference(_trainable(self.model), r.mode, r.ema_decay, r.checkpoint_step)
         self.optimizer = torch.optim.AdamW(params, lr=self.t.lr, weight_decay=self.t.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(self.t))
         self.order = BlockOrder(self.store.tokens.shape[0], self.t.seed)
@@ -213,6 +229,15 @@ class Trainer:
             raise UserError(f"the token store in {self.store.path} was built from other data settings than "
                             "the config's: rerun `slm prepare` with this config")
 
+    def _check_self_reference_memory(self) -> None:
+        """A self-reference copies the trainable weights: refuse one that would not fit (full fine-tuning)."""
+        need = extra_bytes(_trainable(self.model))
+        free = _free_memory(self.acc.device)
+        if need > 0.9 * free:
+            raise UserError(f"reference.mode={self.cfg.reference.mode} keeps a copy of the trainable weights: "
+                            f"{need / 2**30:.2f} GiB more on {self.acc.device}, where {free / 2**30:.2f} GiB are "
+                            "free; use model.lora=true, shard the model (train.parallel=fsdp) or reference.mode=self")
+
     def _check_model(self, model: Any) -> None:
         n_emb = model.get_input_embeddings().num_embeddings
         if len(self.tokenizer) > n_emb:
@@ -234,8 +259,7 @@ class Trainer:
             # so data parallel equals one process for every strategy.
             rows = self.order.blocks(base + (m * w + self.rank) * b, b)
             ids = torch.from_numpy(np.asarray(self.store.tokens[rows], dtype=np.int64))
-            doc = torch.from_numpy(np.asarray(self.store.doc_ids[rows])) if self.cfg.data.doc_boundaries else None
-            valid = valid_mask(ids, doc_ids=doc)
+            valid = torch.from_numpy(self.store.targets(rows, self.cfg.data.doc_boundaries))  # no prompt tokens
             noise = kinds = None
             if self.store.noise_mask is not None:
                 noise = torch.from_numpy(np.asarray(self.store.noise_mask[rows], dtype=bool)).to(self.acc.device)
@@ -245,7 +269,25 @@ class Trainer:
             yield rows, ids.to(self.acc.device), valid.to(self.acc.device), noise, kinds, ref
 
     def _online_ref(self, ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        return model_token_losses(self.reference_model, ids, valid, self.cfg.scoring.chunk_size)
+        if self.self_ref is None:
+            return model_token_losses(self.reference_model, ids, valid, self.cfg.scoring.chunk_size)
+        # The student's forward with the reference's weights swapped in, in eval mode (no dropout draws). FSDP
+        # keeps the root's gathered weights after a forward: reshard so that each forward gathers the swapped ones.
+        self.model.eval()
+        self._reshard()
+        with self.self_ref.swapped_in(), self.acc.autocast():
+            losses = self.engine(ids, valid, losses_only=True, chunk_size=self.cfg.scoring.chunk_size)["losses"]
+            self._reshard()
+        self.model.train()
+        return losses
+
+    def _reshard(self) -> None:
+        if self.fsdp:
+            self.engine.reshard()
+
+    def _selection(self, step: int) -> SelectionRule:
+        """The step's selection: the run's rule, or every token during a self-reference's warm-up."""
+        return SelectionRule("topk", "none", 1.0) if step < self.warmup else self.rule
 
     # ------------------------------------------------------------------ one step
 
@@ -267,8 +309,9 @@ class Trainer:
         start = time.perf_counter()
         self.model.train()
         stats = torch.zeros(len(STAT_KEYS), dtype=torch.float64, device=self.acc.device)
+        rule = self._selection(step)
         for m, (rows, ids, valid, noise, kinds, ref) in enumerate(self._micro_batches(step)):
-            if self.online:
+            if (self.online or self.self_ref is not None) and rule.score in NEEDS_REFERENCE:
                 ref = self._online_ref(ids, valid)
             train_valid = trainable_mask(valid, noise, oracle=self.t.method == "oracle")
             gen = self._generator(step, m)
@@ -276,14 +319,14 @@ class Trainer:
                 with self._grad_sync(m == self.t.grad_accum - 1), self.acc.autocast():
                     out = SelectiveLoss(**self.engine(
                         ids, train_valid, ref.to(ids.device) if ref is not None else None,
-                        score_kind=self.score_kind, ratio=self.ratio, strategy=self.strategy, scope=self.t.scope,
-                        generator=gen, temperature=self.t.temperature, soft=self.t.soft,
+                        score_kind=rule.score, ratio=rule.ratio, strategy=rule.strategy, scope=self.t.scope,
+                        generator=gen, temperature=self.t.temperature, soft=self.t.soft, threshold=rule.threshold,
                         chunk_size=self.cfg.scoring.chunk_size,
                     ))
                     out.loss_sum.backward()
             except ValueError:
                 # Selection refuses non-finite own losses; when the weights caused them, say so.
-                if all(torch.isfinite(_local(p)).all() for p in _trainable(self.model).values()):
+                if all(torch.isfinite(local_tensor(p)).all() for p in _trainable(self.model).values()):
                     raise
                 raise NumericalError(f"step {step + 1}: the trainable weights are not finite; the last good "
                                      "checkpoint is kept (lower train.lr)") from None
@@ -307,6 +350,8 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.self_ref is not None:
+            self.self_ref.after_step(step + 1)
         result["step_s"] = time.perf_counter() - start
         return result
 
@@ -336,8 +381,10 @@ class Trainer:
         """
         position = m if self.t.scope == "global" else m * self.world + self.rank
         key = [self.t.seed, step, position]
-        if not self.t.common_random:
-            key.append(int(fingerprint(self.t.method, self.ratio), 16))
+        if not self.t.common_random:  # a threshold rule's runs are keyed by their rule (their ratio is 1)
+            run = (self.t.method, self.rule.ratio) if self.t.rule == "topk" else (self.t.method, self.t.rule,
+                                                                                  self.rule.threshold)
+            key.append(int(fingerprint(*run), 16))
         return torch.Generator().manual_seed(int(np.random.SeedSequence(key).generate_state(1)[0]))
 
     @torch.no_grad()
@@ -351,10 +398,9 @@ class Trainer:
         for split, store in self.curve.items():
             nats = count = 0.0
             for i in range(0, store.n_blocks, self.cfg.eval.batch_size):
-                ids = torch.from_numpy(store.tokens[i : i + self.cfg.eval.batch_size].astype(np.int64))
-                doc = torch.from_numpy(store.doc_ids[i : i + len(ids)]) if self.cfg.data.doc_boundaries else None
-                ids = ids.to(self.acc.device)
-                valid = valid_mask(ids, doc_ids=doc.to(self.acc.device) if doc is not None else None)
+                rows = slice(i, i + self.cfg.eval.batch_size)
+                ids = torch.from_numpy(store.tokens[rows].astype(np.int64)).to(self.acc.device)
+                valid = torch.from_numpy(store.targets(rows, self.cfg.data.doc_boundaries)).to(self.acc.device)
                 with self.acc.autocast():  # through the engine: FSDP gathers the head in its forward
                     losses = self.engine(ids, valid, losses_only=True, chunk_size=self.cfg.scoring.chunk_size)["losses"]
                 nats += float(losses.nansum())
@@ -385,6 +431,7 @@ class Trainer:
 
         weights = self._trainable_state()
         optim = get_optimizer_state_dict(self.engine, self.optimizer, options=_state_options(cpu_offload=True))
+        own = self.self_ref.state_dict() if self.self_ref is not None else None
         if not self.acc.is_main_process:
             return
         path = self.run.checkpoint(step)
@@ -393,6 +440,8 @@ class Trainer:
             torch.save(optim, tmp / "optimizer.pt")
             torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
             torch.save(_rng_state(), tmp / "rng.pt")
+            if own is not None:
+                save_file(own, str(tmp / "reference.safetensors"))
             write_json(tmp / "state.json", {**state, "step": step})
         for old in self.run.checkpoints.glob("step-*"):  # keep only the newest full checkpoint
             if old.name != path.name:
@@ -419,6 +468,8 @@ class Trainer:
         torch.set_rng_state(rng["cpu"])
         if rng.get("cuda") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state(rng["cuda"])
+        if self.self_ref is not None:
+            self.self_ref.load_state_dict(load_file(path / "reference.safetensors"))
         return json.loads((path / "state.json").read_text())
 
     def _snapshot(self, step: int) -> None:
@@ -443,13 +494,15 @@ class Trainer:
         # A run that reads stored scores, if only for its diagnostics, depends on the reference behind them.
         uses_ref = self.t.needs_reference() or self.ref_loss is not None
         ref = self.out.reference_digest() if uses_ref else None
-        if uses_ref and self.cfg.scoring.dtype != "float32":  # rounded scores select (slightly) differently;
+        if self.warmup:  # a self-reference: its settings, for every selecting run (each has the warm-up)
+            ref = self.cfg.reference.model_dump(include={"mode", "ema_decay", "start_step", "checkpoint_step"})
+        elif uses_ref and self.cfg.scoring.dtype != "float32":  # rounded scores select (slightly) differently;
             ref = (ref, self.cfg.scoring.dtype)  # float32 keeps the plain digest, so earlier runs stay valid
         # Fields that change how a run is stored or named, not what it learns, stay out of the hash.
-        t = self.t.model_dump(exclude={"name", "checkpoint_every", "merge", "parallel", "gradient_checkpointing"})
+        t = self.t.hashed(exclude={"name", "checkpoint_every", "merge", "parallel", "gradient_checkpointing"})
         curve = self.cfg.eval.model_dump(include={"splits", "every", "curve_tokens"}) if self.curve else None
         # The store's content too: the code that packs it may change while the data settings do not.
-        return fingerprint(self.cfg.data.model_dump(), self.store.fingerprint, self.cfg.model.model_dump(), t, ref,
+        return fingerprint(self.cfg.data.hashed(), self.store.fingerprint, self.cfg.model.model_dump(), t, ref,
                            curve)
 
     def _check_existing(self, config_hash: str, replace_stale: bool) -> dict[str, Any] | None:
@@ -522,7 +575,7 @@ class Trainer:
                     if main:
                         log.write(json.dumps(record) + "\n")
                         log.flush()
-                        bar.set_postfix(loss=f"{record['loss']:.3f}", sel=f"{record['selected_frac']:.2f}")
+                        bar.set_postfix(loss=f"{record['loss'] or 0:.3f}", sel=f"{record['selected_frac']:.2f}")
                         bar.update(1)
                     if self.curve and ((step + 1) % self.cfg.eval.every == 0 or step + 1 == self.t.steps):
                         point = self._curve_point(step + 1, state["tokens_seen"])
@@ -543,9 +596,11 @@ class Trainer:
             return {}
         last = self.run.log()[-1]
         summary = {
-            "name": self.name, "method": self.t.method, "strategy": self.strategy, "score": self.score_kind,
-            "ratio": self.ratio, "scope": self.t.scope, "seed": self.t.seed, "steps": state["step"],
+            "name": self.name, "method": self.t.method, "strategy": self.rule.strategy, "score": self.rule.score,
+            "ratio": self.rule.ratio if self.rule.threshold is None else None, "rule": self.t.rule,
+            "threshold": self.rule.threshold, "scope": self.t.scope, "seed": self.t.seed, "steps": state["step"],
             "tokens_seen": state["tokens_seen"], "tokens_trained": state["tokens_trained"],
+            "selected_share": _ratio(state["tokens_trained"], state.get("tokens_valid", 0)),
             "train_loss_final": last["loss"],
             "selection": {**diag.diagnostics(state["diag"]), "by_kind": diag.by_kind(state["diag"], self.kind_names)},
             "config_hash": config_hash, "version": __version__,
@@ -558,12 +613,13 @@ class Trainer:
         state["step"] += 1
         state["tokens_seen"] += int(sums["n_fed"])
         state["tokens_trained"] += int(round(sums["n_selected"]))
+        state["tokens_valid"] = state.get("tokens_valid", 0) + int(sums["n_valid"])  # absent in older checkpoints
         for k in diag.FIELDS:
             state["diag"][k] = state["diag"].get(k, 0.0) + sums[k]
         n_sel = sums["n_selected"]
         return {
             "step": state["step"], "tokens_seen": state["tokens_seen"], "tokens_trained": state["tokens_trained"],
-            "loss": sums["loss_sum"] / max(n_sel, 1.0), "selected_frac": n_sel / max(sums["n_valid"], 1.0),
+            "loss": _ratio(sums["loss_sum"], n_sel), "selected_frac": n_sel / max(sums["n_valid"], 1.0),
             "score_selected": _ratio(sums["score_selected"], n_sel),
             "score_unselected": _ratio(sums["score_unselected"], sums["n_unselected"]),
             "lr": sums["lr"], "grad_norm": sums["grad_norm"], "step_s": sums["step_s"],

@@ -6,7 +6,9 @@ larger than memory) and extra `meta.json` fields for that split (`sources`, `pro
 `slm prepare` tokenizes and packs the documents, injects noise into `train` when
 `data.noise_rate > 0`, and writes one token store per split. The splits the study reads are
 `reference` (the reference model's data), `train`, and the `eval.splits` (by default
-`val_clean`, `val_noisy`); a corpus may provide any subset and more.
+`val_clean`, `val_noisy`); a corpus may provide any subset and more. Documents with `trained`
+spans (or `messages`, see `Document`) give supervised fine-tuning stores, whose `loss_mask.npy`
+is False on the prompt tokens.
 
 Adding a corpus is one new file in this package:
 
@@ -38,13 +40,22 @@ if TYPE_CHECKING:
 class Document:
     """One document to pack. `group` (e.g. a CHAMP problem) keeps foreign-step noise from its own
     group; the first `protect` characters are never corrupted; `origin` is counted in meta.json;
-    `source_id` is listed there so exported selections can name their source."""
+    `source_id` is listed there so exported selections can name their source.
+
+    Supervised fine-tuning data: `trained` holds the character spans [start, end) of `text` that
+    are trained (a response, the assistant turns); None trains all of it. A chat corpus cannot
+    render its conversations without the tokenizer, so it gives `messages` (role/content dicts)
+    and an empty `text`: `slm prepare` renders them with the tokenizer's chat template into
+    `text` and `trained` (`data.render_chat`), which keeps corpora free of model loading.
+    """
 
     text: str
     source_id: str | None = None
     group: str | None = None
     protect: int = 0
     origin: str = "custom"
+    trained: tuple[tuple[int, int], ...] | None = None
+    messages: tuple[dict[str, Any], ...] | None = None
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,14 @@ A source is a local .jsonl/.json/.txt/.parquet/.csv file or a hub dataset name, 
 `name@split` (datasets split syntax; `split[a:b]` streams, other slices load the split whole).
 Text comes from `data.text_field`; a .txt file holds one document per blank-line-separated
 paragraph. Documents keep the source order (the split syntax already chooses the sample).
+
+Supervised fine-tuning (`data.format`, not for .txt files):
+- `prompt_response`: the document is prompt + `data.separator` + response (from
+  `data.prompt_field` and `data.response_field`); only the response is trained.
+- `chat`: `data.messages_field` holds a list of {role, content} messages; `slm prepare` renders
+  it with the tokenizer's chat template and trains the assistant turns only (`data.render_chat`).
+The fields are checked on the first row (a missing one names the columns there); rows whose
+fields are not strings (not a message list) are skipped, as text rows are.
 """
 
 from __future__ import annotations
@@ -68,10 +76,48 @@ def _first_line(e: Exception) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
-def _custom_docs(source: str, field: str) -> Iterator[Document]:
-    """Documents from a custom source, streamed; the text field is checked on the first row."""
+def _fields(data: DataConfig) -> dict[str, str]:
+    """The fields a row of `data.format` needs: config key -> field name."""
+    if data.format == "prompt_response":
+        return {"prompt_field": data.prompt_field, "response_field": data.response_field}
+    if data.format == "chat":
+        return {"messages_field": data.messages_field}
+    return {"text_field": data.text_field}
+
+
+def _messages(value: Any, where: str) -> tuple[dict[str, Any], ...] | None:
+    """A row's conversation as role/content dicts (None values dropped: datasets fills absent keys with None)."""
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                                              and isinstance(m.get("content"), str) for m in value):
+        raise UserError(f"{where} must be a list of {{role, content}} messages with string values "
+                        f"(got {str(value)[:80]})")
+    return tuple({k: v for k, v in m.items() if v is not None} for m in value) or None
+
+
+def _document(row: dict[str, Any], data: DataConfig, where: str) -> Document | None:
+    """The row's document in `data.format` (None when its fields hold no text)."""
+    if data.format == "prompt_response":
+        prompt, response = row[data.prompt_field], row[data.response_field]
+        if not isinstance(prompt, str) or not isinstance(response, str):
+            return None
+        start = len(prompt) + len(data.separator)
+        text = prompt + data.separator + response
+        return Document(text, trained=((start, len(text)),) if len(text) > start else ())
+    if data.format == "chat":
+        messages = _messages(row[data.messages_field], f"{where}: field {data.messages_field!r} (data.messages_field)")
+        return None if messages is None else Document("", messages=messages)
+    text = row[data.text_field]
+    return Document(text) if isinstance(text, str) else None
+
+
+def _custom_docs(source: str, data: DataConfig) -> Iterator[Document]:
+    """Documents from a custom source, streamed; the fields of `data.format` are checked on the first row."""
     ds, is_text = _open_source(source)
-    field = "text" if is_text else field
+    if is_text and data.format != "text":
+        raise UserError(f"{source!r} is a .txt file, plain text only: data.format={data.format} needs rows with "
+                        f"fields ({', '.join(_fields(data).values())}) in a .jsonl/.json/.parquet/.csv file")
     rows = iter(ds)
     # The json/csv/parquet builders log a parse error before raising it; the raise becomes our one line.
     builders = logging.getLogger("datasets.packaged_modules")
@@ -85,12 +131,17 @@ def _custom_docs(source: str, field: str) -> Iterator[Document]:
                 return
             except Exception as e:  # parse errors of the user's file surface while streaming
                 raise UserError(f"cannot read {source!r}: {_first_line(e)}") from None
-            if i == 0 and field not in row:
-                raise UserError(f"{source!r} has no text field {field!r} (data.text_field); "
-                                f"its columns: {', '.join(map(str, row)) or 'none'}")
-            text = row[field]
-            if isinstance(text, str):
-                yield Document(text.strip() if is_text else text, origin="custom")
+            if is_text:
+                if isinstance(row["text"], str):
+                    yield Document(row["text"].strip())
+                continue
+            for key, field in _fields(data).items() if i == 0 else ():
+                if field not in row:
+                    raise UserError(f"{source!r} has no {key.removesuffix('_field')} field {field!r} (data.{key}); "
+                                    f"its columns: {', '.join(map(str, row)) or 'none'}")
+            doc = _document(row, data, f"{source!r} row {i}")
+            if doc is not None:
+                yield doc
     finally:
         builders.setLevel(level)
 
@@ -101,6 +152,10 @@ def custom(data: DataConfig) -> dict[str, Split]:
     if "train" not in data.sources:
         raise UserError("data.corpus=custom needs data.sources.train (a .jsonl/.json/.txt/.parquet/.csv "
                         "file or a hub dataset name)")
-    return {split: Split(_custom_docs(src, data.text_field),
-                         {"sources": {"corpus": "custom", "source": src, "text_field": data.text_field}})
+    fields: dict[str, str] = _fields(data)
+    if data.format == "prompt_response":
+        fields["separator"] = data.separator
+    if data.format != "text":  # text stores keep the meta (and fingerprint) they always had
+        fields = {"format": data.format, **fields}
+    return {split: Split(_custom_docs(src, data), {"sources": {"corpus": "custom", "source": src, **fields}})
             for split, src in data.sources.items()}
