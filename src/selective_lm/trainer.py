@@ -132,11 +132,11 @@ class Trainer:
         self.reference_model = reference_model.to(self.acc.device) if self.online else None
         tok_fp = tokenizer_fingerprint(self.tokenizer)
         dtype = cfg.scoring.dtype  # any stored dtype reads as float32; a store of another dtype is refused
-        if own_reference:
-            pass  # stored scores come from another reference: not even the diagnostics read them
-        elif self.t.needs_reference() and not self.online:
+        # A self-reference's runs read no stored scores either: those come from another reference.
+        reads_store = not self.online and not own_reference
+        if reads_store and self.t.needs_reference():
             self.ref_loss = out.scores(split, self.store, tok_fp, dtype)
-        elif not self.online and out.has_scores(split):  # diagnostics only
+        elif reads_store and out.has_scores(split):  # diagnostics only
             with contextlib.suppress(UserError):
                 self.ref_loss = out.scores(split, self.store, tok_fp, dtype)
         if self.t.method == "oracle" and self.store.noise_mask is None:
