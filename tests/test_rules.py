@@ -84,6 +84,30 @@ def test_threshold_rules_train_exactly_the_tokens_scoring_above(smoke_out: Path,
     assert (summary["rule"], summary["threshold"], summary["ratio"]) == (rule, threshold, None)
 
 
+def test_export_keeps_the_tokens_above_the_threshold(smoke_out: Path) -> None:
+    """`slm export-selected --format hf` of a positive-rule run: labels on exactly the final model's positive
+    excess tokens (the export rescores each block with the run's final weights)."""
+    import datasets
+
+    from selective_lm.models import load_trained
+
+    args = ["train.method=topk", "train.rule=positive", "train.steps=2"]
+    assert _train(smoke_out, *args) == 0
+    assert main(["export-selected", "--preset", "smoke", "--out", str(smoke_out), "--format", "hf", *args]) == 0
+    cfg = load_config("smoke", overrides=args)
+    store = load_store(smoke_out / "data" / "train")
+    labels = np.asarray(datasets.load_from_disk(str(smoke_out / "selected_hf"))["labels"])
+    model = load_trained(cfg.model, smoke_out / "runs" / "topk-pos" / "adapter", len(load_tokenizer(cfg.model)))
+    rows = np.arange(16)
+    ids = torch.from_numpy(np.asarray(store.tokens[rows], dtype=np.int64))
+    with torch.no_grad():
+        own = model_token_losses(model.eval(), ids, valid_mask(ids), 1024)
+    ref = torch.from_numpy(np.load(smoke_out / "scores" / "train" / "ref_loss.npy")[rows])
+    positive = (own - ref > 0).numpy()  # NaN (position 0) compares False
+    assert 0 < positive.sum() < positive.size
+    assert np.array_equal(labels[rows] != -100, positive)
+
+
 @pytest.mark.slow
 def test_grid_rules_run_their_controls_and_reach_the_report(smoke_out: Path) -> None:
     overrides = ["grid.rules=[positive]", "grid.methods=[topk,random]", "grid.oracle=false", "eval.every=0",
@@ -213,6 +237,8 @@ def test_bad_input_exits_2_with_one_line(smoke_out: Path, capsys, monkeypatch) -
     assert "no reference model to make" in _bad(smoke_out, capsys, "reference", "reference.mode=ema",
                                                 "reference.start_step=2")
     assert "online" in _bad(smoke_out, capsys, "score", "reference.mode=checkpoint", "reference.start_step=2")
+    assert "no reference model to evaluate" in _bad(smoke_out, capsys, "eval", "train.name=reference",
+                                                    "reference.mode=ema", "reference.start_step=2")
     # Full fine-tuning of a model whose copy would not fit: the memory it needs, in one line.
     monkeypatch.setattr("selective_lm.trainer._free_memory", lambda device: 1024)
     err = _bad(smoke_out, capsys, "train", "train.method=topk", "train.ratio=0.5", "reference.mode=ema",
