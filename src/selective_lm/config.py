@@ -17,7 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .corpora import CORPORA
-from .errors import UserError, did_you_mean
+from .errors import UserError, did_you_mean, first_line
 from .selection import NEEDS_REFERENCE, SCOPES, SCORE_KINDS, STRATEGIES
 
 DEFAULT_PRESET = "champ-smollm2"
@@ -498,9 +498,10 @@ class Config(Section):
     def grid_runs(self, has_noise: bool) -> dict[str, Config]:
         """run name -> its config: CLM, the oracle (when the train split has a noise mask), then every
         method × ratio, for each of `grid.seeds` seeds from `train.seed`."""
-        specs: list[dict[str, Any]] = [{"method": "clm", "ratio": 1.0}]
+        baseline = {"ratio": 1.0, "rule": "topk", "threshold": None}
+        specs: list[dict[str, Any]] = [{"method": "clm", **baseline}]
         if self.grid.oracle and has_noise:
-            specs.append({"method": "oracle", "ratio": 1.0})
+            specs.append({"method": "oracle", **baseline})
         for rule in self.grid.rules:
             threshold = self.train.threshold if rule == "threshold" else None
             ratios = self.grid.ratios if rule == "topk" else [self.train.ratio]
@@ -509,7 +510,6 @@ class Config(Section):
         runs: dict[str, Config] = {}
         for seed in range(self.train.seed, self.train.seed + self.grid.seeds):
             for spec in specs:
-                spec = {"rule": "topk", "threshold": None, **spec}
                 try:
                     t = TrainConfig.model_validate({**self.train.model_dump(), **spec, "seed": seed, "name": None})
                 except ValidationError as e:
@@ -535,8 +535,7 @@ def _read_yaml(text: str, origin: str) -> dict[str, Any]:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UserError(f"{origin} is not valid YAML: {first}") from e
+        raise UserError(f"{origin} is not valid YAML: {first_line(e)}") from e
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -53,7 +53,7 @@ from tqdm.auto import tqdm
 from . import __version__
 from .config import SPLITS, Config
 from .corpora import CORPORA, Document
-from .errors import UserError, did_you_mean
+from .errors import UserError, did_you_mean, first_line
 from .files import atomic_dir, fingerprint, write_json
 from .layout import STORE_FORMAT, BlockFile, OutDir, load_store, store_config_fingerprint
 from .noise import KIND_NAMES, KINDS, NOISE_IDS, NoiseInjector, Span, is_noise, noise_chars, token_kinds
@@ -373,9 +373,8 @@ def render_chat(tokenizer: Any, messages: Sequence[dict[str, Any]]) -> tuple[str
         try:
             return tokenizer.apply_chat_template(list(msgs), tokenize=False, add_generation_prompt=generation_prompt)
         except Exception as e:  # jinja's errors (raise_exception in templates, bad roles, ...) are about the data
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise UserError(f"the chat template of {tokenizer.name_or_path} cannot render a conversation of "
-                            f"data.messages_field: {first}") from None
+                            f"data.messages_field: {first_line(e)}") from None
 
     full = render(messages)
     spans = []

@@ -16,7 +16,7 @@ import torch
 
 from .assets import byte_tokenizer, embedded_model_dir
 from .config import Config, ModelConfig
-from .errors import UserError
+from .errors import UserError, first_line
 from .files import read_json
 from .layout import OutDir
 
@@ -212,8 +212,8 @@ def open_reference(cfg: Config, out: OutDir, desc: dict[str, Any], tokenizer: An
         try:
             model = load_trained(cfg.model, adapter, len(tokenizer))
         except RuntimeError as e:  # peft/torch: an adapter of another base model (shape mismatch)
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise UserError(f"the reference in {adapter} does not fit model {cfg.model.name}: {first}") from None
+            raise UserError(f"the reference in {adapter} does not fit model {cfg.model.name}: "
+                            f"{first_line(e)}") from None
     n_emb = model.get_input_embeddings().num_embeddings
     if n_emb < len(tokenizer):
         raise UserError(f"the reference model has {n_emb} embeddings but the tokenizer {len(tokenizer)} tokens: "

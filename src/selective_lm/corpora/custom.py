@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import UserError
+from ..errors import UserError, first_line
 from . import Document, Split, register
 
 if TYPE_CHECKING:
@@ -68,12 +68,8 @@ def _open_source(source: str) -> tuple[Any, bool]:
         else:  # percent slices etc.: datasets resolves them on a loaded split only
             ds = datasets.load_dataset(builder, split=split, **kwargs)
     except Exception as e:  # hub/network/format errors all mean: this source cannot be read
-        raise UserError(f"cannot load dataset {source!r}: {_first_line(e)}") from None
+        raise UserError(f"cannot load dataset {source!r}: {first_line(e)}") from None
     return ds, builder == "text"
-
-
-def _first_line(e: Exception) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 def _fields(data: DataConfig) -> dict[str, str]:
@@ -130,7 +126,7 @@ def _custom_docs(source: str, data: DataConfig) -> Iterator[Document]:
             except StopIteration:
                 return
             except Exception as e:  # parse errors of the user's file surface while streaming
-                raise UserError(f"cannot read {source!r}: {_first_line(e)}") from None
+                raise UserError(f"cannot read {source!r}: {first_line(e)}") from None
             if is_text:
                 if isinstance(row["text"], str):
                     yield Document(row["text"].strip())
