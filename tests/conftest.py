@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,41 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+# The suite checks exact identities (resume bit for bit, two processes equal one, our loss equal to
+# transformers'), often between a child process and the test's own, in float32: on a GPU machine both
+# run on the CPU, as in CI. This process's CUDA is initialised first (so it keeps its GPU for the
+# tests marked `gpu`, tests/test_gpu.py, which check what CUDA changes with tolerances of their own),
+# then hidden from this process's code and from every child.
+CUDA = torch.cuda.is_available()
+_cuda_is_available = torch.cuda.is_available
+if CUDA:
+    torch.cuda.init()
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    torch.cuda.is_available = lambda: False
+
+
+@pytest.fixture(autouse=True)
+def _cuda_for_gpu_tests(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The GPU is back for the tests marked `gpu` (see `CUDA` above), in accelerate's state too (one per process,
+    it keeps the first device it was made with): reset before the test and after it."""
+    if not (CUDA and request.node.get_closest_marker("gpu") is not None):
+        yield
+        return
+    from accelerate.state import AcceleratorState
+
+    monkeypatch.setattr(torch.cuda, "is_available", _cuda_is_available)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Without a CUDA device the tests marked `gpu` are skipped, with the reason."""
+    if not CUDA:
+        for item in items:
+            if item.get_closest_marker("gpu") is not None:
+                item.add_marker(pytest.mark.skip(reason="needs a CUDA device"))
 
 
 @pytest.fixture(scope="module")

@@ -16,8 +16,20 @@ def test_every_preset_loads_and_validates(name: str) -> None:
 
 
 def test_presets_shipped() -> None:
-    assert {"smoke", "champ-smollm2", "tinyllama-owm"} <= set(preset_names())
+    assert {"smoke", "champ-smollm2", "champ-smollm2-gpu", "tinyllama-owm"} <= set(preset_names())
     assert DEFAULT_PRESET == "champ-smollm2"
+
+
+def test_gpu_preset_is_the_default_study_at_gpu_scale() -> None:
+    """Same model, corpus, reference and grid as the default; whole splits, ~3 epochs, 3 seeds, champ_answer."""
+    cpu, gpu = load_config("champ-smollm2"), load_config("champ-smollm2-gpu")
+    assert gpu.model == cpu.model and gpu.data == cpu.data and gpu.reference == cpu.reference
+    assert (gpu.grid.methods, gpu.grid.ratios, gpu.grid.seeds) == (cpu.grid.methods, cpu.grid.ratios, 3)
+    assert gpu.train.batch_size == cpu.train.batch_size  # the selection unit is the study's
+    epochs = gpu.train.steps * gpu.train.batch_size * gpu.train.grad_accum / 2343  # the train split's blocks
+    assert 2.5 < epochs < 3.5
+    assert gpu.scoring.blocks == "all" and gpu.eval.max_tokens is None and gpu.eval.tasks == ["champ_answer"]
+    assert (gpu.train.micro_batch_size, gpu.train.compile) == ("auto", "auto")
 
 
 def test_tinyllama_preset_is_the_replication_setting() -> None:

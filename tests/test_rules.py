@@ -240,7 +240,7 @@ def test_bad_input_exits_2_with_one_line(smoke_out: Path, capsys, monkeypatch) -
     assert "no reference model to evaluate" in _bad(smoke_out, capsys, "eval", "train.name=reference",
                                                     "reference.mode=ema", "reference.start_step=2")
     # Full fine-tuning of a model whose copy would not fit: the memory it needs, in one line.
-    monkeypatch.setattr("selective_lm.trainer._free_memory", lambda device: 1024)
+    monkeypatch.setattr("selective_lm.trainer.free_memory", lambda device: 1024)
     err = _bad(smoke_out, capsys, "train", "train.method=topk", "train.ratio=0.5", "reference.mode=ema",
                "reference.start_step=2", "model.lora=false")
     assert "GiB more" in err and "model.lora=true" in err

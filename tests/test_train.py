@@ -592,12 +592,12 @@ def test_a_run_that_reads_the_scores_depends_on_the_reference(smoke_out: Path, c
 
 def test_checkpoints_hold_the_cuda_rng_state(monkeypatch) -> None:
     """Dropout on a GPU draws from the CUDA generator: a resume must restore it (faked here: no GPU in CI)."""
-    from selective_lm import trainer
+    from selective_lm import checkpoint
 
     state = torch.arange(8, dtype=torch.uint8)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_rng_state", lambda: state)
-    saved = trainer._rng_state()
+    saved = checkpoint.rng_state()
     assert torch.equal(saved["cpu"], torch.get_rng_state()) and torch.equal(saved["cuda"], state)
 
 

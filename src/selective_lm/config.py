@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal, NamedTuple
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
 
 from .corpora import CORPORA
 from .errors import UserError, did_you_mean, first_line
@@ -230,7 +230,9 @@ class ScoringConfig(Section):
     blocks: Literal["all", "used"] = Field(
         "all", description="score every train block, or only those the configured grid will read (CPU budgets)"
     )
-    batch_size: int = Field(8, ge=1)
+    batch_size: PositiveInt | Literal["auto"] = Field(
+        "auto", description="blocks per scoring forward: auto = 8 on CPU, on CUDA the largest power of two that fits "
+        "(probed once per device, model and shape)")
     chunk_size: int = Field(
         1024, ge=1, description="at most this many tokens per LM-head chunk (a chunk also never exceeds 2^24 logits)"
     )
@@ -255,6 +257,9 @@ RULES = ("topk", "positive", "threshold")  # how many tokens a selecting run tra
 
 class TrainConfig(Section):
     LATER_FIELDS: ClassVar[tuple[str, ...]] = ("rule", "threshold")
+    # How a run is computed or stored, not what it learns: outside the run hash (engine.py).
+    ENGINE_FIELDS: ClassVar[tuple[str, ...]] = ("checkpoint_every", "merge", "parallel", "gradient_checkpointing",
+                                                "micro_batch_size", "compile")
 
     name: str | None = Field(None, description="run name; default derives from method/ratio/seed")
     method: Method = Field("clm", description="clm, oracle, or a selection strategy (selection.STRATEGIES)")
@@ -298,6 +303,13 @@ class TrainConfig(Section):
     parallel: Literal["ddp", "fsdp"] = Field(
         "ddp", description="engine on several processes: ddp (accelerate) or fsdp (FSDP2 per decoder layer); "
         "the result is the same, fsdp shards weights, gradients and optimizer state")
+    micro_batch_size: PositiveInt | Literal["auto"] = Field(
+        "auto", description="rows per forward, a multiple k of train.batch_size (the selection unit) with k dividing "
+        "train.grad_accum: the same run, fewer and larger forwards. auto = train.batch_size on CPU; on CUDA the "
+        "largest such k x batch_size that fits, probed once per device, model and shape")
+    compile: bool | Literal["auto"] = Field(
+        "auto", description="torch.compile every decoder layer (one static shape, no recompiles per step): auto = "
+        "on CUDA only (on CPU inductor's compile costs a minute and the step is no faster)")
 
     @field_validator("ratio")
     @classmethod
@@ -368,7 +380,9 @@ class EvalConfig(Section):
     def _splits(cls, v: list[str]) -> list[str]:
         return [_safe_name(x, "split") for x in v]
 
-    batch_size: int = Field(8, ge=1)
+    batch_size: PositiveInt | Literal["auto"] = Field(
+        "auto", description="blocks per evaluation forward (perplexity, learning curve, tasks): auto = 8 on CPU, on "
+        "CUDA the largest power of two that fits")
     max_tokens: int | None = Field(
         None, ge=1, description="evaluate about this many tokens of each split, in blocks spread over every "
         "document (None = all)")
@@ -415,7 +429,7 @@ class BenchConfig(Section):
     block_len: int = Field(256, ge=2)
     ratio: float = Field(0.6, description="selection ratio of the slm and naive variants")
     large_vocab: int = Field(151_936, ge=0, description="vocabulary of the large-vocab case (0 skips it)")
-    cases: list[str] = Field(default_factory=lambda: ["precision", "prepare", "gpu"],
+    cases: list[str] = Field(default_factory=lambda: ["precision", "prepare", "overhead", "gpu"],
                              description="side cases to run after the step cases "
                              "(bench.py SIDE_CASES), each written under its own key of bench.json")
     gpu_model: str = Field("random:tinyllama-1.1b", description="case gpu: the model (full fine-tuning, bf16)")
@@ -428,12 +442,17 @@ class BenchConfig(Section):
     precision_blocks: int = Field(64, ge=1, description="train blocks on which case precision compares top-k "
                                   "selections from float32 and half-precision reference losses")
     prepare_rounds: int = Field(3, ge=1, description="case prepare: round-robin rounds (medians reported)")
+    overhead_accum: int = Field(4, ge=1, description="case overhead: micro-batches per optimizer step")
+    compile: bool | Literal["auto"] = Field("auto", description="compile the student's decoder layers in the step "
+                                            "cases, as train.compile does (auto: on CUDA)")
     prepare_tokens: int = Field(4_000_000, ge=1, description="case prepare: tokens (of model.tokenizer) of the "
                                 "generated JSONL corpus that `slm prepare` is timed on")
     targets: dict[str, float] = Field(
         default_factory=lambda: {"slm_step_vs_clm": 1.05, "naive_step_vs_slm": 1.4, "score_vs_forward": 0.95,
                                  "slm_peak_vs_clm": 1.0, "loss_path_peak_vs_logits": 0.25,
-                                 "score_f16_topk_agreement": 0.995, "prepare_vs_bare": 0.8},
+                                 "score_f16_topk_agreement": 0.995, "prepare_vs_bare": 0.8,
+                                 "overhead_step_vs_bare": 1.15, "overhead_extra_syncs": 1, "gpu_clm_mfu": 0.45,
+                                 "gpu_slm_mfu": 0.45, "gpu_slm_step_vs_clm": 1.03, "gpu_score_vs_forward": 0.95},
         description="target -> threshold checked by `slm bench` (bench.py says what each ratio measures and "
         "whether the threshold bounds it from above or below)",
     )

@@ -85,7 +85,8 @@ def _cached_pass(cfg: Config, model: Any, store: TokenStore, path: Path, expecte
         raise UserError(f"cannot write token losses to {path.parent}: {e.strerror or e}") from None
     prepare()
     token_loss_pass(model, store, path, expected, desc, batch_size=cfg.eval.batch_size,
-                    chunk_size=cfg.scoring.chunk_size, doc_boundaries=cfg.data.doc_boundaries, loss_mask=True)
+                    chunk_size=cfg.scoring.chunk_size, doc_boundaries=cfg.data.doc_boundaries, loss_mask=True,
+                    precision=cfg.train.mixed_precision)
     write_json(meta_path, expected)
 
 

@@ -80,7 +80,7 @@ def export_selected(cfg: Config, out: str | Path | OutDir) -> dict[str, Any]:
     keep = np.zeros((n_blocks, block_len), dtype=bool)
     score_arr = np.full((n_blocks, block_len), np.nan, dtype=np.float32)
     gen = torch.Generator().manual_seed(cfg.train.seed)
-    bs = cfg.scoring.batch_size
+    bs = 8 if cfg.scoring.batch_size == "auto" else cfg.scoring.batch_size  # the CPU's auto
     with torch.no_grad():
         for start in tqdm(range(0, n_blocks, bs), desc=f"export {run.name}", unit="batch", dynamic_ncols=True):
             rows = slice(start, min(start + bs, n_blocks))

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from .engine import frozen_batch_size, to_device, uses_bf16
 from .errors import UserError
 from .files import atomic_path, read_json, write_json
 from .layout import SCORE_STORAGE, TokenStore
@@ -113,13 +114,35 @@ def encode_losses(losses: torch.Tensor, dtype: str) -> np.ndarray:
     return losses.to(getattr(torch, dtype)).numpy()
 
 
+def frozen_model(model: Any, device: torch.device, bf16: bool) -> Any:
+    """A model that only scores, on `device`: eval mode, no grads, its weights in bf16 under bf16 precision
+    (`engine.uses_bf16`: CUDA by default), so no pass casts float32 weights, and they take half the memory."""
+    model = model.to(device).eval().requires_grad_(False)
+    return model.to(torch.bfloat16) if bf16 else model
+
+
+def pass_batch_size(model: Any, store: TokenStore, setting: int | str, chunk_size: int, n_rows: int,
+                    device: torch.device) -> int:
+    """`scoring.batch_size` / `eval.batch_size` for a pass over `store`: N, or auto (engine.frozen_batch_size)."""
+    def probe(n: int) -> None:
+        rows = slice(0, n)
+        ids = to_device(store.tokens[rows], device, np.int64)
+        model_token_losses(model, ids, to_device(store.targets(rows, False), device), chunk_size)
+
+    key = {"kind": "frozen", "model": str(getattr(model.config, "_name_or_path", "")),
+           "params": sum(p.numel() for p in model.parameters()), "block_len": store.tokens.shape[1]}
+    return frozen_batch_size(setting, 8, probe, key, device, min(n_rows, store.n_blocks))
+
+
 @torch.no_grad()
 def model_token_losses(model: Any, ids: torch.Tensor, valid: torch.Tensor, chunk_size: int) -> torch.Tensor:
-    """float32 `[B, T]` losses of a frozen model (reference, evaluation), NaN where not valid; bf16 on GPU."""
-    dtype = torch.bfloat16 if ids.device.type == "cuda" else torch.float32
-    with torch.autocast(ids.device.type, dtype=dtype, enabled=ids.device.type == "cuda"):
-        hidden, head = forward_hidden(model, ids)
-        return token_losses(hidden, head, ids, valid, chunk_size=chunk_size)
+    """float32 `[B, T]` losses of a frozen model (reference, evaluation), NaN where not valid.
+
+    In the model's own dtype (`frozen_model`): the backbone in bf16 for a bf16 model, the head's
+    logits upcast to float32 chunk by chunk (`loss.token_losses`) whatever it is.
+    """
+    hidden, head = forward_hidden(model, ids)
+    return token_losses(hidden, head, ids, valid, chunk_size=chunk_size)
 
 
 def _open_partial(partial: Path, shape: tuple[int, int], dtype: str, resume: bool,
@@ -150,12 +173,13 @@ def _relaunch_hint(world: int) -> str:
 
 
 def token_loss_pass(model: Any, store: TokenStore, target: Path, expected: dict[str, Any], desc: str, *,
-                    batch_size: int, chunk_size: int, doc_boundaries: bool = False, loss_mask: bool = False,
-                    rows: np.ndarray | None = None, dtype: str = "float32",
+                    batch_size: int | str, chunk_size: int, doc_boundaries: bool = False, loss_mask: bool = False,
+                    rows: np.ndarray | None = None, dtype: str = "float32", precision: str = "auto",
                     ranks: Ranks | None = None) -> float | None:
     """Per-token losses of every block of `store` into `target` (.npy `[n_blocks, T]`, NaN where no target).
 
-    The losses are float32 and stored in `dtype` (see `encode_losses`).
+    The losses are float32 and stored in `dtype` (see `encode_losses`); the model runs in bf16 when
+    `precision` (`train.mixed_precision`: auto, bf16, no) says so (`engine.uses_bf16`).
     `doc_boundaries` also masks (NaN) targets whose previous token is in another document, and
     `loss_mask` the prompt tokens of a supervised fine-tuning store (`TokenStore.targets`): evaluation
     counts what training trains; scoring leaves both off, so one score store serves every mask.
@@ -178,8 +202,11 @@ def token_loss_pass(model: Any, store: TokenStore, target: Path, expected: dict[
     """
     ranks = ranks or Ranks()
     world, rank = ranks.world, ranks.rank
-    model.to(ranks.device)
+    model = frozen_model(model, ranks.device, uses_bf16(precision, ranks.device))
     n_blocks, block_len = store.tokens.shape
+    # Every rank must cut the same batches: the main process's size holds for all.
+    batch_size = ranks.share(pass_batch_size(model, store, batch_size, chunk_size,
+                                             n_blocks if rows is None else len(rows), ranks.device))
     partial = target.with_name(f".{target.stem}.partial.npy")
     key = {"expected": expected, "batch_size": batch_size}
     found = {p: read_json(p) for p in target.parent.glob(f".{target.stem}.progress*.json")}
@@ -211,8 +238,8 @@ def token_loss_pass(model: Any, store: TokenStore, target: Path, expected: dict[
         while done < len(mine):
             batch = mine[done : done + batch_size]
             # One copy: the int32 memmap rows straight into the int64 ids the embedding needs.
-            ids = torch.from_numpy(np.asarray(store.tokens[batch], dtype=np.int64)).to(ranks.device)
-            valid = torch.from_numpy(store.targets(batch, doc_boundaries, loss_mask)).to(ranks.device)
+            ids = to_device(store.tokens[batch], ranks.device, np.int64)
+            valid = to_device(store.targets(batch, doc_boundaries, loss_mask), ranks.device)
             array[batch] = encode_losses(model_token_losses(model, ids, valid, chunk_size), dtype)
             done += len(batch)
             write_json(progress_path, {**key, "world": world, "rank": rank, "done_blocks": done})

@@ -166,9 +166,11 @@ class TaskEval:
             from lm_eval import simple_evaluate
             from lm_eval.models.huggingface import HFLM
 
-            model.to("cuda" if torch.cuda.is_available() else "cpu")
+            cuda = torch.cuda.is_available()
+            model.to("cuda" if cuda else "cpu")
+            size = self.cfg.eval.batch_size  # auto: lm-eval's own probe on CUDA, the CPU default (8) on CPU
             with _quiet():
-                lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=self.cfg.eval.batch_size)
+                lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=8 if size == "auto" and not cuda else size)
             for name in self.pending:
                 start = time.perf_counter()
                 with _quiet():

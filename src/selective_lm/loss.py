@@ -30,6 +30,7 @@ With grad there are two paths:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -316,7 +317,8 @@ def selective_lm_loss(
     ratio: float = 1.0,
     strategy: str = "topk",
     scope: str = "batch",
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
+    units: int = 1,
     temperature: float = 1.0,
     soft: bool = False,
     threshold: float | None = None,
@@ -333,6 +335,9 @@ def selective_lm_loss(
     the selected rows go through the head with grad (see the module docstring for the cost).
     At ratio 1 (hard) every valid token is selected whatever the scores: exactly CLM. A `threshold`
     selects the tokens scoring above it instead (`selection.select`; the ratio then only picks the path).
+    `units` > 1 splits the rows into that many equal selection units, each selected on its own (with
+    `generator[i]` when a sequence is given), exactly as `units` separate calls would: a larger
+    forward for the GPU, the same selection.
     """
     if valid.dtype != torch.bool or valid.shape != input_ids.shape:
         raise ValueError(f"valid must be a bool tensor shaped like input_ids {tuple(input_ids.shape)}")
@@ -352,10 +357,17 @@ def selective_lm_loss(
         with torch.no_grad():
             own = token_losses(hidden.detach(), head, input_ids, valid, chunk_size=chunk_size)
     s = scores(score_kind, own, ref_loss)
-    chosen = select(
-        s, ratio, strategy, scope, valid, generator, temperature=temperature, soft=soft, threshold=threshold,
-        group=group,
-    )
+    if input_ids.shape[0] % units:
+        raise ValueError(f"{input_ids.shape[0]} rows do not split into {units} selection units")
+    gens = list(generator) if isinstance(generator, Sequence) else [generator] * units
+    if len(gens) != units:
+        raise ValueError(f"{len(gens)} generators for {units} selection units")
+    parts = [
+        select(s_u, ratio, strategy, scope, v_u, g, temperature=temperature, soft=soft, threshold=threshold,
+               group=group)
+        for s_u, v_u, g in zip(s.chunk(units), valid.chunk(units), gens, strict=True)
+    ]
+    chosen = parts[0] if units == 1 else torch.cat(parts)
     if own_grad is None:
         loss_sum = selected_loss_sum(hidden, head, input_ids, chosen, chunk_size=chunk_size)
     elif chosen.dtype == torch.bool:

@@ -18,12 +18,16 @@ from .assets import byte_tokenizer, embedded_model_dir
 from .config import Config, ModelConfig
 from .errors import UserError, first_line
 from .files import read_json
-from .layout import OutDir
+from .layout import OutDir, TokenStore, store_config_fingerprint
 
 RANDOM_MODELS = {
     # hidden ≤ 128 and two layers: the smoke preset and tests train it in seconds on a CPU.
     "tiny-llama": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024),
+    # SmolLM2-135M's exact shape (tied head, its 49,152-token vocabulary whatever the tokenizer): GPU timings of
+    # the default study without the embedded model (scripts/gpu_check.py).
+    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, max_position_embeddings=8192, rope_theta=100000.0, vocab_size=49152),
     # TinyLlama-1.1B's shape (untied head), randomly initialised: `slm bench` case gpu needs no download.
     "tinyllama-1.1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
                            num_key_value_heads=4, max_position_embeddings=2048, tie_word_embeddings=False),
@@ -89,8 +93,8 @@ def load_model(cfg: ModelConfig, vocab_size: int | None = None, path: str | None
         if vocab_size is None:
             vocab_size = len(byte_tokenizer())
         tok = byte_tokenizer()
-        config = LlamaConfig(vocab_size=vocab_size, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                             **{"tie_word_embeddings": True, **RANDOM_MODELS[key]})
+        config = LlamaConfig(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                             **{"vocab_size": vocab_size, "tie_word_embeddings": True, **RANDOM_MODELS[key]})
         # Seeded from the name so every process (reference, each run, each rank) starts identical.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(hashlib.sha256(name.encode()).hexdigest()[:8], 16))
@@ -240,3 +244,28 @@ def _student_vocab_size(cfg: Config, tokenizer: Any) -> int | None:
     except (OSError, ValueError):
         return None
     return getattr(config.get_text_config(), "vocab_size", None)
+
+
+def check_model(model: Any, tokenizer: Any, block_len: int) -> None:
+    """Refuse a model that cannot train on a store of this tokenizer and block length."""
+    n_emb = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > n_emb:
+        raise UserError(f"the tokenizer has {len(tokenizer)} tokens but the model's embeddings only "
+                        f"{n_emb}: use the model's own tokenizer")
+    max_pos = getattr(model.config, "max_position_embeddings", None)
+    if max_pos is not None and block_len > max_pos:
+        raise UserError(f"data.block_len {block_len} exceeds the model's maximum positions {max_pos}")
+
+
+def check_store(store: TokenStore, cfg: Config, split: str, tokenizer: Any) -> None:
+    """Refuse a token store that another tokenizer, block length or data settings built."""
+    meta = store.meta
+    if meta.get("tokenizer_fingerprint") != tokenizer_fingerprint(tokenizer):
+        raise UserError(f"the token store was built with tokenizer {meta.get('tokenizer')!r}, not the one of "
+                        f"model {cfg.model.name!r}: rerun `slm prepare` with this model")
+    if meta.get("block_len") != cfg.data.block_len:
+        raise UserError(f"the token store has block_len {meta.get('block_len')}, the config "
+                        f"{cfg.data.block_len}: rerun `slm prepare` or set data.block_len")
+    if meta.get("config_fingerprint") not in (None, store_config_fingerprint(cfg, split)):
+        raise UserError(f"the token store in {store.path} was built from other data settings than "
+                        "the config's: rerun `slm prepare` with this config")

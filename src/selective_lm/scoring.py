@@ -70,7 +70,7 @@ def score(cfg: Config, out: str | Path | OutDir, split: str = "train", model: An
     model = model if model is not None else load_reference_model(cfg, out)
     tokens_per_s = token_loss_pass(model, store, score_dir / "ref_loss.npy", expected, f"score {split}",
                                    batch_size=cfg.scoring.batch_size, chunk_size=cfg.scoring.chunk_size, rows=rows,
-                                   dtype=cfg.scoring.dtype, ranks=team)
+                                   dtype=cfg.scoring.dtype, precision=cfg.train.mixed_precision, ranks=team)
     meta = {**expected, "split": split, "n_blocks": store.n_blocks, "block_len": store.block_len,
             "reference_mode": cfg.reference.mode, "tokens_per_s": tokens_per_s, "created_by": __version__,
             "scored_blocks": store.n_blocks if rows is None else len(rows), "processes": team.world}

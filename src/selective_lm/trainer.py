@@ -11,18 +11,20 @@ trainer then scales them by world / (tokens selected in the whole step on all ra
 update is therefore the gradient of the true mean over trained tokens, whatever the
 accumulation or the per-batch selected count (torchtune's normalisation).
 
-Engines: the model is wrapped in `loss.SelectiveLM`, whose forward returns the selective loss,
-so the engines see an ordinary forward/backward. `train.parallel=ddp` (default) goes through
-`accelerate.prepare` (DDP when launched on several processes); `train.parallel=fsdp` shards every
-decoder layer and the root with torch's FSDP2 (`fully_shard`), on GPUs (NCCL) and on CPUs
-(gloo) alike: accelerate 1.x routes its own FSDP plugin to GPUs only, so the trainer applies
-FSDP2 itself, and a launch with accelerate's FSDP config (`--use_fsdp`) takes this path too.
-Checkpoints gather the trainable weights and the optimizer state in full on the main process
-(torch.distributed.checkpoint's state-dict API), so a run resumes on any number of processes.
-Data parallel runs start from identical weights because LoRA's random init is seeded by
-`train.seed` (as is the global RNG that dropout draws from); launch them with
+Engines (engine.py): the model is wrapped in `loss.SelectiveLM`, whose forward returns the selective
+loss, so DDP and FSDP2 see an ordinary forward/backward; its decoder layers are compiled on CUDA
+(`train.compile`), and one forward carries `train.micro_batch_size / train.batch_size` selection
+units of `train.batch_size` rows each, every unit selecting with its own draws as when it was a
+forward of its own: the micro-batch split changes the speed, not the run. Checkpoints
+(checkpoint.py) gather the trainable weights and the optimizer state in full, so a run resumes on
+any number of processes. Data parallel runs start from identical weights because LoRA's random
+init is seeded by `train.seed` (as is the global RNG that dropout draws from); launch them with
 `accelerate launch --multi_gpu --num_processes N` (on CPU too: accelerate's `--cpu` with N > 1
 needs MPI and otherwise starts one process).
+
+Host work per optimizer step: batches go to the GPU pinned and asynchronously, the statistics and
+the gradient norm come back in one transfer (the step's one host sync besides the loss path's own),
+and the model is put back in train mode only after a learning-curve point or a self-reference pass.
 
 `slm train` (train.py) and `slm reference` (reference.py) both run it; it imports no stage.
 
@@ -38,23 +40,24 @@ import math
 import shutil
 import time
 from collections.abc import Iterator
-from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from . import __version__
 from .analysis import selection as diag
+from .checkpoint import Checkpoints, rng_state, set_rng_state, trainable
 from .config import BASELINE_METHODS, Config, SelectionRule, TrainConfig
+from .curve import LearningCurve
+from .engine import Engine, free_memory, to_device
 from .errors import UserError
-from .files import atomic_dir, atomic_path, fingerprint, read_json, write_json, write_text
-from .frozen import model_token_losses
-from .layout import BlockOrder, HalfScores, OutDir, RunDir, TokenStore, store_config_fingerprint
+from .files import atomic_path, fingerprint, read_json, write_json, write_text
+from .frozen import frozen_model, model_token_losses
+from .layout import BlockOrder, HalfScores, OutDir, RunDir, TokenStore
 from .loss import SelectiveLM, SelectiveLoss
-from .models import apply_lora, load_model, load_tokenizer, tokenizer_fingerprint
+from .models import apply_lora, check_model, check_store, load_model, load_tokenizer, tokenizer_fingerprint
 from .selection import NEEDS_REFERENCE, trainable_mask
 from .selfref import SelfReference, extra_bytes, local_tensor
 
@@ -65,6 +68,18 @@ STAT_KEYS = (*STEP_KEYS, *diag.FIELDS)
 
 class NumericalError(UserError):
     """A non-finite loss or gradient: the run stops, its last checkpoint stays the good one."""
+
+
+class MicroBatch(NamedTuple):
+    """One forward's rows (whole selection units) and what the step reads of them, on the device."""
+
+    rows: np.ndarray
+    ids: torch.Tensor
+    valid: torch.Tensor
+    noise: torch.Tensor | None
+    kinds: torch.Tensor | None
+    ref: torch.Tensor | None
+    units: list[int]  # the selection units' positions in the step (each keys its own random draws)
 
 
 def _lr_lambda(cfg: TrainConfig):
@@ -79,46 +94,20 @@ def _lr_lambda(cfg: TrainConfig):
     return fn
 
 
-def _trainable(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p for n, p in model.named_parameters() if p.requires_grad}
-
-
-def _free_memory(device: torch.device) -> int:
-    """Bytes free for new tensors on `device`: the GPU's free memory, or the host's available memory."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    import psutil  # accelerate's dependency
-
-    return psutil.virtual_memory().available
-
-
-def _state_options(**kwargs: bool) -> Any:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
-
-    return StateDictOptions(full_state_dict=True, **kwargs)
-
-
 class Trainer:
     """Holds one run's state; `fit()` runs or resumes it. Validates everything before writing."""
 
     def __init__(self, cfg: Config, out: OutDir, run: RunDir, *, split: str = "train",
                  reference_model: Any = None) -> None:
-        from accelerate import Accelerator
-        from accelerate.utils import is_tensorboard_available
-
         self.cfg, self.t, self.out, self.run = cfg, cfg.train, out, run
         self.name = run.name
         self.rule = self.t.selection_rule()
-        mp = self.t.mixed_precision
-        self.acc = Accelerator(  # creates nothing on disk: the tracker starts in fit(), after validation
-            cpu=not torch.cuda.is_available(),
-            mixed_precision=("bf16" if torch.cuda.is_available() else "no") if mp == "auto" else mp,
-            log_with="tensorboard" if is_tensorboard_available() else None, project_dir=str(self.run.path),
-        )
+        self.engine = Engine(self.t, str(self.run.path))
+        self.acc, self.device = self.engine.acc, self.engine.device
         self.split = split
         self.store: TokenStore = out.store(split)
         self.tokenizer = load_tokenizer(cfg.model)
-        self._check_store()
+        check_store(self.store, cfg, split, self.tokenizer)
         self.ref_loss: np.ndarray | HalfScores | None = None
         # A self-reference (reference.mode ema/checkpoint) is the student's own earlier weights (selfref.py);
         # every selecting run, controls included, trains every token for its first reference.start_step steps.
@@ -129,7 +118,7 @@ class Trainer:
         self.online = self.t.needs_reference() and cfg.scoring.mode == "online" and not own_reference
         if self.online and reference_model is None:
             raise UserError("scoring.mode=online needs the reference model (run through `slm run`)")
-        self.reference_model = reference_model.to(self.acc.device) if self.online else None
+        self.reference_model = frozen_model(reference_model, self.device, self.engine.bf16) if self.online else None
         tok_fp = tokenizer_fingerprint(self.tokenizer)
         dtype = cfg.scoring.dtype  # any stored dtype reads as float32; a store of another dtype is refused
         # A self-reference's runs read no stored scores either: those come from another reference.
@@ -142,7 +131,7 @@ class Trainer:
         if self.t.method == "oracle" and self.store.noise_mask is None:
             raise UserError("method oracle needs a train split with a noise mask (data.noise_rate > 0)")
         model = load_model(cfg.model, vocab_size=len(self.tokenizer))
-        self._check_model(model)
+        check_model(model, self.tokenizer, cfg.data.block_len)
         # Compute-matched runs and data-parallel ranks must start from the same LoRA init, whatever the
         # process drew before; dropout then draws from the same seeded stream (restored on resume).
         torch.manual_seed(self.t.seed)
@@ -152,63 +141,31 @@ class Trainer:
                 model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
             else:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-        self.model = (apply_lora(model, cfg.model) if cfg.model.lora else model).to(self.acc.device)
+        self.model = (apply_lora(model, cfg.model) if cfg.model.lora else model).to(self.device)
         if not cfg.model.lora:
             self.model.requires_grad_(True)
-        self.world, self.rank = self.acc.num_processes, self.acc.process_index
-        self.engine = self._wrap(SelectiveLM(self.model))
-        params = list(_trainable(self.model).values())  # after wrapping: FSDP turns them into shards
+        self.world, self.rank = self.engine.world, self.engine.rank
+        self.module = self.engine.wrap(SelectiveLM(self.model))
+        self.params = list(trainable(self.model).values())  # after wrapping: FSDP turns them into shards
         self.self_ref: SelfReference | None = None
         if own_reference and self.t.needs_reference():
             self._check_self_reference_memory()
             r = cfg.reference
-            self.self_ref = SelfReference(_trainable(self.model), r.mode, r.ema_decay, r.checkpoint_step)
-        self.optimizer = torch.optim.AdamW(params, lr=self.t.lr, weight_decay=self.t.weight_decay)
+            self.self_ref = SelfReference(trainable(self.model), r.mode, r.ema_decay, r.checkpoint_step)
+        self.optimizer = self.engine.optimizer(self.params, self.t.lr, self.t.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(self.t))
+        self.checkpoints = Checkpoints(self.run, self.module, self.model, self.optimizer, self.scheduler,
+                                       self.self_ref, self.engine.main)
         self.order = BlockOrder(self.store.tokens.shape[0], self.t.seed)
         self.kind_names: list[str] = (self.store.meta.get("noise") or {}).get("kind_names") or []
         # The learning curve's fixed subsets (students only): the same blocks for every run and step.
-        self.curve: dict[str, TokenStore] = {}
-        if split == "train" and cfg.eval.every:
-            for s in (s for s in cfg.eval.splits if out.store_dir(s).is_dir()):
-                self.curve[s] = out.store(s).spread(cfg.eval.curve_tokens)
+        self.curve = LearningCurve(cfg, out) if split == "train" and cfg.eval.every else None
         if self.ref_loss is not None and not self._scores_cover_reads():
             if self.t.needs_reference():
                 raise UserError("the score store lacks blocks this run reads (it was made with scoring.blocks=used "
                                 "for a shorter grid or fewer processes): rerun `slm score` with scoring.blocks=all")
             self.ref_loss = None  # diagnostics only: better none than biased
-
-    @property
-    def fsdp(self) -> bool:
-        """FSDP asked by the config or by accelerate's FSDP launch config; one process has nothing to shard."""
-        from accelerate.utils import DistributedType
-
-        asked = self.t.parallel == "fsdp" or self.acc.distributed_type == DistributedType.FSDP
-        return asked and self.world > 1
-
-    def _wrap(self, module: SelectiveLM) -> torch.nn.Module:
-        """DDP through accelerate, or FSDP2 over every decoder layer and the root (module docstring)."""
-        from accelerate.utils import DistributedType
-
-        if self.acc.distributed_type == DistributedType.DEEPSPEED:
-            raise UserError("DeepSpeed is not supported: launch with DDP (the default) or set train.parallel=fsdp")
-        if not self.fsdp:
-            return self.acc.prepare(module)
-        try:
-            from torch.distributed.fsdp import fully_shard
-        except ImportError:  # public from torch 2.6
-            raise UserError(f"train.parallel=fsdp needs FSDP2 (torch >= 2.6; this is {torch.__version__}): "
-                            "upgrade torch or use train.parallel=ddp") from None
-
-        lm = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-        layer_types = set(getattr(lm, "_no_split_modules", None) or ())
-        layers = [m for m in module.modules() if type(m).__name__ in layer_types]
-        if not layers:
-            raise UserError(f"train.parallel=fsdp: {type(lm).__name__} names no decoder layer class "
-                            "(_no_split_modules) to shard; use train.parallel=ddp")
-        for layer in layers:
-            fully_shard(layer)
-        return fully_shard(module)
+        self.units = 1  # selection units per forward: sized in fit(), on the run's own first batches
 
     def _scores_cover_reads(self) -> bool:
         """Whether every block this run reads has reference losses (stores scored with blocks=used)."""
@@ -217,73 +174,53 @@ class Trainer:
 
     # ------------------------------------------------------------------ checks
 
-    def _check_store(self) -> None:
-        meta = self.store.meta
-        if meta.get("tokenizer_fingerprint") != tokenizer_fingerprint(self.tokenizer):
-            raise UserError(f"the token store was built with tokenizer {meta.get('tokenizer')!r}, not the one of "
-                            f"model {self.cfg.model.name!r}: rerun `slm prepare` with this model")
-        if meta.get("block_len") != self.cfg.data.block_len:
-            raise UserError(f"the token store has block_len {meta.get('block_len')}, the config "
-                            f"{self.cfg.data.block_len}: rerun `slm prepare` or set data.block_len")
-        if meta.get("config_fingerprint") not in (None, store_config_fingerprint(self.cfg, self.split)):
-            raise UserError(f"the token store in {self.store.path} was built from other data settings than "
-                            "the config's: rerun `slm prepare` with this config")
-
     def _check_self_reference_memory(self) -> None:
         """A self-reference copies the trainable weights: refuse one that would not fit (full fine-tuning)."""
-        need = extra_bytes(_trainable(self.model))
-        free = _free_memory(self.acc.device)
+        need = extra_bytes(trainable(self.model))
+        free = free_memory(self.device)
         if need > 0.9 * free:
             raise UserError(f"reference.mode={self.cfg.reference.mode} keeps a copy of the trainable weights: "
-                            f"{need / 2**30:.2f} GiB more on {self.acc.device}, where {free / 2**30:.2f} GiB are "
+                            f"{need / 2**30:.2f} GiB more on {self.device}, where {free / 2**30:.2f} GiB are "
                             "free; use model.lora=true, shard the model (train.parallel=fsdp) or reference.mode=self")
-
-    def _check_model(self, model: Any) -> None:
-        n_emb = model.get_input_embeddings().num_embeddings
-        if len(self.tokenizer) > n_emb:
-            raise UserError(f"the tokenizer has {len(self.tokenizer)} tokens but the model's embeddings only "
-                            f"{n_emb}: use the model's own tokenizer")
-        max_pos = getattr(model.config, "max_position_embeddings", None)
-        if max_pos is not None and self.cfg.data.block_len > max_pos:
-            raise UserError(f"data.block_len {self.cfg.data.block_len} exceeds the model's maximum positions {max_pos}")
 
     # ------------------------------------------------------------------ data
 
-    def _micro_batches(self, step: int) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor, torch.Tensor | None,
-                                                          torch.Tensor | None, torch.Tensor | None]]:
-        """This rank's micro-batches of one optimizer step: (rows, input_ids, valid, noise, kinds, ref_loss)."""
+    def _micro_batch(self, rows: np.ndarray, units: list[int]) -> MicroBatch:
+        store, device = self.store, self.device
+        noise = kinds = ref = None
+        if store.noise_mask is not None:
+            noise = to_device(store.noise_mask[rows], device, bool)
+        if store.noise_kind is not None:
+            kinds = to_device(store.noise_kind[rows], device)
+        if self.ref_loss is not None:
+            ref = to_device(self.ref_loss[rows], device)
+        valid = to_device(store.targets(rows, self.cfg.data.doc_boundaries), device)  # no prompt tokens
+        # One copy: the int32 memmap rows straight into the int64 ids the embedding needs.
+        return MicroBatch(rows, to_device(store.tokens[rows], device, np.int64), valid, noise, kinds, ref, units)
+
+    def _micro_batches(self, step: int) -> Iterator[MicroBatch]:
+        """This rank's forwards of one optimizer step, `self.units` selection units of `train.batch_size` rows each."""
         b, a, w = self.t.batch_size, self.t.grad_accum, self.world
         base = step * b * a * w
-        for m in range(a):
+        for first in range(0, a, self.units):
+            units = list(range(first, first + self.units))
             # Stream order, not sorted: a token's random draw then depends on its global batch position only,
             # so data parallel equals one process for every strategy.
-            rows = self.order.blocks(base + (m * w + self.rank) * b, b)
-            ids = torch.from_numpy(np.asarray(self.store.tokens[rows], dtype=np.int64))
-            valid = torch.from_numpy(self.store.targets(rows, self.cfg.data.doc_boundaries))  # no prompt tokens
-            noise = kinds = None
-            if self.store.noise_mask is not None:
-                noise = torch.from_numpy(np.asarray(self.store.noise_mask[rows], dtype=bool)).to(self.acc.device)
-            if self.store.noise_kind is not None:
-                kinds = torch.from_numpy(np.asarray(self.store.noise_kind[rows])).to(self.acc.device)
-            ref = torch.from_numpy(np.asarray(self.ref_loss[rows])) if self.ref_loss is not None else None
-            yield rows, ids.to(self.acc.device), valid.to(self.acc.device), noise, kinds, ref
+            rows = np.concatenate([self.order.blocks(base + (m * w + self.rank) * b, b) for m in units])
+            yield self._micro_batch(rows, units)
 
-    def _online_ref(self, ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    def _online_ref(self, mb: MicroBatch) -> torch.Tensor:
         if self.self_ref is None:
-            return model_token_losses(self.reference_model, ids, valid, self.cfg.scoring.chunk_size)
+            return model_token_losses(self.reference_model, mb.ids, mb.valid, self.cfg.scoring.chunk_size)
         # The student's forward with the reference's weights swapped in, in eval mode (no dropout draws). FSDP
         # keeps the root's gathered weights after a forward: reshard so that each forward gathers the swapped ones.
         self.model.eval()
-        self._reshard()
-        with self.self_ref.swapped_in(), self.acc.autocast():
-            losses = self.engine(ids, valid, losses_only=True, chunk_size=self.cfg.scoring.chunk_size)["losses"]
-            self._reshard()
+        self.engine.reshard()
+        with self.self_ref.swapped_in(), self.engine.autocast():
+            losses = self.module(mb.ids, mb.valid, losses_only=True, chunk_size=self.cfg.scoring.chunk_size)["losses"]
+            self.engine.reshard()
         self.model.train()
         return losses
-
-    def _reshard(self) -> None:
-        if self.fsdp:
-            self.engine.reshard()
 
     def _selection(self, step: int) -> SelectionRule:
         """The step's selection: the run's rule, or every token during a self-reference's warm-up."""
@@ -291,62 +228,62 @@ class Trainer:
 
     # ------------------------------------------------------------------ one step
 
-    def _micro_stats(self, out: Any, ids: torch.Tensor, valid: torch.Tensor, noise: torch.Tensor | None,
-                     kinds: torch.Tensor | None, ref: torch.Tensor | None) -> torch.Tensor:
+    def _micro_stats(self, out: SelectiveLoss, mb: MicroBatch, ref: torch.Tensor | None) -> torch.Tensor:
         """One micro-batch's contribution to STAT_KEYS (summed over micro-batches and ranks)."""
         values = {
             "loss_sum": out.loss_sum.detach(), "n_selected": out.n_selected, "n_valid": out.n_valid,
-            "n_fed": torch.tensor(float(ids.numel()), device=out.weights.device),
+            "n_fed": torch.tensor(float(mb.ids.numel()), device=out.weights.device),
             "score_selected": torch.nan_to_num(out.score_selected) * out.n_selected,
             "score_unselected": torch.nan_to_num(out.score_unselected) * out.n_unselected,
             "n_unselected": out.n_unselected,
         }
         step = torch.stack([values[k].double() for k in STEP_KEYS])
-        return torch.cat([step, diag.counts(out.weights, valid, noise, ref, kinds)])
+        return torch.cat([step, diag.counts(out.weights, mb.valid, mb.noise, ref, mb.kinds)])
+
+    def _forward_backward(self, step: int, mb: MicroBatch, rule: SelectionRule,
+                          sync: bool) -> tuple[SelectiveLoss, torch.Tensor | None]:
+        """One forward's selective loss, backpropagated; with the reference losses it selected by."""
+        ref = mb.ref
+        if (self.online or self.self_ref is not None) and rule.score in NEEDS_REFERENCE:
+            ref = self._online_ref(mb)
+        train_valid = trainable_mask(mb.valid, mb.noise, oracle=self.t.method == "oracle")
+        generators = [self._generator(step, m) for m in mb.units]
+        try:
+            with self.engine.grad_sync(sync), self.engine.autocast():
+                out = SelectiveLoss(**self.module(
+                    mb.ids, train_valid, ref, score_kind=rule.score, ratio=rule.ratio, strategy=rule.strategy,
+                    scope=self.t.scope, generator=generators, units=len(mb.units), temperature=self.t.temperature,
+                    soft=self.t.soft, threshold=rule.threshold, chunk_size=self.cfg.scoring.chunk_size,
+                ))
+                out.loss_sum.backward()
+        except ValueError:
+            # Selection refuses non-finite own losses; when the weights caused them, say so.
+            if all(torch.isfinite(local_tensor(p)).all() for p in self.params):
+                raise
+            raise NumericalError(f"step {step + 1}: the trainable weights are not finite; the last good "
+                                 "checkpoint is kept (lower train.lr)") from None
+        return out, ref
 
     def _step(self, step: int) -> dict[str, float]:
-        """One optimizer step; returns the summed STAT_KEYS plus lr, grad norm and time."""
+        """One optimizer step; returns the summed STAT_KEYS plus lr, grad norm and time (one host sync)."""
         start = time.perf_counter()
-        self.model.train()
-        stats = torch.zeros(len(STAT_KEYS), dtype=torch.float64, device=self.acc.device)
+        stats = torch.zeros(len(STAT_KEYS), dtype=torch.float64, device=self.device)
         rule = self._selection(step)
-        for m, (rows, ids, valid, noise, kinds, ref) in enumerate(self._micro_batches(step)):
-            if (self.online or self.self_ref is not None) and rule.score in NEEDS_REFERENCE:
-                ref = self._online_ref(ids, valid)
-            train_valid = trainable_mask(valid, noise, oracle=self.t.method == "oracle")
-            gen = self._generator(step, m)
-            try:
-                with self._grad_sync(m == self.t.grad_accum - 1), self.acc.autocast():
-                    out = SelectiveLoss(**self.engine(
-                        ids, train_valid, ref.to(ids.device) if ref is not None else None,
-                        score_kind=rule.score, ratio=rule.ratio, strategy=rule.strategy, scope=self.t.scope,
-                        generator=gen, temperature=self.t.temperature, soft=self.t.soft, threshold=rule.threshold,
-                        chunk_size=self.cfg.scoring.chunk_size,
-                    ))
-                    out.loss_sum.backward()
-            except ValueError:
-                # Selection refuses non-finite own losses; when the weights caused them, say so.
-                if all(torch.isfinite(local_tensor(p)).all() for p in _trainable(self.model).values()):
-                    raise
-                raise NumericalError(f"step {step + 1}: the trainable weights are not finite; the last good "
-                                     "checkpoint is kept (lower train.lr)") from None
-            stats += self._micro_stats(out, ids, valid, noise, kinds, ref)
-            if step == 0 and m == 0 and self.acc.is_main_process:
-                self._save_selection_sample(rows, ids, out.weights)
-        params = list(_trainable(self.model).values())
-        if self.world > 1:
-            stats = self.acc.reduce(stats, reduction="sum")
-        result = dict(zip(STAT_KEYS, stats.tolist(), strict=True))
-        for p in params:  # the engine averaged over ranks: x world / n_selected makes it the true mean
-            if p.grad is not None:
-                p.grad.div_(max(result["n_selected"], 1.0) / self.world)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.t.max_grad_norm or float("inf"))
-        if hasattr(grad_norm, "full_tensor"):  # FSDP: the norm over every rank's shards
-            grad_norm = grad_norm.full_tensor()
-        if not math.isfinite(float(grad_norm)) or not math.isfinite(result["loss_sum"]):
-            raise NumericalError(f"step {step + 1}: loss {result['loss_sum']} / grad norm {float(grad_norm)} is not "
+        n_forwards = self.t.grad_accum // self.units
+        for i, mb in enumerate(self._micro_batches(step)):
+            out, ref = self._forward_backward(step, mb, rule, sync=i == n_forwards - 1)
+            stats += self._micro_stats(out, mb, ref)
+            if step == 0 and i == 0 and self.engine.main:  # the first unit only, whatever the micro-batch size
+                b = self.t.batch_size
+                self._save_selection_sample(mb.rows[:b], mb.ids[:b], out.weights[:b])
+        stats = self.engine.reduce(stats)
+        norm = self.engine.finish_gradients(self.params, stats[STAT_KEYS.index("n_selected")], self.t.max_grad_norm)
+        *values, grad_norm = torch.cat([stats, norm.reshape(1)]).tolist()  # the step's one host sync
+        result = dict(zip(STAT_KEYS, values, strict=True))
+        if not math.isfinite(grad_norm) or not math.isfinite(result["loss_sum"]):
+            raise NumericalError(f"step {step + 1}: loss {result['loss_sum']} / grad norm {grad_norm} is not "
                                  "finite; the last good checkpoint is kept (lower train.lr or check the data)")
-        result.update(lr=self.scheduler.get_last_lr()[0], grad_norm=float(grad_norm))
+        result.update(lr=self.scheduler.get_last_lr()[0], grad_norm=grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -355,29 +292,15 @@ class Trainer:
         result["step_s"] = time.perf_counter() - start
         return result
 
-    @contextlib.contextmanager
-    def _grad_sync(self, sync: bool) -> Iterator[None]:
-        """Reduce gradients over ranks only at the step's last micro-batch; the others accumulate locally."""
-        if sync or self.world == 1:
-            yield
-        elif self.fsdp:
-            self.engine.set_requires_gradient_sync(False)
-            try:
-                yield
-            finally:
-                self.engine.set_requires_gradient_sync(True)
-        else:
-            with self.acc.no_sync(self.engine):
-                yield
-
     def _generator(self, step: int, m: int) -> torch.Generator:
-        """The selection's random draws for micro-batch `m` of `step`.
+        """The selection's random draws for selection unit `m` of `step`.
 
         Keyed by the run's identity (method, ratio, seed), so that random and stochastic runs, or two
         ratios, are independent controls; `train.common_random=true` drops method and ratio from the
         key (common random numbers: random-r0.3 then selects a subset of random-r0.5). Keyed by the
-        micro-batch's global position, so resumes draw the same tokens and data parallel equals one
-        process; `global` scope gathers all ranks' micro-batch m and must draw the same on each.
+        unit's global position, so resumes draw the same tokens, data parallel equals one process and
+        any micro-batch size equals one unit per forward; `global` scope gathers all ranks' unit m and
+        must draw the same on each.
         """
         position = m if self.t.scope == "global" else m * self.world + self.rank
         key = [self.t.seed, step, position]
@@ -387,105 +310,37 @@ class Trainer:
             key.append(int(fingerprint(*run), 16))
         return torch.Generator().manual_seed(int(np.random.SeedSequence(key).generate_state(1)[0]))
 
-    @torch.no_grad()
-    def _curve_point(self, step: int, tokens_seen: int) -> dict[str, Any]:
-        """Validation loss (token-weighted mean) of the current weights on each split's curve subset.
+    # ------------------------------------------------------------------ sizing
 
-        Every rank computes it (a sharded model's forward needs them all); the main process writes it.
-        """
-        self.model.eval()
-        val = {}
-        for split, store in self.curve.items():
-            nats = count = 0.0
-            for i in range(0, store.n_blocks, self.cfg.eval.batch_size):
-                rows = slice(i, i + self.cfg.eval.batch_size)
-                ids = torch.from_numpy(store.tokens[rows].astype(np.int64)).to(self.acc.device)
-                valid = torch.from_numpy(store.targets(rows, self.cfg.data.doc_boundaries)).to(self.acc.device)
-                with self.acc.autocast():  # through the engine: FSDP gathers the head in its forward
-                    losses = self.engine(ids, valid, losses_only=True, chunk_size=self.cfg.scoring.chunk_size)["losses"]
-                nats += float(losses.nansum())
-                count += float(valid.sum())
-            val[split] = nats / max(count, 1.0)
-        self.model.train()
-        return {"step": step, "tokens_seen": tokens_seen, "val_loss": val}
+    def _size_micro_batches(self) -> None:
+        """`train.micro_batch_size` and the curve's `eval.batch_size`, resolved on this device (engine.py)."""
+        key = {"model": self.cfg.model.name, "lora": self.cfg.model.lora, "block_len": self.cfg.data.block_len,
+               "gradient_checkpointing": self.t.gradient_checkpointing, "world": self.world,
+               "parallel": self.t.parallel}
+        self.units = self.engine.micro_units(self._probe_units, {**key, "kind": "train"})
+        if self.curve:
+            self.curve.size(self.engine, self.module, key)
+
+    def _probe_units(self, units: int) -> None:
+        """A forward and backward of `units` selection units (the run's first rows), leaving no trace behind."""
+        b = self.t.batch_size
+        rows = np.concatenate([self.order.blocks(m * b, b) for m in range(units)])
+        mb = self._micro_batch(rows, list(range(units)))
+        rng = torch.cuda.get_rng_state(self.device)
+        try:
+            self._forward_backward(0, mb, self.rule, sync=True)
+        finally:
+            self.optimizer.zero_grad(set_to_none=True)
+            torch.cuda.set_rng_state(rng, self.device)
+
+    def _curve_point(self, step: int, tokens_seen: int) -> dict[str, Any]:
+        return self.curve.point(self.engine, self.module, self.model, step, tokens_seen)
 
     def _save_selection_sample(self, rows: np.ndarray, ids: torch.Tensor, weights: torch.Tensor) -> None:
-        """The first micro-batch's selection: the same blocks in every run, for the highlight page."""
+        """The first selection unit's selection: the same blocks in every run, for the highlight page."""
         path = self.run.selection_sample
         with atomic_path(path) as tmp, open(tmp, "wb") as f:
             np.savez(f, rows=rows, tokens=ids.cpu().numpy(), weights=weights.float().cpu().numpy())
-
-    # ------------------------------------------------------------------ checkpoints
-
-    def _trainable_state(self) -> dict[str, torch.Tensor]:
-        """The trainable weights under the model's own names, in full on the main process (a collective)."""
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
-        state = get_model_state_dict(self.engine, options=_state_options(cpu_offload=True, ignore_frozen_params=True))
-        names = _trainable(self.model)  # named_parameters: a tied head is stored once, as its embedding
-        return {k: v.contiguous() for k, v in ((k.removeprefix("model."), v) for k, v in state.items()) if k in names}
-
-    def _save_checkpoint(self, step: int, state: dict[str, Any]) -> None:
-        """Trainable weights, optimizer (gathered in full), scheduler, RNG (CPU and CUDA); every rank calls it."""
-        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-
-        weights = self._trainable_state()
-        optim = get_optimizer_state_dict(self.engine, self.optimizer, options=_state_options(cpu_offload=True))
-        own = self.self_ref.state_dict() if self.self_ref is not None else None
-        if not self.acc.is_main_process:
-            return
-        path = self.run.checkpoint(step)
-        with atomic_dir(path) as tmp:
-            save_file(weights, str(tmp / "trainable.safetensors"))
-            torch.save(optim, tmp / "optimizer.pt")
-            torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
-            torch.save(_rng_state(), tmp / "rng.pt")
-            if own is not None:
-                save_file(own, str(tmp / "reference.safetensors"))
-            write_json(tmp / "state.json", {**state, "step": step})
-        for old in self.run.checkpoints.glob("step-*"):  # keep only the newest full checkpoint
-            if old.name != path.name:
-                shutil.rmtree(old, ignore_errors=True)
-
-    def _latest_checkpoint(self) -> Path | None:
-        found = sorted(self.run.checkpoints.glob("step-[0-9]*"))
-        return found[-1] if found else None
-
-    def _load_checkpoint(self, path: Path) -> dict[str, Any]:
-        """Every rank reads the full checkpoint and keeps its part (the out dir is shared by the ranks)."""
-        from torch.distributed.checkpoint.state_dict import set_state_dict
-
-        weights = load_file(path / "trainable.safetensors")
-        optim = torch.load(path / "optimizer.pt", weights_only=True)
-        if set(weights) != set(_trainable(self.model)) or not isinstance(optim.get("state"), dict) \
-                or not all(isinstance(k, str) for k in optim["state"]):
-            raise UserError(f"checkpoint {path} does not match this run's model or version: delete "
-                            f"{self.run.path} to restart")
-        set_state_dict(self.engine, self.optimizer, model_state_dict={f"model.{k}": v for k, v in weights.items()},
-                       optim_state_dict=optim, options=_state_options(strict=False))
-        self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-        rng = torch.load(path / "rng.pt", weights_only=True)
-        torch.set_rng_state(rng["cpu"])
-        if rng.get("cuda") is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state(rng["cuda"])
-        if self.self_ref is not None:
-            self.self_ref.load_state_dict(load_file(path / "reference.safetensors"))
-        return json.loads((path / "state.json").read_text())
-
-    def _snapshot(self, step: int) -> None:
-        """Trainable weights only, for the paper's trajectory analysis; every rank calls it."""
-        weights = self._trainable_state()
-        if self.acc.is_main_process:
-            with atomic_path(self.run.snapshot(step)) as tmp:
-                save_file(weights, str(tmp))
-
-    def _remove_partial_writes(self) -> None:
-        """Temp files and dirs (`.<name>.*.tmp`) of atomic writes that a kill cut off: never complete, never read."""
-        for tmp in sorted(self.run.path.rglob(".*.tmp")) if self.run.path.is_dir() else []:
-            if tmp.is_dir():
-                shutil.rmtree(tmp, ignore_errors=True)
-            else:
-                tmp.unlink(missing_ok=True)
 
     # ------------------------------------------------------------------ the loop
 
@@ -499,7 +354,7 @@ class Trainer:
         elif uses_ref and self.cfg.scoring.dtype != "float32":  # rounded scores select (slightly) differently;
             ref = (ref, self.cfg.scoring.dtype)  # float32 keeps the plain digest, so earlier runs stay valid
         # Fields that change how a run is stored or named, not what it learns, stay out of the hash.
-        t = self.t.hashed(exclude={"name", "checkpoint_every", "merge", "parallel", "gradient_checkpointing"})
+        t = self.t.hashed(exclude={"name", *TrainConfig.ENGINE_FIELDS})
         curve = self.cfg.eval.model_dump(include={"splits", "every", "curve_tokens"}) if self.curve else None
         # The store's content too: the code that packs it may change while the data settings do not.
         return fingerprint(self.cfg.data.hashed(), self.store.fingerprint, self.cfg.model.model_dump(), t, ref,
@@ -507,7 +362,7 @@ class Trainer:
 
     def _check_existing(self, config_hash: str, replace_stale: bool) -> dict[str, Any] | None:
         """The finished summary when the run is done; clears (or refuses) a run dir of another config."""
-        summary_path, ckpt = self.run.summary_path, self._latest_checkpoint()
+        summary_path, ckpt = self.run.summary_path, self.checkpoints.latest()
         found = None
         if summary_path.is_file():
             found = read_json(summary_path).get("config_hash")
@@ -517,7 +372,7 @@ class Trainer:
             return read_json(summary_path) if summary_path.is_file() else None
         if not replace_stale:
             raise UserError(f"{self.run.path} holds a run of another config: set train.name or delete that directory")
-        if self.acc.is_main_process:
+        if self.engine.main:
             shutil.rmtree(self.run.path)
         self.acc.wait_for_everyone()
         return None
@@ -527,21 +382,23 @@ class Trainer:
         done = self._check_existing(config_hash, replace_stale)
         if done is not None:
             return done
-        main = self.acc.is_main_process
+        main = self.engine.main
         if main:
-            self._remove_partial_writes()
+            self.checkpoints.remove_partial_writes()
+        self._size_micro_batches()
+        self.model.train()  # from_pretrained gives eval mode; only a curve point or a self-reference pass leaves it
         state: dict[str, Any] = {"step": 0, "tokens_seen": 0, "tokens_trained": 0, "config_hash": config_hash,
                                  "diag": dict.fromkeys(diag.FIELDS, 0.0)}
-        ckpt = self._latest_checkpoint()
+        ckpt = self.checkpoints.latest()
         if ckpt is not None:
-            state = self._load_checkpoint(ckpt)
+            state = self.checkpoints.load(ckpt)
         else:
             if main:
                 self.run.path.mkdir(parents=True, exist_ok=True)
                 write_text(self.run.config_path, self.cfg.to_yaml())
             self.acc.wait_for_everyone()
             if self.t.snapshot_every:
-                self._snapshot(0)
+                self.checkpoints.snapshot(0)
         log_path, curve_path = self.run.log_path, self.run.curve_path
         first_point = self._curve_point(0, 0) if self.curve and state["step"] == 0 else None
         if main:  # drop records past the checkpoint we resume from (and a line a kill cut short)
@@ -558,15 +415,15 @@ class Trainer:
             with open(log_path, "a") if main else contextlib.nullcontext() as log, \
                     open(curve_path, "a") if main else contextlib.nullcontext() as curve:
                 for step in range(state["step"], self.t.steps):
-                    rng = torch.get_rng_state()
+                    rng = rng_state()
                     try:
                         sums = self._step(step)
                     except KeyboardInterrupt:
                         # Resume from the last finished step, with its RNG; with several processes a collective
                         # after an interrupt could hang, so those resume from the last periodic checkpoint.
                         if self.world == 1 and state["step"] > 0:
-                            torch.set_rng_state(rng)
-                            self._save_checkpoint(state["step"], state)
+                            set_rng_state(rng)
+                            self.checkpoints.save(state["step"], state)
                         raise
                     record = self._advance(state, sums)
                     scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
@@ -583,15 +440,15 @@ class Trainer:
                             curve.write(json.dumps(point) + "\n")
                             curve.flush()
                     if self.t.snapshot_every and (step + 1) % self.t.snapshot_every == 0:
-                        self._snapshot(step + 1)
+                        self.checkpoints.snapshot(step + 1)
                     if self.t.checkpoint_every and (step + 1) % self.t.checkpoint_every == 0:
-                        self._save_checkpoint(step + 1, state)
+                        self.checkpoints.save(step + 1, state)
         finally:
             bar.close()
             for tracker in self.acc.trackers:  # not acc.end_training(): that would end the process group too
                 tracker.finish()
-        self._save_checkpoint(self.t.steps, state)
-        self._save_final()
+        self.checkpoints.save(self.t.steps, state)
+        self.checkpoints.save_final(self.tokenizer, self.cfg.model.lora, self.t.merge)
         if not main:
             return {}
         last = self.run.log()[-1]
@@ -625,28 +482,6 @@ class Trainer:
             "lr": sums["lr"], "grad_norm": sums["grad_norm"], "step_s": sums["step_s"],
             "selected_by_kind": {k: v for k, v in diag.by_kind(sums, self.kind_names).items() if v is not None},
         }
-
-    def _save_final(self) -> None:
-        """The adapter (PEFT format) or the whole model (HF format); every rank calls it, the main one writes."""
-        weights = self._trainable_state()
-        if not self.acc.is_main_process:
-            return
-        if self.cfg.model.lora:
-            with atomic_dir(self.run.adapter_dir) as tmp:
-                self.model.save_pretrained(tmp, state_dict=weights)
-            if self.t.merge:  # never sharded: the config refuses merge with fsdp
-                with atomic_dir(self.run.merged_dir) as tmp:
-                    self.model.merge_and_unload().save_pretrained(tmp)
-                    self.tokenizer.save_pretrained(tmp)
-        else:
-            with atomic_dir(self.run.model_dir) as tmp:
-                self.model.save_pretrained(tmp, state_dict=weights)
-                self.tokenizer.save_pretrained(tmp)
-
-
-def _rng_state() -> dict[str, torch.Tensor | None]:
-    """The RNG streams dropout draws from: CPU, and the current CUDA device's (exact resume on GPUs)."""
-    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
 
 
 def _ratio(num: float, den: float) -> float | None:

@@ -50,14 +50,14 @@ def main() -> int:
     point, n, sep, *argv = sys.argv[1:]
     assert sep == "--"
     n = int(n)
-    from selective_lm import plots, trainer
+    from selective_lm import checkpoint, plots, trainer
 
     if point == "score":  # mid-score: after some rows are on disk
         _die_on_write(".ref_loss.progress.json", n)
     elif point == "train":  # mid-training: at the start of an optimizer step
         _die_on_call(trainer.Trainer, "_step", n, before=True)
     elif point == "checkpoint":  # during a checkpoint write: the weights file is written, the rest not
-        _die_on_call(trainer, "save_file", n)
+        _die_on_call(checkpoint, "save_file", n)
     elif point == "eval":  # mid-evaluation
         _die_on_write(".progress.json", n)
     elif point == "report":  # during the report: some plots written

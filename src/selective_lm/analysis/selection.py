@@ -52,10 +52,11 @@ def counts(weights: Tensor, valid: Tensor, noise: Tensor | None, ref: Tensor | N
                       ref_unselected=(unselected * r).sum(), ref_unselected_n=unselected.sum())
     kind_sel = torch.zeros(MAX_KINDS, dtype=torch.float64, device=w.device)
     kind_valid = torch.zeros(MAX_KINDS, dtype=torch.float64, device=w.device)
-    if kinds is not None:
-        k = kinds.to(w.device).long()[valid]
-        kind_sel.index_add_(0, k, w[valid])
-        kind_valid.index_add_(0, k, torch.ones_like(w[valid]))
+    if kinds is not None:  # every position, invalid ones adding 0: no boolean indexing, so no host sync
+        k = kinds.to(w.device).long().flatten()
+        v = valid.double().flatten()
+        kind_sel.index_add_(0, k, w.flatten() * v)
+        kind_valid.index_add_(0, k, v)
     named = torch.stack([values[k].double() for k in FIELDS[:8]])
     return torch.cat([named, kind_sel, kind_valid])
 

@@ -1,0 +1,165 @@
+"""The engine (engine.py): micro-batch sizing, compile, host syncs, batch-size probing.
+
+The engine settings change how a run is computed, never what it learns: these tests train the same
+run under different settings and compare the logs and weights. GPU-only checks are in test_gpu.py.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from selective_lm.cli import main
+from selective_lm.config import load_config
+from selective_lm.layout import OutDir
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _train(out: Path, *overrides: str) -> int:
+    return main(["train", "--preset", "smoke", "--out", str(out), *overrides])
+
+
+def _log(out: Path, name: str) -> list[dict[str, Any]]:
+    lines = (out / "runs" / name / "log.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k != "step_s"} for line in lines]
+
+
+def _final(out: Path, name: str) -> dict[str, torch.Tensor]:
+    found = sorted((out / "runs" / name / "checkpoints").glob("step-*"))
+    return load_file(found[-1] / "trainable.safetensors")
+
+
+def _same_run(out: Path, a: str, b: str, rel: float) -> None:
+    la, lb = _log(out, a), _log(out, b)
+    assert len(la) == len(lb) > 0
+    for ra, rb in zip(la, lb, strict=True):
+        assert ra["tokens_trained"] == rb["tokens_trained"] and ra["selected_by_kind"] == pytest.approx(
+            rb["selected_by_kind"], rel=rel), (ra, rb)
+        for key in ("loss", "grad_norm", "score_selected", "score_unselected"):
+            assert ra[key] == pytest.approx(rb[key], rel=rel, abs=1e-7), (ra["step"], key)
+    wa, wb = _final(out, a), _final(out, b)
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], rtol=max(rel * 10, 1e-4), atol=1e-5)  # Adam: 1/sqrt(v)
+    sa, sb = (out / "runs" / n / "selection_sample.npz" for n in (a, b))
+    with np.load(sa) as za, np.load(sb) as zb:
+        assert np.array_equal(za["rows"], zb["rows"]) and np.array_equal(za["weights"], zb["weights"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("extra", [("train.method=topk",), ("train.method=random",),
+                                   ("train.method=stochastic", "train.scope=sequence")])
+def test_every_micro_batch_split_is_the_same_run(smoke_out: Path, extra: tuple[str, ...]) -> None:
+    """4 selection units per step, carried 1, 2 or 4 per forward: the same selections, losses and weights."""
+    common = ("train.ratio=0.5", "train.grad_accum=4", "train.steps=3", "eval.every=0", "train.snapshot_every=0",
+              *extra)
+    for rows in (4, 8, 16):
+        assert _train(smoke_out, *common, f"train.micro_batch_size={rows}", f"train.name=m{rows}") == 0
+    _same_run(smoke_out, "m4", "m8", 1e-5)
+    _same_run(smoke_out, "m4", "m16", 1e-5)
+
+
+@pytest.mark.parametrize("rows", ["3", "12"])
+def test_a_micro_batch_of_partial_units_is_refused(smoke_out: Path, capsys, rows: str) -> None:
+    """3 is no multiple of the 4-row selection unit; 12 = 3 units does not divide the 4 of the step."""
+    capsys.readouterr()
+    assert _train(smoke_out, "train.grad_accum=4", f"train.micro_batch_size={rows}") == 2
+    err = capsys.readouterr().err
+    assert "train.micro_batch_size" in err and "Traceback" not in err and not (smoke_out / "runs").exists()
+
+
+def test_engine_settings_stay_out_of_the_run_hash(smoke_out: Path) -> None:
+    """A finished run is found done under another micro-batch size or compile setting (they change no result)."""
+    common = ("train.grad_accum=2", "train.steps=2", "eval.every=0")
+    assert _train(smoke_out, *common, "train.micro_batch_size=4") == 0
+    log = smoke_out / "runs" / "clm" / "log.jsonl"
+    before = log.stat().st_mtime_ns
+    assert _train(smoke_out, *common, "train.micro_batch_size=8", "train.compile=true") == 0
+    assert log.stat().st_mtime_ns == before
+
+
+@pytest.mark.slow
+def test_compiled_layers_equal_eager_on_cpu(smoke_out: Path) -> None:
+    """train.compile=true (inductor, CPU) trains the same run as eager, within float noise."""
+    common = ("train.method=topk", "train.ratio=0.5", "train.steps=2", "eval.every=0", "train.snapshot_every=0")
+    assert _train(smoke_out, *common, "train.name=eager") == 0
+    torch._dynamo.reset()
+    assert _train(smoke_out, *common, "train.name=compiled", "train.compile=true") == 0
+    _same_run(smoke_out, "eager", "compiled", 1e-4)
+
+
+def test_compile_wraps_every_decoder_layer_once() -> None:
+    from selective_lm.engine import compile_layers, decoder_layers
+    from selective_lm.models import apply_lora, load_model
+
+    cfg = load_config("smoke")
+    model = apply_lora(load_model(cfg.model), cfg.model)
+    layers = decoder_layers(model)
+    assert len(layers) == model.get_base_model().config.num_hidden_layers == compile_layers(model)
+    assert all(layer._compiled_call_impl is not None for layer in layers)
+
+
+def test_probe_takes_the_largest_size_that_fits_and_remembers_it(tmp_path: Path, monkeypatch) -> None:
+    from selective_lm import engine
+
+    monkeypatch.setenv("SLM_CACHE", str(tmp_path))
+    monkeypatch.setattr(engine, "_memory_key", lambda device: "fake-gpu|80GB")
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    tried: list[int] = []
+
+    def try_size(n: int) -> None:
+        tried.append(n)
+        if n > 4:
+            raise torch.cuda.OutOfMemoryError("out of memory")
+
+    key = {"model": "m", "block_len": 128}
+    assert engine.probe_rows(try_size, [1, 2, 4, 8, 16], key, torch.device("cuda")) == 4
+    assert tried == [1, 2, 4, 8]
+    assert engine.probe_rows(try_size, [1, 2, 4, 8, 16], key, torch.device("cuda")) == 4
+    assert tried == [1, 2, 4, 8]  # remembered: not probed again
+    assert engine.probe_rows(try_size, [1, 2], {**key, "block_len": 256}, torch.device("cuda")) == 2
+
+
+def test_auto_sizes_are_the_configured_ones_on_cpu() -> None:
+    from selective_lm.engine import frozen_batch_size
+
+    def never(n: int) -> None:
+        raise AssertionError("no probe on CPU")
+
+    assert frozen_batch_size("auto", 8, never, {}, torch.device("cpu"), 1000) == 8
+    assert frozen_batch_size(32, 8, never, {}, torch.device("cpu"), 1000) == 32
+
+
+# ----------------------------------------------------------------------------- host syncs (bench case overhead)
+
+
+def _overhead(tmp_path: Path) -> dict[str, Any]:
+    from selective_lm.bench import overhead
+
+    cfg = load_config("smoke", overrides=["bench.steps=2", "bench.warmup=0", "bench.overhead_accum=3"])
+    return overhead(cfg, OutDir.of(tmp_path))
+
+
+@pytest.mark.slow
+def test_overhead_case_counts_one_sync_per_step_and_catches_one_more_per_micro_batch(tmp_path: Path,
+                                                                                       monkeypatch) -> None:
+    """The trainer reads its statistics once per step; an `.item()` per micro-batch makes the guard fail."""
+    from selective_lm.trainer import Trainer
+
+    result = _overhead(tmp_path)
+    assert result["extra_syncs_per_step"] == 1 and result["host_syncs"]["trainer"]["tolist"] == 1
+    assert result["trainer_step_s"] > 0 and result["bare_step_s"] > 0 and result["micro_batches_per_step"] == 3
+    stats = Trainer._micro_stats
+
+    def syncing(self: Trainer, out: Any, mb: Any, ref: Any) -> torch.Tensor:
+        float(out.n_selected)  # what a careless log line does
+        return stats(self, out, mb, ref)
+
+    monkeypatch.setattr(Trainer, "_micro_stats", syncing)
+    assert _overhead(tmp_path)["extra_syncs_per_step"] == 1 + 3
