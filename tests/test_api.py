@@ -303,6 +303,9 @@ def test_selective_trainer_online_reference_equals_the_column(smoke_out: Path, t
     other = load_model(cfg.model.model_copy(update={"name": "random:tiny-llama"}), vocab_size=400)
     with pytest.raises(UserError, match="reference and student must share the tokenizer"):
         SelectiveTrainer(model=load_model(cfg.model), args=args, train_dataset=column, reference_model=other)
+    foreign = column.map(lambda row: {"input_ids": [row["input_ids"][0], 399, *row["input_ids"][2:]]})
+    with pytest.raises(UserError, match="token id 399 is beyond the model's 257 embeddings"):
+        SelectiveTrainer(model=load_model(cfg.model), args=args, train_dataset=foreign).train()
 
 
 # ---------------------------------------------------------------------------- TRL

@@ -99,7 +99,7 @@ class SelectiveMixin:
         self.reference_model = reference_model
         self.chunk_size = chunk_size
         self.model_accepts_loss_kwargs = True  # transformers < 5: the same "do not divide" switch
-        student = self.model.get_input_embeddings().num_embeddings
+        self._n_emb = student = self.model.get_input_embeddings().num_embeddings
         if reference_model is not None:
             ref = reference_model.get_input_embeddings().num_embeddings
             if ref != student:
@@ -145,6 +145,9 @@ class SelectiveMixin:
         inputs = dict(inputs)  # Trainer's prediction_step reads the labels of its own dict afterwards
         labels = inputs.pop("labels")
         ref_loss = inputs.pop("ref_loss", None)
+        if int(inputs["input_ids"].max()) >= self._n_emb:
+            raise UserError(f"token id {int(inputs['input_ids'].max())} is beyond the model's {self._n_emb} "
+                            "embeddings: the data was tokenized with another tokenizer; use the model's own")
         outputs = model(**inputs, use_cache=False)
         if not model.training:  # evaluation: the plain mean over every target (perplexity)
             valid = valid_targets(labels)
