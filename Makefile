@@ -28,7 +28,7 @@ test: setup
 	$(VENV)/bin/python -m pytest -q
 
 lint: setup
-	$(VENV)/bin/ruff check src tests
+	$(VENV)/bin/ruff check src tests examples
 
 clean:
 	rm -rf $(VENV) out

@@ -200,3 +200,41 @@ def test_hf_export_trains_with_transformers_trainer_on_exactly_the_selection(exp
                              learning_rate=1e-3, report_to=[], use_cpu=True, save_strategy="no", logging_steps=1)
     result = Trainer(model=load_model(cfg.model), args=args, train_dataset=ds).train()
     assert result.training_loss == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.fixture(scope="module")
+def default_study(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`make run`'s study at smoke size: its preset's partial score store (scoring.blocks=used), a short grid."""
+    out = tmp_path_factory.mktemp("study") / "out"
+    assert slm("run", out, "scoring.blocks=used", "grid.methods=[topk]", "grid.ratios=[0.5]", "grid.oracle=false") == 0
+    return out
+
+
+@pytest.mark.slow
+def test_export_after_the_default_study_exports_the_scored_blocks_or_scores_the_rest(
+        default_study: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """As a new user types it after `make run`: only train.* names the run. The partial store's blocks are
+    exported and the summary says how many of how many; export.blocks=all scores the others first."""
+    out = default_study
+    store = load_store(out / "data" / "train")
+    ref = np.load(out / "scores" / "train" / "ref_loss.npy")
+    scored = np.flatnonzero(np.isfinite(ref[:, 1:]).all(axis=1))
+    assert 0 < len(scored) < store.n_blocks  # the store is partial
+    capsys.readouterr()
+    records = _records(_export(out, *TOPK[:2]))
+    summary = json.loads(capsys.readouterr().out)
+    assert (summary["blocks"], summary["blocks_total"]) == (len(scored), store.n_blocks)
+    assert "partial" in summary["note"] and f"{len(scored)} of {store.n_blocks}" in summary["note"]
+    assert sum(r["n_tokens"] for r in records) == len(scored) * store.block_len  # the scored blocks, each once
+    per_block = int(np.floor((store.block_len - 1) * 0.5 + 0.5))
+    assert sum(r["n_selected"] for r in records) == len(scored) * per_block
+    assert any(not r["complete"] for r in records)
+    for r in records:  # each piece's text is its tokens' text
+        assert r["selected_text"] == "".join(r["text"][s["start"]:s["end"]] for s in r["spans"])
+
+    full = _records(_export(out, *TOPK[:2], "export.blocks=all"))
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["blocks"] == store.n_blocks and summary["scored_for_export"] == store.n_blocks - len(scored)
+    assert len(full) == store.meta["n_docs"] and all(r["complete"] for r in full)
+    assert sum(r["n_selected"] for r in full) == store.n_blocks * per_block
+    np.testing.assert_array_equal(np.load(out / "scores" / "train" / "ref_loss.npy"), ref)  # store untouched

@@ -469,6 +469,9 @@ class ExportConfig(Section):
     format: Literal["jsonl", "hf"] = Field(
         "jsonl", description="jsonl: selected.jsonl, one document per line; hf: selected_hf/, a datasets directory "
         "of blocks (input_ids, labels = -100 on unselected tokens, attention_mask)")
+    blocks: Literal["scored", "all"] = Field(
+        "scored", description="with a partial score store (scoring.blocks=used, as `make run` makes it): scored = "
+        "export the blocks that have reference losses, all = score the missing blocks with the reference first")
 
 
 class GridConfig(Section):

@@ -12,6 +12,12 @@ of the train store: `input_ids`, `labels` (the token where it is selected, -100 
 causal-LM loss: position t's logits predict `labels[t + 1]`) trains on exactly the selected
 tokens, without this package: `datasets.load_from_disk(path)` and transformers' `Trainer`.
 A supervised fine-tuning store's prompt tokens are never selected, so their labels are -100.
+
+A partial score store (`scoring.blocks=used`, the default study's: only the blocks its grid reads
+are scored) is exported as far as it goes: the blocks with reference losses, and the summary says
+how many of how many (`blocks`, `blocks_total`, `note`). A document cut by a block left out gives
+one line per piece, with `"complete": false`. `export.blocks=all` scores the missing blocks with
+the reference first (in memory, with a progress bar; the store is not changed) and exports all.
 """
 
 from __future__ import annotations
@@ -28,16 +34,19 @@ from tqdm.auto import tqdm
 from .config import Config
 from .errors import UserError
 from .files import atomic_dir, atomic_path
-from .layout import OutDir
+from .layout import OutDir, TokenStore, decode_scores
 from .loss import forward_hidden, token_losses
 from .models import load_tokenizer, load_trained, token_texts, tokenizer_fingerprint
 from .selection import scores, select, trainable_mask
 
 
-def _documents(doc_ids: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
-    """(doc id, flat positions) of each document, in order, over the row-major token stream."""
-    flat = doc_ids.reshape(-1)
-    bounds = np.flatnonzero(np.diff(flat)) + 1
+def _documents(doc_ids: np.ndarray, rows: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
+    """(doc id, flat positions) of each document piece over the row-major token stream of blocks `rows`
+    (sorted): a document also breaks where a block between two exported ones is not exported."""
+    sub = doc_ids[rows]
+    flat = sub.reshape(-1)
+    gaps = (np.flatnonzero(np.diff(rows) != 1) + 1) * sub.shape[1]
+    bounds = np.union1d(np.flatnonzero(np.diff(flat)) + 1, gaps).astype(np.int64)
     for start, stop in zip(np.r_[0, bounds], np.r_[bounds, flat.size], strict=True):
         yield int(flat[start]), np.arange(start, stop)
 
@@ -61,6 +70,44 @@ def _spans(texts: list[str], keep: np.ndarray, score: np.ndarray) -> tuple[str, 
     return "".join(texts), spans
 
 
+def _complete_scores(cfg: Config, out: OutDir, store: TokenStore, ref: np.ndarray,
+                     missing: np.ndarray) -> np.ndarray:
+    """The score store's values with the `missing` blocks scored by the reference, as `slm score` would
+    store them (rounded to scoring.dtype); in memory: the store itself stays as it is."""
+    from .frozen import encode_losses, model_token_losses
+    from .models import load_reference_model
+
+    values = np.array(ref, dtype=np.float32)
+    model = load_reference_model(cfg, out)
+    bs, dtype = cfg.scoring.batch_size, out.score_dtype("train")
+    for start in tqdm(range(0, len(missing), bs), desc="score missing blocks", unit="batch", dynamic_ncols=True):
+        rows = missing[start : start + bs]
+        ids = torch.from_numpy(np.asarray(store.tokens[rows], dtype=np.int64))
+        valid = torch.from_numpy(store.targets(rows, doc_boundaries=False, loss_mask=False))
+        losses = model_token_losses(model, ids, valid, cfg.scoring.chunk_size)
+        values[rows] = decode_scores(encode_losses(losses, dtype), dtype)
+    return values
+
+
+def _export_rows(cfg: Config, out: OutDir, store: TokenStore, ref: Any) -> tuple[np.ndarray, Any, dict[str, Any]]:
+    """(blocks to export, reference losses, what the summary says about them). A partial score store
+    (scoring.blocks=used) covers only the blocks a grid reads: export those, or with export.blocks=all
+    score the others first."""
+    everything = np.arange(store.n_blocks)
+    if ref is None:
+        return everything, None, {}
+    scored = np.isfinite(np.asarray(ref[:, 1:])).all(axis=1)
+    if scored.all():
+        return everything, ref, {}
+    if cfg.export.blocks == "all":
+        return everything, _complete_scores(cfg, out, store, ref, np.flatnonzero(~scored)), \
+            {"scored_for_export": int((~scored).sum())}
+    rows = np.flatnonzero(scored)
+    note = (f"the score store is partial (scoring.blocks=used): exported the {len(rows)} of {store.n_blocks} train "
+            "blocks that have reference losses; export.blocks=all scores the others first")
+    return rows, ref, {"note": note}
+
+
 def export_selected(cfg: Config, out: str | Path | OutDir) -> dict[str, Any]:
     """Write `out/selected.jsonl` for the run that `train.*` names (each line names the run); returns counts."""
     out = OutDir.of(out)
@@ -74,6 +121,7 @@ def export_selected(cfg: Config, out: str | Path | OutDir) -> dict[str, Any]:
     tokenizer = load_tokenizer(cfg.model)
     ref = out.scores("train", store, tokenizer_fingerprint(tokenizer), cfg.scoring.dtype) \
         if cfg.train.needs_reference() else None
+    rows, ref, coverage = _export_rows(cfg, out, store, ref)
     model = load_trained(cfg.model, run.weights_dir, len(tokenizer))
     model.eval().requires_grad_(False)
     n_blocks, block_len = store.tokens.shape
@@ -82,39 +130,45 @@ def export_selected(cfg: Config, out: str | Path | OutDir) -> dict[str, Any]:
     gen = torch.Generator().manual_seed(cfg.train.seed)
     bs = 8 if cfg.scoring.batch_size == "auto" else cfg.scoring.batch_size  # the CPU's auto
     with torch.no_grad():
-        for start in tqdm(range(0, n_blocks, bs), desc=f"export {run.name}", unit="batch", dynamic_ncols=True):
-            rows = slice(start, min(start + bs, n_blocks))
-            ids = torch.from_numpy(np.asarray(store.tokens[rows], dtype=np.int64))
-            noise = torch.from_numpy(np.array(store.noise_mask[rows])) if store.noise_mask is not None else None
+        for start in tqdm(range(0, len(rows), bs), desc=f"export {run.name}", unit="batch", dynamic_ncols=True):
+            batch = rows[start : start + bs]
+            ids = torch.from_numpy(np.asarray(store.tokens[batch], dtype=np.int64))
+            noise = torch.from_numpy(np.array(store.noise_mask[batch])) if store.noise_mask is not None else None
             # The trainer's targets: no document's first token under data.doc_boundaries, no prompt token.
-            valid = trainable_mask(torch.from_numpy(store.targets(rows, cfg.data.doc_boundaries)), noise,
+            valid = trainable_mask(torch.from_numpy(store.targets(batch, cfg.data.doc_boundaries)), noise,
                                    oracle=cfg.train.method == "oracle" and noise is not None)
             hidden, head = forward_hidden(model, ids)
             own = token_losses(hidden, head, ids, valid, chunk_size=cfg.scoring.chunk_size)
-            ref_rows = torch.from_numpy(np.array(ref[rows])) if ref is not None else None
+            ref_rows = torch.from_numpy(np.array(ref[batch])) if ref is not None else None
             s = scores(rule.score, own, ref_rows)
             chosen = select(s, rule.ratio, rule.strategy, "sequence", valid, gen, temperature=cfg.train.temperature,
                             threshold=rule.threshold)
-            keep[rows], score_arr[rows] = chosen.numpy(), torch.where(valid, s, torch.nan).numpy()
+            keep[batch], score_arr[batch] = chosen.numpy(), torch.where(valid, s, torch.nan).numpy()
+    counts = {"blocks": len(rows), "blocks_total": n_blocks, **coverage}
     if cfg.export.format == "hf":
-        return _export_hf(out.selected_hf, np.asarray(store.tokens), keep, int(np.isfinite(score_arr).sum()),
-                          run.name)
+        return {**_export_hf(out.selected_hf, np.asarray(store.tokens[rows]), keep[rows],
+                             int(np.isfinite(score_arr).sum()), run.name), **counts}
     documents = store.meta.get("documents") or []
+    doc_ids = np.asarray(store.doc_ids)
+    doc_sizes = np.bincount(doc_ids.reshape(-1))
+    tokens, keep, score_arr = np.asarray(store.tokens)[rows].reshape(-1), keep[rows].reshape(-1), \
+        score_arr[rows].reshape(-1)
     path = out.selected_jsonl
     n_docs = n_kept = n_valid = 0
     with atomic_path(path) as tmp, open(tmp, "w") as f:
-        for doc, pos in _documents(np.asarray(store.doc_ids)):
-            ids = np.asarray(store.tokens).reshape(-1)[pos].tolist()
-            k, sc = keep.reshape(-1)[pos], score_arr.reshape(-1)[pos]
+        for doc, pos in _documents(doc_ids, rows):
+            ids = tokens[pos].tolist()
+            k, sc = keep[pos], score_arr[pos]
             text, spans = _spans(token_texts(tokenizer, ids), k, sc)
             record = {"run": run.name, "doc_id": doc, "source_id": documents[doc] if doc < len(documents) else None,
                       "method": summary["method"], "ratio": summary["ratio"], "score": rule.score,
-                      "n_tokens": len(ids), "n_selected": int(k.sum()), "text": text, "spans": spans,
+                      "n_tokens": len(ids), "complete": len(ids) == int(doc_sizes[doc]),
+                      "n_selected": int(k.sum()), "text": text, "spans": spans,
                       "selected_text": "".join(text[s["start"]:s["end"]] for s in spans)}
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
             n_docs, n_kept, n_valid = n_docs + 1, n_kept + int(k.sum()), n_valid + int(np.isfinite(sc).sum())
     return {"path": str(path), "documents": n_docs, "selected_tokens": n_kept,
-            "selected_frac": n_kept / max(n_valid, 1)}
+            "selected_frac": n_kept / max(n_valid, 1), **counts}
 
 
 def _export_hf(path: Path, tokens: np.ndarray, keep: np.ndarray, n_valid: int, run_name: str) -> dict[str, Any]:

@@ -50,6 +50,7 @@ __all__ = [
     "forward_hidden",
     "selected_loss_sum",
     "selective_lm_loss",
+    "selective_loss_of_losses",
     "token_losses",
     "valid_mask",
 ]
@@ -307,6 +308,79 @@ def _weighted_mean(x: Tensor, w: Tensor) -> Tensor:
     return torch.where(w != 0, x * w, 0).sum() / w.sum()
 
 
+def _check_selection(valid: Tensor, shape: torch.Size, score_kind: str, ratio: float, strategy: str,
+                     soft: bool, threshold: float | None) -> None:
+    if valid.dtype != torch.bool or valid.shape != shape:
+        raise ValueError(f"valid must be a bool tensor shaped like input_ids {tuple(shape)}")
+    if valid[:, 0].any():
+        raise ValueError("valid is True at position 0, which has no target: build it with valid_mask()")
+    if score_kind == "none" and (threshold is not None or (strategy == "topk" and ratio < 1 and not soft)):
+        raise ValueError("score kind 'none' selects by position with top-k or a threshold; use 'random' or a score")
+
+
+def _selected_sum(own_grad: Tensor, chosen: Tensor) -> Tensor:
+    """Sum of the selected losses of `own_grad [B, T]` (with grad), weighted in soft mode."""
+    if chosen.dtype == torch.bool:
+        return own_grad[chosen].sum()
+    b, t = _target_positions(chosen != 0)
+    return (own_grad[b, t] * chosen[b, t].to(own_grad.dtype)).sum()
+
+
+def _result(loss_sum: Tensor, own: Tensor, s: Tensor, chosen: Tensor, valid: Tensor) -> SelectiveLoss:
+    w = chosen.to(own.dtype)
+    unselected = (valid & (w == 0)).to(own.dtype)
+    return SelectiveLoss(
+        loss_sum=loss_sum,
+        n_selected=w.sum(),
+        n_valid=valid.sum().to(own.dtype),
+        n_unselected=unselected.sum(),
+        score_selected=_weighted_mean(s, w),
+        score_unselected=_weighted_mean(s, unselected),
+        loss_selected=_weighted_mean(own, w),
+        weights=w,
+    )
+
+
+def _select_units(s: Tensor, valid: Tensor, units: int, generator: torch.Generator | Sequence[torch.Generator] | None,
+                  **selection: Any) -> Tensor:
+    """`selection.select` on each of `units` equal row groups with its own generator: what `units` calls would."""
+    if s.shape[0] % units:
+        raise ValueError(f"{s.shape[0]} rows do not split into {units} selection units")
+    gens = list(generator) if isinstance(generator, Sequence) else [generator] * units
+    if len(gens) != units:
+        raise ValueError(f"{len(gens)} generators for {units} selection units")
+    parts = [select(s_u, valid=v_u, generator=g, **selection)
+             for s_u, v_u, g in zip(s.chunk(units), valid.chunk(units), gens, strict=True)]
+    return parts[0] if units == 1 else torch.cat(parts)
+
+
+def selective_loss_of_losses(
+    losses: Tensor,
+    valid: Tensor,
+    ref_loss: Tensor | None = None,
+    *,
+    score_kind: str = "excess",
+    ratio: float = 1.0,
+    strategy: str = "topk",
+    scope: str = "batch",
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
+    units: int = 1,
+    temperature: float = 1.0,
+    soft: bool = False,
+    threshold: float | None = None,
+    group: dist.ProcessGroup | None = None,
+) -> SelectiveLoss:
+    """The selective loss from per-token losses `[B, T]` with grad (NaN where not valid, as `token_losses`
+    returns them): score, select, sum the selected ones. `selective_lm_loss` without the forward pass,
+    for losses computed elsewhere (full logits, another trainer's forward)."""
+    _check_selection(valid, losses.shape, score_kind, ratio, strategy, soft, threshold)
+    own = losses.detach()
+    s = scores(score_kind, own, ref_loss)
+    chosen = _select_units(s, valid, units, generator, ratio=ratio, strategy=strategy, scope=scope,
+                           temperature=temperature, soft=soft, threshold=threshold, group=group)
+    return _result(_selected_sum(losses, chosen), own, s, chosen, valid)
+
+
 def selective_lm_loss(
     model: nn.Module,
     input_ids: Tensor,
@@ -339,54 +413,23 @@ def selective_lm_loss(
     `generator[i]` when a sequence is given), exactly as `units` separate calls would: a larger
     forward for the GPU, the same selection.
     """
-    if valid.dtype != torch.bool or valid.shape != input_ids.shape:
-        raise ValueError(f"valid must be a bool tensor shaped like input_ids {tuple(input_ids.shape)}")
-    if valid[:, 0].any():
-        raise ValueError("valid is True at position 0, which has no target: build it with valid_mask()")
-    if score_kind == "none" and (threshold is not None or (strategy == "topk" and ratio < 1 and not soft)):
-        raise ValueError("score kind 'none' selects by position with top-k or a threshold; use 'random' or a score")
+    _check_selection(valid, input_ids.shape, score_kind, ratio, strategy, soft, threshold)
+    selection = dict(score_kind=score_kind, ratio=ratio, strategy=strategy, scope=scope, generator=generator,
+                     units=units, temperature=temperature, soft=soft, threshold=threshold, group=group)
     hidden, head = forward_hidden(model, input_ids, attention_mask)
-    own_grad = None
     # A frozen linear head costs 2 matmuls per row with grad, 1 without: one grad pass over every valid
     # row (2) is cheaper than a no-grad pass plus a grad pass over the selected rows (1 + 2 x ratio)
     # from ratio 0.5 up; below it, only the selected rows get gradients.
     if (ratio == 1 and not soft) or (_frozen_linear(head) and (soft or ratio >= 0.5)):
         own_grad = token_losses(hidden, head, input_ids, valid, chunk_size=chunk_size)
-        own = own_grad.detach()
-    else:
-        with torch.no_grad():
-            own = token_losses(hidden.detach(), head, input_ids, valid, chunk_size=chunk_size)
+        return selective_loss_of_losses(own_grad, valid, ref_loss, **selection)
+    with torch.no_grad():
+        own = token_losses(hidden.detach(), head, input_ids, valid, chunk_size=chunk_size)
     s = scores(score_kind, own, ref_loss)
-    if input_ids.shape[0] % units:
-        raise ValueError(f"{input_ids.shape[0]} rows do not split into {units} selection units")
-    gens = list(generator) if isinstance(generator, Sequence) else [generator] * units
-    if len(gens) != units:
-        raise ValueError(f"{len(gens)} generators for {units} selection units")
-    parts = [
-        select(s_u, ratio, strategy, scope, v_u, g, temperature=temperature, soft=soft, threshold=threshold,
-               group=group)
-        for s_u, v_u, g in zip(s.chunk(units), valid.chunk(units), gens, strict=True)
-    ]
-    chosen = parts[0] if units == 1 else torch.cat(parts)
-    if own_grad is None:
-        loss_sum = selected_loss_sum(hidden, head, input_ids, chosen, chunk_size=chunk_size)
-    elif chosen.dtype == torch.bool:
-        loss_sum = own_grad[chosen].sum()
-    else:
-        b, t = _target_positions(chosen != 0)
-        loss_sum = (own_grad[b, t] * chosen[b, t].to(own_grad.dtype)).sum()
-    w = chosen.to(own.dtype)
-    unselected = (valid & (w == 0)).to(own.dtype)
-    return SelectiveLoss(
-        loss_sum=loss_sum,
-        n_selected=w.sum(),
-        n_valid=valid.sum().to(own.dtype),
-        n_unselected=unselected.sum(),
-        score_selected=_weighted_mean(s, w),
-        score_unselected=_weighted_mean(s, unselected),
-        loss_selected=_weighted_mean(own, w),
-        weights=w,
-    )
+    chosen = _select_units(s, valid, units, generator, ratio=ratio, strategy=strategy, scope=scope,
+                           temperature=temperature, soft=soft, threshold=threshold, group=group)
+    loss_sum = selected_loss_sum(hidden, head, input_ids, chosen, chunk_size=chunk_size)
+    return _result(loss_sum, own, s, chosen, valid)
 
 
 class SelectiveLM(nn.Module):

@@ -91,7 +91,8 @@ def scores(kind: str, own_loss: Tensor, ref_loss: Tensor | None = None) -> Tenso
             )
         ref = ref_loss.detach().to(device=own.device, dtype=own.dtype)
         if torch.isnan(ref[~torch.isnan(own)]).any():
-            raise ValueError("ref_loss is NaN at a valid position: the score store does not match the tokens")
+            raise ValueError("ref_loss is NaN at a valid position: the scores are partial (scoring.blocks=used scores "
+                             "only the blocks a grid reads) or were made for other tokens")
     return fn(own, ref)
 
 

@@ -162,8 +162,9 @@ class Trainer:
         self.curve = LearningCurve(cfg, out) if split == "train" and cfg.eval.every else None
         if self.ref_loss is not None and not self._scores_cover_reads():
             if self.t.needs_reference():
-                raise UserError("the score store lacks blocks this run reads (it was made with scoring.blocks=used "
-                                "for a shorter grid or fewer processes): rerun `slm score` with scoring.blocks=all")
+                raise UserError("the score store is partial: it lacks blocks this run reads (it was made with "
+                                "scoring.blocks=used for a shorter grid or fewer processes): rerun `slm score` with "
+                                "scoring.blocks=all")
             self.ref_loss = None  # diagnostics only: better none than biased
         self.units = 1  # selection units per forward: sized in fit(), on the run's own first batches
 
