@@ -391,6 +391,20 @@ class OutDir:
     def __str__(self) -> str:
         return str(self.root)
 
+    @property
+    def config_path(self) -> Path:
+        """config.yaml: the resolved config of the first command that stored anything here (`outconfig`)."""
+        return self.root / "config.yaml"
+
+    def stale_dir(self, path: Path) -> Path:
+        """Where a run dir of another config is moved aside to: `stale/<its path under the out dir>-<n>`, the
+        first n not taken (never under runs/, so no stage reads it)."""
+        rel = path.relative_to(self.root)
+        n = 1
+        while (self.root / "stale" / rel.parent / f"{rel.name}-{n}").exists():
+            n += 1
+        return self.root / "stale" / rel.parent / f"{rel.name}-{n}"
+
     # ---- token and score stores
 
     def store_dir(self, split: str) -> Path:
@@ -398,6 +412,16 @@ class OutDir:
 
     def store(self, split: str) -> TokenStore:
         return load_store(self.store_dir(split))
+
+    def checked_store(self, split: str, cfg: Config) -> TokenStore:
+        """The store of `split`, refused (UserError) when it was built from other data settings or another
+        tokenizer than `cfg` names: evaluating it with `cfg`'s model would publish a meaningless number."""
+        store = self.store(split)
+        if store.meta.get("config_fingerprint") not in (None, store_config_fingerprint(cfg, split)):
+            raise UserError(f"the token store in {store.path} was built from other data settings or another "
+                            f"tokenizer than this config's (model {cfg.model.name!r}): pass the settings it was "
+                            "made with (--preset/--config); another config needs another --out")
+        return store
 
     def scores_dir(self, split: str) -> Path:
         return self.root / "scores" / split
