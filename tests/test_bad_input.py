@@ -114,7 +114,7 @@ CATALOGUE: list[tuple[str, list[str], Setup, str]] = [
      "chat template"),
     ("chat format on the champ corpus", ["prepare", "data.format=chat", "data.noise_rate=0"], _nothing,
      "data.corpus=custom"),
-    ("prompt/response with noise", ["prepare", *SFT[:2], "data.format=prompt_response"],
+    ("prompt/response with noise", ["prepare", *SFT[:2], "data.format=prompt_response", "data.noise_rate=0.2"],
      _write("c.jsonl", '{"prompt": "q", "response": "r"}\n'), "data.noise_rate=0"),
     ("no token store", ["train"], _delete("data"), "slm prepare"),
     ("truncated tokens.npy", ["train"], _truncate_tokens, "tokens.npy"),

@@ -106,6 +106,10 @@ class DataConfig(Section):
         "reference_mix=0.5: 2.5x the 20k that the default reference training reads (40 steps x 4 x 128), while "
         "train keeps 60 % of the problems (162), more than enough for its 300k tokens"
     )
+    bad_rows: Literal["error", "skip"] = Field(
+        "error", description="custom corpora: a row without its fields' text (missing, not a string, an empty "
+        "response, a conversation without an assistant turn or with an unknown role) stops `slm prepare` naming "
+        "the file and line (error), or is skipped and counted in the split's meta.json (skip)")
     doc_boundaries: bool = Field(False, description="mask targets that cross a document separator")
     seed: int = 0
     num_proc: int = Field(
@@ -115,7 +119,7 @@ class DataConfig(Section):
     )
 
     LATER_FIELDS: ClassVar[tuple[str, ...]] = ("format", "prompt_field", "response_field", "messages_field",
-                                               "separator")
+                                               "separator", "bad_rows")
 
     @field_validator("corpus")
     @classmethod

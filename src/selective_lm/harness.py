@@ -83,12 +83,17 @@ def _metrics(result: dict[str, Any]) -> Metrics:
 
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
-    """lm-eval logs every setting at INFO/WARNING (e.g. that `pretrained` is a model object): errors only."""
+    """lm-eval logs every setting at INFO/WARNING (e.g. that `pretrained` is a model object): errors only. And
+    its results record the git commit of the working directory, asking `git describe`, whose "fatal: not a git
+    repository" outside one reached our stderr on every call: tasks.json has no use for it."""
+    from unittest import mock
+
     logger = logging.getLogger("lm_eval")
     level = logger.level
     logger.setLevel(logging.ERROR)
     try:
-        yield
+        with mock.patch("lm_eval.evaluator.get_git_commit_hash", return_value=None):
+            yield
     finally:
         logger.setLevel(level)
 

@@ -414,13 +414,15 @@ class OutDir:
         return load_store(self.store_dir(split))
 
     def checked_store(self, split: str, cfg: Config) -> TokenStore:
-        """The store of `split`, refused (UserError) when it was built from other data settings or another
-        tokenizer than `cfg` names: evaluating it with `cfg`'s model would publish a meaningless number."""
+        """The store of `split`, refused (UserError) when it holds another tokenizer's tokens or blocks of another
+        length than `cfg` names: evaluating it with `cfg`'s model would publish a meaningless number."""
         store = self.store(split)
-        if store.meta.get("config_fingerprint") not in (None, store_config_fingerprint(cfg, split)):
-            raise UserError(f"the token store in {store.path} was built from other data settings or another "
-                            f"tokenizer than this config's (model {cfg.model.name!r}): pass the settings it was "
-                            "made with (--preset/--config); another config needs another --out")
+        tokenizer = cfg.model.tokenizer or cfg.model.name
+        if (store.meta.get("tokenizer"), store.meta.get("block_len")) != (tokenizer, cfg.data.block_len):
+            raise UserError(f"the token store in {store.path} holds blocks of {store.meta.get('block_len')} tokens of "
+                            f"tokenizer {store.meta.get('tokenizer')!r}, this config {cfg.data.block_len} of "
+                            f"{tokenizer!r}: pass the settings it was made with (--preset/--config); another "
+                            "config needs another --out")
         return store
 
     def scores_dir(self, split: str) -> Path:
