@@ -99,8 +99,8 @@ def evaluate(cfg: Config, out: str | Path | OutDir, name: str | None = None) -> 
     """
     out = OutDir.of(out)
     run = out.run(name or cfg.run_name())
-    tokenizer = load_tokenizer(cfg.model)
     stores = {split: out.checked_store(split, cfg).spread(cfg.eval.max_tokens) for split in cfg.eval.splits}
+    tokenizer = load_tokenizer(cfg.model)
     model, digest = _load(cfg, out, run, len(tokenizer))
     tasks = TaskEval(cfg, run, digest) if cfg.eval.tasks else None
     model.eval().requires_grad_(False)
