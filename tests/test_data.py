@@ -406,7 +406,7 @@ def test_num_proc_writes_the_same_store(tmp_path, tok):
     assert meta["n_docs"] == 60 * BATCH_DOCS > 10 * NOISE_LAG * BATCH_DOCS  # the lagged feedback had time to act
     assert meta["noise"]["realized_rate"] == pytest.approx(0.2, abs=0.02)
     # num_proc is how a store is made, not what it holds: a store made by 3 processes is reused by 1
-    assert prepare(_custom(tmp_path, {"train": src}), tmp_path / "out3")["train"]["reused"]
+    assert prepare(_custom(tmp_path, {"train": src}, "data.noise_rate=0.2"), tmp_path / "out3")["train"]["reused"]
 
 
 class _FailingTokenizer:
