@@ -84,6 +84,28 @@ def _chat_tokenizer_and_text_rows(out: Path, tmp: Path) -> None:
     (tmp / "c.jsonl").write_text('{"text": "hello"}\n')
 
 
+def _chat_tokenizer_and_bot_rows(out: Path, tmp: Path) -> None:
+    """A tokenizer with a chat template, and a conversation in ShareGPT's roles (human/bot)."""
+    _chat_tokenizer_and_text_rows(out, tmp)
+    rows = [{"messages": [{"role": "human", "content": "hi"}, {"role": "bot", "content": "yo"}]}]
+    (tmp / "c.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _stored_config(out: Path, tmp: Path) -> None:
+    from selective_lm.config import load_config
+    from selective_lm.layout import OutDir
+    from selective_lm.outconfig import remember
+
+    remember(load_config("smoke"), OutDir(out))
+
+
+def _finished_clm(out: Path, tmp: Path) -> None:
+    from selective_lm.config import load_config
+    from selective_lm.train import train
+
+    train(load_config("smoke", overrides=["train.steps=1"]), out)
+
+
 SFT = ["data.corpus=custom", "data.sources.train={tmp}/c.jsonl", "data.noise_rate=0"]
 CHAT_ROW = '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}\n'
 
@@ -114,7 +136,7 @@ CATALOGUE: list[tuple[str, list[str], Setup, str]] = [
      "chat template"),
     ("chat format on the champ corpus", ["prepare", "data.format=chat", "data.noise_rate=0"], _nothing,
      "data.corpus=custom"),
-    ("prompt/response with noise", ["prepare", *SFT[:2], "data.format=prompt_response"],
+    ("prompt/response with noise", ["prepare", *SFT[:2], "data.format=prompt_response", "data.noise_rate=0.2"],
      _write("c.jsonl", '{"prompt": "q", "response": "r"}\n'), "data.noise_rate=0"),
     ("no token store", ["train"], _delete("data"), "slm prepare"),
     ("truncated tokens.npy", ["train"], _truncate_tokens, "tokens.npy"),
@@ -140,6 +162,17 @@ CATALOGUE: list[tuple[str, list[str], Setup, str]] = [
     ("report without results", ["report"], _nothing, "results.json"),
     ("out dir in use", ["run"], _locked, "in use"),
     ("bench ratio out of range", ["bench", "bench.ratio=2"], _nothing, "(0, 1]"),
+    ("settings that conflict with the out dir's", ["train", "model.lora_r=16"], _stored_config, "model.lora_r"),
+    ("threshold without its rule", ["train", "train.method=topk", "train.threshold=0.5"], _nothing,
+     "train.rule=threshold"),
+    ("scoring under a self-reference", ["train", "reference.mode=ema", "reference.start_step=2",
+                                        "scoring.dtype=float16"], _nothing, "scoring.dtype"),
+    ("bad prompt/response row", ["prepare", *SFT, "data.format=prompt_response"],
+     _write("c.jsonl", '{"prompt": "q", "response": "r"}\n{"response": "r"}\n'), "line 2"),
+    ("chat with unknown roles", ["prepare", *SFT, "data.format=chat", "model.tokenizer={tmp}/chat-tok"],
+     _chat_tokenizer_and_bot_rows, "unknown role"),
+    ("train-only corpus in slm run", ["run", *SFT], _write("c.jsonl", '{"text": "hello"}\n'), "no held-out split"),
+    ("finished run of another config", ["train", "train.steps=1", "train.lr=0.02"], _finished_clm, "train.name"),
 ]
 
 

@@ -121,7 +121,7 @@ def test_methods_map_to_strategy_score_and_ratio() -> None:
     assert eff("train.method=stochastic", "train.stochastic=positive", "train.ratio=0.5") == (
         "stochastic_positive", "excess", 0.5, None)
     # Threshold rules: the count is the threshold's (ratio 1), and a random control counts by the score too.
-    assert eff("train.method=topk", "train.rule=positive", "train.ratio=0.3") == ("topk", "excess", 1.0, 0.0)
+    assert eff("train.method=topk", "train.rule=positive") == ("topk", "excess", 1.0, 0.0)
     assert eff("train.method=random", "train.rule=positive") == ("random", "excess", 1.0, 0.0)
     assert eff("train.method=topk", "train.rule=threshold", "train.threshold=-0.5", "train.score=retrospective") == (
         "topk", "retrospective", 1.0, -0.5)

@@ -268,7 +268,7 @@ def test_custom_jsonl_and_txt_sources(tmp_path, tok):
 def test_custom_train_gets_noise_and_slices_stream(tmp_path, tok):
     body = "\n".join(f"Step {k}: we compute {k} + {k} = {2 * k}, so the total grows by {2 * k}." for k in range(1, 8))
     train = _jsonl(tmp_path / "t.jsonl", [{"text": f"Doc{i:03d}x.\n{body}"} for i in range(300)])
-    cfg = _custom(tmp_path, {"train": f"{train}@train[10:250]"})
+    cfg = _custom(tmp_path, {"train": f"{train}@train[10:250]"}, "data.noise_rate=0.2")  # asked for: injected
     prepare(cfg, tmp_path / "out")
     store = load_store(tmp_path / "out" / "data" / "train")
     assert store.meta["noise"]["realized_rate"] == pytest.approx(0.2, rel=0.2)
@@ -393,7 +393,8 @@ def test_num_proc_writes_the_same_store(tmp_path, tok):
     src = _jsonl(tmp_path / "t.jsonl", [{"text": f"Doc {i}.\n{body}"} for i in range(60 * BATCH_DOCS)])
     stores = {}
     for n in (1, 2, 3):
-        summary = prepare(_custom(tmp_path, {"train": src}, f"data.num_proc={n}"), tmp_path / f"out{n}")
+        summary = prepare(_custom(tmp_path, {"train": src}, f"data.num_proc={n}", "data.noise_rate=0.2"),
+                          tmp_path / f"out{n}")
         assert not summary["train"]["reused"]
         stores[n] = tmp_path / f"out{n}" / "data" / "train"
     names = sorted(p.name for p in stores[1].iterdir())
@@ -405,7 +406,7 @@ def test_num_proc_writes_the_same_store(tmp_path, tok):
     assert meta["n_docs"] == 60 * BATCH_DOCS > 10 * NOISE_LAG * BATCH_DOCS  # the lagged feedback had time to act
     assert meta["noise"]["realized_rate"] == pytest.approx(0.2, abs=0.02)
     # num_proc is how a store is made, not what it holds: a store made by 3 processes is reused by 1
-    assert prepare(_custom(tmp_path, {"train": src}), tmp_path / "out3")["train"]["reused"]
+    assert prepare(_custom(tmp_path, {"train": src}, "data.noise_rate=0.2"), tmp_path / "out3")["train"]["reused"]
 
 
 class _FailingTokenizer:

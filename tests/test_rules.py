@@ -212,8 +212,8 @@ def test_run_grid_with_a_self_reference_needs_no_reference_model(tmp_path: Path)
     assert main(["run", "--preset", "smoke", "--out", str(out), *overrides]) == 0
     assert not (out / "reference").exists() and not (out / "scores").exists()
     results = json.loads((out / "results.json").read_text())
-    assert set(results["runs"]) == {"clm", "oracle", "topk-r0.5", "random-r0.5", "base"}
-    for name in ("topk-r0.5", "random-r0.5"):  # both warm up on every token: the control stays matched
+    assert set(results["runs"]) == {"clm", "oracle", "topk-r0.5-ema", "random-r0.5-ema", "base"}
+    for name in ("topk-r0.5-ema", "random-r0.5-ema"):  # both warm up on every token: the control stays matched
         assert [r["selected_frac"] for r in _log(out, name)[:2]] == [1.0, 1.0]
 
 
@@ -244,4 +244,4 @@ def test_bad_input_exits_2_with_one_line(smoke_out: Path, capsys, monkeypatch) -
     err = _bad(smoke_out, capsys, "train", "train.method=topk", "train.ratio=0.5", "reference.mode=ema",
                "reference.start_step=2", "model.lora=false")
     assert "GiB more" in err and "model.lora=true" in err
-    assert not (smoke_out / "runs" / "topk-r0.5").exists()
+    assert not (smoke_out / "runs" / "topk-r0.5-ema").exists()

@@ -104,6 +104,7 @@ def test_reference_path_adapter_and_model_dir(smoke_cfg, smoke_out: Path, tmp_pa
     assert slm("score", smoke_out, "reference.mode=path", f"reference.path={adapter}") == 0
     np.testing.assert_array_equal(np.load(smoke_out / "scores" / "train" / "ref_loss.npy"), expected)
 
+    (smoke_out / "config.yaml").unlink()  # another reference.path: the out dir's stored config would refuse it
     model_dir = tmp_path / "my-model"  # a full HF model dir with the student's tokenizer
     trained_reference(smoke_cfg, smoke_out).save_pretrained(model_dir)
     load_tokenizer(smoke_cfg.model).save_pretrained(model_dir)
@@ -354,6 +355,9 @@ def test_half_precision_store_reads_back_within_its_precision(smoke_cfg, smoke_o
 def test_score_store_of_another_dtype_is_refused(smoke_out: Path, capsys) -> None:
     assert slm("score", smoke_out, "scoring.dtype=float16") == 0
     capsys.readouterr()
+    assert slm("train", smoke_out, "train.method=topk", "train.ratio=0.5") == 2  # the out dir's stored config
+    one_line_error(capsys, "scoring.dtype: 'float16' there, 'float32' here")
+    (smoke_out / "config.yaml").unlink()  # an out dir from before config.yaml: the score store's own check
     assert slm("train", smoke_out, "train.method=topk", "train.ratio=0.5") == 2
     err = one_line_error(capsys, "float16", "scoring.dtype=float32")
     assert "slm score" in err
@@ -361,6 +365,7 @@ def test_score_store_of_another_dtype_is_refused(smoke_out: Path, capsys) -> Non
     # With the store's dtype the trainer reads it (as float32).
     assert slm("train", smoke_out, "train.method=topk", "train.ratio=0.5", "train.steps=2",
                "scoring.dtype=float16") == 0
+    (smoke_out / "config.yaml").unlink()  # the train command stored float16
     assert slm("score", smoke_out) == 0  # back to float32: rescored
     assert np.load(smoke_out / "scores" / "train" / "ref_loss.npy").dtype == np.float32
 

@@ -583,6 +583,7 @@ def test_controls_draw_independently_unless_common_random_is_asked(smoke_out: Pa
 def test_a_run_that_reads_the_scores_depends_on_the_reference(smoke_out: Path, capsys) -> None:
     """CLM selects nothing by score, but its diagnostics read the score store: a new reference makes it stale."""
     assert _train(smoke_out, "train.steps=1") == 0
+    (smoke_out / "config.yaml").unlink()  # a new reference in this out dir: its stored config would refuse it
     for stage in ("reference", "score"):
         assert main([stage, "--preset", "smoke", "--out", str(smoke_out), "reference.steps=2"]) == 0
     capsys.readouterr()

@@ -7,6 +7,7 @@ Thin on purpose: parse, load the config, call the stage, print its summary. Exit
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import importlib
 import json
@@ -14,11 +15,12 @@ import os
 import sys
 import warnings
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-from .config import Config, load_config
+from .config import Config
 from .errors import UserError
+from .layout import OutDir
+from .outconfig import remember, resolve, runnable_hints
 
 # command -> (help, module, stage function(cfg, out)); stages are imported only when used (torch is slow).
 COMMANDS: dict[str, tuple[str, str, str]] = {
@@ -39,7 +41,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
 }
 
 
-def print_config(cfg: Config, out: Path) -> None:
+def print_config(cfg: Config, out: OutDir) -> None:
     print(cfg.to_yaml(), end="")
 
 
@@ -78,11 +80,12 @@ def _overrides(args: argparse.Namespace) -> list[str]:
             *([f"export.format={fmt}"] if fmt is not None else [])]
 
 
-def _out_dir(args: argparse.Namespace, cfg: Config) -> Path:
-    return Path(args.out) if args.out else Path("out") / cfg.preset
+def _main_process() -> bool:
+    """Rank 0 of an `accelerate launch`, or a plain process."""
+    return os.environ.get("RANK", "0") == "0"
 
 
-def _stage(command: str) -> Callable[[Config, Path], Any]:
+def _stage(command: str) -> Callable[[Config, OutDir], Any]:
     _, module, func = COMMANDS[command]
     return getattr(importlib.import_module(f"selective_lm.{module}"), func)
 
@@ -109,11 +112,18 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     # peft calls a transformers property deprecated in v5; the warning says nothing to our users.
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
+    overrides = _overrides(args)
+    selection = [*(["--preset", args.preset] if args.preset else []), *(["--config", args.config] if args.config
+                                                                         else [])]
+    resolved: tuple[Config, OutDir] | None = None
+    bad_input = False
     try:
-        cfg = load_config(args.preset, args.config, _overrides(args))
-        result = _stage(args.command)(cfg, _out_dir(args, cfg))
+        resolved = resolve(args.preset, args.config, overrides, args.out)
+        result = _stage(args.command)(*resolved)
     except (UserError, ValueError) as e:  # pure functions raise ValueError for bad input
-        return _fail(str(e), 2)
+        bad_input = True
+        message = str(e) if resolved is None else runnable_hints(str(e), selection, resolved[1], overrides)
+        return _fail(message, 2)
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT):  # atomic writes: nothing half-written is left behind
             return _fail(f"no space left on the device while writing {e.filename or 'output'}: free some space "
@@ -124,6 +134,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("slm: interrupted", file=sys.stderr)
         return 130
+    finally:  # whatever the command stored is described by its config (bad input stored nothing)
+        if resolved is not None and not bad_input and args.command != "config" and _main_process():
+            with contextlib.suppress(OSError):  # a read-only out dir keeps working without it
+                remember(*resolved)
     if result:  # non-main data-parallel ranks return nothing to print
         print(json.dumps(result, indent=2, default=str))
     return 0

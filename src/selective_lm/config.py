@@ -7,6 +7,7 @@ it accepts, so the CLI can exit 2 with one line instead of a pydantic traceback.
 
 from __future__ import annotations
 
+import copy
 import math
 import re
 from importlib import resources
@@ -105,6 +106,10 @@ class DataConfig(Section):
         "reference_mix=0.5: 2.5x the 20k that the default reference training reads (40 steps x 4 x 128), while "
         "train keeps 60 % of the problems (162), more than enough for its 300k tokens"
     )
+    bad_rows: Literal["error", "skip"] = Field(
+        "error", description="custom corpora: a row without its fields' text (missing, not a string, an empty "
+        "response, a conversation without an assistant turn or with an unknown role) stops `slm prepare` naming "
+        "the file and line (error), or is skipped and counted in the split's meta.json (skip)")
     doc_boundaries: bool = Field(False, description="mask targets that cross a document separator")
     seed: int = 0
     num_proc: int = Field(
@@ -114,7 +119,7 @@ class DataConfig(Section):
     )
 
     LATER_FIELDS: ClassVar[tuple[str, ...]] = ("format", "prompt_field", "response_field", "messages_field",
-                                               "separator")
+                                               "separator", "bad_rows")
 
     @field_validator("corpus")
     @classmethod
@@ -186,6 +191,13 @@ class ModelConfig(Section):
 
 
 SELF_REFERENCE_MODES = ("ema", "checkpoint")  # the student's own weights are the reference, scored online
+SELF_REFERENCE_SUFFIX = {"ema": "ema", "checkpoint": "ckpt"}  # in the names of the runs that select with them
+
+
+# reference.mode -> the other reference.* keys it reads (a key no mode reads is an ignored option: `_ignored`)
+REFERENCE_KEYS_READ = {"trained": ("steps", "batch_size", "grad_accum", "lr", "lora", "lora_r"), "self": (),
+                       "path": ("path",), "ema": ("ema_decay", "start_step"),
+                       "checkpoint": ("start_step", "checkpoint_step")}
 
 
 class ReferenceConfig(Section):
@@ -346,14 +358,37 @@ class TrainConfig(Section):
                              "saved adapter after an fsdp run")
         return self
 
-    def run_name(self, with_seed: bool = False) -> str:
-        """`train.name`, else `clm`, `oracle` or `<method>-r<ratio>`, with `-s<seed>` when several seeds run."""
+    def hashed(self, **dump: Any) -> dict[str, Any]:
+        """As `Section.hashed`, without train.threshold unless train.rule=threshold reads it."""
+        out = super().hashed(**dump)
+        if self.rule != "threshold":
+            out.pop("threshold", None)
+        return out
+
+    def run_name(self, with_seed: bool = False, reference_mode: str = "trained") -> str:
+        """`train.name`, else `clm`, `oracle` or `<strategy>-<budget>` (budget `r<ratio>`, `pos` or
+        `t<threshold>`), then one suffix per identity-changing choice away from the default study's (`name_suffixes`),
+        and `-s<seed>` when several seeds run. Two configs that select differently never share a name, and the
+        default study's names (`clm`, `topk-r0.5`, ...) stay what they were."""
         if self.name:
             return self.name
-        budget = f"r{self.ratio:g}" if self.rule == "topk" else "pos" if self.rule == "positive" \
-            else f"t{self.threshold:g}"
-        name = self.method if self.method in BASELINE_METHODS else f"{self.method}-{budget}"
+        if self.method in BASELINE_METHODS:
+            name = self.method
+        else:
+            rule = self.selection_rule()
+            budget = f"r{self.ratio:g}" if self.rule == "topk" else "pos" if self.rule == "positive" \
+                else f"t{self.threshold:g}"
+            name = "-".join([f"{rule.strategy}-{budget}", *self.name_suffixes(), *(
+                [SELF_REFERENCE_SUFFIX[reference_mode]] if reference_mode in SELF_REFERENCE_SUFFIX else [])])
         return f"{name}-s{self.seed}" if with_seed else name
+
+    def name_suffixes(self) -> list[str]:
+        """The choices of a selecting run that its strategy and budget do not show: a score kind other than
+        `excess` (`-loss`, `-retrospective`, ...), a scope other than `batch`, soft weights, common random numbers."""
+        score = self.selection_rule().score
+        return [*([score] if score not in ("excess", "none") else []),
+                *([self.scope] if self.scope != "batch" else []), *(["soft"] if self.soft else []),
+                *(["crn"] if self.common_random else [])]
 
     def selection_rule(self) -> SelectionRule:
         """The strategy, score kind, ratio and threshold the method really uses: CLM and the oracle select
@@ -526,7 +561,7 @@ class Config(Section):
             specs.append({"method": "oracle", **baseline})
         for rule in self.grid.rules:
             threshold = self.train.threshold if rule == "threshold" else None
-            ratios = self.grid.ratios if rule == "topk" else [self.train.ratio]
+            ratios = self.grid.ratios if rule == "topk" else [1.0]  # the threshold sets the count
             specs += [{"method": m, "ratio": r, "rule": rule, "threshold": threshold}
                       for m in self.grid.methods for r in ratios]
         runs: dict[str, Config] = {}
@@ -538,8 +573,29 @@ class Config(Section):
                     label = spec["method"] if spec["method"] in BASELINE_METHODS else \
                         f"{spec['method']} ({spec['rule']})"
                     raise UserError(f"grid run {label}: {_describe_error(e, {})}") from None
-                runs[t.run_name(with_seed=self.grid.seeds > 1)] = self.model_copy(update={"train": t})
+                run = self.model_copy(update={"train": t})
+                runs[run.run_name(with_seed=self.grid.seeds > 1)] = run
         return runs
+
+    def run_name(self, with_seed: bool = False) -> str:
+        """The run's directory name under runs/ (`TrainConfig.run_name`, with `-ema` / `-ckpt` when a
+        self-reference selects it)."""
+        return self.train.run_name(with_seed, reference_mode=self.reference.mode)
+
+    def artifact_settings(self) -> dict[str, Any]:
+        """Dotted key -> value of the settings that shape what an out dir stores besides its runs: the token
+        stores (data.*, the model's tokenizer), the base model every run starts from (model.*), the reference
+        model and its score store (the reference.* its mode reads, scoring.dtype / scoring.blocks) when the
+        reference is a stored one. Runs are told apart by their names and config hashes instead, and engine
+        settings (train.*) never count: `outconfig` compares these with the out dir's stored config."""
+        flat = {f"data.{k}": v for k, v in self.data.model_dump(mode="json").items()}
+        flat |= {f"model.{k}": v for k, v in self.model.model_dump(mode="json").items()}
+        if not self.reference.is_self:
+            r = self.reference.model_dump(mode="json", include={"mode", *REFERENCE_KEYS_READ[self.reference.mode]})
+            flat |= {f"reference.{k}": v for k, v in r.items()}
+            if self.scoring.mode == "offline":
+                flat |= {f"scoring.{k}": v for k, v in self.scoring.model_dump(include={"dtype", "blocks"}).items()}
+        return flat
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -660,24 +716,114 @@ def load_config(
     preset: str | None = None,
     config_file: str | Path | None = None,
     overrides: list[str] | tuple[str, ...] = (),
+    base: dict[str, Any] | None = None,
 ) -> Config:
-    """Defaults → preset → config file → overrides, validated; UserError on any mistake."""
+    """Defaults → preset (or `base`: an out dir's stored config, see `outconfig`) → config file → overrides,
+    validated; UserError on any mistake, including an option that would have no effect (`_ignored`).
+
+    A custom corpus gets what was asked for: no injected noise unless data.noise_rate is set, and eval.splits
+    (unless set) the corpus's own held-out splits, i.e. its data.sources other than train and reference.
+    """
     file_layer: dict[str, Any] = {}
     if config_file is not None:
         file_layer = _config_file(config_file)
         _check_keys(file_layer, f"config file {config_file}")
-    name = preset or str(file_layer.get("preset", DEFAULT_PRESET))
-    preset_layer = _preset(name)
-    _check_keys(preset_layer, f"preset {name}")
-    tree = _merge(_merge(_merge(Config().to_dict(), preset_layer), file_layer), {"preset": name})
+    if base is not None:
+        _check_keys(base, "the out dir's stored config")
+        name, lower_layer = str(base.get("preset", DEFAULT_PRESET)), base
+    else:
+        name = preset or str(file_layer.get("preset", DEFAULT_PRESET))
+        lower_layer = _preset(name)
+        _check_keys(lower_layer, f"preset {name}")
+    lower = _merge(_merge(Config().to_dict(), lower_layer), {"preset": name})
+    tree = copy.deepcopy(_merge(lower, file_layer))
+    override_tree: dict[str, Any] = {}
     for item in overrides:
         key, value = parse_override(item)
         _check_keys(_nest(key, value), "overrides")
         _set_dotted(tree, key, value)
+        _set_dotted(override_tree, key, value)
+    user = set(leaves(file_layer)) | set(leaves(override_tree))
+    _corpus_defaults(tree, user | set(leaves(lower_layer)))
     try:
-        return Config.model_validate(tree)
+        cfg = Config.model_validate(tree)
     except ValidationError as e:
         raise UserError(_describe_error(e, tree)) from None
+    before = leaves(lower)
+    _ignored(cfg, {k for k, v in leaves(tree).items() if k in user and v != before.get(k)})
+    return cfg
+
+
+def leaves(tree: dict[str, Any]) -> dict[str, Any]:
+    """Dotted key -> value of the config keys `tree` sets."""
+    out: dict[str, Any] = {}
+    for key in VALID_KEYS:
+        node: Any = tree
+        for part in key.split("."):
+            if not isinstance(node, dict) or part not in node:
+                break
+            node = node[part]
+        else:
+            out[key] = node
+    return out
+
+
+def _corpus_defaults(tree: dict[str, Any], given: set[str]) -> None:
+    """A custom corpus's defaults where no layer above the code's defaults set them (`load_config`)."""
+    data = tree.get("data")
+    if not isinstance(data, dict) or data.get("corpus") != "custom":
+        return
+    if "data.noise_rate" not in given:
+        data["noise_rate"] = 0.0
+    sources = data.get("sources")
+    if "eval.splits" not in given and isinstance(sources, dict) and isinstance(tree.get("eval"), dict):
+        splits = [s for s in sources if s not in ("train", "reference")]
+        tree["eval"]["splits"] = splits
+        analysis = tree.get("analysis")
+        if splits and "analysis.bucket_split" not in given and isinstance(analysis, dict) \
+                and analysis.get("bucket_split") not in splits:
+            analysis["bucket_split"] = splits[0]
+
+
+CHAMP_ONLY = ("reference_mix", "val_fraction", "reference_problems", "reference_fraction")
+FORMAT_FIELDS = {"text_field": "text", "prompt_field": "prompt_response", "response_field": "prompt_response",
+                 "separator": "prompt_response", "messages_field": "chat"}
+
+
+def _ignored(cfg: Config, explicit: set[str]) -> None:
+    """UserError for the first of the options set by the user (`explicit`: set by the config file or the overrides,
+    to another value than the preset's) that would have no effect, naming what it would need."""
+    t, r, d = cfg.train, cfg.reference, cfg.data
+
+    def no_effect(key: str, why: str) -> UserError:
+        value = leaves(cfg.to_dict()).get(key)
+        return UserError(f"{key}={value} has no effect {why}")
+
+    if "train.threshold" in explicit and "threshold" not in {t.rule, *cfg.grid.rules}:
+        raise no_effect("train.threshold", f"with train.rule={t.rule}: it is read by train.rule=threshold "
+                        "(or grid.rules with threshold) only")
+    if "train.ratio" in explicit and t.rule != "topk":
+        raise no_effect("train.ratio", f"with train.rule={t.rule}: the rule's threshold sets how many tokens train "
+                        "(train.rule=topk reads the ratio)")
+    for key in sorted(k for k in explicit if k.startswith("reference.") and k != "reference.mode"):
+        field = key.removeprefix("reference.")
+        if field not in REFERENCE_KEYS_READ[r.mode]:
+            modes = [m for m, keys in REFERENCE_KEYS_READ.items() if field in keys]
+            raise no_effect(key, f"with reference.mode={r.mode}: it is read by reference.mode="
+                            f"{' or '.join(modes)} only")
+    if r.is_self and (scoring := sorted(k for k in explicit if k.startswith("scoring."))):
+        raise no_effect(scoring[0], f"with reference.mode={r.mode}: the student's own weights score each batch "
+                        "online, nothing is scored or stored")
+    if "data.sources" in explicit and d.corpus != "custom":
+        raise no_effect("data.sources", f"with data.corpus={d.corpus}: it is read by data.corpus=custom only")
+    for field in CHAMP_ONLY:
+        if f"data.{field}" in explicit and d.corpus != "champ":
+            raise no_effect(f"data.{field}", f"with data.corpus={d.corpus}: it is read by data.corpus=champ only")
+    for field, fmt in FORMAT_FIELDS.items():
+        if f"data.{field}" in explicit and d.format != fmt:
+            raise no_effect(f"data.{field}", f"with data.format={d.format}: it is read by data.format={fmt} only")
+    if "data.noise_kinds" in explicit and d.noise_rate == 0:
+        raise no_effect("data.noise_kinds", "with data.noise_rate=0: no noise is injected")
 
 
 def _nest(key: str, value: Any) -> dict[str, Any]:

@@ -33,14 +33,16 @@ of NOISE_LAG batches whatever `num_proc` is, so a store is byte-identical for ev
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import multiprocessing
 import os
 import signal
+import sys
 import time
-from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections import ChainMap, deque
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import replace
@@ -293,14 +295,18 @@ class _Packer:
 
 def write_store(path: str | Path, docs: Iterable[Document], tokenizer: Any, block_len: int, *,
                 cap: int | None = None, injector: NoiseInjector | None = None,
-                meta: dict[str, Any] | None = None, label: str = "store", num_proc: int = 1,
-                tokenizer_fp: str | None = None, data_format: str = "text") -> dict[str, Any]:
+                meta: Mapping[str, Any] | None = None, label: str = "store", num_proc: int = 1,
+                tokenizer_fp: str | None = None, data_format: str = "text", atomic: bool = True) -> dict[str, Any]:
     """Tokenize, inject noise (if `injector`), pack and write one store atomically; returns its meta.json.
 
     `docs` may be a generator of any length: it is consumed in batches of BATCH_DOCS, tokenized
     by `num_proc` processes (module docstring). `tokenizer_fp` saves recomputing the tokenizer's
     fingerprint when the caller has it. `data_format` other than "text" (`data.format`) renders
-    chat documents and writes loss_mask.npy from the documents' trained spans.
+    chat documents and writes loss_mask.npy from the documents' trained spans. `meta` is read once
+    the documents are (a corpus may count what it skipped there). A `cap` that stops the stream says
+    so (meta.json's `cap_kept_docs`, a line on stderr): the documents after it are not read, so that a
+    cap on a corpus larger than memory costs what it keeps. `atomic=False` writes into `path` itself (an empty
+    directory): the caller's `atomic_dir` makes several stores appear together.
     """
     from .models import tokenizer_fingerprint
 
@@ -319,9 +325,11 @@ def write_store(path: str | Path, docs: Iterable[Document], tokenizer: Any, bloc
     if loss_mask:
         docs = (_rendered(tokenizer, d) for d in docs)
     path = Path(path)
-    with (atomic_dir(path) as tmp, _Tokenizers(tokenizer, eos, num_proc) as tokenizers,
+    with (atomic_dir(path) if atomic else contextlib.nullcontext(path) as tmp,
+          _Tokenizers(tokenizer, eos, num_proc) as tokenizers,
           tqdm(total=cap, unit="tok", desc=f"prepare {label}", disable=None) as bar):
         packer = _Packer(tmp, block_len, cap, noise=injector is not None, loss_mask=loss_mask)
+        full = False
         try:
             for batch, enc in _encoded_batches(docs, tokenizers, injector, loss_mask):
                 before = packer.accepted
@@ -346,6 +354,7 @@ def write_store(path: str | Path, docs: Iterable[Document], tokenizer: Any, bloc
             "eos_id": int(eos), "block_len": block_len, "n_blocks": n_blocks, "n_tokens": n_tokens,
             "n_docs": packer.stored_docs, "dropped_tail_tokens": packer.accepted - n_tokens,
             "max_tokens": cap, "capped": cap is not None and packer.accepted >= cap,
+            **({"cap_kept_docs": packer.n_docs} if full else {}),
             "tokens_by_origin": {o: int(packer.origin_tokens[i]) for o, i in packer.origins.items()},
             "noise": _noise_meta(injector, packer, n_tokens),
             **({"sft": {"format": data_format, "loss_mask_tokens": packer.trained_tokens,
@@ -357,7 +366,12 @@ def write_store(path: str | Path, docs: Iterable[Document], tokenizer: Any, bloc
         if packer.source_ids:
             info["documents"] = packer.source_ids[: packer.stored_docs]
         write_json(tmp / "meta.json", info)
+    if full:  # never silent: the documents after the cap were not even read
+        print(f"slm prepare: {label} stopped at its cap of {cap} tokens (data.max_tokens): it keeps the first "
+              f"{packer.n_docs} documents, the last one cut; every document after them is left out (a larger "
+              "data.max_tokens, or null, keeps them)", file=sys.stderr)
     return info
+
 
 
 def render_chat(tokenizer: Any, messages: Sequence[dict[str, Any]]) -> tuple[str, tuple[tuple[int, int], ...]]:
@@ -430,21 +444,24 @@ def prepare(cfg: Config, out: str | Path | OutDir, splits: Sequence[str] | None 
     # The vocabulary fingerprint does not see the chat template, which decides a chat store's text.
     template = {"chat_template": fingerprint(tokenizer.chat_template)} if data.format == "chat" else {}
     summary: dict[str, dict[str, Any]] = {}
-    for split in dict.fromkeys(names):
-        start = time.perf_counter()
-        meta = _reusable_meta(out.store_dir(split), store_config_fingerprint(cfg, split), tok_fp, template)
-        if meta is not None:  # same config and tokenizer: nothing to redo
-            summary[split] = _summary(meta, 0.0, reused=True)
-            continue
-        noisy = split == "train" and data.noise_rate > 0
-        injector = NoiseInjector(data.noise_rate, data.noise_kinds, data.seed) if noisy else None
-        meta = write_store(out.store_dir(split), plans[split].documents, tokenizer, data.block_len,
-                           cap=data.cap(split), injector=injector, label=f"split {split}",
-                           num_proc=data.num_proc, tokenizer_fp=tok_fp, data_format=data.format,
-                           meta={"split": split, "seed": data.seed, "tokenizer": cfg.model.tokenizer or cfg.model.name,
-                                 "config_fingerprint": store_config_fingerprint(cfg, split), **template,
-                                 **plans[split].meta})
-        summary[split] = _summary(meta, time.perf_counter() - start, reused=False)
+    # Every store is built under a temporary name and all of them appear together, once the last is complete:
+    # a split that fails (a bad row of the validation file) leaves no other split behind.
+    with contextlib.ExitStack() as staged:
+        for split in dict.fromkeys(names):
+            start = time.perf_counter()
+            meta = _reusable_meta(out.store_dir(split), store_config_fingerprint(cfg, split), tok_fp, template)
+            if meta is not None:  # same config and tokenizer: nothing to redo
+                summary[split] = _summary(meta, 0.0, reused=True)
+                continue
+            noisy = split == "train" and data.noise_rate > 0
+            injector = NoiseInjector(data.noise_rate, data.noise_kinds, data.seed) if noisy else None
+            own = {"split": split, "seed": data.seed, "tokenizer": cfg.model.tokenizer or cfg.model.name,
+                   "config_fingerprint": store_config_fingerprint(cfg, split), **template}
+            meta = write_store(staged.enter_context(atomic_dir(out.store_dir(split))), plans[split].documents,
+                               tokenizer, data.block_len, cap=data.cap(split), injector=injector,
+                               label=f"split {split}", num_proc=data.num_proc, tokenizer_fp=tok_fp,
+                               data_format=data.format, meta=ChainMap(own, plans[split].meta), atomic=False)
+            summary[split] = _summary(meta, time.perf_counter() - start, reused=False)
     return summary
 
 
@@ -462,7 +479,7 @@ def _reusable_meta(path: Path, config_fp: str, tokenizer_fp: str, template: dict
 
 
 def _summary(meta: dict[str, Any], seconds: float, reused: bool) -> dict[str, Any]:
-    out = {k: meta[k] for k in ("n_blocks", "n_tokens", "n_docs")}
+    out = {k: meta[k] for k in ("n_blocks", "n_tokens", "n_docs", "cap_kept_docs", "skipped_rows") if k in meta}
     if meta["noise"]:
         out["noise_rate"] = round(meta["noise"]["realized_rate"], 4)
     if meta.get("sft"):

@@ -99,9 +99,9 @@ def evaluate(cfg: Config, out: str | Path | OutDir, name: str | None = None) -> 
     while their fingerprint is (`harness`). Tasks are checked before any evaluation starts.
     """
     out = OutDir.of(out)
-    run = out.run(name or cfg.train.run_name())
+    run = out.run(name or cfg.run_name())
+    stores = {split: out.checked_store(split, cfg).spread(cfg.eval.max_tokens) for split in cfg.eval.splits}
     tokenizer = load_tokenizer(cfg.model)
-    stores = {split: out.store(split).spread(cfg.eval.max_tokens) for split in cfg.eval.splits}
     model, digest = _load(cfg, out, run, len(tokenizer))
     tasks = TaskEval(cfg, run, digest) if cfg.eval.tasks else None
     model.eval().requires_grad_(False)

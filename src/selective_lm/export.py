@@ -111,7 +111,7 @@ def _export_rows(cfg: Config, out: OutDir, store: TokenStore, ref: Any) -> tuple
 def export_selected(cfg: Config, out: str | Path | OutDir) -> dict[str, Any]:
     """Write `out/selected.jsonl` for the run that `train.*` names (each line names the run); returns counts."""
     out = OutDir.of(out)
-    run = out.run(cfg.train.run_name())
+    run = out.run(cfg.run_name())
     summary = run.summary  # says `run slm train` when the run has not finished
     if cfg.reference.is_self and cfg.train.needs_reference():
         raise UserError(f"export-selected rescores with a stored reference; reference.mode={cfg.reference.mode} "

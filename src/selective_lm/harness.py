@@ -83,12 +83,17 @@ def _metrics(result: dict[str, Any]) -> Metrics:
 
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
-    """lm-eval logs every setting at INFO/WARNING (e.g. that `pretrained` is a model object): errors only."""
+    """lm-eval logs every setting at INFO/WARNING (e.g. that `pretrained` is a model object): errors only. And
+    its results record the git commit of the working directory, asking `git describe`, whose "fatal: not a git
+    repository" outside one reached our stderr on every call: tasks.json has no use for it."""
+    from unittest import mock
+
     logger = logging.getLogger("lm_eval")
     level = logger.level
     logger.setLevel(logging.ERROR)
     try:
-        yield
+        with mock.patch("lm_eval.evaluator.get_git_commit_hash", return_value=None):
+            yield
     finally:
         logger.setLevel(level)
 
@@ -105,6 +110,34 @@ def task_results(run: RunDir, digest: str) -> dict[str, Metrics]:
     """task -> metrics of every task stored for the model `digest` names (lm-eval's subtasks of a group
     included): what results.json lists under `runs[name].tasks`."""
     return {task: metrics for entry in _stored(run, digest).values() for task, metrics in entry["results"].items()}
+
+
+def _task_manager(cfg: Config, names: list[str], meta: dict[str, Any]) -> Any:
+    """lm-eval's TaskManager over the package's tasks and eval.task_paths (and, when a name is not among those,
+    lm-eval's own tasks); UserError naming the closest tasks for a name it does not know."""
+    from lm_eval.tasks import TaskManager
+
+    paths = _include_paths(cfg)
+    with _quiet():
+        manager = TaskManager(include_path=paths, include_defaults=False, metadata=meta)
+    if any(n not in manager.all_tasks for n in names):
+        with _quiet():  # lm-eval's own tasks: indexing its ~15k YAML files takes seconds, so only when needed
+            manager = TaskManager(include_path=paths, metadata=meta)
+    for name in names:
+        if name not in manager.all_tasks:
+            package = sorted(n for n, e in manager.task_index.items()
+                             if e.yaml_path and e.yaml_path.is_relative_to(PACKAGE_TASKS))
+            raise UserError(f"unknown task {name!r} in eval.tasks{did_you_mean(name, manager.all_tasks, n=5)} "
+                            f"(this package's: {', '.join(package)}; then eval.task_paths, then lm-eval's own: "
+                            "`lm-eval ls tasks`)")
+    return manager
+
+
+def check_tasks(cfg: Config) -> None:
+    """UserError when lm-eval is missing or a task of eval.tasks does not resolve: what `slm run` checks before
+    its first step (TaskEval checks again, and loads the tasks, before each evaluation)."""
+    require_extra()
+    _task_manager(cfg, list(cfg.eval.tasks), {DATA_METADATA: cfg.data.model_dump(mode="json")})
 
 
 class TaskEval:
@@ -127,24 +160,13 @@ class TaskEval:
         self.pending = [n for n in cfg.eval.tasks
                         if (self.stored.get(n) or {}).get("fingerprint") != self.fingerprints[n]]
         if any(n not in self.manager.all_tasks for n in self.pending):
-            with _quiet():  # lm-eval's own tasks: indexing its ~15k YAML files takes seconds, so only when needed
-                self.manager = TaskManager(include_path=paths, metadata=self.metadata)
-            for name in self.pending:
-                if name not in self.manager.all_tasks:
-                    raise UserError(f"unknown task {name!r} in eval.tasks"
-                                    f"{did_you_mean(name, self.manager.all_tasks, n=5)} (this package's: "
-                                    f"{', '.join(self._package_tasks())}; then eval.task_paths, then lm-eval's "
-                                    "own: `lm-eval ls tasks`)")
+            self.manager = _task_manager(cfg, self.pending, self.metadata)
         self.loaded = {name: self._load(name) for name in self.pending}
 
     def _files(self, name: str) -> str | None:
         """The digest of the local task's directory; None for lm-eval's own (its version covers them)."""
         entry = self.manager.task_index.get(name)
         return _files_digest(entry.yaml_path.parent) if entry is not None and entry.yaml_path else None
-
-    def _package_tasks(self) -> list[str]:
-        return sorted(n for n, e in self.manager.task_index.items()
-                      if e.yaml_path and e.yaml_path.is_relative_to(PACKAGE_TASKS))
 
     def _load(self, name: str) -> list[Any]:
         """The task (or group, or a tag's tasks) with its documents: a broken YAML or a dataset that cannot be

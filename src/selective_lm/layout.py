@@ -391,6 +391,20 @@ class OutDir:
     def __str__(self) -> str:
         return str(self.root)
 
+    @property
+    def config_path(self) -> Path:
+        """config.yaml: the resolved config of the first command that stored anything here (`outconfig`)."""
+        return self.root / "config.yaml"
+
+    def stale_dir(self, path: Path) -> Path:
+        """Where a run dir of another config is moved aside to: `stale/<its path under the out dir>-<n>`, the
+        first n not taken (never under runs/, so no stage reads it)."""
+        rel = path.relative_to(self.root)
+        n = 1
+        while (self.root / "stale" / rel.parent / f"{rel.name}-{n}").exists():
+            n += 1
+        return self.root / "stale" / rel.parent / f"{rel.name}-{n}"
+
     # ---- token and score stores
 
     def store_dir(self, split: str) -> Path:
@@ -398,6 +412,18 @@ class OutDir:
 
     def store(self, split: str) -> TokenStore:
         return load_store(self.store_dir(split))
+
+    def checked_store(self, split: str, cfg: Config) -> TokenStore:
+        """The store of `split`, refused (UserError) when it holds another tokenizer's tokens or blocks of another
+        length than `cfg` names: evaluating it with `cfg`'s model would publish a meaningless number."""
+        store = self.store(split)
+        tokenizer = cfg.model.tokenizer or cfg.model.name
+        if (store.meta.get("tokenizer"), store.meta.get("block_len")) != (tokenizer, cfg.data.block_len):
+            raise UserError(f"the token store in {store.path} holds blocks of {store.meta.get('block_len')} tokens of "
+                            f"tokenizer {store.meta.get('tokenizer')!r}, this config {cfg.data.block_len} of "
+                            f"{tokenizer!r}: pass the settings it was made with (--preset/--config); another "
+                            "config needs another --out")
+        return store
 
     def scores_dir(self, split: str) -> Path:
         return self.root / "scores" / split

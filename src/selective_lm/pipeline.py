@@ -24,12 +24,16 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from . import outconfig
 from .analyze import analyze
 from .config import Config
+from .corpora import CORPORA
 from .data import prepare
+from .errors import UserError
 from .evaluate import evaluate, evaluate_trajectory
 from .files import read_json
 from .frozen import Ranks, ranks
+from .harness import check_tasks
 from .layout import OutDir
 from .models import load_reference_model
 from .reference import reference
@@ -51,12 +55,41 @@ def run(cfg: Config, out: str | Path | OutDir) -> dict[str, Any] | None:
     out, team = OutDir.of(out), ranks()
     with contextlib.ExitStack() as held:
         team.on_main(lambda: held.enter_context(out.lock()))  # one lock holder, or every rank stops
+        team.on_main(lambda: check(cfg, out))
         return _run(cfg, out, team)
+
+
+def check(cfg: Config, out: OutDir) -> None:
+    """Everything `slm run` can know to be wrong before its first step, as one UserError: settings that conflict
+    with the out dir's stored config, splits the corpus lacks (held-out splits for eval.splits and
+    analysis.bucket_split, a reference split for reference.mode=trained), the grid's runs, the tasks."""
+    outconfig.check(cfg, out)
+    data = cfg.data
+    splits = list(CORPORA[data.corpus](data))  # lazy: the documents are not read here
+    held_out = [s for s in splits if s not in ("train", "reference")]
+    where = f"data.corpus={data.corpus}" + (" (data.sources)" if data.corpus == "custom" else "")
+    if not held_out:
+        raise UserError(f"{where} has no held-out split, only {', '.join(splits)}: `slm run` evaluates every run on "
+                        "held-out text; add one, e.g. data.sources.val=FILE (eval.splits then defaults to it)")
+    missing = [s for s in (*cfg.eval.splits, cfg.analysis.bucket_split) if s not in held_out]
+    if missing:
+        raise UserError(f"eval.splits / analysis.bucket_split name {', '.join(dict.fromkeys(missing))}, which "
+                        f"{where} does not have as a held-out split: set them to some of {', '.join(held_out)}")
+    if cfg.analysis.bucket_split not in cfg.eval.splits:
+        raise UserError(f"analysis.bucket_split={cfg.analysis.bucket_split} must be one of eval.splits "
+                        f"({', '.join(cfg.eval.splits)}): the buckets compare the runs' losses on it")
+    if cfg.reference.mode == "trained" and "reference" not in splits:
+        raise UserError(f"reference.mode=trained trains the reference model on the reference split, which {where} "
+                        "lacks: add data.sources.reference=FILE (clean text), or use reference.mode=self, path or ema")
+    cfg.grid_runs(has_noise=data.noise_rate > 0)  # every run of the grid validates
+    if cfg.eval.tasks:
+        check_tasks(cfg)
 
 
 def _run(cfg: Config, out: OutDir, team: Ranks) -> dict[str, Any] | None:
     start = time.perf_counter()
     prepared = team.on_main(lambda: prepare(cfg, out))
+    team.on_main(lambda: outconfig.remember(cfg, out))
     train_tokens = cfg.train.steps * cfg.train.batch_size * cfg.train.grad_accum * cfg.data.block_len
     configs = cfg.grid_runs(has_noise=bool(prepared.get("train", {}).get("noise_rate")))
     val_tokens = sum(prepared.get(s, {}).get("n_tokens", 0) for s in cfg.eval.splits)

@@ -37,7 +37,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import shutil
+import sys
 import time
 from collections.abc import Iterator
 from typing import Any, NamedTuple
@@ -58,6 +58,7 @@ from .frozen import frozen_model, model_token_losses
 from .layout import BlockOrder, HalfScores, OutDir, RunDir, TokenStore
 from .loss import SelectiveLM, SelectiveLoss
 from .models import apply_lora, check_model, check_store, load_model, load_tokenizer, tokenizer_fingerprint
+from .outconfig import differences
 from .selection import NEEDS_REFERENCE, trainable_mask
 from .selfref import SelfReference, extra_bytes, local_tensor
 
@@ -121,8 +122,9 @@ class Trainer:
         self.reference_model = frozen_model(reference_model, self.device, self.engine.bf16) if self.online else None
         tok_fp = tokenizer_fingerprint(self.tokenizer)
         dtype = cfg.scoring.dtype  # any stored dtype reads as float32; a store of another dtype is refused
-        # A self-reference's runs read no stored scores either: those come from another reference.
-        reads_store = not self.online and not own_reference
+        # A self-reference's selecting runs read no stored scores either: those come from another reference. Its
+        # baselines read them for their diagnostics like any CLM run, so they are the same runs (same hash).
+        reads_store = not self.online and not self.warmup
         if reads_store and self.t.needs_reference():
             self.ref_loss = out.scores(split, self.store, tok_fp, dtype)
         elif reads_store and out.has_scores(split):  # diagnostics only
@@ -358,8 +360,11 @@ class Trainer:
         t = self.t.hashed(exclude={"name", *TrainConfig.ENGINE_FIELDS})
         curve = self.cfg.eval.model_dump(include={"splits", "every", "curve_tokens"}) if self.curve else None
         # The store's content too: the code that packs it may change while the data settings do not.
+        # Every process reads its own batch_size x grad_accum blocks per step: the process count is part of the run
+        # (left out for one process, so runs made before it was recorded keep their hash).
+        world = [self.world] if self.world > 1 else []
         return fingerprint(self.cfg.data.hashed(), self.store.fingerprint, self.cfg.model.model_dump(), t, ref,
-                           curve)
+                           curve, *world)
 
     def _check_existing(self, config_hash: str, replace_stale: bool) -> dict[str, Any] | None:
         """The finished summary when the run is done; clears (or refuses) a run dir of another config."""
@@ -371,10 +376,16 @@ class Trainer:
             found = read_json(ckpt / "state.json").get("config_hash")
         if found is None or found == config_hash:  # a checkpoint without train.json: resume it
             return read_json(summary_path) if summary_path.is_file() else None
+        what = ", ".join(differences(self.run.config_path, self.cfg)[:4]) or "the same settings, another process " \
+            "count or other inputs (token store, reference)"
         if not replace_stale:
-            raise UserError(f"{self.run.path} holds a run of another config: set train.name or delete that directory")
-        if self.engine.main:
-            shutil.rmtree(self.run.path)
+            raise UserError(f"{self.run.path} holds a run of another config ({what}): set train.name=<a new name> "
+                            "to keep both, or move that directory away to replace it")
+        if self.engine.main:  # never deleted: moved aside, with a line saying where
+            aside = self.out.stale_dir(self.run.path)
+            aside.parent.mkdir(parents=True, exist_ok=True)
+            self.run.path.rename(aside)
+            print(f"slm: {self.run.path} held a run of another config ({what}); moved it to {aside}", file=sys.stderr)
         self.acc.wait_for_everyone()
         return None
 
@@ -461,7 +472,7 @@ class Trainer:
             "selected_share": _ratio(state["tokens_trained"], state.get("tokens_valid", 0)),
             "train_loss_final": last["loss"],
             "selection": {**diag.diagnostics(state["diag"]), "by_kind": diag.by_kind(state["diag"], self.kind_names)},
-            "config_hash": config_hash, "version": __version__,
+            "config_hash": config_hash, "processes": self.world, "version": __version__,
         }
         write_json(self.run.summary_path, summary)
         return summary

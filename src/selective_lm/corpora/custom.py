@@ -10,8 +10,11 @@ Supervised fine-tuning (`data.format`, not for .txt files):
   `data.prompt_field` and `data.response_field`); only the response is trained.
 - `chat`: `data.messages_field` holds a list of {role, content} messages; `slm prepare` renders
   it with the tokenizer's chat template and trains the assistant turns only (`data.render_chat`).
-The fields are checked on the first row (a missing one names the columns there); rows whose
-fields are not strings (not a message list) are skipped, as text rows are.
+The fields are checked on the first row (a missing one names the columns there). A bad row later on —
+a field missing or not a string, an empty response, a conversation without an assistant turn or with a
+role chat templates do not know (`human`/`bot`) — stops `slm prepare` naming the file and line, unless
+`data.bad_rows=skip`: then it is skipped and counted (`skipped_rows` in the split's meta.json and in
+the command's output).
 """
 
 from __future__ import annotations
@@ -81,35 +84,54 @@ def _fields(data: DataConfig) -> dict[str, str]:
     return {"text_field": data.text_field}
 
 
-def _messages(value: Any, where: str) -> tuple[dict[str, Any], ...] | None:
+ROLES = ("system", "user", "assistant", "tool")  # the roles chat templates render
+
+
+class BadRow(ValueError):
+    """A row that cannot become a document (what is wrong with it): an error, or skipped with data.bad_rows=skip."""
+
+
+def _messages(value: Any, field: str) -> tuple[dict[str, Any], ...]:
     """A row's conversation as role/content dicts (None values dropped: datasets fills absent keys with None)."""
     if value is None:
-        return None
+        raise BadRow(f"no {field!r} (data.messages_field)")
     if not isinstance(value, list) or not all(isinstance(m, dict) and isinstance(m.get("role"), str)
                                               and isinstance(m.get("content"), str) for m in value):
-        raise UserError(f"{where} must be a list of {{role, content}} messages with string values "
-                        f"(got {str(value)[:80]})")
-    return tuple({k: v for k, v in m.items() if v is not None} for m in value) or None
+        raise BadRow(f"{field!r} must be a list of {{role, content}} messages with string values "
+                     f"(got {str(value)[:80]})")
+    roles = {m["role"] for m in value}
+    if unknown := sorted(roles - set(ROLES)):
+        raise BadRow(f"unknown role {unknown[0]!r} in {field!r} (chat templates know {', '.join(ROLES)})")
+    if "assistant" not in roles:
+        raise BadRow(f"the conversation in {field!r} has no assistant turn: nothing of it would be trained")
+    return tuple({k: v for k, v in m.items() if v is not None} for m in value)
 
 
-def _document(row: dict[str, Any], data: DataConfig, where: str) -> Document | None:
-    """The row's document in `data.format` (None when its fields hold no text)."""
+def _text(row: dict[str, Any], field: str, key: str) -> str:
+    value = row.get(field)
+    if not isinstance(value, str):
+        raise BadRow(f"{'no' if value is None else 'a non-string'} {field!r} (data.{key})")
+    return value
+
+
+def _document(row: dict[str, Any], data: DataConfig) -> Document:
+    """The row's document in `data.format`; BadRow when it has none to give."""
     if data.format == "prompt_response":
-        prompt, response = row[data.prompt_field], row[data.response_field]
-        if not isinstance(prompt, str) or not isinstance(response, str):
-            return None
+        prompt = _text(row, data.prompt_field, "prompt_field")
+        response = _text(row, data.response_field, "response_field")
+        if not response.strip():
+            raise BadRow(f"an empty {data.response_field!r} (data.response_field): nothing of it would be trained")
         start = len(prompt) + len(data.separator)
         text = prompt + data.separator + response
-        return Document(text, trained=((start, len(text)),) if len(text) > start else ())
+        return Document(text, trained=((start, len(text)),))
     if data.format == "chat":
-        messages = _messages(row[data.messages_field], f"{where}: field {data.messages_field!r} (data.messages_field)")
-        return None if messages is None else Document("", messages=messages)
-    text = row[data.text_field]
-    return Document(text) if isinstance(text, str) else None
+        return Document("", messages=_messages(row.get(data.messages_field), data.messages_field))
+    return Document(_text(row, data.text_field, "text_field"))
 
 
-def _custom_docs(source: str, data: DataConfig) -> Iterator[Document]:
-    """Documents from a custom source, streamed; the fields of `data.format` are checked on the first row."""
+def _custom_docs(source: str, data: DataConfig, meta: dict[str, Any]) -> Iterator[Document]:
+    """Documents from a custom source, streamed; the fields of `data.format` are checked on the first row, every
+    row's content as it comes (`_document`); rows skipped by data.bad_rows=skip are counted in `meta`."""
     ds, is_text = _open_source(source)
     if is_text and data.format != "text":
         raise UserError(f"{source!r} is a .txt file, plain text only: data.format={data.format} needs rows with "
@@ -135,9 +157,16 @@ def _custom_docs(source: str, data: DataConfig) -> Iterator[Document]:
                 if field not in row:
                     raise UserError(f"{source!r} has no {key.removesuffix('_field')} field {field!r} (data.{key}); "
                                     f"its columns: {', '.join(map(str, row)) or 'none'}")
-            doc = _document(row, data, f"{source!r} row {i}")
-            if doc is not None:
-                yield doc
+            try:
+                doc = _document(row, data)
+            except BadRow as e:
+                if data.bad_rows != "skip":
+                    where = f"line {i + 1}" if Path(source).suffix.lower() == ".jsonl" else f"row {i + 1}"
+                    raise UserError(f"{source!r} {where}: {e}; fix the row, or set data.bad_rows=skip to skip "
+                                    "such rows (counted in meta.json)") from None
+                meta["skipped_rows"] = meta.get("skipped_rows", 0) + 1
+                continue
+            yield doc
     finally:
         builders.setLevel(level)
 
@@ -153,5 +182,8 @@ def custom(data: DataConfig) -> dict[str, Split]:
         fields["separator"] = data.separator
     if data.format != "text":  # text stores keep the meta (and fingerprint) they always had
         fields = {"format": data.format, **fields}
-    return {split: Split(_custom_docs(src, data), {"sources": {"corpus": "custom", "source": src, **fields}})
-            for split, src in data.sources.items()}
+    splits = {}
+    for split, src in data.sources.items():
+        meta: dict[str, Any] = {"sources": {"corpus": "custom", "source": src, **fields}}
+        splits[split] = Split(_custom_docs(src, data, meta), meta)  # the count lands in meta while it is read
+    return splits
