@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from helpers.cli import slm
+from selective_lm.cli import main
 from selective_lm.config import load_config
 from selective_lm.layout import load_store
 from selective_lm.models import load_tokenizer, token_texts
@@ -29,9 +30,12 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 
-def _export(out: Path, *overrides: str) -> bytes:
-    """Run `slm export-selected` and return the bytes of selected.jsonl."""
-    assert slm("export-selected", out, *overrides) == 0
+def _export(out: Path, *overrides: str, stored: bool = False) -> bytes:
+    """Run `slm export-selected` (with the smoke preset, or the out dir's stored config) and return the bytes of
+    selected.jsonl."""
+    code = main(["export-selected", "--out", str(out), *overrides]) if stored else slm("export-selected", out,
+                                                                                       *overrides)
+    assert code == 0
     return (out / "selected.jsonl").read_bytes()
 
 
@@ -213,15 +217,16 @@ def default_study(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.slow
 def test_export_after_the_default_study_exports_the_scored_blocks_or_scores_the_rest(
         default_study: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """As a new user types it after `make run`: only train.* names the run. The partial store's blocks are
-    exported and the summary says how many of how many; export.blocks=all scores the others first."""
+    """As a new user types it after `make run`: no preset (the out dir's stored config), only train.* names the
+    run. The partial store's blocks are exported and the summary says how many of how many; export.blocks=all
+    scores the others first."""
     out = default_study
     store = load_store(out / "data" / "train")
     ref = np.load(out / "scores" / "train" / "ref_loss.npy")
     scored = np.flatnonzero(np.isfinite(ref[:, 1:]).all(axis=1))
     assert 0 < len(scored) < store.n_blocks  # the store is partial
     capsys.readouterr()
-    records = _records(_export(out, *TOPK[:2]))
+    records = _records(_export(out, *TOPK[:2], stored=True))
     summary = json.loads(capsys.readouterr().out)
     assert (summary["blocks"], summary["blocks_total"]) == (len(scored), store.n_blocks)
     assert "partial" in summary["note"] and f"{len(scored)} of {store.n_blocks}" in summary["note"]
@@ -232,7 +237,7 @@ def test_export_after_the_default_study_exports_the_scored_blocks_or_scores_the_
     for r in records:  # each piece's text is its tokens' text
         assert r["selected_text"] == "".join(r["text"][s["start"]:s["end"]] for s in r["spans"])
 
-    full = _records(_export(out, *TOPK[:2], "export.blocks=all"))
+    full = _records(_export(out, *TOPK[:2], "export.blocks=all", stored=True))
     summary = json.loads(capsys.readouterr().out)
     assert summary["blocks"] == store.n_blocks and summary["scored_for_export"] == store.n_blocks - len(scored)
     assert len(full) == store.meta["n_docs"] and all(r["complete"] for r in full)
