@@ -73,7 +73,7 @@ def _cell(text: str) -> str:
 
 def _row(key: str, field: FieldInfo) -> str:
     kind = ", ".join([type_text(field.annotation), *_bounds(field.metadata)])
-    default = json.dumps(field.get_default(call_default_factory=True), ensure_ascii=False)
+    default = json.dumps(field.get_default(call_default_factory=True), ensure_ascii=False, default=str)
     return f"| `{key}` | {_cell(kind)} | `{_cell(default)}` | {_cell(field.description or '')} |"
 
 
