@@ -1,4 +1,4 @@
-"""The GPU check (run by scripts/gpu_check.sh): every GPU figure of the README, its target, pass or fail, as one JSON.
+"""The GPU check (run by scripts/gpu_check.sh): each GPU figure of docs/scaling.md, its target, pass/fail, as JSON.
 
 One process (each fresh one spends ~20 s importing torch and transformers on a GPU machine):
 
@@ -85,7 +85,7 @@ def study(out: Path, model: str | None = None) -> dict[str, Any]:
 
 
 def figures(s: dict[str, Any]) -> dict[str, Any]:
-    """The README's GPU figures from the sections that ran, each with its target and verdict."""
+    """The GPU figures of docs/scaling.md from the sections that ran, each with its target and verdict."""
     out: dict[str, Any] = {}
     b = s.get("bench_gpu_compiled", {})
     if "clm" in b:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check: on a machine with one CUDA GPU and torch, transformers, peft and accelerate (it installs
 # nothing), from the repository root: `bash scripts/gpu_check.sh [OUT]`. Prints one JSON object with every
-# GPU figure of the README, its target and pass/fail (scripts/gpu_check.py says what runs), and kills
+# GPU figure of docs/scaling.md, its target and pass/fail (scripts/gpu_check.py says what runs), and kills
 # everything it started when it ends or is stopped.
 set -uo pipefail
 OUT=${1:-out/gpu-check}

@@ -2,7 +2,7 @@
 # Reference strength -> separation of excess loss by token kind -> validation perplexity.
 # One reduced grid (CLM + top-k r0.5) per reference setting, each in its own out dir; the
 # default study's token store and base-model losses are reused when out/champ-smollm2 exists.
-# Usage: scripts/reference_sweep.sh [NAME "OVERRIDES" ...]   (no arguments: the README's sweep)
+# Usage: scripts/reference_sweep.sh [NAME "OVERRIDES" ...]   (no arguments: the sweep of docs/default-study.md)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SLM=${SLM:-.venv/bin/slm}

@@ -1,4 +1,4 @@
-"""The bad-input catalogue: user mistakes across all commands (the README's troubleshooting table).
+"""The bad-input catalogue: user mistakes across all commands (docs/troubleshooting.md).
 
 Each one must end with exit 2, one line on stderr naming the problem, no traceback, and no
 file under the out dir created or changed.

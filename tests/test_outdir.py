@@ -89,7 +89,7 @@ def test_slm_run_never_deletes_a_finished_run(tmp_path: Path, capsys) -> None:
     out = tmp_path / "out"
     assert _slm(capsys, "run", "--preset", "smoke", "--out", str(out), *FAST)[0] == 0
     runs = {n: (out / "runs" / n / "train.json").read_text() for n in ("clm", "topk-r0.5")}
-    # The README's self-reference example in the same out dir (no --preset: the stored config): new names.
+    # The self-reference example of docs/rules.md in the same out dir (no --preset: the stored config): new names.
     assert _slm(capsys, "run", "--out", str(out), "reference.mode=ema", "reference.start_step=1")[0] == 0
     assert (out / "runs" / "topk-r0.5-ema" / "train.json").is_file()
     assert {n: (out / "runs" / n / "train.json").read_text() for n in runs} == runs

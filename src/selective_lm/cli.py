@@ -63,6 +63,9 @@ def _parser() -> argparse.ArgumentParser:
         group.add_argument("--config", help="YAML config file (may name a preset to start from)")
         p.add_argument("--out", default=None, help="output directory (default: out/<preset>)")
         p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+        if name == "config":
+            p.add_argument("--reference", action="store_true", help="print the Markdown reference of every config "
+                           "key (docs/config.md: types, defaults, descriptions) instead")
         if name == "eval":
             p.add_argument("--tasks", metavar="A,B", help="lm-evaluation-harness tasks to run besides perplexity "
                            "(the same as eval.tasks=[A,B])")
@@ -113,6 +116,14 @@ def main(argv: list[str] | None = None) -> int:
     # peft calls a transformers property deprecated in v5; the warning says nothing to our users.
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
     overrides = _overrides(args)
+    if getattr(args, "reference", False):  # the defaults in code: nothing to resolve, so nothing else is read
+        if args.preset or args.config or args.out or overrides:
+            return _fail("slm config --reference describes the defaults in code: it takes no --preset, --config, "
+                         "--out or overrides", 2)
+        from .configdoc import config_reference
+
+        print(config_reference(), end="")
+        return 0
     selection = [*(["--preset", args.preset] if args.preset else []), *(["--config", args.config] if args.config
                                                                          else [])]
     resolved: tuple[Config, OutDir] | None = None

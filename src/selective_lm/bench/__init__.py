@@ -111,7 +111,7 @@ def _fmt(x: float | None, spec: str) -> str:
 
 
 def format_table(result: Mapping[str, Any]) -> str:
-    """The bench as a plain-text table (the README's Performance section quotes it)."""
+    """The bench as a plain-text table (docs/performance.md quotes it)."""
     lines = [f"device: {result['device']}"]
     step_cases = {**result["cases"], **{k: v for k, v in result.items() if isinstance(v, dict) and "clm" in v}}
     for name, c in step_cases.items():
