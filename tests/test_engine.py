@@ -163,3 +163,14 @@ def test_overhead_case_counts_one_sync_per_step_and_catches_one_more_per_micro_b
 
     monkeypatch.setattr(Trainer, "_micro_stats", syncing)
     assert _overhead(tmp_path)["extra_syncs_per_step"] == 1 + 3
+
+
+def test_a_cpu_launch_that_started_one_of_several_processes_is_refused(smoke_out: Path, capsys, monkeypatch) -> None:
+    """`accelerate launch --cpu --num_processes 2` without MPI starts one process (its environment says so): exit 2."""
+    for key, value in {"ACCELERATE_USE_CPU": "True", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    capsys.readouterr()
+    assert _train(smoke_out) == 2
+    err = capsys.readouterr().err
+    assert "--multi_gpu --num_processes N" in err and "Traceback" not in err and not (smoke_out / "runs").exists()

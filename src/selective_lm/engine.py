@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -55,6 +56,17 @@ def compile_layers(model: torch.nn.Module) -> int:
     for layer in layers:
         layer.compile(dynamic=False)
     return len(layers)
+
+
+def check_launch() -> None:
+    """Refuse `accelerate launch --cpu --num_processes N` (N > 1) that started one process: without MPI accelerate
+    runs one process then, which would train N times fewer tokens per step than asked, silently."""
+    env = os.environ
+    mpi = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MV2_COMM_WORLD_SIZE")
+    if env.get("ACCELERATE_USE_CPU", "").lower() == "true" and "MASTER_PORT" in env and "WORLD_SIZE" not in env \
+            and not any(k in env for k in mpi):
+        raise UserError("`accelerate launch --cpu --num_processes N` started one process (several CPU processes need "
+                        "MPI there): launch with `--multi_gpu --num_processes N` and CUDA_VISIBLE_DEVICES= instead")
 
 
 def uses_bf16(mixed_precision: str, device: torch.device) -> bool:
@@ -90,6 +102,7 @@ class Engine:
         from accelerate import Accelerator
         from accelerate.utils import is_tensorboard_available
 
+        check_launch()
         cuda = torch.cuda.is_available()
         self.t = t
         self.bf16 = uses_bf16(t.mixed_precision, torch.device("cuda" if cuda else "cpu"))

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from .engine import frozen_batch_size, to_device, uses_bf16
+from .engine import check_launch, frozen_batch_size, to_device, uses_bf16
 from .errors import UserError
 from .files import atomic_path, read_json, write_json
 from .layout import SCORE_STORAGE, TokenStore
@@ -50,6 +50,7 @@ class Ranks:
         the process group (gloo on CPU, like the trainer's `Accelerator`); one process without a launcher."""
         from accelerate import PartialState
 
+        check_launch()
         state = PartialState(cpu=not torch.cuda.is_available())
         if state.num_processes == 1:
             return cls()
