@@ -236,7 +236,8 @@ def probe_rows(try_size: Callable[[int], None], choices: Sequence[int], key: dic
 
     Remembered under `$SLM_CACHE/batch_sizes.json`, keyed by the device and `key`, so each model
     and shape is probed once per machine. Sizes are tried upwards (a failed size is never worth
-    retrying above), each after emptying the allocator's cache; None if even the smallest fails.
+    retrying above), each after emptying the allocator's cache, in eager mode (compiled code uses
+    no more memory); None if even the smallest fails.
     """
     from .assets import cache_dir, file_lock
 
@@ -247,10 +248,13 @@ def probe_rows(try_size: Callable[[int], None], choices: Sequence[int], key: dic
     if entry in known and known[entry] in choices:
         return known[entry]
     best = None
+    # Eager, also where layers are compiled: a size tried must not cost a compile (nor a cache entry) of its own.
+    stance = getattr(torch.compiler, "set_stance", None)  # torch >= 2.6
     for size in choices:
         torch.cuda.empty_cache()
         try:
-            try_size(size)
+            with stance("force_eager") if stance is not None else contextlib.nullcontext():
+                try_size(size)
         except torch.cuda.OutOfMemoryError:
             break
         best = size
