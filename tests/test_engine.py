@@ -61,6 +61,8 @@ def test_every_micro_batch_split_is_the_same_run(smoke_out: Path, extra: tuple[s
               *extra)
     for rows in (4, 8, 16):
         assert _train(smoke_out, *common, f"train.micro_batch_size={rows}", f"train.name=m{rows}") == 0
+        summary = json.loads((smoke_out / "runs" / f"m{rows}" / "train.json").read_text())
+        assert summary["engine"] == {"device": "cpu", "bf16": False, "compiled_layers": 0, "micro_batch_size": rows}
     _same_run(smoke_out, "m4", "m8", 1e-5)
     _same_run(smoke_out, "m4", "m16", 1e-5)
 

@@ -472,6 +472,8 @@ class Trainer:
             "selected_share": _ratio(state["tokens_trained"], state.get("tokens_valid", 0)),
             "train_loss_final": last["loss"],
             "selection": {**diag.diagnostics(state["diag"]), "by_kind": diag.by_kind(state["diag"], self.kind_names)},
+            "engine": {"device": str(self.device), "bf16": self.engine.bf16, "compiled_layers": self.engine.compiled,
+                       "micro_batch_size": self.units * self.t.batch_size},  # how it ran, not what it learned
             "config_hash": config_hash, "processes": self.world, "version": __version__,
         }
         write_json(self.run.summary_path, summary)
