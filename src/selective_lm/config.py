@@ -106,6 +106,12 @@ class DataConfig(Section):
         "reference_mix=0.5: 2.5x the 20k that the default reference training reads (40 steps x 4 x 128), while "
         "train keeps 60 % of the problems (162), more than enough for its 300k tokens"
     )
+    annotated_share: float = Field(
+        0.25, ge=0.0, lt=1.0, description="CHAMP: share of the train and val_noisy text taken from the "
+        "conversations whose first wrong step CHAMP annotates (token kinds after_wrong_step / before_wrong_step), "
+        "interleaved with the others from the start of the split until they run out: 0.25 puts about 5k of their "
+        "tokens in the default study's 20k trained and about 10 of them in val_noisy's evaluation; 0 = their "
+        "natural share (about 3 %: 540 of 19,440 conversations)")
     bad_rows: Literal["error", "skip"] = Field(
         "error", description="custom corpora: a row without its fields' text (missing, not a string, an empty "
         "response, a conversation without an assistant turn or with an unknown role) stops `slm prepare` naming "
@@ -119,7 +125,7 @@ class DataConfig(Section):
     )
 
     LATER_FIELDS: ClassVar[tuple[str, ...]] = ("format", "prompt_field", "response_field", "messages_field",
-                                               "separator", "bad_rows")
+                                               "separator", "bad_rows", "annotated_share")
 
     @field_validator("corpus")
     @classmethod
@@ -166,6 +172,14 @@ class DataConfig(Section):
             raise ValueError(f"data.format={self.format} cannot inject noise (it would move the prompt/response "
                              f"boundaries): set data.noise_rate=0")
         return self
+
+    def hashed(self, **dump: Any) -> dict[str, Any]:
+        """As `Section.hashed`, but CHAMP keeps data.annotated_share at its default too: CHAMP's stores changed
+        with it (the wrong-step labels), custom corpora's did not."""
+        out = super().hashed(**dump)
+        if self.corpus == "champ":
+            out["annotated_share"] = self.annotated_share
+        return out
 
     def cap(self, split: str) -> int | None:
         """Token cap of one split (None = no cap)."""
@@ -785,7 +799,7 @@ def _corpus_defaults(tree: dict[str, Any], given: set[str]) -> None:
             analysis["bucket_split"] = splits[0]
 
 
-CHAMP_ONLY = ("reference_mix", "val_fraction", "reference_problems", "reference_fraction")
+CHAMP_ONLY = ("reference_mix", "val_fraction", "reference_problems", "reference_fraction", "annotated_share")
 FORMAT_FIELDS = {"text_field": "text", "prompt_field": "prompt_response", "response_field": "prompt_response",
                  "separator": "prompt_response", "messages_field": "chat"}
 
@@ -818,7 +832,8 @@ def _ignored(cfg: Config, explicit: set[str]) -> None:
         raise no_effect("data.sources", f"with data.corpus={d.corpus}: it is read by data.corpus=custom only")
     for field in CHAMP_ONLY:
         if f"data.{field}" in explicit and d.corpus != "champ":
-            raise no_effect(f"data.{field}", f"with data.corpus={d.corpus}: it is read by data.corpus=champ only")
+            why = " (the only corpus with annotated wrong steps)" if field == "annotated_share" else ""
+            raise no_effect(f"data.{field}", f"with data.corpus={d.corpus}: it is read by data.corpus=champ only{why}")
     for field, fmt in FORMAT_FIELDS.items():
         if f"data.{field}" in explicit and d.format != fmt:
             raise no_effect(f"data.{field}", f"with data.format={d.format}: it is read by data.format={fmt} only")
