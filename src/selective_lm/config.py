@@ -28,8 +28,11 @@ SPLITS = ("reference", "train", "val_clean", "val_noisy")
 
 # Choices read from the registries: a new strategy, score kind or corpus needs no change here.
 BASELINE_METHODS = ("clm", "oracle")  # CLM on every token / on every token but the injected noise
-Method = Literal[(*BASELINE_METHODS, *STRATEGIES)]  # type: ignore[valid-type]
+DISTILL = "distill"  # CLM on every token plus KL towards the reference's next-token distribution (a control)
+EVERY_TOKEN_METHODS = (*BASELINE_METHODS, DISTILL)  # train every (trainable) token: no selection
+Method = Literal[(*EVERY_TOKEN_METHODS, *STRATEGIES)]  # type: ignore[valid-type]
 Strategy = Literal[tuple(STRATEGIES)]  # type: ignore[valid-type]
+GridMethod = Literal[(*STRATEGIES, DISTILL)]  # type: ignore[valid-type]
 ScoreKind = Literal[tuple(SCORE_KINDS)]  # type: ignore[valid-type]
 Scope = Literal[SCOPES]  # type: ignore[valid-type]
 
@@ -282,13 +285,15 @@ RULES = ("topk", "positive", "threshold")  # how many tokens a selecting run tra
 
 
 class TrainConfig(Section):
-    LATER_FIELDS: ClassVar[tuple[str, ...]] = ("rule", "threshold")
+    LATER_FIELDS: ClassVar[tuple[str, ...]] = ("rule", "threshold", "kd_weight", "kd_temperature")
     # How a run is computed or stored, not what it learns: outside the run hash (engine.py).
     ENGINE_FIELDS: ClassVar[tuple[str, ...]] = ("checkpoint_every", "merge", "parallel", "gradient_checkpointing",
                                                 "micro_batch_size", "compile")
 
     name: str | None = Field(None, description="run name; default derives from method/ratio/seed")
-    method: Method = Field("clm", description="clm, oracle, or a selection strategy (selection.STRATEGIES)")
+    method: Method = Field("clm", description="clm, oracle, distill (every token: CLM + train.kd_weight x KL towards "
+                           "the reference's next-token distribution), or a selection strategy (selection.STRATEGIES: "
+                           "topk, bottomk = the lowest scores, random, stochastic)")
     score: ScoreKind = "excess"
     ratio: float = Field(1.0, description="selection ratio in (0, 1]")
     rule: Literal[RULES] = Field(  # type: ignore[valid-type]
@@ -298,6 +303,11 @@ class TrainConfig(Section):
         "a control matched in count")
     threshold: float | None = Field(None, description="the score threshold of train.rule=threshold (nats; read by "
                                     "that rule only)")
+    kd_weight: float = Field(1.0, ge=0.0, allow_inf_nan=False, description="train.method=distill: weight of "
+                             "KL(reference || student) beside the CE of every token (0 = CLM with the reference's "
+                             "cost)")
+    kd_temperature: float = Field(1.0, gt=0.0, allow_inf_nan=False, description="train.method=distill: both "
+                                  "distributions at logits / T, the KL times T² (Hinton et al.'s scaling)")
     scope: Scope = "batch"
     temperature: float = Field(1.0, gt=0)
     stochastic: Literal["softmax", "positive"] = Field(
@@ -352,10 +362,15 @@ class TrainConfig(Section):
     @model_validator(mode="after")
     def _selects_by_something(self) -> TrainConfig:
         rule = self.selection_rule()
-        if rule.strategy == "topk" and rule.score == "none" and rule.ratio < 1 and not self.soft:
-            raise ValueError("train.score=none with top-k selection would select by position: "
+        if rule.strategy in ("topk", "bottomk") and rule.score == "none" and rule.ratio < 1 and not self.soft:
+            raise ValueError(f"train.score=none with {rule.strategy} selection would select by position: "
                              "use train.method=random or another train.score")
         if self.rule != "topk":
+            if self.method == DISTILL:
+                raise ValueError(f"train.rule={self.rule} applies to selection methods, not distill (every token)")
+            if self.method == "bottomk":
+                raise ValueError(f"train.rule={self.rule} selects the tokens scoring above a threshold; bottomk "
+                                 "(the lowest scores) takes a ratio: use train.rule=topk with train.ratio")
             if self.method in BASELINE_METHODS:
                 raise ValueError(f"train.rule={self.rule} applies to selection methods, not {self.method}")
             if rule.score == "none":
@@ -377,6 +392,9 @@ class TrainConfig(Section):
         out = super().hashed(**dump)
         if self.rule != "threshold":
             out.pop("threshold", None)
+        if self.method != DISTILL:
+            out.pop("kd_weight", None)
+            out.pop("kd_temperature", None)
         return out
 
     def run_name(self, with_seed: bool = False, reference_mode: str = "trained") -> str:
@@ -388,6 +406,9 @@ class TrainConfig(Section):
             return self.name
         if self.method in BASELINE_METHODS:
             name = self.method
+        elif self.method == DISTILL:  # `distill`, with -w<weight> / -T<temperature> away from 1
+            name = "-".join([DISTILL, *([f"w{self.kd_weight:g}"] if self.kd_weight != 1 else []),
+                             *([f"T{self.kd_temperature:g}"] if self.kd_temperature != 1 else [])])
         else:
             rule = self.selection_rule()
             budget = f"r{self.ratio:g}" if self.rule == "topk" else "pos" if self.rule == "positive" \
@@ -408,7 +429,7 @@ class TrainConfig(Section):
         """The strategy, score kind, ratio and threshold the method really uses: CLM and the oracle select
         every (trainable) token; a strategy that ignores scores runs with score kind `none`, unless a threshold
         rule counts its tokens by their scores. Threshold rules select at ratio 1 (their count is the threshold's)."""
-        if self.method in BASELINE_METHODS:
+        if self.method in EVERY_TOKEN_METHODS:
             return SelectionRule("topk", "none", 1.0)
         strategy = "stochastic_positive" if self.method == "stochastic" and self.stochastic == "positive" \
             else self.method
@@ -524,7 +545,10 @@ class ExportConfig(Section):
 
 
 class GridConfig(Section):
-    methods: list[Strategy] = Field(default_factory=lambda: ["topk", "random", "stochastic"])
+    methods: list[GridMethod] = Field(
+        default_factory=lambda: ["topk", "random", "stochastic"], description="the grid's methods besides CLM and "
+        "the oracle: selection strategies, run at every ratio of grid.ratios (bottomk: the sign check), and "
+        "distill, run once (it trains every token)")
     ratios: list[float] = Field(default_factory=lambda: [0.5, 0.3])
     rules: list[Literal[RULES]] = Field(  # type: ignore[valid-type]
         default_factory=lambda: ["topk"], description="train.rule of the grid's runs: topk runs every method x "
@@ -556,6 +580,14 @@ class Config(Section):
     bench: BenchConfig = Field(default_factory=BenchConfig)
 
     @model_validator(mode="after")
+    def _distill_has_a_reference(self) -> Config:
+        if DISTILL in (self.train.method, *self.grid.methods) and self.reference.is_self:
+            raise ValueError(f"train.method=distill distills a reference model's next-token distribution, but "
+                             f"reference.mode={self.reference.mode} is the student's own weights: use reference.mode "
+                             "trained, path or self")
+        return self
+
+    @model_validator(mode="after")
     def _self_reference_starts(self) -> Config:
         r = self.reference
         if r.is_self and r.start_step >= self.train.steps:
@@ -573,18 +605,21 @@ class Config(Section):
         specs: list[dict[str, Any]] = [{"method": "clm", **baseline}]
         if self.grid.oracle and has_noise:
             specs.append({"method": "oracle", **baseline})
+        if DISTILL in self.grid.methods:  # once: it trains every token
+            specs.append({"method": DISTILL, **baseline})
+        selecting = [m for m in self.grid.methods if m != DISTILL]
         for rule in self.grid.rules:
             threshold = self.train.threshold if rule == "threshold" else None
             ratios = self.grid.ratios if rule == "topk" else [1.0]  # the threshold sets the count
             specs += [{"method": m, "ratio": r, "rule": rule, "threshold": threshold}
-                      for m in self.grid.methods for r in ratios]
+                      for m in selecting for r in ratios]
         runs: dict[str, Config] = {}
         for seed in range(self.train.seed, self.train.seed + self.grid.seeds):
             for spec in specs:
                 try:
                     t = TrainConfig.model_validate({**self.train.model_dump(), **spec, "seed": seed, "name": None})
                 except ValidationError as e:
-                    label = spec["method"] if spec["method"] in BASELINE_METHODS else \
+                    label = spec["method"] if spec["method"] in EVERY_TOKEN_METHODS else \
                         f"{spec['method']} ({spec['rule']})"
                     raise UserError(f"grid run {label}: {_describe_error(e, {})}") from None
                 run = self.model_copy(update={"train": t})
@@ -816,6 +851,10 @@ def _ignored(cfg: Config, explicit: set[str]) -> None:
     if "train.threshold" in explicit and "threshold" not in {t.rule, *cfg.grid.rules}:
         raise no_effect("train.threshold", f"with train.rule={t.rule}: it is read by train.rule=threshold "
                         "(or grid.rules with threshold) only")
+    for key in sorted(k for k in ("train.kd_weight", "train.kd_temperature") if k in explicit):
+        if DISTILL not in (t.method, *cfg.grid.methods):
+            raise no_effect(key, f"with train.method={t.method}: it is read by train.method=distill (or grid.methods "
+                            "with distill) only")
     if "train.ratio" in explicit and t.rule != "topk":
         raise no_effect("train.ratio", f"with train.rule={t.rule}: the rule's threshold sets how many tokens train "
                         "(train.rule=topk reads the ratio)")
