@@ -34,7 +34,8 @@ from .report_selection import (
 )
 
 BASELINES = ("base", "reference", "clm", "oracle")
-NOT_SLM = {*BASELINES, "random", "distill", "bottomk"}  # the controls are compared in their own section
+NOT_SLM = {*BASELINES, "random", "distill"}  # runs that do not select by a score
+CONTROLS = {"bottomk"}  # selects by the score's wrong end: compared with random in the controls' section
 # Relative changes under this (in %) round to 0.0 % in the text, so they read as "on par".
 PAR_PCT = 0.05
 
@@ -325,7 +326,7 @@ def _groups(runs: dict[str, dict[str, Any]], order: list[str]) -> dict[str, _Gro
 def _comparison_section(runs: dict[str, dict[str, Any]], order: list[str], splits: list[str]) -> str:
     title = "## SLM vs the baselines"
     groups = _groups(runs, order)
-    slm = [g for g in groups.values() if g.method not in NOT_SLM]
+    slm = [g for g in groups.values() if g.method not in NOT_SLM | CONTROLS]
     if not slm or not splits:
         return f"{title}\n\nNo SLM run with validation results: nothing to compare."
     by_method = {g.method: g for g in groups.values() if g.method in ("clm", "oracle", "reference")}
