@@ -607,7 +607,8 @@ def test_metrics_reach_tensorboard(smoke_out: Path) -> None:
     log = _log(run)
     tags = set(events.Tags()["scalars"])
     kinds = {t for t in tags if t.startswith("selected_by_kind/")}
-    assert tags - kinds == LOG_KEYS - {"step", "selected_by_kind"} and "selected_by_kind/web" in kinds
+    # kind_counts (per-kind pairs, for the analysis) stays in log.jsonl
+    assert tags - kinds == LOG_KEYS - {"step", "selected_by_kind", "kind_counts"} and "selected_by_kind/web" in kinds
     for key in ("loss", "lr", "selected_frac", "tokens_trained"):
         scalars = events.Scalars(key)
         assert [s.step for s in scalars] == [r["step"] for r in log]
