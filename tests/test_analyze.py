@@ -130,3 +130,40 @@ def test_analyze_keeps_a_grid_run_that_is_not_finished_out(analyzed: dict[str, A
     assert slm("analyze", out) == 0
     results = _results(out)
     assert set(results["runs"]) == {*RUNS, "reference", "base"} and results["other_runs"] == []
+
+
+@pytest.mark.slow
+def test_controls_and_wrong_step_figures_reach_results_and_report(analyzed: dict[str, Any], tmp_path: Path) -> None:
+    """distill, bottomk and random beside top-k: the paired comparisons of the controls, per-kind intervals with
+    token counts, and perplexity by token kind on val_noisy (its wrong-step labels), with Δ vs CLM."""
+    out = private_copy(analyzed["out"], tmp_path)
+    grid = ("grid.methods=[topk,random,bottomk,distill]", "grid.ratios=[0.5]")
+    for run in (("train.method=distill",), ("train.method=bottomk", "train.ratio=0.5"),
+                ("train.method=random", "train.ratio=0.5")):
+        assert slm("train", out, *STEPS, *run, *grid) == 0
+        assert slm("eval", out, *STEPS, *run, *grid) == 0
+    assert slm("analyze", out, *grid) == 0
+    results = _results(out)
+    assert {"distill", "bottomk-r0.5", "random-r0.5"} <= set(results["runs"])
+    comparisons = results["comparisons"]
+    assert set(comparisons) == {"topk-r0.5|distill", "bottomk-r0.5|random-r0.5"}
+    for by_split in comparisons.values():
+        assert set(by_split) == set(SPLITS)
+        assert all(d["lo"] <= d["pct"] <= d["hi"] for d in by_split.values())
+    sel = results["selection"]["topk-r0.5"]
+    for kind, iv in sel["by_kind_interval"].items():
+        assert iv["tokens"] == sel["kind_tokens"][kind]
+        if "ratio" in iv:
+            assert iv["ratio"] == pytest.approx(sel["by_kind"][kind] / sel["by_kind"]["clean"])
+    labelled = json.loads((out / "data" / "val_noisy" / "meta.json").read_text())["wrong_step"]["tokens"]
+    by_kind = results["runs"]["topk-r0.5"]["val_by_kind"]["val_noisy"]
+    for kind in ("after_wrong_step", "before_wrong_step"):
+        assert 0 < by_kind[kind]["tokens"] <= labelled[kind]
+        d = by_kind[kind]["delta_vs_clm"]
+        assert d["lo"] <= d["pct"] <= d["hi"]
+    assert "val_by_kind" in results["runs"]["clm"] and results["runs"]["clm"]["val_by_kind"]["val_noisy"][
+        "after_wrong_step"]["delta_vs_clm"] is None
+    assert slm("report", out, *grid) == 0
+    md = (out / "report.md").read_text()
+    assert "## Controls: selection or transfer" in md and "`topk-r0.5` vs `distill`" in md
+    assert "## Natural wrong reasoning" in md and "Perplexity on val_noisy's tokens of each kind" in md

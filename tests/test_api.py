@@ -109,6 +109,9 @@ def test_bad_input_raises_the_cli_messages(smoke_out: Path, capsys: pytest.Captu
         with pytest.raises(UserError) as err:
             Selection(**kwargs)
         assert str(err.value) == cli
+    with pytest.raises(UserError, match="not a token selection"):  # it would silently be CLM here
+        Selection(method="distill")
+    assert Selection(method="bottomk", ratio=0.5).rule_used == ("bottomk", "excess", 0.5, None)
     labels = torch.randint(0, 5, (2, 6))
     with pytest.raises(UserError, match=r"ref_loss has shape \(2, 5\), the labels \(2, 6\)"):
         selective_loss(torch.randn(2, 6, 5), labels, torch.rand(2, 5))

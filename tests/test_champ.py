@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 from collections import Counter
 from typing import Any
@@ -10,7 +11,15 @@ from typing import Any
 import pytest
 
 from selective_lm.config import DataConfig, load_config
-from selective_lm.corpora.champ import RESERVED_SHARE, ChampPartition, champ, champ_partition, load_champ
+from selective_lm.corpora.champ import (
+    RESERVED_SHARE,
+    ChampPartition,
+    _model_text,
+    _shuffled,
+    champ,
+    champ_partition,
+    load_champ,
+)
 from selective_lm.errors import UserError
 
 SPLITS = ("reference", "train", "val_clean", "val_noisy")
@@ -157,3 +166,50 @@ def test_fractions_must_leave_training_problems():
     assert shared.data.reference_problems == "shared"
     with pytest.raises(UserError, match="reference_problems"):
         load_config("smoke", overrides=["data.reference_problems=mixed"])
+
+
+def _annotation(corpus: dict[str, Any], source_id: str) -> dict[str, Any] | None:
+    pid, key = source_id.split("|", 1)
+    return (corpus["problems"][pid].get("fws_annotations") or {}).get(key)
+
+
+@pytest.mark.parametrize("split", ["train", "val_noisy"])
+def test_annotated_solutions_make_their_share_and_carry_their_wrong_step(corpus, split):
+    """The first ~60 documents: annotated ones make data.annotated_share of the characters, and each labelled
+    after_wrong_step span starts with the step CHAMP's expert marked (the annotation's start_idx..end_idx)."""
+    data = _data("data.annotated_share=0.25")
+    docs = list(itertools.islice(champ(data)[split].documents, 60))
+    annotated = [d for d in docs if _annotation(corpus, d.source_id)]
+    share = sum(len(d.text) for d in annotated) / sum(len(d.text) for d in docs)
+    assert share == pytest.approx(0.25, abs=0.03)
+    with_step = 0
+    for d in annotated:
+        a = _annotation(corpus, d.source_id)
+        labels = {k: (s, e) for s, e, k in d.labels or ()}
+        if a["start_idx"] is None:
+            assert d.labels is None  # no wrong step: no label
+            continue
+        with_step += 1
+        s, e = labels["after_wrong_step"]
+        step = a["text"][a["start_idx"]:a["end_idx"]].strip()
+        assert d.text[s:e].startswith(step) and d.text[e:].startswith("\n\nSummary") or e == len(d.text)
+        assert labels.get("before_wrong_step", (d.protect, s)) == (d.protect, s)
+    assert with_step >= 5
+    assert all(d.labels is None for d in docs if d not in annotated)
+
+
+def test_annotated_share_zero_is_the_plain_shuffle(corpus):
+    """data.annotated_share=0 keeps the document order of before the labels existed (only labels are added)."""
+    data = _data("data.annotated_share=0")
+    part = champ_partition(data, corpus)
+    plain = _shuffled(part.train_conversations, data.seed, "train")
+    ids = [d.source_id for d in itertools.islice(champ(data)["train"].documents, 200)]
+    assert ids == [f"{pid}|{key}" for pid, key in plain if _model_text(corpus["problems"][pid],
+                                                                       corpus["problems"][pid]["conversations"][key])][:200]
+    assert all(d.labels is None for d in champ(data)["reference"].documents)  # the reference is not labelled
+
+
+def test_annotated_share_is_champ_only():
+    with pytest.raises(UserError, match="annotated_share=0.3 has no effect with data.corpus=custom.*annotated wrong"):
+        load_config("smoke", overrides=["data.corpus=custom", "data.sources={train: x.jsonl}",
+                                        "data.annotated_share=0.3"])

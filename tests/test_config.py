@@ -21,9 +21,11 @@ def test_presets_shipped() -> None:
 
 
 def test_gpu_preset_is_the_default_study_at_gpu_scale() -> None:
-    """Same model, corpus, reference and grid as the default; whole splits, ~3 epochs, 3 seeds, champ_answer."""
+    """Same model, corpus, reference and grid as the default; whole splits, ~3 epochs, 3 seeds, champ_answer, and
+    CHAMP's annotated wrong steps interleaved."""
     cpu, gpu = load_config("champ-smollm2"), load_config("champ-smollm2-gpu")
-    assert gpu.model == cpu.model and gpu.data == cpu.data and gpu.reference == cpu.reference
+    assert gpu.model == cpu.model and gpu.reference == cpu.reference
+    assert gpu.data == cpu.data.model_copy(update={"annotated_share": 0.25})  # + CHAMP's annotated wrong steps
     assert (gpu.grid.methods, gpu.grid.ratios, gpu.grid.seeds) == (cpu.grid.methods, cpu.grid.ratios, 3)
     assert gpu.train.batch_size == cpu.train.batch_size  # the selection unit is the study's
     epochs = gpu.train.steps * gpu.train.batch_size * gpu.train.grad_accum / 2343  # the train split's blocks
@@ -139,16 +141,41 @@ def test_grid_rules_name_their_runs() -> None:
         load_config("smoke", overrides=["grid.rules=[threshold]"]).grid_runs(has_noise=True)
 
 
+def test_grid_controls_distill_and_bottomk() -> None:
+    """distill runs once (every token), bottomk at every ratio; names carry the KL weight and temperature
+    away from 1; the kd settings enter the hash of distill runs only."""
+    cfg = load_config("smoke", overrides=["grid.methods=[topk,bottomk,distill]", "grid.ratios=[0.5,0.3]"])
+    runs = cfg.grid_runs(has_noise=True)
+    assert list(runs) == ["clm", "oracle", "distill", "topk-r0.5", "topk-r0.3", "bottomk-r0.5", "bottomk-r0.3"]
+    assert runs["distill"].train.selection_rule() == ("topk", "none", 1.0, None)
+    assert runs["bottomk-r0.3"].train.selection_rule() == ("bottomk", "excess", 0.3, None)
+    assert runs["distill"].train.needs_reference() is False  # it reads the reference model, not the scores
+    named = load_config("smoke", overrides=["grid.methods=[distill]", "train.kd_weight=0.5",
+                                            "train.kd_temperature=2"]).grid_runs(has_noise=False)
+    assert list(named) == ["clm", "distill-w0.5-T2"]
+    assert "kd_weight" in named["distill-w0.5-T2"].train.hashed() and "kd_weight" not in named["clm"].train.hashed()
+    assert load_config("smoke").train.hashed() == load_config("smoke", overrides=["train.kd_weight=1"]).train.hashed()
+    with pytest.raises(UserError, match="grid run bottomk .positive.*takes a ratio"):
+        load_config("smoke", overrides=["grid.methods=[bottomk]", "grid.rules=[positive]"]).grid_runs(True)
+    with pytest.raises(UserError, match="distill distills a reference model"):
+        load_config("smoke", overrides=["grid.methods=[distill]", "reference.mode=checkpoint"])
+
+
 def test_fields_added_later_keep_old_fingerprints() -> None:
     """New fields at their defaults are left out of `hashed()`: stores and runs made before them stay valid."""
     cfg = load_config("smoke")
     assert "rule" not in cfg.train.hashed() and "threshold" not in cfg.train.hashed()
-    assert cfg.train.hashed() == cfg.train.model_dump(exclude={"rule", "threshold"})
+    assert cfg.train.hashed() == cfg.train.model_dump(exclude={"rule", "threshold", "kd_weight", "kd_temperature"})
     changed = load_config("smoke", overrides=["train.method=topk", "train.rule=positive"]).train.hashed()
     assert changed["rule"] == "positive"
     for section in ("data", "reference"):
-        later = getattr(cfg, section).LATER_FIELDS
-        assert later and not set(later) & set(getattr(cfg, section).hashed())
+        later = set(getattr(cfg, section).LATER_FIELDS) - {"annotated_share"}
+        assert later and not later & set(getattr(cfg, section).hashed())
+    # CHAMP's stores changed with the wrong-step labels: annotated_share stays in its hash, not in a custom one's
+    assert cfg.data.hashed()["annotated_share"] == cfg.data.annotated_share
+    assert load_config("champ-smollm2").data.hashed()["annotated_share"] == 0.0  # the default study's data as measured
+    custom = load_config("smoke", overrides=["data.corpus=custom", "data.sources={train: x.jsonl}"])
+    assert "annotated_share" not in custom.data.hashed()
 
 
 def test_choices_are_the_registries() -> None:
@@ -159,11 +186,11 @@ def test_choices_are_the_registries() -> None:
     from selective_lm.selection import SCOPES, SCORE_KINDS, STRATEGIES
 
     fields = TrainConfig.model_fields
-    assert get_args(fields["method"].annotation) == ("clm", "oracle", *STRATEGIES)
+    assert get_args(fields["method"].annotation) == ("clm", "oracle", "distill", *STRATEGIES)
     assert get_args(fields["score"].annotation) == tuple(SCORE_KINDS)
     assert get_args(fields["scope"].annotation) == SCOPES
     (item,) = get_args(GridConfig.model_fields["methods"].annotation)  # list[Literal[...]]
-    assert get_args(item) == tuple(STRATEGIES)
+    assert get_args(item) == (*STRATEGIES, "distill")
     for name in STRATEGIES:
         assert load_config("smoke", overrides=[f"train.method={name}", "train.ratio=0.5"]).train.method == name
     with pytest.raises(UserError, match="train.method"):

@@ -19,12 +19,12 @@ from hypothesis import strategies as st
 from selective_lm.assets import byte_tokenizer
 from selective_lm.config import load_config
 from selective_lm.corpora import Document
-from selective_lm.corpora.champ import champ_partition
+from selective_lm.corpora.champ import champ_partition, wrong_step_labels
 from selective_lm.data import BATCH_DOCS, NOISE_LAG, prepare, write_store
 from selective_lm.errors import UserError
 from selective_lm.layout import STORE_FORMAT, load_store
 from selective_lm.models import tokenizer_fingerprint
-from selective_lm.noise import KIND_IDS, KIND_NAMES, KINDS, NoiseInjector
+from selective_lm.noise import KIND_IDS, KIND_NAMES, KINDS, LABEL_KINDS, NoiseInjector, is_noise
 
 WEB_MARKERS = ("utm_", "All rights reserved", "We use cookies", "min.js", "menu-item", "https://www.",
                "comments · Reply", "&nbsp;")
@@ -131,7 +131,8 @@ def test_smoke_prepare_writes_every_split(smoke, tok):
         assert meta["eos_id"] == tok.eos_token_id
         assert meta["split"] == split and meta["config_fingerprint"] and meta["fingerprint"]
         assert len(meta["documents"]) == meta["n_docs"] == int(store.doc_ids.max()) + 1
-        assert (store.noise_mask is not None) == (store.noise_kind is not None) == (split == "train")
+        assert (store.noise_mask is not None) == (split == "train")
+        assert (store.noise_kind is not None) == (split in ("train", "val_noisy"))  # val_noisy: wrong-step labels
     assert summary["reference"]["n_tokens"] < summary["train"]["n_tokens"]
 
 
@@ -361,6 +362,57 @@ def test_noisy_store_needs_its_kind_file(tok, tmp_path):
     (tmp_path / "s" / "noise_kind.npy").unlink()
     with pytest.raises(UserError, match="noise_kind.npy is missing"):
         load_store(tmp_path / "s")
+
+
+HEAD = "Problem: add 1 and 3.\n\nSolution:\n"
+SOLUTION = "First we add 1 and 3.\nSecond, we get 5.\nSo the answer is 5."
+
+
+def test_wrong_step_labels_are_exact():
+    """From the start index of CHAMP's annotation (in the unstripped message) to the solution's end."""
+    text = HEAD + SOLUTION + "\n\nSummary: 5."
+    raw = "  " + SOLUTION + "\n"  # the annotation's text is the model's message before stripping
+    start = 2 + SOLUTION.index("Second")
+    annotation = {"text": raw, "start_idx": start, "end_idx": start + 18, "author": "x"}
+    wrong, end = len(HEAD) + SOLUTION.index("Second"), len(HEAD) + len(SOLUTION)
+    assert text[wrong:wrong + 18] == raw[start:start + 18] == "Second, we get 5.\n"
+    assert wrong_step_labels(text, len(HEAD), annotation) == (
+        (len(HEAD), wrong, "before_wrong_step"), (wrong, end, "after_wrong_step"))
+    assert wrong_step_labels(text, len(HEAD), {**annotation, "start_idx": 0})[0] == (
+        len(HEAD), end, "after_wrong_step")  # wrong from its first character: nothing before it
+    assert wrong_step_labels(text, len(HEAD), {**annotation, "start_idx": None, "end_idx": None}) == ()
+    assert wrong_step_labels(text, len(HEAD), {**annotation, "text": "another solution"}) == ()
+    assert wrong_step_labels(text, len(HEAD), None) == ()
+
+
+@pytest.mark.parametrize("noise", [False, True])
+def test_labels_become_exact_token_kinds(tok, tmp_path, noise):
+    """Byte-level tokens: one per character, so the kinds are the label spans exactly; labels are never noise."""
+    text = HEAD + SOLUTION + "\n\nSummary: 5."
+    start = SOLUTION.index("Second")
+    labels = wrong_step_labels(text, len(HEAD), {"text": SOLUTION, "start_idx": start, "end_idx": start + 5})
+    docs = [Document("An unlabelled document comes first.", group="a"), Document(text, group="b", protect=len(HEAD),
+                                                                               labels=labels)] * 3
+    injector = NoiseInjector(0.3, {"web": 1.0}, 0) if noise else None
+    meta = write_store(tmp_path / "s", docs, tok, 8, labelled=True, injector=injector)
+    store = load_store(tmp_path / "s")
+    kinds = np.asarray(store.noise_kind).ravel()
+    assert meta["wrong_step"]["doc_ids"] == store.wrong_step_docs == [d for d in (1, 3, 5) if d < meta["n_docs"]]
+    assert meta["wrong_step"]["tokens"] == {k: int((kinds == KIND_IDS[k]).sum()) for k in LABEL_KINDS}
+    assert store.kind_names == list(KIND_NAMES)
+    if noise:
+        assert store.noise_mask is not None and not store.noise_mask.ravel()[np.isin(kinds, [7, 8])].any()
+        np.testing.assert_array_equal(store.noise_mask.ravel(), is_noise(kinds))
+        assert meta["noise"]["realized_rate"] == pytest.approx(store.noise_mask.mean())
+        assert (kinds == KIND_IDS["after_wrong_step"]).sum() == 3 * (len(SOLUTION) - start)  # insertions only
+        return
+    assert store.noise_mask is None and meta["noise"] is None
+    one = np.zeros(len(text) + 1, np.uint8)  # + EOS, clean
+    one[len(HEAD):len(HEAD) + start] = KIND_IDS["before_wrong_step"]
+    one[len(HEAD) + start:len(HEAD) + len(SOLUTION)] = KIND_IDS["after_wrong_step"]
+    other = np.zeros(len(docs[0].text) + 1, np.uint8)
+    expected = np.concatenate([other, one] * 3)
+    np.testing.assert_array_equal(kinds, expected[:kinds.size])
 
 
 def test_load_store_rejects_broken_stores(tok, tmp_path):

@@ -15,6 +15,7 @@ from selective_lm.noise import (
     KIND_IDS,
     KIND_NAMES,
     KINDS,
+    LABEL_KINDS,
     NoiseInjector,
     _altered,
     is_noise,
@@ -30,8 +31,9 @@ BODY = "\n".join(
 )
 DOC = HEAD + BODY + "\n\nSummary: the answer is 42."
 WEIGHTS = {"web": 0.3, "numbers": 0.3, "foreign_step": 0.25, "truncate": 0.15}
-# one letter per kind: 'c'lean, 'w'eb, 'n'umbers, 'f'oreign_step, 't'runcate, 'h'eader, 'x' numbers_context
-LETTERS = dict(zip(KIND_NAMES, "cwnfthx", strict=True))
+# one letter per kind: 'c'lean, 'w'eb, 'n'umbers, 'f'oreign_step, 't'runcate, 'h'eader, 'x' numbers_context,
+# 'a'fter_wrong_step, 'b'efore_wrong_step
+LETTERS = dict(zip(KIND_NAMES, "cwnfthxab", strict=True))
 
 
 @pytest.fixture(scope="module")
@@ -82,8 +84,37 @@ def test_web_text_varies():
 
 
 def test_kind_ids_are_stable():
-    assert KIND_NAMES == ("clean", "web", "numbers", "foreign_step", "truncate", "header", "numbers_context")
+    assert KIND_NAMES == ("clean", "web", "numbers", "foreign_step", "truncate", "header", "numbers_context",
+                          "after_wrong_step", "before_wrong_step")
     assert KIND_IDS["clean"] == 0 and all(KIND_IDS[k] == i + 1 for i, k in enumerate(KINDS))
+    assert not is_noise(np.array([KIND_IDS[k] for k in LABEL_KINDS], np.uint8)).any()
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("weights", [{"web": 0.5, "foreign_step": 0.5}, WEIGHTS])
+def test_labels_move_with_the_edits_and_never_steer_them(seed, weights, tok):
+    """Wrong-step labels on the body: the noise is the same with or without them, and after injection each
+    label covers its own original text. Insertions only: exactly that text once the inserted lines are
+    removed. Every kind: what keeps the label is original text in order (an edit's text takes its kind)."""
+    wrong, end = DOC.index("Step 5"), DOC.index("\n\nSummary")
+    labels = ((len(HEAD), wrong, "before_wrong_step"), (wrong, end, "after_wrong_step"))
+    plain, labelled = NoiseInjector(0.4, weights, seed), NoiseInjector(0.4, weights, seed)
+    for i in range(5):
+        text, spans = plain.inject(DOC, group=str(i), protect=len(HEAD))
+        text2, spans2 = labelled.inject(DOC, group=str(i), protect=len(HEAD), labels=labels)
+        assert text2 == text and [sp for sp in spans2 if sp[2] not in LABEL_KINDS] == spans
+        moved = {k: (s, e) for s, e, k in spans2 if k in LABEL_KINDS}
+        assert set(moved) == set(LABEL_KINDS) and moved["before_wrong_step"][1] == moved["after_wrong_step"][0]
+        chars = _chars(text, spans2)
+        assert set(chars[:len(HEAD)]) == {"h"}
+        for letter, (s, e), (a, b) in (("b", labels[0][:2], moved["before_wrong_step"]),
+                                       ("a", labels[1][:2], moved["after_wrong_step"])):
+            kept = "".join(c for c, k in zip(text[a:b], chars[a:b], strict=True) if k == letter)
+            if "numbers" not in weights:  # insertions only: nothing of the original is lost
+                assert kept == DOC[s:e] and set(chars[a:b]) <= {letter, "w", "f"}
+            it = iter(DOC[s:e])
+            assert kept and all(c in it for c in kept)  # a subsequence of the original labelled text
+        _check_tokens(tok, text, spans2)
 
 
 @pytest.mark.parametrize("kind", ["web", "foreign_step"])
@@ -294,7 +325,7 @@ def test_labels_match_the_edits_on_champ_documents(tok):
     inj = NoiseInjector(0.2, WEIGHTS, 0)
     changed_by_kind = {k: [0, 0] for k in KIND_NAMES}  # [changed, all] tokens
     for doc in docs:
-        text, spans = inj.inject(doc.text, doc.group, doc.protect)
+        text, spans = inj.inject(doc.text, doc.group, doc.protect, doc.labels)
         enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
         offsets = np.asarray(enc["offset_mapping"]).reshape(-1, 2)
         kinds = token_kinds(offsets, spans)
@@ -310,5 +341,6 @@ def test_labels_match_the_edits_on_champ_documents(tok):
     # not exactly 0: an inserted "line\n" after "\n" aligns as well as "\nline" before it, and numbers_context
     # holds the unchanged digits of an altered number, whose word did change
     assert share["clean"] <= 0.01 and share["header"] <= 0.01 and share["numbers_context"] <= 0.03, share
+    assert share["after_wrong_step"] <= 0.01 and share["before_wrong_step"] <= 0.01, share  # labels moved with edits
     assert share["truncate"] <= 0.05, share
     assert inj.noisy_tokens / inj.tokens == pytest.approx(0.2, abs=0.03)

@@ -122,6 +122,32 @@ def test_topk_selected_scores_dominate_with_ties_to_earlier_positions(batch, rat
                 assert not (tied & m)[first_unselected_tie:].any()
 
 
+@given(batch=batches(), scope=st.sampled_from(SCOPES))
+def test_bottomk_at_half_is_the_complement_of_topk(batch, scope) -> None:
+    """The sign check selects exactly what top-k leaves, ties included, in every unit of even valid count."""
+    scores, valid = batch
+    top, bottom = (select(scores, 0.5, s, scope, valid) for s in ("topk", "bottomk"))
+    for t, b, v in zip(units(top, scope), units(bottom, scope), units(valid, scope), strict=True):
+        if int(v.sum()) % 2 == 0:
+            assert torch.equal(b, v & ~t)
+
+
+@given(batch=batches(), ratio=ratios, scope=st.sampled_from(SCOPES))
+def test_bottomk_takes_the_lowest_scores(batch, ratio, scope) -> None:
+    scores, valid = batch
+    mask = select(scores, ratio, "bottomk", scope, valid)
+    for s, m, v in zip(units(scores, scope), units(mask, scope), units(valid, scope), strict=True):
+        if m.any() and (v & ~m).any():
+            assert s[m].max() <= s[v & ~m].min()
+
+
+def test_bottomk_at_half_on_distinct_scores() -> None:
+    scores = torch.tensor([[0.3, -1.0, 2.0, 0.1], [5.0, 4.0, -2.0, 0.0]])
+    valid = torch.ones(2, 4, dtype=torch.bool)
+    assert select(scores, 0.5, "bottomk", "batch", valid).tolist() == [[False, True, False, True],
+                                                                      [False, False, True, True]]
+
+
 def test_topk_ties_go_to_the_earliest_positions() -> None:
     scores = torch.tensor([[1.0, 2.0, 2.0, 2.0, 2.0, 0.0]])
     valid = torch.tensor([[True, True, False, True, True, True]])

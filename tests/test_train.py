@@ -33,11 +33,12 @@ from selective_lm.config import load_config
 from selective_lm.data import prepare
 from selective_lm.layout import BlockOrder, OutDir, load_store
 from selective_lm.models import load_model, load_tokenizer
+from selective_lm.noise import KIND_IDS
 from selective_lm.train import train
 from selective_lm.trainer import Trainer
 
 LOG_KEYS = {"step", "tokens_seen", "tokens_trained", "loss", "lr", "selected_frac", "score_selected",
-            "selected_by_kind", "score_unselected", "grad_norm", "step_s"}
+            "selected_by_kind", "kind_counts", "score_unselected", "grad_norm", "step_s"}
 TESTS = Path(__file__).parent
 
 
@@ -426,6 +427,59 @@ def test_a_killed_fsdp_run_resumes_under_ddp(smoke_out: Path, tmp_path: Path) ->
         torch.testing.assert_close(w1[name], w2[name], rtol=1e-4, atol=1e-5)
 
 
+def _summary(run: Path) -> dict[str, Any]:
+    return json.loads((run / "train.json").read_text())
+
+
+def test_distill_logs_its_ce_and_with_weight_zero_is_clm(smoke_out: Path) -> None:
+    """Distillation trains every token; its logged loss is the CE (at step 1 the student is the base model, as
+    CLM's), the KL moves the weights; with train.kd_weight=0 it is CLM."""
+    for extra in (("train.method=clm",), ("train.method=distill",), ("train.method=distill", "train.kd_weight=0")):
+        assert _train(smoke_out, *extra, "train.steps=2") == 0
+    runs = smoke_out / "runs"
+    clm, distill, zero = (_log(runs / n) for n in ("clm", "distill", "distill-w0"))
+    assert distill[0]["loss"] == pytest.approx(clm[0]["loss"], rel=1e-5)
+    assert [r["tokens_trained"] for r in distill] == [r["tokens_trained"] for r in clm]
+    assert _summary(runs / "distill")["method"] == "distill" and _summary(runs / "distill")["selected_share"] == 1
+    w_clm, w_distill, w_zero = (_weights(runs / n, 2) for n in ("clm", "distill", "distill-w0"))
+    assert any(not torch.allclose(w_clm[k], w_distill[k], rtol=1e-3, atol=1e-5) for k in w_clm)
+    for k in w_clm:  # float32 Adam steps: CE through distill's chunks vs CLM's fused head gradient
+        torch.testing.assert_close(w_zero[k], w_clm[k], rtol=1e-3, atol=1e-5)
+    assert [r["loss"] for r in zero] == pytest.approx([r["loss"] for r in clm], rel=1e-4)
+
+
+def test_oracle_trained_share_is_trained_over_every_target(smoke_out: Path, smoke_cfg) -> None:
+    """The oracle trains every target but the injected noise: its share is below 1 (it read 1.000 before)."""
+    assert _train(smoke_out, "train.method=oracle", "train.steps=2") == 0
+    summary = _summary(smoke_out / "runs" / "oracle")
+    targets = 2 * smoke_cfg.train.batch_size * (smoke_cfg.data.block_len - 1)
+    assert summary["selected_share"] == pytest.approx(summary["tokens_trained"] / targets)
+    assert 0.5 < summary["selected_share"] < 1
+    log = _log(smoke_out / "runs" / "oracle")
+    assert min(r["selected_frac"] for r in log) < 1 and max(r["selected_frac"] for r in log) <= 1
+
+
+def test_kind_and_document_counts_add_up(smoke_out: Path) -> None:
+    """The per-step kind counts of log.jsonl sum to the run's, and the per-document counts of the wrong-step
+    labels (CHAMP's annotated solutions) sum to those kinds' totals."""
+    store = load_store(smoke_out / "data" / "train")
+    labelled = np.isin(np.asarray(store.noise_kind), [KIND_IDS["after_wrong_step"], KIND_IDS["before_wrong_step"]])
+    seed = next(s for s in range(100) if labelled[BlockOrder(store.n_blocks, s).blocks(0, 16)].any(1).sum() >= 3)
+    assert _train(smoke_out, "train.method=topk", "train.ratio=0.5", "train.steps=4", f"train.seed={seed}") == 0
+    run = smoke_out / "runs" / "topk-r0.5"
+    sel = _summary(run)["selection"]
+    log = _log(run)
+    for kind, total in sel["kind_tokens"].items():
+        assert sum(r["kind_counts"].get(kind, [0, 0])[1] for r in log) == total
+        trained = sum(r["kind_counts"].get(kind, [0, 0])[0] for r in log)
+        assert trained == pytest.approx(sel["by_kind"][kind] * total)
+    docs = sel["wrong_step_docs"]
+    assert set(docs["doc_ids"]) <= set(store.wrong_step_docs) and docs["doc_ids"]
+    for kind in ("after_wrong_step", "before_wrong_step"):
+        assert sum(docs[f"{kind}_valid"]) == sel["kind_tokens"].get(kind, 0)
+        assert sum(docs[f"{kind}_selected"]) == pytest.approx(sel["by_kind"][kind] * sel["kind_tokens"][kind])
+
+
 # ----------------------------------------------------------------------------- bad input
 
 
@@ -446,6 +500,10 @@ def _expect_bad_input(out: Path, capsys, *overrides: str, match: str) -> None:
     (("train.method=topk", "train.ratio=0.5", "train.score=none"), "train.score=none"),
     (("train.method=topk", "train.ratio=0.5", "scoring.mode=online"), "scoring.mode=online"),
     (("train.parallel=fsdp", "train.merge=true"), "train.parallel=ddp"),
+    (("train.method=distill", "train.kd_weight=-1"), "train.kd_weight"),
+    (("train.method=distill", "reference.mode=ema"), "reference.mode=ema is the student's own weights"),
+    (("train.method=bottomk", "train.rule=positive"), "bottomk (the lowest scores) takes a ratio"),
+    (("train.method=topk", "train.ratio=0.5", "train.kd_weight=2"), "train.kd_weight=2.0 has no effect"),
 ])
 def test_bad_config_fails_before_writing(smoke_out: Path, capsys, overrides: tuple[str, ...], match: str) -> None:
     _expect_bad_input(smoke_out, capsys, *overrides, match=match)
@@ -549,7 +607,8 @@ def test_metrics_reach_tensorboard(smoke_out: Path) -> None:
     log = _log(run)
     tags = set(events.Tags()["scalars"])
     kinds = {t for t in tags if t.startswith("selected_by_kind/")}
-    assert tags - kinds == LOG_KEYS - {"step", "selected_by_kind"} and "selected_by_kind/web" in kinds
+    # kind_counts (per-kind pairs, for the analysis) stays in log.jsonl
+    assert tags - kinds == LOG_KEYS - {"step", "selected_by_kind", "kind_counts"} and "selected_by_kind/web" in kinds
     for key in ("loss", "lr", "selected_frac", "tokens_trained"):
         scalars = events.Scalars(key)
         assert [s.step for s in scalars] == [r["step"] for r in log]

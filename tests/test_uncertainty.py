@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from selective_lm.analysis import selection as diag
-from selective_lm.analysis.uncertainty import doc_sums, paired_delta
+from selective_lm.analysis.uncertainty import doc_sums, paired_delta, ratio_of_shares
 from selective_lm.analyze import tokens_to_reach
 from selective_lm.layout import TokenStore
 
@@ -88,3 +88,21 @@ def test_tokens_to_reach_interpolates_and_says_never() -> None:
     assert tokens_to_reach(curve, "v", 1.5) == pytest.approx(150.0)
     assert tokens_to_reach(curve, "v", 3.5) == 0.0
     assert tokens_to_reach(curve, "v", 0.5) is None
+
+
+def test_ratio_of_shares_is_paired_over_units() -> None:
+    """(Σ a_sel / Σ a_n) / (Σ b_sel / Σ b_n), its interval from units drawn with both kinds at once; units
+    without either kind are left out; an undefined share gives None."""
+    a_sel, a_n = np.array([1.0, 2.0, 0.0, 3.0, 0.0]), np.array([4.0, 4.0, 2.0, 6.0, 0.0])
+    b_sel, b_n = np.array([2.0, 1.0, 1.0, 0.0, 0.0]), np.array([2.0, 2.0, 2.0, 0.0, 0.0])
+    r = ratio_of_shares(a_sel, a_n, b_sel, b_n, seed=1)
+    assert r["ratio"] == pytest.approx((6 / 16) / (4 / 6)) and r["units"] == 4
+    assert r["lo"] <= r["ratio"] <= r["hi"]
+    same = ratio_of_shares(a_sel, a_n, a_sel, a_n)  # a kind against itself: exactly 1, no spread
+    assert same["ratio"] == same["lo"] == same["hi"] == pytest.approx(1.0)
+    assert ratio_of_shares(a_sel, a_n, b_sel * 0, b_n) is None
+    rng = np.random.default_rng(0)  # more units, less spread
+    wide = ratio_of_shares(*(rng.integers(0, 5, 20).astype(float) for _ in range(4)), seed=0)
+    n = [rng.integers(5, 10, 400).astype(float) for _ in range(2)]
+    narrow = ratio_of_shares(n[0] * 0.5, n[0], n[1] * 0.5, n[1], seed=0)
+    assert narrow["hi"] - narrow["lo"] < wide["hi"] - wide["lo"]

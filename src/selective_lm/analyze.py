@@ -12,11 +12,18 @@ listed under `other_runs` and left out of every table. Per run:
   full fine-tuning), for every pair of runs, with per-module-kind means beside;
 - selection: noise vs clean tokens selected, the share of each token kind trained, and the
   reference loss of selected/unselected tokens, accumulated by the trainer over the whole run;
+  each kind's share ÷ clean share with its token count and a bootstrap interval over optimizer
+  steps (`by_kind_interval`), and, where the train split has CHAMP's wrong-step labels, the share
+  trained after the first wrong step ÷ before it with a paired bootstrap over documents (`wrong_step`);
 - separation_step0: per token kind, the probability that a clean token's step-0 excess loss
   (base minus reference) outranks one of the kind;
 - per run: Δ perplexity vs CLM with a paired bootstrap interval over validation documents
-  (`delta_vs_clm`), and the training tokens needed to reach CLM's final learning-curve loss
-  (`tokens_to_clm_final`).
+  (`delta_vs_clm`), the same by token kind on validation splits with kinds (`val_by_kind`: the
+  wrong-step labels of val_noisy), and the training tokens needed to reach CLM's final
+  learning-curve loss (`tokens_to_clm_final`);
+- comparisons: the controls' questions as paired intervals, `"<a>|<b>"` → split → Δ % of a vs b:
+  every top-k run vs each distill run of its seed (selection or transfer?), every bottom-k run vs the
+  random run of its ratio and seed (does the score's sign matter?).
 
 `results.json` (DESIGN.md) joins these with each run's training summary and validation results;
 `slm report` reads only it and the run directories, so the stages can be run one by one.
@@ -34,9 +41,9 @@ from safetensors.torch import load_file
 
 from . import __version__
 from .analysis.buckets import quantile_buckets, trajectory_buckets
-from .analysis.selection import outrank_probability
+from .analysis.selection import WRONG_STEP, outrank_probability
 from .analysis.similarity import full_delta, lora_delta_from_config, update_cosine
-from .analysis.uncertainty import doc_sums, paired_delta
+from .analysis.uncertainty import doc_sums, paired_delta, ratio_of_shares
 from .config import Config
 from .errors import UserError
 from .evaluate import model_digest
@@ -114,7 +121,7 @@ def _analysis(cfg: Config, runs: dict[str, RunDir], summaries: dict[str, dict[st
         if traj is not None:
             result["buckets_trajectory"][name] = trajectory_buckets(traj[0], traj[1], quantile=q).fractions
         if summaries[name].get("selection"):
-            result["selection"][name] = summaries[name]["selection"]
+            result["selection"][name] = _selection(run, summaries[name]["selection"], cfg.train.seed)
     deltas = _deltas(cfg, runs)
     names = list(deltas)
     for i, a in enumerate(names):
@@ -123,6 +130,32 @@ def _analysis(cfg: Config, runs: dict[str, RunDir], summaries: dict[str, dict[st
             result["cosine"][f"{a}|{b_name}"] = overall
             result["cosine_modules"][f"{a}|{b_name}"] = _by_module_kind(per_module)
     return result
+
+
+def _selection(run: RunDir, sel: dict[str, Any], seed: int) -> dict[str, Any]:
+    """A run's selection diagnostics with intervals: each kind's trained share ÷ the clean share, bootstrapped over
+    the optimizer steps of log.jsonl (`kind_counts`, absent in older logs: no interval), and the after ÷ before
+    wrong-step share, bootstrapped over the labelled documents (paired: both kinds of a drawn document)."""
+    out = {k: v for k, v in sel.items() if k != "wrong_step_docs"}
+    steps = [r.get("kind_counts") or {} for r in run.log()]
+    if any(steps) and "clean" in sel.get("kind_tokens", {}):
+        def col(kind: str, i: int) -> np.ndarray:
+            return np.array([r.get(kind, [0.0, 0.0])[i] for r in steps])
+
+        out["by_kind_interval"] = {
+            kind: {**(ratio_of_shares(col(kind, 0), col(kind, 1), col("clean", 0), col("clean", 1), seed=seed)
+                      or {}), "tokens": int(tokens)}
+            for kind, tokens in sel["kind_tokens"].items() if kind != "clean"}
+    docs = sel.get("wrong_step_docs")
+    if docs and docs["doc_ids"]:
+        after, before = WRONG_STEP
+        ratio = ratio_of_shares(docs[f"{after}_selected"], docs[f"{after}_valid"], docs[f"{before}_selected"],
+                                docs[f"{before}_valid"], seed=seed)
+        shares = {f"{k}_share": sum(docs[f"{k}_selected"]) / sum(docs[f"{k}_valid"]) if sum(docs[f"{k}_valid"])
+                  else None for k in WRONG_STEP}
+        out["wrong_step"] = {**shares, **(ratio or {}), "documents": len(docs["doc_ids"]),
+                             **{f"{k}_tokens": int(sum(docs[f"{k}_valid"])) for k in WRONG_STEP}}
+    return out
 
 
 def _run_entries(cfg: Config, out: OutDir, summaries: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -152,26 +185,88 @@ def _val(run: RunDir) -> dict[str, Any]:
     return read_json(run.eval_path) if run.eval_path.is_file() else {}
 
 
+def _eval_rows(cfg: Config, out: OutDir, split: str) -> tuple[np.ndarray, np.ndarray | None] | None:
+    """(doc ids, token kinds or None) of the tokens `slm eval` scores on `split` (its spread subset)."""
+    if not out.store_dir(split).is_dir():
+        return None
+    store = out.store(split)
+    rows = store.spread_blocks(cfg.eval.max_tokens)
+    kinds = np.asarray(store.noise_kind[rows]) if store.noise_kind is not None else None
+    return np.asarray(store.doc_ids[rows]), kinds
+
+
+def _paired(out: OutDir, a: str, b: str, split: str, doc_ids: np.ndarray, seed: int,
+            mask: np.ndarray | None = None) -> dict[str, float] | None:
+    """Δ perplexity of run a vs run b on `split` (on the `mask` tokens only), in %, paired bootstrap over documents."""
+    run_loss, base_loss = _token_losses(out.run(a), split), _token_losses(out.run(b), split)
+    if run_loss is None or base_loss is None or not run_loss.shape == doc_ids.shape == base_loss.shape:
+        return None
+    keep = np.isfinite(run_loss) & np.isfinite(base_loss) & (True if mask is None else mask)
+    if not keep.any():
+        return None
+    _, run_nats, counts = doc_sums(np.where(keep, run_loss, np.nan), doc_ids)
+    _, base_nats, _ = doc_sums(np.where(keep, base_loss, np.nan), doc_ids)
+    return paired_delta(run_nats, base_nats, counts, seed=seed)
+
+
 def _deltas_vs_clm(cfg: Config, out: OutDir, entries: dict[str, Any]) -> dict[str, dict[str, dict[str, float]]]:
     """run -> split -> Δ perplexity vs the CLM run of its seed, in %, with a paired bootstrap 95 % interval
     over the validation documents (`analysis.uncertainty`)."""
     result: dict[str, dict[str, dict[str, float]]] = {}
     for split in cfg.eval.splits:
-        if not out.store_dir(split).is_dir():
+        if (rows := _eval_rows(cfg, out, split)) is None:
             continue
-        store = out.store(split)
-        doc_ids = np.asarray(store.doc_ids[store.spread_blocks(cfg.eval.max_tokens)])
         for name in entries:
             base_name = _baseline(name, entries)
-            if base_name is None:
+            if base_name is not None and (d := _paired(out, name, base_name, split, rows[0], cfg.train.seed)):
+                result.setdefault(name, {})[split] = d
+    return result
+
+
+def _val_by_kind(cfg: Config, out: OutDir, entries: dict[str, Any]) -> dict[str, dict[str, dict[str, Any]]]:
+    """run -> split -> kind -> perplexity on the tokens of that kind (`ppl`, `tokens`) and its Δ vs CLM with a
+    paired bootstrap over documents, on the validation splits that record token kinds (val_noisy's wrong-step
+    labels)."""
+    result: dict[str, dict[str, dict[str, Any]]] = {}
+    for split in cfg.eval.splits:
+        rows = _eval_rows(cfg, out, split)
+        if rows is None or rows[1] is None:
+            continue
+        doc_ids, kinds = rows
+        names = out.store(split).kind_names
+        for name in entries:
+            losses = _token_losses(out.run(name), split)
+            if losses is None or losses.shape != kinds.shape:
                 continue
-            run_loss, base_loss = _token_losses(out.run(name), split), _token_losses(out.run(base_name), split)
-            if run_loss is None or base_loss is None or not run_loss.shape == doc_ids.shape == base_loss.shape:
-                continue
-            keep = np.isfinite(run_loss) & np.isfinite(base_loss)
-            _, run_nats, counts = doc_sums(np.where(keep, run_loss, np.nan), doc_ids)
-            _, base_nats, _ = doc_sums(np.where(keep, base_loss, np.nan), doc_ids)
-            result.setdefault(name, {})[split] = paired_delta(run_nats, base_nats, counts, seed=cfg.train.seed)
+            base_name = _baseline(name, entries)
+            for k in np.unique(kinds):
+                mask = (kinds == k) & np.isfinite(losses)
+                if not mask.any():
+                    continue
+                entry = {"ppl": float(np.exp(np.asarray(losses)[mask].mean())), "tokens": int(mask.sum()),
+                         "delta_vs_clm": (_paired(out, name, base_name, split, doc_ids, cfg.train.seed, mask)
+                                          if base_name else None)}
+                result.setdefault(name, {}).setdefault(split, {})[names[k]] = entry
+    return result
+
+
+def _comparisons(cfg: Config, out: OutDir, entries: dict[str, Any]) -> dict[str, dict[str, dict[str, float]]]:
+    """`"<a>|<b>"` -> split -> Δ % of a vs b: each top-k run vs each distill run of its seed, each bottom-k run vs
+    the random run of its ratio and seed (the controls of selection vs transfer and of the score's sign)."""
+    def same(a: dict[str, Any], b: dict[str, Any], *keys: str) -> bool:
+        return all(a.get(k) == b.get(k) for k in keys)
+
+    pairs = [(a, b) for a, ea in entries.items() for b, eb in entries.items()
+             if (ea.get("method") == "topk" and eb.get("method") == "distill" and same(ea, eb, "seed"))
+             or (ea.get("method") == "bottomk" and eb.get("method") == "random"
+                 and same(ea, eb, "seed", "ratio", "rule"))]
+    result: dict[str, dict[str, dict[str, float]]] = {}
+    for split in cfg.eval.splits:
+        if (rows := _eval_rows(cfg, out, split)) is None:
+            continue
+        for a, b in pairs:
+            if d := _paired(out, a, b, split, rows[0], cfg.train.seed):
+                result.setdefault(f"{a}|{b}", {})[split] = d
     return result
 
 
@@ -182,7 +277,7 @@ def separation_step0(cfg: Config, out: OutDir) -> dict[str, dict[str, float | No
     if not path.is_file() or not out.has_scores("train") or cfg.reference.is_self:
         return {}
     store = out.store("train")
-    names = (store.meta.get("noise") or {}).get("kind_names")
+    names = store.kind_names
     rows = out.scored_blocks("train", cfg.analysis.separation_tokens)
     base = np.load(path)
     if store.noise_kind is None or not names or base.shape != (len(rows), store.block_len):
@@ -239,15 +334,19 @@ def analyze(cfg: Config, out: str | Path | OutDir) -> dict[str, Any]:
             return previous
     analysis = _analysis(cfg, runs, summaries)
     deltas, speed = _deltas_vs_clm(cfg, out, entries), _tokens_to_clm_final(cfg, out, entries)
+    by_kind = _val_by_kind(cfg, out, entries)
     for name, entry in entries.items():
         entry["delta_vs_clm"] = deltas.get(name, {})
+        if name in by_kind:
+            entry["val_by_kind"] = by_kind[name]
         first = next(iter(cfg.eval.splits), None)
         entry["tokens_to_clm_final"] = speed.get(name, {}).get(first)
         entry["tokens_to_clm_final_by_split"] = speed.get(name, {})
     write_json(out.analysis, analysis)
     results = {"preset": cfg.preset, "version": __version__, "runs": entries,
                **{k: analysis[k] for k in ANALYSIS_KEYS}, "bucket_threshold": analysis["bucket_threshold"],
-               "separation_step0": separation_step0(cfg, out), "other_runs": others, "inputs": inputs}
+               "separation_step0": separation_step0(cfg, out), "comparisons": _comparisons(cfg, out, entries),
+               "other_runs": others, "inputs": inputs}
     write_json(out.results, results)
     return results
 

@@ -26,7 +26,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import Config, SelectionRule, TrainConfig, _describe_error
+from .config import DISTILL, Config, SelectionRule, TrainConfig, _describe_error
 from .errors import UserError
 from .files import atomic_path, fingerprint, read_json, write_json
 from .loss import DEFAULT_CHUNK_SIZE, SelectiveLoss, selective_loss_of_losses, token_losses
@@ -44,9 +44,9 @@ IGNORE_INDEX = -100  # transformers' label for "no loss here"
 class Selection:
     """Which tokens train: the `train.*` keys of `slm train` that choose them, validated as the config is.
 
-    method: topk, random, stochastic (or clm: every token); ratio in (0, 1]: the share of each scope
-    unit's valid tokens; score: excess (own - reference loss, Rho-1), loss, reference, retrospective,
-    none; rule: topk (the ratio's count), positive (score > 0) or threshold (score > `threshold`);
+    method: topk, bottomk (the lowest scores), random, stochastic (or clm: every token); ratio in (0, 1]:
+    the share of each scope unit's valid tokens; score: excess (own - reference loss, Rho-1), loss, reference,
+    retrospective, none; rule: topk (the ratio's count), positive (score > 0) or threshold (score > `threshold`);
     scope: batch (one ranking over the micro-batch), sequence (per row) or global (all ranks'
     micro-batches); temperature / soft / stochastic as `train.temperature`, `train.soft`,
     `train.stochastic`. The default is Rho-1's: top 60 % by excess loss over the batch.
@@ -63,6 +63,9 @@ class Selection:
     stochastic: str = "softmax"
 
     def __post_init__(self) -> None:
+        if self.method == DISTILL:  # would silently be CLM here: the KL needs the reference's logits
+            raise UserError("method='distill' is a training objective of `slm train` (train.method=distill), not a "
+                            "token selection: the Python API selects tokens only")
         self.train_config()  # refuse what `slm train` would refuse, with its message
 
     def train_config(self) -> TrainConfig:

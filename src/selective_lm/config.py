@@ -28,8 +28,11 @@ SPLITS = ("reference", "train", "val_clean", "val_noisy")
 
 # Choices read from the registries: a new strategy, score kind or corpus needs no change here.
 BASELINE_METHODS = ("clm", "oracle")  # CLM on every token / on every token but the injected noise
-Method = Literal[(*BASELINE_METHODS, *STRATEGIES)]  # type: ignore[valid-type]
+DISTILL = "distill"  # CLM on every token plus KL towards the reference's next-token distribution (a control)
+EVERY_TOKEN_METHODS = (*BASELINE_METHODS, DISTILL)  # train every (trainable) token: no selection
+Method = Literal[(*EVERY_TOKEN_METHODS, *STRATEGIES)]  # type: ignore[valid-type]
 Strategy = Literal[tuple(STRATEGIES)]  # type: ignore[valid-type]
+GridMethod = Literal[(*STRATEGIES, DISTILL)]  # type: ignore[valid-type]
 ScoreKind = Literal[tuple(SCORE_KINDS)]  # type: ignore[valid-type]
 Scope = Literal[SCOPES]  # type: ignore[valid-type]
 
@@ -106,6 +109,12 @@ class DataConfig(Section):
         "reference_mix=0.5: 2.5x the 20k that the default reference training reads (40 steps x 4 x 128), while "
         "train keeps 60 % of the problems (162), more than enough for its 300k tokens"
     )
+    annotated_share: float = Field(
+        0.0, ge=0.0, lt=1.0, description="CHAMP: share of the train and val_noisy text taken from the "
+        "conversations whose first wrong step CHAMP annotates (token kinds after_wrong_step / before_wrong_step), "
+        "interleaved with the others from the start of the split until they run out: 0.25 puts about 2.6k of their "
+        "tokens in the default study's 20k trained and 8 documents in val_noisy's evaluation; 0 (the default until "
+        "the default study is remeasured with them) = their natural share (about 3 %: 540 of 19,440 conversations)")
     bad_rows: Literal["error", "skip"] = Field(
         "error", description="custom corpora: a row without its fields' text (missing, not a string, an empty "
         "response, a conversation without an assistant turn or with an unknown role) stops `slm prepare` naming "
@@ -119,7 +128,7 @@ class DataConfig(Section):
     )
 
     LATER_FIELDS: ClassVar[tuple[str, ...]] = ("format", "prompt_field", "response_field", "messages_field",
-                                               "separator", "bad_rows")
+                                               "separator", "bad_rows", "annotated_share")
 
     @field_validator("corpus")
     @classmethod
@@ -166,6 +175,16 @@ class DataConfig(Section):
             raise ValueError(f"data.format={self.format} cannot inject noise (it would move the prompt/response "
                              f"boundaries): set data.noise_rate=0")
         return self
+
+    def hashed(self, **dump: Any) -> dict[str, Any]:
+        """As `Section.hashed`, but CHAMP keeps data.annotated_share at its default too (CHAMP's stores changed
+        with the wrong-step labels), and other corpora never have it (they have no annotations to interleave)."""
+        out = super().hashed(**dump)
+        if self.corpus == "champ":
+            out["annotated_share"] = self.annotated_share
+        else:
+            out.pop("annotated_share", None)
+        return out
 
     def cap(self, split: str) -> int | None:
         """Token cap of one split (None = no cap)."""
@@ -268,13 +287,15 @@ RULES = ("topk", "positive", "threshold")  # how many tokens a selecting run tra
 
 
 class TrainConfig(Section):
-    LATER_FIELDS: ClassVar[tuple[str, ...]] = ("rule", "threshold")
+    LATER_FIELDS: ClassVar[tuple[str, ...]] = ("rule", "threshold", "kd_weight", "kd_temperature")
     # How a run is computed or stored, not what it learns: outside the run hash (engine.py).
     ENGINE_FIELDS: ClassVar[tuple[str, ...]] = ("checkpoint_every", "merge", "parallel", "gradient_checkpointing",
                                                 "micro_batch_size", "compile")
 
     name: str | None = Field(None, description="run name; default derives from method/ratio/seed")
-    method: Method = Field("clm", description="clm, oracle, or a selection strategy (selection.STRATEGIES)")
+    method: Method = Field("clm", description="clm, oracle, distill (every token: CLM + train.kd_weight x KL towards "
+                           "the reference's next-token distribution), or a selection strategy (selection.STRATEGIES: "
+                           "topk, bottomk = the lowest scores, random, stochastic)")
     score: ScoreKind = "excess"
     ratio: float = Field(1.0, description="selection ratio in (0, 1]")
     rule: Literal[RULES] = Field(  # type: ignore[valid-type]
@@ -284,6 +305,11 @@ class TrainConfig(Section):
         "a control matched in count")
     threshold: float | None = Field(None, description="the score threshold of train.rule=threshold (nats; read by "
                                     "that rule only)")
+    kd_weight: float = Field(1.0, ge=0.0, allow_inf_nan=False, description="train.method=distill: weight of "
+                             "KL(reference || student) beside the CE of every token (0 = CLM with the reference's "
+                             "cost)")
+    kd_temperature: float = Field(1.0, gt=0.0, allow_inf_nan=False, description="train.method=distill: both "
+                                  "distributions at logits / T, the KL times T² (Hinton et al.'s scaling)")
     scope: Scope = "batch"
     temperature: float = Field(1.0, gt=0)
     stochastic: Literal["softmax", "positive"] = Field(
@@ -338,10 +364,15 @@ class TrainConfig(Section):
     @model_validator(mode="after")
     def _selects_by_something(self) -> TrainConfig:
         rule = self.selection_rule()
-        if rule.strategy == "topk" and rule.score == "none" and rule.ratio < 1 and not self.soft:
-            raise ValueError("train.score=none with top-k selection would select by position: "
+        if rule.strategy in ("topk", "bottomk") and rule.score == "none" and rule.ratio < 1 and not self.soft:
+            raise ValueError(f"train.score=none with {rule.strategy} selection would select by position: "
                              "use train.method=random or another train.score")
         if self.rule != "topk":
+            if self.method == DISTILL:
+                raise ValueError(f"train.rule={self.rule} applies to selection methods, not distill (every token)")
+            if self.method == "bottomk":
+                raise ValueError(f"train.rule={self.rule} selects the tokens scoring above a threshold; bottomk "
+                                 "(the lowest scores) takes a ratio: use train.rule=topk with train.ratio")
             if self.method in BASELINE_METHODS:
                 raise ValueError(f"train.rule={self.rule} applies to selection methods, not {self.method}")
             if rule.score == "none":
@@ -363,6 +394,9 @@ class TrainConfig(Section):
         out = super().hashed(**dump)
         if self.rule != "threshold":
             out.pop("threshold", None)
+        if self.method != DISTILL:
+            out.pop("kd_weight", None)
+            out.pop("kd_temperature", None)
         return out
 
     def run_name(self, with_seed: bool = False, reference_mode: str = "trained") -> str:
@@ -374,6 +408,9 @@ class TrainConfig(Section):
             return self.name
         if self.method in BASELINE_METHODS:
             name = self.method
+        elif self.method == DISTILL:  # `distill`, with -w<weight> / -T<temperature> away from 1
+            name = "-".join([DISTILL, *([f"w{self.kd_weight:g}"] if self.kd_weight != 1 else []),
+                             *([f"T{self.kd_temperature:g}"] if self.kd_temperature != 1 else [])])
         else:
             rule = self.selection_rule()
             budget = f"r{self.ratio:g}" if self.rule == "topk" else "pos" if self.rule == "positive" \
@@ -394,7 +431,7 @@ class TrainConfig(Section):
         """The strategy, score kind, ratio and threshold the method really uses: CLM and the oracle select
         every (trainable) token; a strategy that ignores scores runs with score kind `none`, unless a threshold
         rule counts its tokens by their scores. Threshold rules select at ratio 1 (their count is the threshold's)."""
-        if self.method in BASELINE_METHODS:
+        if self.method in EVERY_TOKEN_METHODS:
             return SelectionRule("topk", "none", 1.0)
         strategy = "stochastic_positive" if self.method == "stochastic" and self.stochastic == "positive" \
             else self.method
@@ -510,7 +547,10 @@ class ExportConfig(Section):
 
 
 class GridConfig(Section):
-    methods: list[Strategy] = Field(default_factory=lambda: ["topk", "random", "stochastic"])
+    methods: list[GridMethod] = Field(
+        default_factory=lambda: ["topk", "random", "stochastic"], description="the grid's methods besides CLM and "
+        "the oracle: selection strategies, run at every ratio of grid.ratios (bottomk: the sign check), and "
+        "distill, run once (it trains every token)")
     ratios: list[float] = Field(default_factory=lambda: [0.5, 0.3])
     rules: list[Literal[RULES]] = Field(  # type: ignore[valid-type]
         default_factory=lambda: ["topk"], description="train.rule of the grid's runs: topk runs every method x "
@@ -542,6 +582,14 @@ class Config(Section):
     bench: BenchConfig = Field(default_factory=BenchConfig)
 
     @model_validator(mode="after")
+    def _distill_has_a_reference(self) -> Config:
+        if DISTILL in (self.train.method, *self.grid.methods) and self.reference.is_self:
+            raise ValueError(f"train.method=distill distills a reference model's next-token distribution, but "
+                             f"reference.mode={self.reference.mode} is the student's own weights: use reference.mode "
+                             "trained, path or self")
+        return self
+
+    @model_validator(mode="after")
     def _self_reference_starts(self) -> Config:
         r = self.reference
         if r.is_self and r.start_step >= self.train.steps:
@@ -559,18 +607,21 @@ class Config(Section):
         specs: list[dict[str, Any]] = [{"method": "clm", **baseline}]
         if self.grid.oracle and has_noise:
             specs.append({"method": "oracle", **baseline})
+        if DISTILL in self.grid.methods:  # once: it trains every token
+            specs.append({"method": DISTILL, **baseline})
+        selecting = [m for m in self.grid.methods if m != DISTILL]
         for rule in self.grid.rules:
             threshold = self.train.threshold if rule == "threshold" else None
             ratios = self.grid.ratios if rule == "topk" else [1.0]  # the threshold sets the count
             specs += [{"method": m, "ratio": r, "rule": rule, "threshold": threshold}
-                      for m in self.grid.methods for r in ratios]
+                      for m in selecting for r in ratios]
         runs: dict[str, Config] = {}
         for seed in range(self.train.seed, self.train.seed + self.grid.seeds):
             for spec in specs:
                 try:
                     t = TrainConfig.model_validate({**self.train.model_dump(), **spec, "seed": seed, "name": None})
                 except ValidationError as e:
-                    label = spec["method"] if spec["method"] in BASELINE_METHODS else \
+                    label = spec["method"] if spec["method"] in EVERY_TOKEN_METHODS else \
                         f"{spec['method']} ({spec['rule']})"
                     raise UserError(f"grid run {label}: {_describe_error(e, {})}") from None
                 run = self.model_copy(update={"train": t})
@@ -785,7 +836,7 @@ def _corpus_defaults(tree: dict[str, Any], given: set[str]) -> None:
             analysis["bucket_split"] = splits[0]
 
 
-CHAMP_ONLY = ("reference_mix", "val_fraction", "reference_problems", "reference_fraction")
+CHAMP_ONLY = ("reference_mix", "val_fraction", "reference_problems", "reference_fraction", "annotated_share")
 FORMAT_FIELDS = {"text_field": "text", "prompt_field": "prompt_response", "response_field": "prompt_response",
                  "separator": "prompt_response", "messages_field": "chat"}
 
@@ -802,6 +853,10 @@ def _ignored(cfg: Config, explicit: set[str]) -> None:
     if "train.threshold" in explicit and "threshold" not in {t.rule, *cfg.grid.rules}:
         raise no_effect("train.threshold", f"with train.rule={t.rule}: it is read by train.rule=threshold "
                         "(or grid.rules with threshold) only")
+    for key in sorted(k for k in ("train.kd_weight", "train.kd_temperature") if k in explicit):
+        if DISTILL not in (t.method, *cfg.grid.methods):
+            raise no_effect(key, f"with train.method={t.method}: it is read by train.method=distill (or grid.methods "
+                            "with distill) only")
     if "train.ratio" in explicit and t.rule != "topk":
         raise no_effect("train.ratio", f"with train.rule={t.rule}: the rule's threshold sets how many tokens train "
                         "(train.rule=topk reads the ratio)")
@@ -818,7 +873,8 @@ def _ignored(cfg: Config, explicit: set[str]) -> None:
         raise no_effect("data.sources", f"with data.corpus={d.corpus}: it is read by data.corpus=custom only")
     for field in CHAMP_ONLY:
         if f"data.{field}" in explicit and d.corpus != "champ":
-            raise no_effect(f"data.{field}", f"with data.corpus={d.corpus}: it is read by data.corpus=champ only")
+            why = " (the only corpus with annotated wrong steps)" if field == "annotated_share" else ""
+            raise no_effect(f"data.{field}", f"with data.corpus={d.corpus}: it is read by data.corpus=champ only{why}")
     for field, fmt in FORMAT_FIELDS.items():
         if f"data.{field}" in explicit and d.format != fmt:
             raise no_effect(f"data.{field}", f"with data.format={d.format}: it is read by data.format={fmt} only")

@@ -6,7 +6,11 @@ block is dropped (`dropped_tail_tokens` in meta.json); no other token is lost or
 `data.max_tokens` caps a split: the stream stops once the cap is reached (the last document
 is cut there). The `train` split gets injected noise when `data.noise_rate > 0` (noise.py):
 then `noise_kind.npy` holds every token's kind id (names in meta.json `noise.kind_names`; the
-EOS is clean) and `noise_mask.npy` is True on the noise kinds only (`noise.KINDS`).
+EOS is clean) and `noise_mask.npy` is True on the noise kinds only (`noise.KINDS`). A split the
+corpus marks `labelled` (CHAMP's train and val_noisy) records its documents' labels (the
+wrong-step kinds, `noise.LABEL_KINDS`) in `noise_kind.npy` too, with or without injected noise;
+meta.json `wrong_step` then holds the kind names, the labelled token count per kind and the
+labelled documents' ids. Labels are not noise: not in `noise_mask.npy` nor in the realized rate.
 
 Supervised fine-tuning data (`data.format` prompt_response or chat, custom corpora only): the
 documents carry the character spans that are trained (the response, the assistant turns; a
@@ -58,7 +62,19 @@ from .corpora import CORPORA, Document
 from .errors import UserError, did_you_mean, first_line
 from .files import atomic_dir, fingerprint, write_json
 from .layout import STORE_FORMAT, BlockFile, OutDir, load_store, store_config_fingerprint
-from .noise import KIND_NAMES, KINDS, NOISE_IDS, NoiseInjector, Span, is_noise, noise_chars, token_kinds
+from .noise import (
+    KIND_IDS,
+    KIND_NAMES,
+    KINDS,
+    LABEL_IDS,
+    LABEL_KINDS,
+    NOISE_IDS,
+    NoiseInjector,
+    Span,
+    is_noise,
+    noise_chars,
+    token_kinds,
+)
 
 BATCH_DOCS = 16  # documents per tokenizer call and per worker task: small enough for a fine noise feedback
 NOISE_LAG = 4  # batch k is injected knowing how batches 0 .. k-NOISE_LAG-1 tokenized (the same for every num_proc)
@@ -174,9 +190,9 @@ class _Tokenizers:
 
 
 def _encoded_batches(docs: Iterable[Document], tokenizers: _Tokenizers, injector: NoiseInjector | None,
-                     loss_mask: bool = False) -> Iterator[tuple[list[Document], _Encoded]]:
-    """Every batch of non-empty documents with its tokens (and, with `loss_mask`, its trained tokens), in
-    corpus order.
+                     loss_mask: bool = False, labelled: bool = False) -> Iterator[tuple[list[Document], _Encoded]]:
+    """Every batch of non-empty documents with its tokens (and, with `loss_mask`, its trained tokens; with
+    `injector` or `labelled`, every token's kind), in corpus order.
 
     Noise is injected here, in one process, batch after batch; the controller is fed each batch's
     token counts NOISE_LAG batches late, whether the batch came back at once (num_proc=1) or
@@ -201,11 +217,12 @@ def _encoded_batches(docs: Iterable[Document], tokenizers: _Tokenizers, injector
             break
         if injector is None:
             trained = [d.trained for d in batch] if loss_mask else None
-            submitted.append((batch, tokenizers.submit([d.text for d in batch], None, trained), (0, 0)))
+            labels = [list(d.labels or ()) for d in batch] if labelled else None
+            submitted.append((batch, tokenizers.submit([d.text for d in batch], labels, trained), (0, 0)))
             continue
         while retrieved - len(unseen) < seen:
             injector.observe(*unseen.popleft())
-        noisy = [injector.inject(d.text, d.group, d.protect) for d in batch]
+        noisy = [injector.inject(d.text, d.group, d.protect, d.labels if labelled else None) for d in batch]
         texts, spans = [t for t, _ in noisy], [sp for _, sp in noisy]
         chars = (sum(map(len, texts)), sum(map(noise_chars, spans)))
         submitted.append((batch, tokenizers.submit(texts, spans), chars))
@@ -217,12 +234,15 @@ def _encoded_batches(docs: Iterable[Document], tokenizers: _Tokenizers, injector
 class _Packer:
     """Concatenate documents and write full blocks; only the unfinished blocks stay in memory."""
 
-    def __init__(self, root: Path, block_len: int, cap: int | None, noise: bool, loss_mask: bool = False) -> None:
+    def __init__(self, root: Path, block_len: int, cap: int | None, noise: bool, loss_mask: bool = False,
+                 labelled: bool = False) -> None:
         self.block_len, self.cap, self.noise, self.loss_mask = block_len, cap, noise, loss_mask
+        self.kinds = noise or labelled  # noise_kind.npy: injected noise, or the corpus's labels
         self.files = {"tokens": BlockFile(root / "tokens.npy", np.int32, block_len),
                       "doc_ids": BlockFile(root / "doc_ids.npy", np.int32, block_len)}
         if noise:
             self.files["noise_mask"] = BlockFile(root / "noise_mask.npy", np.bool_, block_len)
+        if self.kinds:
             self.files["noise_kind"] = BlockFile(root / "noise_kind.npy", np.uint8, block_len)
         if loss_mask:
             self.files["loss_mask"] = BlockFile(root / "loss_mask.npy", np.bool_, block_len)
@@ -234,6 +254,7 @@ class _Packer:
         self.origins: dict[str, int] = {}  # origin -> its code (uint8)
         self.origin_tokens = np.zeros(256, np.int64)
         self.kind_tokens = np.zeros(len(KIND_NAMES), np.int64)
+        self.labelled_docs: set[int] = set()  # ids of the documents with labelled tokens
         self.hash = hashlib.sha256()
 
     def add(self, docs: list[Document], enc: _Encoded) -> bool:
@@ -267,10 +288,13 @@ class _Packer:
         n = self.n_pending // self.block_len * self.block_len
         if n:
             rows = {k: pending[k][:n] for k in ("tokens", "doc_ids")}
-            if self.noise:
+            if self.kinds:
                 kinds = pending["noise_kind"][:n]
-                rows.update(noise_mask=is_noise(kinds), noise_kind=kinds)
+                rows["noise_kind"] = kinds
+                if self.noise:
+                    rows["noise_mask"] = is_noise(kinds)
                 self.kind_tokens += np.bincount(kinds, minlength=len(self.kind_tokens))
+                self.labelled_docs.update(np.unique(rows["doc_ids"][np.isin(kinds, LABEL_IDS)]).tolist())
             if self.loss_mask:
                 rows["loss_mask"] = pending["loss_mask"][:n]
                 self.trained_tokens += int(np.count_nonzero(rows["loss_mask"]))
@@ -296,7 +320,8 @@ class _Packer:
 def write_store(path: str | Path, docs: Iterable[Document], tokenizer: Any, block_len: int, *,
                 cap: int | None = None, injector: NoiseInjector | None = None,
                 meta: Mapping[str, Any] | None = None, label: str = "store", num_proc: int = 1,
-                tokenizer_fp: str | None = None, data_format: str = "text", atomic: bool = True) -> dict[str, Any]:
+                tokenizer_fp: str | None = None, data_format: str = "text", atomic: bool = True,
+                labelled: bool = False) -> dict[str, Any]:
     """Tokenize, inject noise (if `injector`), pack and write one store atomically; returns its meta.json.
 
     `docs` may be a generator of any length: it is consumed in batches of BATCH_DOCS, tokenized
@@ -306,14 +331,15 @@ def write_store(path: str | Path, docs: Iterable[Document], tokenizer: Any, bloc
     the documents are (a corpus may count what it skipped there). A `cap` that stops the stream says
     so (meta.json's `cap_kept_docs`, a line on stderr): the documents after it are not read, so that a
     cap on a corpus larger than memory costs what it keeps. `atomic=False` writes into `path` itself (an empty
-    directory): the caller's `atomic_dir` makes several stores appear together.
+    directory): the caller's `atomic_dir` makes several stores appear together. `labelled` records the
+    documents' labels (`Document.labels`) in noise_kind.npy and meta.json `wrong_step`.
     """
     from .models import tokenizer_fingerprint
 
     eos = tokenizer.eos_token_id
     if eos is None:
         raise UserError(f"tokenizer {tokenizer.name_or_path} has no EOS token: packing needs a document separator")
-    if injector is not None and not tokenizer.is_fast:
+    if (injector is not None or labelled) and not tokenizer.is_fast:
         raise UserError("noise injection maps characters to tokens and needs a fast tokenizer; "
                         "set data.noise_rate=0 or use a tokenizer with a tokenizer.json")
     loss_mask = data_format != "text"
@@ -328,10 +354,10 @@ def write_store(path: str | Path, docs: Iterable[Document], tokenizer: Any, bloc
     with (atomic_dir(path) if atomic else contextlib.nullcontext(path) as tmp,
           _Tokenizers(tokenizer, eos, num_proc) as tokenizers,
           tqdm(total=cap, unit="tok", desc=f"prepare {label}", disable=None) as bar):
-        packer = _Packer(tmp, block_len, cap, noise=injector is not None, loss_mask=loss_mask)
+        packer = _Packer(tmp, block_len, cap, noise=injector is not None, loss_mask=loss_mask, labelled=labelled)
         full = False
         try:
-            for batch, enc in _encoded_batches(docs, tokenizers, injector, loss_mask):
+            for batch, enc in _encoded_batches(docs, tokenizers, injector, loss_mask, labelled):
                 before = packer.accepted
                 full = packer.add(batch, enc)
                 bar.update(packer.accepted - before)
@@ -357,6 +383,7 @@ def write_store(path: str | Path, docs: Iterable[Document], tokenizer: Any, bloc
             **({"cap_kept_docs": packer.n_docs} if full else {}),
             "tokens_by_origin": {o: int(packer.origin_tokens[i]) for o, i in packer.origins.items()},
             "noise": _noise_meta(injector, packer, n_tokens),
+            **({"wrong_step": _label_meta(packer)} if labelled else {}),
             **({"sft": {"format": data_format, "loss_mask_tokens": packer.trained_tokens,
                         "loss_mask_share": packer.trained_tokens / n_tokens}} if loss_mask else {}),
             "fingerprint": packer.hash.hexdigest()[:16],
@@ -412,9 +439,17 @@ def _rendered(tokenizer: Any, doc: Document) -> Document:
     return replace(doc, text=text, trained=trained, messages=None)
 
 
+def _label_meta(packer: _Packer) -> dict[str, Any]:
+    """The labelled tokens per label kind and the labelled documents (ids in doc_ids.npy), as stored."""
+    return {"kind_names": list(KIND_NAMES), "label_kinds": list(LABEL_KINDS),
+            "tokens": {k: int(packer.kind_tokens[KIND_IDS[k]]) for k in LABEL_KINDS},
+            "doc_ids": sorted(packer.labelled_docs)}
+
+
 def _noise_meta(injector: NoiseInjector | None, packer: _Packer, n_tokens: int) -> dict[str, Any] | None:
     if injector is None:
         return None
+    # realized_rate counts the noise kinds only: the labels (LABEL_KINDS) are the corpus's own text, not noise.
     return {"rate": injector.rate, "kinds": injector.weights,
             "kind_names": list(KIND_NAMES), "noise_kinds": list(KINDS),
             "realized_rate": float(packer.kind_tokens[NOISE_IDS].sum() / n_tokens),
@@ -460,7 +495,8 @@ def prepare(cfg: Config, out: str | Path | OutDir, splits: Sequence[str] | None 
             meta = write_store(staged.enter_context(atomic_dir(out.store_dir(split))), plans[split].documents,
                                tokenizer, data.block_len, cap=data.cap(split), injector=injector,
                                label=f"split {split}", num_proc=data.num_proc, tokenizer_fp=tok_fp,
-                               data_format=data.format, meta=ChainMap(own, plans[split].meta), atomic=False)
+                               data_format=data.format, meta=ChainMap(own, plans[split].meta), atomic=False,
+                               labelled=plans[split].labelled)
             summary[split] = _summary(meta, time.perf_counter() - start, reused=False)
     return summary
 
@@ -484,4 +520,6 @@ def _summary(meta: dict[str, Any], seconds: float, reused: bool) -> dict[str, An
         out["noise_rate"] = round(meta["noise"]["realized_rate"], 4)
     if meta.get("sft"):
         out["trained_share"] = round(meta["sft"]["loss_mask_share"], 4)
+    if meta.get("wrong_step"):
+        out["wrong_step_tokens"] = meta["wrong_step"]["tokens"]
     return {**out, "seconds": round(seconds, 2), "reused": reused}

@@ -44,9 +44,9 @@ BASELINE_DIRS = ("reference", "base")  # evaluated models that are not runs unde
 class TokenStore:
     """A split's store, memory-mapped: tokens and doc_ids int32 [n_blocks, block_len],
     noise_mask bool of the same shape (True on the noise kinds; None when no noise was injected),
-    noise_kind uint8 of the same shape (every token's kind id, names in
-    meta["noise"]["kind_names"]; None when no noise was injected), loss_mask bool of the same
-    shape (False on prompt tokens, which are never trained; None for plain text: all trained)."""
+    noise_kind uint8 of the same shape (every token's kind id, names in `kind_names`; None when
+    no noise was injected and no label recorded), loss_mask bool of the same shape (False on
+    prompt tokens, which are never trained; None for plain text: all trained)."""
 
     path: Path
     tokens: np.ndarray
@@ -64,6 +64,16 @@ class TokenStore:
     @property
     def block_len(self) -> int:
         return int(self.tokens.shape[1])
+
+    @property
+    def kind_names(self) -> list[str]:
+        """Names of the ids in noise_kind.npy (meta.json `noise` or `wrong_step`); [] without one."""
+        return list((self.meta.get("noise") or self.meta.get("wrong_step") or {}).get("kind_names") or [])
+
+    @property
+    def wrong_step_docs(self) -> list[int]:
+        """Ids of the documents with wrong-step labels (CHAMP's annotated solutions); [] without labels."""
+        return list((self.meta.get("wrong_step") or {}).get("doc_ids") or [])
 
     @property
     def fingerprint(self) -> str:
@@ -182,7 +192,7 @@ def load_store(path: str | Path) -> TokenStore:
     doc_ids = _open_array(path / "doc_ids.npy", np.int32, shape)
     noisy = bool(meta.get("noise"))
     noise = _open_array(path / "noise_mask.npy", np.bool_, shape) if noisy else None
-    kind = _open_array(path / "noise_kind.npy", np.uint8, shape) if noisy else None
+    kind = _open_array(path / "noise_kind.npy", np.uint8, shape) if noisy or meta.get("wrong_step") else None
     loss_mask = _open_array(path / "loss_mask.npy", np.bool_, shape) if meta.get("sft") else None
     return TokenStore(path, tokens, doc_ids, noise, meta, noise_kind=kind, loss_mask=loss_mask)
 

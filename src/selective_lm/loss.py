@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
@@ -45,6 +45,7 @@ from .selection import scores, select
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
     "MAX_CHUNK_LOGITS",
+    "Objective",
     "SelectiveLM",
     "SelectiveLoss",
     "forward_hidden",
@@ -432,6 +433,13 @@ def selective_lm_loss(
     return _result(loss_sum, own, s, chosen, valid)
 
 
+class Objective(Protocol):
+    """Another loss for `SelectiveLM` to compute in its forward instead of the selective one (the distillation
+    control, `distill.Distill`): called with the wrapped model, `input_ids`, `valid` and `chunk_size`."""
+
+    def __call__(self, model: nn.Module, input_ids: Tensor, valid: Tensor, chunk_size: int) -> SelectiveLoss: ...
+
+
 class SelectiveLM(nn.Module):
     """A causal LM whose forward returns the selective loss (or the token losses): the unit DDP and FSDP wrap.
 
@@ -448,11 +456,16 @@ class SelectiveLM(nn.Module):
         self.model = model
 
     def forward(self, input_ids: Tensor, valid: Tensor, ref_loss: Tensor | None = None, *,
-                losses_only: bool = False, chunk_size: int = DEFAULT_CHUNK_SIZE, **selection: Any) -> dict[str, Tensor]:
-        """`{"losses": [B, T]}` with `losses_only` (no grad), else the fields of `selective_lm_loss`'s result."""
+                losses_only: bool = False, chunk_size: int = DEFAULT_CHUNK_SIZE, objective: Objective | None = None,
+                **selection: Any) -> dict[str, Tensor]:
+        """`{"losses": [B, T]}` with `losses_only` (no grad), else the fields of `selective_lm_loss`'s result
+        (of `objective`'s when given: the distillation control, which selects nothing)."""
         if losses_only:
             with torch.no_grad():
                 hidden, head = forward_hidden(self.model, input_ids)
                 return {"losses": token_losses(hidden, head, input_ids, valid, chunk_size=chunk_size)}
-        out = selective_lm_loss(self.model, input_ids, valid, ref_loss, chunk_size=chunk_size, **selection)
+        if objective is not None:
+            out = objective(self.model, input_ids, valid, chunk_size)
+        else:
+            out = selective_lm_loss(self.model, input_ids, valid, ref_loss, chunk_size=chunk_size, **selection)
         return {f.name: getattr(out, f.name) for f in fields(out)}  # not asdict: it deep-copies

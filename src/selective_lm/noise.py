@@ -24,12 +24,20 @@ Kinds (`KIND_NAMES`, ids stored per token in `noise_kind.npy`; names in meta.jso
   statement), never changed;
 - 6 `numbers_context`: the unchanged text after the first altered character of a number to
   the end of its sentence (wrong in substance, since it builds on the wrong number, but
-  unchanged and predictable text): reported, never counted as noise.
+  unchanged and predictable text): reported, never counted as noise;
+- 7 `after_wrong_step`, 8 `before_wrong_step` (`LABEL_KINDS`): natural wrong reasoning, not
+  injected. CHAMP annotates the first wrong step of some model-written solutions
+  (`Problem.fws_annotations`); the corpus labels such a solution's text from that step to its
+  end `after_wrong_step` and the text before it `before_wrong_step` (`Document.labels`). The
+  text is the corpus's own: these kinds are not noise (not in `noise_mask.npy`, not counted in
+  the realized noise rate, not removed by the oracle). Injection moves the labels with its
+  edits (`NoiseInjector.inject`); an injected kind beats a label where they overlap.
 
 The noise kinds (`KINDS`: web, numbers, foreign_step, truncate) make `noise_mask.npy`, the
-injected rate and the oracle's removal; header and numbers_context are reported only. A token
-whose characters touch several spans takes the most specific kind (`PRECEDENCE`: a noise kind
-beats numbers_context, which beats header, which beats clean).
+injected rate and the oracle's removal; header, numbers_context and the labels are reported
+only. A token whose characters touch several spans takes the most specific kind (`PRECEDENCE`:
+a noise kind beats numbers_context, which beats header, which beats after_wrong_step, which
+beats before_wrong_step, which beats clean).
 
 Kinds mix by their weights as shares of noise events (edits): each event goes to the kind
 furthest behind its share. Events differ in size (a web line has tens of characters, an
@@ -48,10 +56,13 @@ import re
 import numpy as np
 
 KINDS = ("web", "numbers", "foreign_step", "truncate")  # the noise kinds: injected, in the noise mask
-KIND_NAMES = ("clean", *KINDS, "header", "numbers_context")  # indexed by the ids in noise_kind.npy
+LABEL_KINDS = ("after_wrong_step", "before_wrong_step")  # the corpus's own text, labelled (CHAMP's annotations)
+KIND_NAMES = ("clean", *KINDS, "header", "numbers_context", *LABEL_KINDS)  # indexed by the ids in noise_kind.npy
 KIND_IDS = {k: i for i, k in enumerate(KIND_NAMES)}
 NOISE_IDS = np.array([KIND_IDS[k] for k in KINDS], np.uint8)
-PRECEDENCE = ("clean", "header", "numbers_context", "truncate", "foreign_step", "web", "numbers")  # later wins
+LABEL_IDS = np.array([KIND_IDS[k] for k in LABEL_KINDS], np.uint8)
+PRECEDENCE = ("clean", "before_wrong_step", "after_wrong_step", "header", "numbers_context", "truncate",
+              "foreign_step", "web", "numbers")  # later wins
 _RANK = {k: i for i, k in enumerate(PRECEDENCE)}
 
 Span = tuple[int, int, str]  # [start, end) character span and its kind (any kind but clean)
@@ -156,6 +167,20 @@ def _fraction(text: str, spans: list[Span]) -> float:
     return noise_chars(spans) / max(len(text), 1)
 
 
+def _moved(labels: list[Span], moves: list[tuple[int, int, int]]) -> list[Span]:
+    """Label spans carried through edits, each (a, b, n): text[a:b] replaced by n characters, in order.
+
+    A point at or before `a` stays, one at or after `b` shifts with the edit, one inside the replaced
+    text goes to `a` (so a line inserted at a label's start falls inside it, where the injected kind
+    wins). Spans left empty are dropped.
+    """
+    for a, b, n in moves:
+        def point(x: int, a: int = a, b: int = b, n: int = n) -> int:
+            return x if x <= a else x + n - (b - a) if x >= b else a
+        labels = [(point(s), point(e), k) for s, e, k in labels]
+    return [sp for sp in labels if sp[1] > sp[0]]
+
+
 def _edit(text: str, spans: list[Span], a: int, b: int, new: str, marks: list[Span]) -> tuple[str, list[Span]]:
     """Replace text[a:b] with `new`, shift later spans, and add `marks` (offsets into the new text)."""
     shift = len(new) - (b - a)
@@ -253,6 +278,7 @@ class NoiseInjector:
         self.tokens = self.noisy_tokens = self.chars = self.noisy_chars = 0
         self._pool: list[tuple[str | None, str]] = []
         self._pool_seen = 0
+        self._moves: list[tuple[int, int, int]] = []  # the edits of the event being tried (for the labels)
 
     def observe(self, n_tokens: int, n_noisy_tokens: int, n_chars: int, n_noisy_chars: int) -> None:
         """Record how one injected document tokenized (feeds `char_target`).
@@ -279,16 +305,21 @@ class NoiseInjector:
         odds = goal / (1 - goal) / kappa
         return odds / (1 + odds)
 
-    def inject(self, text: str, group: str | None = None, protect: int = 0) -> tuple[str, list[Span]]:
-        """Return the noisy text and the spans of every labelled character (all kinds but clean),
-        sorted and disjoint; the first `protect` characters stay intact and are the `header` span.
+    def inject(self, text: str, group: str | None = None, protect: int = 0,
+               labels: tuple[Span, ...] | None = None) -> tuple[str, list[Span]]:
+        """Return the noisy text and the spans of every labelled character (all kinds but clean); the
+        first `protect` characters stay intact and are the `header` span.
 
         `group` names where the document comes from (a CHAMP problem): foreign steps are
-        only taken from documents of other groups.
+        only taken from documents of other groups. `labels` (spans of `LABEL_KINDS`, the corpus's
+        own) are moved with every edit and returned after the noise spans; they never steer where
+        or how much noise goes, so a document gets the same noise with or without them. The noise
+        spans are sorted and disjoint; a label may overlap them (an injected kind wins its tokens).
         """
         spans: list[Span] = [(0, min(protect, len(text)), "header")] if protect > 0 and text else []
+        moved = list(labels or ())
         if self.rate <= 0 or not self.weights:
-            return text, spans
+            return text, spans + moved
         target, original = self.char_target(), text
         active = list(self.weights)
         for _ in range(_MAX_EVENTS):
@@ -296,6 +327,7 @@ class NoiseInjector:
             if not active or before >= target:
                 break
             kind = min(active, key=lambda k: self.kind_events[k] / self.weights[k])
+            self._moves = []
             done = getattr(self, f"_{kind}")(text, spans, protect, group)
             if done is None:  # nothing left in this document for that kind
                 active.remove(kind)
@@ -303,10 +335,17 @@ class NoiseInjector:
             if _fraction(done[0], done[1]) - target > target - before:
                 break  # this event would overshoot by more than stopping short: unbiased per document
             text, spans, added = done
+            moved = _moved(moved, self._moves)
             self.kind_events[kind] += 1
             self.kind_chars[kind] += added
         self._remember(original, group, protect)
-        return text, spans
+        return text, spans + moved
+
+    def _edit(self, text: str, spans: list[Span], a: int, b: int, new: str,
+              marks: list[Span]) -> tuple[str, list[Span]]:
+        """`_edit`, recorded so that `inject` can move the labels with it."""
+        self._moves.append((a, b, len(new)))
+        return _edit(text, spans, a, b, new, marks)
 
     # ---- the four noise kinds: each returns (text, spans, noise chars added) or None
 
@@ -355,7 +394,7 @@ class NoiseInjector:
             pos = j
         if pos < len(new):
             marks.append((m.start() + pos, m.start() + len(new), "numbers_context"))
-        text, spans = _edit(text, spans, m.start(), end, new, marks)
+        text, spans = self._edit(text, spans, m.start(), end, new, marks)
         return text, spans, sum(j - i for i, j in altered)
 
     def _truncate(self, text: str, spans: list[Span], protect: int, group: str | None):
@@ -372,7 +411,7 @@ class NoiseInjector:
         if not cuts:
             return None
         cut = self.rng.choice(cuts)
-        text, spans = _edit(text, spans, cut, b, "", [(cut, cut + follow - b, "truncate")])
+        text, spans = self._edit(text, spans, cut, b, "", [(cut, cut + follow - b, "truncate")])
         return text, spans, follow - b
 
     def _insert(self, text: str, spans: list[Span], protect: int, new: str, kind: str):
@@ -385,7 +424,7 @@ class NoiseInjector:
         else:
             p = len(text)
             new = "\n" + new
-        text, spans = _edit(text, spans, p, p, new, [(p, p + len(new), kind)])
+        text, spans = self._edit(text, spans, p, p, new, [(p, p + len(new), kind)])
         return text, spans, len(new)
 
     def _remember(self, text: str, group: str | None, protect: int) -> None:

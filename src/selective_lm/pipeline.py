@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from . import outconfig
 from .analyze import analyze
-from .config import Config
+from .config import DISTILL, Config
 from .corpora import CORPORA
 from .data import prepare
 from .errors import UserError
@@ -117,7 +117,9 @@ def _run(cfg: Config, out: OutDir, team: Ranks) -> dict[str, Any] | None:
     if cfg.scoring.mode == "offline" and not own and any(c.train.needs_reference() for c in configs.values()):
         score(cfg, out)
     advance()
-    ref_model = load_reference_model(cfg, out) if cfg.scoring.mode == "online" and not own else None
+    # Online scoring and distillation read the reference model in every step: loaded once for all runs.
+    online = cfg.scoring.mode == "online" or any(c.train.method == DISTILL for c in configs.values())
+    ref_model = load_reference_model(cfg, out) if online and not own else None
     for name, run_cfg in configs.items():
         train(run_cfg, out, name, reference_model=ref_model, replace_stale=True)
         advance()

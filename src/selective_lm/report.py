@@ -22,12 +22,23 @@ from .config import Config
 from .errors import UserError
 from .files import read_json, write_text
 from .layout import OutDir
+from .report_selection import (
+    NA,
+    controls_section,
+    fmt,
+    kinds_section,
+    md_table,
+    relative,
+    selection_section,
+    wrong_step_section,
+)
 
 BASELINES = ("base", "reference", "clm", "oracle")
-NOT_SLM = {*BASELINES, "random"}
-NA = "—"
+NOT_SLM = {*BASELINES, "random", "distill"}  # runs that do not select by a score
+CONTROLS = {"bottomk"}  # selects by the score's wrong end: compared with random in the controls' section
 # Relative changes under this (in %) round to 0.0 % in the text, so they read as "on par".
 PAR_PCT = 0.05
+
 
 
 def report(cfg: Config, out: str | Path | OutDir) -> dict[str, Any]:
@@ -89,7 +100,7 @@ def write_report(out: str | Path | OutDir, tokenizer: Any = None) -> dict[str, A
     }
     kind_runs = [n for n in sel_runs if (selection[n].get("by_kind") or {}).get("clean")]
     kinds = [k for k in dict.fromkeys(k for n in kind_runs for k in selection[n]["by_kind"]) if k != "clean"]
-    rel = {k: [_relative(selection[n]["by_kind"], k) for n in kind_runs] for k in kinds}
+    rel = {k: [relative(selection[n]["by_kind"], k) for n in kind_runs] for k in kinds}
     figures["selection_by_kind"] = (kind_runs and kinds, lambda p: plots.selection_by_kind(kind_runs, rel, p),
                                     "no per-kind selection")
     slm_runs = [n for n in order if runs[n].get("method") not in NOT_SLM]
@@ -123,8 +134,10 @@ def write_report(out: str | Path | OutDir, tokenizer: Any = None) -> dict[str, A
         _speed_section(runs, order),
         _buckets_section(bucket_panels),
         _cosine_section(cos_names, cos_matrix),
-        _selection_section(selection, sel_runs),
-        _kinds_section(selection, kind_runs, kinds, results.get("separation_step0") or {}),
+        controls_section(results.get("comparisons") or {}, splits),
+        selection_section(selection, sel_runs),
+        kinds_section(selection, kind_runs, kinds, results.get("separation_step0") or {}),
+        wrong_step_section(selection, sel_runs, runs, order),
         _links_section(written),
     ]
     write_text(out.report, "\n\n".join(sections) + "\n")
@@ -200,17 +213,6 @@ def _cosine_matrix(pairs: dict[str, float], order: list[str]) -> tuple[list[str]
 # ---------------------------------------------------------------- formatting
 
 
-def _fmt(value: Any, spec: str) -> str:
-    if value is None or (isinstance(value, float) and not np.isfinite(value)):
-        return NA
-    return format(value, spec)
-
-
-def _table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
-
-
 def _pct_change(value: float, base: float) -> float:
     return 100.0 * (value - base) / base
 
@@ -237,19 +239,19 @@ def _runs_section(runs: dict[str, dict[str, Any]], order: list[str], splits: lis
                 f"`{n}`",
                 str(r.get("method", NA)),
                 _budget(r),
-                _fmt(r.get("seed"), "d"),
-                _fmt(r.get("steps"), ","),
-                _fmt(r.get("tokens_trained"), ","),
-                _fmt(r.get("selected_share"), ".3f"),
-                _fmt(r.get("train_loss_final"), ".3f"),
+                fmt(r.get("seed"), "d"),
+                fmt(r.get("steps"), ","),
+                fmt(r.get("tokens_trained"), ","),
+                fmt(r.get("selected_share"), ".3f"),
+                fmt(r.get("train_loss_final"), ".3f"),
             ]
-            + [_fmt(_ppl(r, s), ".2f") for s in splits]
+            + [fmt(_ppl(r, s), ".2f") for s in splits]
         )
     text = ("## Runs\n\nPerplexity is token-weighted (exp of the mean loss over all validation tokens). *Selects*: "
             "the ratio of each scope unit's tokens (rule topk), or every token whose score exceeds a threshold "
             "(rules positive and threshold; random controls then draw as many). *Trained share*: tokens trained / "
             "tokens that could train, over the whole run (`log.jsonl` has it per step as `selected_frac`).\n\n")
-    text += _table(header, rows)
+    text += md_table(header, rows)
     multi = [g for g in _groups(runs, order).values() if len(g.names) > 1]
     if multi:
         rows = [
@@ -257,7 +259,7 @@ def _runs_section(runs: dict[str, dict[str, Any]], order: list[str], splits: lis
             for g in multi
         ]
         text += "\n\n### Over seeds\n\nMean ± sample standard deviation of validation perplexity.\n\n"
-        text += _table(["group", "method", "selects", "seeds"] + [f"{s} ppl" for s in splits], rows)
+        text += md_table(["group", "method", "selects", "seeds"] + [f"{s} ppl" for s in splits], rows)
     return text + note
 
 
@@ -265,8 +267,8 @@ def _budget(run: dict[str, Any]) -> str:
     """How many tokens a run selects: 'ratio 0.5', or 'score > 0' for the threshold rules (positive, threshold)."""
     rule = run.get("rule", "topk")
     if rule == "topk" or run.get("method") in BASELINES:
-        return f"ratio {_fmt(run.get('ratio'), 'g')}"
-    return f"score > {_fmt(run.get('threshold') or 0.0, 'g')}"
+        return f"ratio {fmt(run.get('ratio'), 'g')}"
+    return f"score > {fmt(run.get('threshold') or 0.0, 'g')}"
 
 
 def _mean_std(values: list[float]) -> str:
@@ -324,7 +326,7 @@ def _groups(runs: dict[str, dict[str, Any]], order: list[str]) -> dict[str, _Gro
 def _comparison_section(runs: dict[str, dict[str, Any]], order: list[str], splits: list[str]) -> str:
     title = "## SLM vs the baselines"
     groups = _groups(runs, order)
-    slm = [g for g in groups.values() if g.method not in NOT_SLM]
+    slm = [g for g in groups.values() if g.method not in NOT_SLM | CONTROLS]
     if not slm or not splits:
         return f"{title}\n\nNo SLM run with validation results: nothing to compare."
     by_method = {g.method: g for g in groups.values() if g.method in ("clm", "oracle", "reference")}
@@ -349,28 +351,30 @@ def _comparison_section(runs: dict[str, dict[str, Any]], order: list[str], split
                 base = clm.mean(s) if clm else np.nan
                 iv = x.interval(s)
                 ci = f" [{iv[0]:+.1f}, {iv[1]:+.1f}]" if iv and x is not clm else ""
-                row += [_fmt(x.mean(s), ".2f"), _signed(_pct_change(x.mean(s), base)) + ci if clm else NA]
+                row += [fmt(x.mean(s), ".2f"), _signed(_pct_change(x.mean(s), base)) + ci if clm else NA]
             rows.append(row)
         lines += [
             f"### `{g.label}`",
-            _table(header, rows),
+            md_table(header, rows),
             _verdict(g, clm, randoms.get(g.budget), by_method.get("oracle"), splits),
         ]
     return "\n\n".join(lines)
 
 
-def _versus(g: _Group, other: _Group, splits: list[str], name: str) -> str:
-    """'3.1 % better than CLM on val_clean but 2.0 % worse on val_noisy'."""
+def _versus(g: _Group, other: _Group, splits: list[str], name: str, noise: tuple[str, ...] = ()) -> str:
+    """'3.1 % better than CLM on val_clean but 2.0 % worse on val_noisy'; a split of `noise` (the difference's
+    interval covers 0) reads 'within noise', whatever the point estimate, as everywhere else in the report."""
     parts: list[str] = []
     last = None
     for s in splits:
         pct = _pct_change(g.mean(s), other.mean(s))
         if not np.isfinite(pct):
             continue
-        word = "on par" if abs(pct) < PAR_PCT else ("better" if pct < 0 else "worse")
-        text = word if word == "on par" else f"{abs(pct):.1f} % {word}"
+        word = "within noise" if s in noise else "on par" if abs(pct) < PAR_PCT else ("better" if pct < 0 else "worse")
+        text = f"{word} ({pct:+.1f} %)" if word == "within noise" else word if word == "on par" \
+            else f"{abs(pct):.1f} % {word}"
         if not parts:
-            text += f" with {name}" if word == "on par" else f" than {name}"
+            text += f" with {name}" if word in ("on par", "within noise") else f" than {name}"
         joiner = "" if not parts else (" and " if word == last else " but ")
         parts.append(f"{joiner}{text} on {s}")
         last = word
@@ -386,11 +390,12 @@ def _verdict(g: _Group, clm: _Group | None, rnd: _Group | None, oracle: _Group |
         better: list[str] = []
         worse: list[str] = []
     else:
-        out.append(f"`{g.label}`{seeds} is {_versus(g, clm, splits, 'CLM')}.")
-        deltas = {s: _pct_change(g.mean(s), clm.mean(s)) for s in splits}
         noise = [s for s in splits if g.within_noise(s)]
+        out.append(f"`{g.label}`{seeds} is {_versus(g, clm, splits, 'CLM', tuple(noise))}.")
+        deltas = {s: _pct_change(g.mean(s), clm.mean(s)) for s in splits}
         if noise:
-            out.append(f"On {', '.join(noise)} the difference is within noise (its 95 % interval covers 0).")
+            out.append(f"On {', '.join(noise)} the difference is within noise (its 95 % interval covers 0): neither "
+                       "a gain nor a loss.")
         better = [s for s, d in deltas.items() if np.isfinite(d) and d <= -PAR_PCT and s not in noise]
         worse = [s for s, d in deltas.items() if np.isfinite(d) and d >= PAR_PCT and s not in noise]
         noisy_seed = [s for s in splits if abs(g.mean(s) - clm.mean(s)) < g.std(s)]
@@ -425,7 +430,8 @@ def _verdict(g: _Group, clm: _Group | None, rnd: _Group | None, oracle: _Group |
                 "the reference's style rather than filtering noise."
             )
         elif not worse:
-            out.append(f"`{g.label}` improves on CLM without losing on any split.")
+            out.append(f"`{g.label}` improves on CLM without losing on any split"
+                       + (f" ({', '.join(noise)} within noise)." if noise else "."))
     return " ".join(out)
 
 
@@ -467,13 +473,13 @@ def _tasks_section(runs: dict[str, dict[str, Any]], order: list[str]) -> str:
                 row += [_with_stderr(a, mine.get(f"{m}_stderr"), ".3f"),
                         _with_stderr(a - b, se, "+.3f") if a is not None and b is not None else NA]
             rows.append(row)
-        text += [f"### `{task}`", _table(["run"] + [c for m in metrics for c in (m, f"Δ {m} vs CLM")], rows)]
+        text += [f"### `{task}`", md_table(["run"] + [c for m in metrics for c in (m, f"Δ {m} vs CLM")], rows)]
     return "\n\n".join(text)
 
 
 def _speed_section(runs: dict[str, dict[str, Any]], order: list[str]) -> str:
     title = "## Learning curves and tokens to CLM's final loss"
-    rows = [[f"`{n}`"] + [_fmt(v, ",.0f") if v is not None else "never" for v in by_split.values()]
+    rows = [[f"`{n}`"] + [fmt(v, ",.0f") if v is not None else "never" for v in by_split.values()]
             for n in order if (by_split := runs[n].get("tokens_to_clm_final_by_split"))]
     if not rows:
         return f"{title}\n\nNo learning curves (runs/*/curve.jsonl; `eval.every=0` turns them off)."
@@ -482,8 +488,8 @@ def _speed_section(runs: dict[str, dict[str, Any]], order: list[str]) -> str:
     clm = next((runs[n]["tokens_seen"] for n in order if runs[n].get("method") == "clm"), None)
     return (f"{title}\n\nValidation loss on a fixed subset of each split during training "
             "(plots/learning_curves.png), and the training tokens each run needs to reach the final loss of its "
-            f"CLM baseline on that subset (Rho-1's speed-up figure; CLM itself needs {_fmt(clm, ',')}; "
-            "\"never\" = not within the run).\n\n" + _table(["run"] + [f"{s} tokens" for s in splits], rows))
+            f"CLM baseline on that subset (Rho-1's speed-up figure; CLM itself needs {fmt(clm, ',')}; "
+            "\"never\" = not within the run).\n\n" + md_table(["run"] + [f"{s} tokens" for s in splits], rows))
 
 
 def _buckets_section(panels: dict[str, dict[str, dict[str, float]]]) -> str:
@@ -497,8 +503,8 @@ def _buckets_section(panels: dict[str, dict[str, dict[str, float]]]) -> str:
         "token's loss over the run's checkpoints, so one noisy snapshot does not decide a token's bucket.",
     }
     for title, table in panels.items():
-        rows = [[f"`{n}`"] + [_fmt(100 * table[n][t], ".1f") if t in table[n] else NA for t in BUCKETS] for n in table]
-        text += [f"### {title.capitalize()}", about[title], _table(["run"] + [f"{t} %" for t in BUCKETS], rows)]
+        rows = [[f"`{n}`"] + [fmt(100 * table[n][t], ".1f") if t in table[n] else NA for t in BUCKETS] for n in table]
+        text += [f"### {title.capitalize()}", about[title], md_table(["run"] + [f"{t} %" for t in BUCKETS], rows)]
     return "\n\n".join(text)
 
 
@@ -506,71 +512,11 @@ def _cosine_section(names: list[str], matrix: np.ndarray) -> str:
     title = "## Cosine similarity of parameter updates"
     if not names:
         return f"{title}\n\nNo cosine similarities in results.json."
-    rows = [[f"`{a}`"] + [_fmt(float(matrix[i, j]), ".3f") for j in range(len(names))] for i, a in enumerate(names)]
+    rows = [[f"`{a}`"] + [fmt(float(matrix[i, j]), ".3f") for j in range(len(names))] for i, a in enumerate(names)]
     return (
         f"{title}\n\nCosine between the runs' weight updates (final minus initial); 1 = same direction.\n\n"
-        + _table([""] + [f"`{n}`" for n in names], rows)
+        + md_table([""] + [f"`{n}`" for n in names], rows)
     )
-
-
-def _selection_section(selection: dict[str, dict[str, float]], order: list[str]) -> str:
-    title = "## Selection diagnostics"
-    if not selection:
-        return f"{title}\n\nNo selection diagnostics in results.json."
-    extra = [k for k in ("ref_loss_selected", "ref_loss_unselected") if any(k in selection[n] for n in order)]
-    rows = []
-    for n in order:
-        d = selection[n]
-        # None: nothing to measure (a noise-free store, e.g. supervised fine-tuning data, has no noise share)
-        noise, clean = (np.nan if d.get(k) is None else d[k] for k in ("noise_selected_frac", "clean_selected_frac"))
-        rows.append(
-            [f"`{n}`", _fmt(100 * noise, ".1f"), _fmt(100 * clean, ".1f"), _selection_word(noise, clean)]
-            + [_fmt(d.get(k, np.nan), ".3f") for k in extra]
-        )
-    return (
-        f"{title}\n\nShare of the injected noise tokens and of the clean tokens that each run trained on. "
-        "A selection that filters noise has noise % well below clean % (here: below 0.8 × clean %).\n\n"
-        + _table(
-            ["run", "noise selected %", "clean selected %", "reading"] + [k.replace("_", " ") for k in extra], rows
-        )
-    )
-
-
-def _relative(by_kind: dict[str, float | None], kind: str) -> float:
-    """Share of `kind` trained / share of clean tokens trained (NaN when either is unknown)."""
-    share, clean = by_kind.get(kind), by_kind.get("clean")
-    return share / clean if share is not None and clean else np.nan
-
-
-def _kinds_section(selection: dict[str, Any], kind_runs: list[str], kinds: list[str],
-                   step0: dict[str, dict[str, Any]]) -> str:
-    title = "## Selection by token kind"
-    if not kind_runs:
-        return f"{title}\n\nNo per-kind selection (the train split has no noise_kind.npy)."
-    noise = "`web`, `numbers`, `foreign_step`, `truncate`"
-    text = [title, f"Share of each kind's target tokens trained, divided by the share of clean tokens trained "
-            f"(1.00 = no preference, below 1 = the run drops that kind). Noise (the oracle removes it): {noise}; "
-            "`header` (the problem statement) and `numbers_context` (unchanged text after an altered number) "
-            "are not noise.",
-            _table(["run"] + [f"`{k}`" for k in kinds],
-                   [[f"`{n}`"] + [_fmt(_relative(selection[n]["by_kind"], k), ".2f") for k in kinds]
-                    for n in kind_runs])]
-    if step0:
-        text += ["Step 0 (the base model as student): excess loss (base − reference) by kind on scored train "
-                 "blocks, and the probability that a clean token's excess outranks a token of the kind (0.5 = "
-                 "the score cannot tell them apart; top-k drops a kind only where this is well above 0.5).",
-                 _table(["kind", "tokens", "mean excess", "P(clean outranks)"],
-                        [[f"`{k}`", _fmt(v["tokens"], ","), _fmt(v["mean_excess"], "+.3f"),
-                          _fmt(v["p_clean_outranks"], ".2f")] for k, v in step0.items()])]
-    return "\n\n".join(text)
-
-
-def _selection_word(noise: float, clean: float) -> str:
-    if not (np.isfinite(noise) and np.isfinite(clean)) or clean <= 0:
-        return NA
-    if noise < 0.8 * clean:
-        return "filters noise"
-    return "prefers noise" if noise > 1.25 * clean else "no preference"
 
 
 def _links_section(written: dict[str, Any]) -> str:

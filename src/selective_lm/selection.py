@@ -133,9 +133,19 @@ def _stochastic_positive_keys(scores: Tensor, noise: Noise, temperature: float) 
     return positive.to(scores.dtype), torch.where(positive, _positive_log(scores) + g, g)
 
 
+def _bottomk_keys(scores: Tensor, noise: Noise, temperature: float) -> tuple[Tensor, ...]:
+    # Lowest scores first, ties to the *later* position: exactly topk's order reversed, so that bottom-k at
+    # ratio 0.5 is the complement of top-k wherever a unit has an even number of valid tokens.
+    position = torch.arange(scores.shape[1], device=scores.device).expand_as(scores)
+    return -scores, position
+
+
 STRATEGIES: dict[str, _Strategy] = {
     # Highest scores; soft: softmax(score / T).
     "topk": _Strategy(lambda s, noise, temp: (s,), lambda s, temp: s / temp),
+    # Lowest scores (the sign check: if the score carries signal, training on these must lose to random);
+    # soft: softmax(-score / T).
+    "bottomk": _Strategy(_bottomk_keys, lambda s, temp: -s / temp),
     # Uniform without replacement; soft: equal weights.
     "random": _Strategy(lambda s, noise, temp: (noise(),), lambda s, temp: torch.zeros_like(s), uses_scores=False),
     # k draws without replacement, probability ∝ softmax(score / T) (Gumbel-top-k).

@@ -46,25 +46,30 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import __version__
+from . import __version__, runstats
 from .analysis import selection as diag
 from .checkpoint import Checkpoints, rng_state, set_rng_state, trainable
-from .config import BASELINE_METHODS, Config, SelectionRule, TrainConfig
+from .config import BASELINE_METHODS, DISTILL, Config, SelectionRule, TrainConfig
 from .curve import LearningCurve
+from .distill import Distill
 from .engine import Engine, free_memory, to_device
 from .errors import UserError
 from .files import atomic_path, fingerprint, read_json, write_json, write_text
 from .frozen import frozen_model, model_token_losses
 from .layout import BlockOrder, HalfScores, OutDir, RunDir, TokenStore
-from .loss import SelectiveLM, SelectiveLoss
-from .models import apply_lora, check_model, check_store, load_model, load_tokenizer, tokenizer_fingerprint
+from .loss import SelectiveLM, SelectiveLoss, forward_hidden
+from .models import (
+    apply_lora,
+    check_model,
+    check_store,
+    load_model,
+    load_reference_model,
+    load_tokenizer,
+    tokenizer_fingerprint,
+)
 from .outconfig import differences
 from .selection import NEEDS_REFERENCE, trainable_mask
 from .selfref import SelfReference, extra_bytes, local_tensor
-
-# Per-step sums (over micro-batches and ranks) that the log is made of; the selection diagnostics follow.
-STEP_KEYS = ("loss_sum", "n_selected", "n_valid", "n_fed", "score_selected", "score_unselected", "n_unselected")
-STAT_KEYS = (*STEP_KEYS, *diag.FIELDS)
 
 
 class NumericalError(UserError):
@@ -81,6 +86,7 @@ class MicroBatch(NamedTuple):
     kinds: torch.Tensor | None
     ref: torch.Tensor | None
     units: list[int]  # the selection units' positions in the step (each keys its own random draws)
+    docs: torch.Tensor | None = None  # doc ids, when the store has wrong-step labels (per-document counts)
 
 
 def _lr_lambda(cfg: TrainConfig):
@@ -119,7 +125,12 @@ class Trainer:
         self.online = self.t.needs_reference() and cfg.scoring.mode == "online" and not own_reference
         if self.online and reference_model is None:
             raise UserError("scoring.mode=online needs the reference model (run through `slm run`)")
-        self.reference_model = frozen_model(reference_model, self.device, self.engine.bf16) if self.online else None
+        # Distillation (a control) reads the reference's next-token distribution online, in the step (distill.py).
+        self.distill = self.t.method == DISTILL
+        if self.distill and reference_model is None:
+            reference_model = load_reference_model(cfg, out)
+        self.reference_model = frozen_model(reference_model, self.device, self.engine.bf16) \
+            if self.online or self.distill else None
         tok_fp = tokenizer_fingerprint(self.tokenizer)
         dtype = cfg.scoring.dtype  # any stored dtype reads as float32; a store of another dtype is refused
         # A self-reference's selecting runs read no stored scores either: those come from another reference. Its
@@ -159,7 +170,11 @@ class Trainer:
         self.checkpoints = Checkpoints(self.run, self.module, self.model, self.optimizer, self.scheduler,
                                        self.self_ref, self.engine.main)
         self.order = BlockOrder(self.store.tokens.shape[0], self.t.seed)
-        self.kind_names: list[str] = (self.store.meta.get("noise") or {}).get("kind_names") or []
+        self.kind_names: list[str] = self.store.kind_names
+        # Labelled documents (CHAMP's wrong steps): per-document selection counts, for a bootstrap over documents.
+        labelled = self.store.noise_kind is not None and set(diag.WRONG_STEP) <= set(self.kind_names)
+        self.slots = torch.tensor(self.store.wrong_step_docs if labelled else [], dtype=torch.long, device=self.device)
+        self.slot_kinds = [self.kind_names.index(k) for k in diag.WRONG_STEP] if labelled else []
         # The learning curve's fixed subsets (students only): the same blocks for every run and step.
         self.curve = LearningCurve(cfg, out) if split == "train" and cfg.eval.every else None
         if self.ref_loss is not None and not self._scores_cover_reads():
@@ -198,8 +213,9 @@ class Trainer:
         if self.ref_loss is not None:
             ref = to_device(self.ref_loss[rows], device)
         valid = to_device(store.targets(rows, self.cfg.data.doc_boundaries), device)  # no prompt tokens
+        docs = to_device(store.doc_ids[rows], device) if len(self.slots) else None
         # One copy: the int32 memmap rows straight into the int64 ids the embedding needs.
-        return MicroBatch(rows, to_device(store.tokens[rows], device, np.int64), valid, noise, kinds, ref, units)
+        return MicroBatch(rows, to_device(store.tokens[rows], device, np.int64), valid, noise, kinds, ref, units, docs)
 
     def _micro_batches(self, step: int) -> Iterator[MicroBatch]:
         """This rank's forwards of one optimizer step, `self.units` selection units of `train.batch_size` rows each."""
@@ -225,6 +241,12 @@ class Trainer:
         self.model.train()
         return losses
 
+    def _distill(self, mb: MicroBatch) -> Distill:
+        """The reference's hidden states of the micro-batch (no grad), for the distillation loss."""
+        with torch.no_grad():
+            hidden, head = forward_hidden(self.reference_model, mb.ids)
+        return Distill(hidden, head, self.t.kd_weight, self.t.kd_temperature)
+
     def _selection(self, step: int) -> SelectionRule:
         """The step's selection: the run's rule, or every token during a self-reference's warm-up."""
         return SelectionRule("topk", "none", 1.0) if step < self.warmup else self.rule
@@ -232,16 +254,9 @@ class Trainer:
     # ------------------------------------------------------------------ one step
 
     def _micro_stats(self, out: SelectiveLoss, mb: MicroBatch, ref: torch.Tensor | None) -> torch.Tensor:
-        """One micro-batch's contribution to STAT_KEYS (summed over micro-batches and ranks)."""
-        values = {
-            "loss_sum": out.loss_sum.detach(), "n_selected": out.n_selected, "n_valid": out.n_valid,
-            "n_fed": torch.tensor(float(mb.ids.numel()), device=out.weights.device),
-            "score_selected": torch.nan_to_num(out.score_selected) * out.n_selected,
-            "score_unselected": torch.nan_to_num(out.score_unselected) * out.n_unselected,
-            "n_unselected": out.n_unselected,
-        }
-        step = torch.stack([values[k].double() for k in STEP_KEYS])
-        return torch.cat([step, diag.counts(out.weights, mb.valid, mb.noise, ref, mb.kinds)])
+        """One micro-batch's contribution to the step's sums (runstats.py), summed over micro-batches and ranks."""
+        return runstats.micro_stats(out, mb.ids.numel(), mb.valid, mb.noise, mb.kinds, ref, mb.docs, self.slots,
+                                    self.slot_kinds, ce_only=self.distill)
 
     def _forward_backward(self, step: int, mb: MicroBatch, rule: SelectionRule,
                           sync: bool) -> tuple[SelectiveLoss, torch.Tensor | None]:
@@ -253,10 +268,12 @@ class Trainer:
         generators = [self._generator(step, m) for m in mb.units]
         try:
             with self.engine.grad_sync(sync), self.engine.autocast():
+                objective = self._distill(mb) if self.distill else None
                 out = SelectiveLoss(**self.module(
                     mb.ids, train_valid, ref, score_kind=rule.score, ratio=rule.ratio, strategy=rule.strategy,
                     scope=self.t.scope, generator=generators, units=len(mb.units), temperature=self.t.temperature,
                     soft=self.t.soft, threshold=rule.threshold, chunk_size=self.cfg.scoring.chunk_size,
+                    objective=objective,
                 ))
                 out.loss_sum.backward()
         except ValueError:
@@ -270,7 +287,8 @@ class Trainer:
     def _step(self, step: int) -> dict[str, float]:
         """One optimizer step; returns the summed STAT_KEYS plus lr, grad norm and time (one host sync)."""
         start = time.perf_counter()
-        stats = torch.zeros(len(STAT_KEYS), dtype=torch.float64, device=self.device)
+        stats = torch.zeros(runstats.size(len(self.slots), len(self.slot_kinds)), dtype=torch.float64,
+                            device=self.device)
         rule = self._selection(step)
         n_forwards = self.t.grad_accum // self.units
         for i, mb in enumerate(self._micro_batches(step)):
@@ -280,9 +298,10 @@ class Trainer:
                 b = self.t.batch_size
                 self._save_selection_sample(mb.rows[:b], mb.ids[:b], out.weights[:b])
         stats = self.engine.reduce(stats)
-        norm = self.engine.finish_gradients(self.params, stats[STAT_KEYS.index("n_selected")], self.t.max_grad_norm)
+        norm = self.engine.finish_gradients(self.params, stats[runstats.STAT_KEYS.index("n_selected")],
+                                            self.t.max_grad_norm)
         *values, grad_norm = torch.cat([stats, norm.reshape(1)]).tolist()  # the step's one host sync
-        result = dict(zip(STAT_KEYS, values, strict=True))
+        result = runstats.unpack(values)
         if not math.isfinite(grad_norm) or not math.isfinite(result["loss_sum"]):
             raise NumericalError(f"step {step + 1}: loss {result['loss_sum']} / grad norm {grad_norm} is not "
                                  "finite; the last good checkpoint is kept (lower train.lr or check the data)")
@@ -350,7 +369,7 @@ class Trainer:
     def _config_hash(self) -> str:
         """What the run's result depends on: data, model, training, and the reference behind its scores."""
         # A run that reads stored scores, if only for its diagnostics, depends on the reference behind them.
-        uses_ref = self.t.needs_reference() or self.ref_loss is not None
+        uses_ref = self.t.needs_reference() or self.ref_loss is not None or self.distill
         ref = self.out.reference_digest() if uses_ref else None
         if self.warmup:  # a self-reference: its settings, for every selecting run (each has the warm-up)
             ref = self.cfg.reference.model_dump(include={"mode", "ema_decay", "start_step", "checkpoint_step"})
@@ -469,9 +488,9 @@ class Trainer:
             "ratio": self.rule.ratio if self.rule.threshold is None else None, "rule": self.t.rule,
             "threshold": self.rule.threshold, "scope": self.t.scope, "seed": self.t.seed, "steps": state["step"],
             "tokens_seen": state["tokens_seen"], "tokens_trained": state["tokens_trained"],
-            "selected_share": _ratio(state["tokens_trained"], state.get("tokens_valid", 0)),
+            "selected_share": runstats.ratio(state["tokens_trained"], state.get("tokens_valid", 0)),
             "train_loss_final": last["loss"],
-            "selection": {**diag.diagnostics(state["diag"]), "by_kind": diag.by_kind(state["diag"], self.kind_names)},
+            "selection": runstats.selection_summary(state, self.kind_names, self.slots.tolist()),
             "engine": {"device": str(self.device), "bf16": self.engine.bf16, "compiled_layers": self.engine.compiled,
                        "micro_batch_size": self.units * self.t.batch_size},  # how it ran, not what it learned
             "config_hash": config_hash, "processes": self.world, "version": __version__,
@@ -479,24 +498,6 @@ class Trainer:
         write_json(self.run.summary_path, summary)
         return summary
 
-    def _advance(self, state: dict[str, Any], sums: dict[str, float]) -> dict[str, Any]:
-        """Fold one step's sums into the run state; return the step's log record."""
-        state["step"] += 1
-        state["tokens_seen"] += int(sums["n_fed"])
-        state["tokens_trained"] += int(round(sums["n_selected"]))
-        state["tokens_valid"] = state.get("tokens_valid", 0) + int(sums["n_valid"])  # absent in older checkpoints
-        for k in diag.FIELDS:
-            state["diag"][k] = state["diag"].get(k, 0.0) + sums[k]
-        n_sel = sums["n_selected"]
-        return {
-            "step": state["step"], "tokens_seen": state["tokens_seen"], "tokens_trained": state["tokens_trained"],
-            "loss": _ratio(sums["loss_sum"], n_sel), "selected_frac": n_sel / max(sums["n_valid"], 1.0),
-            "score_selected": _ratio(sums["score_selected"], n_sel),
-            "score_unselected": _ratio(sums["score_unselected"], sums["n_unselected"]),
-            "lr": sums["lr"], "grad_norm": sums["grad_norm"], "step_s": sums["step_s"],
-            "selected_by_kind": {k: v for k, v in diag.by_kind(sums, self.kind_names).items() if v is not None},
-        }
-
-
-def _ratio(num: float, den: float) -> float | None:
-    return num / den if den else None
+    def _advance(self, state: dict[str, Any], sums: dict[str, Any]) -> dict[str, Any]:
+        """Fold one step's sums into the run state; return the step's log record (runstats.py)."""
+        return runstats.advance(state, sums, self.kind_names)

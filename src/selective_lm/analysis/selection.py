@@ -14,7 +14,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["FIELDS", "MAX_KINDS", "by_kind", "counts", "diagnostics", "outrank_probability"]
+__all__ = ["FIELDS", "MAX_KINDS", "WRONG_STEP", "by_kind", "counts", "diagnostics", "doc_counts", "kind_counts",
+           "outrank_probability", "per_document"]
 
 MAX_KINDS = 16  # token-kind ids counted (noise_kind.npy holds ids below this)
 # Sums over every trained target token of a run (weighted by the selection where it says "selected").
@@ -66,6 +67,13 @@ def by_kind(totals: Mapping[str, float], names: Sequence[str]) -> dict[str, floa
     return {name: _share(totals[f"kind{k}_selected"], totals[f"kind{k}_valid"]) for k, name in enumerate(names)}
 
 
+def kind_counts(totals: Mapping[str, float], names: Sequence[str]) -> dict[str, list[float]]:
+    """kind -> [selected weight, target count] of the kinds with targets: a step's counts in log.jsonl, from which
+    `slm analyze` bootstraps each kind's ratio over the steps."""
+    return {name: [totals[f"kind{k}_selected"], totals[f"kind{k}_valid"]] for k, name in enumerate(names)
+            if totals[f"kind{k}_valid"]}
+
+
 def outrank_probability(clean: np.ndarray, other: np.ndarray) -> float | None:
     """P(a random clean token's score > a random other token's score), ties counted half (the AUC).
 
@@ -100,3 +108,40 @@ def diagnostics(totals: Mapping[str, float]) -> dict[str, float | None]:
         "ref_loss_selected": _share(totals["ref_selected"], totals["ref_selected_n"]),
         "ref_loss_unselected": _share(totals["ref_unselected"], totals["ref_unselected_n"]),
     }
+
+
+WRONG_STEP = ("after_wrong_step", "before_wrong_step")  # the label kinds compared per document
+
+
+def doc_counts(weights: Tensor, valid: Tensor, kinds: Tensor, docs: Tensor, slots: Tensor,
+               kind_ids: Sequence[int]) -> Tensor:
+    """Per document of `slots` and kind of `kind_ids`: selected weight and target count, float64 `[S * K * 2]`
+    laid out [slot, kind, (selected, valid)] (`per_document` reads it back).
+
+    weights, valid, kinds, docs `[B, T]` (docs: the store's doc ids); slots `[S]` sorted doc ids (the labelled
+    documents, `TokenStore.wrong_step_docs`). Other documents add nothing; no host sync.
+    """
+    out = torch.zeros(len(slots), len(kind_ids), 2, dtype=torch.float64, device=weights.device)
+    if not len(slots):
+        return out.flatten()
+    d = docs.to(weights.device).long().flatten()
+    slot = torch.searchsorted(slots, d).clamp_max(len(slots) - 1)
+    v = (valid.flatten() & (slots[slot] == d)).double()
+    w, k = weights.double().flatten() * v, kinds.to(weights.device).long().flatten()
+    for j, kind in enumerate(kind_ids):
+        mine = (k == kind).double()
+        out[:, j, 0].index_add_(0, slot, w * mine)
+        out[:, j, 1].index_add_(0, slot, v * mine)
+    return out.flatten()
+
+
+def per_document(totals: Sequence[float], doc_ids: Sequence[int], names: Sequence[str]) -> dict[str, list[float]]:
+    """`doc_counts` totals of a run as lists over the documents with any target of the kinds:
+    {"doc_ids": [...], "<kind>_selected": [...], "<kind>_valid": [...]} for each kind of `names`."""
+    arr = np.asarray(totals, np.float64).reshape(len(doc_ids), len(names), 2)
+    seen = arr[:, :, 1].sum(1) > 0
+    out: dict[str, list[float]] = {"doc_ids": [int(d) for d, s in zip(doc_ids, seen, strict=True) if s]}
+    for j, name in enumerate(names):
+        out[f"{name}_selected"] = arr[seen, j, 0].tolist()
+        out[f"{name}_valid"] = arr[seen, j, 1].tolist()
+    return out

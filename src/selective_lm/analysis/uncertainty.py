@@ -14,7 +14,7 @@ import math
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["doc_sums", "paired_delta"]
+__all__ = ["doc_sums", "paired_delta", "ratio_of_shares"]
 
 
 def doc_sums(losses: npt.ArrayLike, doc_ids: npt.ArrayLike) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -49,3 +49,28 @@ def paired_delta(run_nats: npt.ArrayLike, base_nats: npt.ArrayLike, counts: npt.
     reps = 100.0 * np.expm1((weights @ run - weights @ base) / np.maximum(weights @ n, 1))
     lo, hi = np.quantile(reps, [(1 - level) / 2, (1 + level) / 2])
     return {"pct": float(pct), "lo": float(lo), "hi": float(hi)}
+
+
+def ratio_of_shares(num_a: npt.ArrayLike, den_a: npt.ArrayLike, num_b: npt.ArrayLike, den_b: npt.ArrayLike, *,
+                    n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> dict[str, float] | None:
+    """(Σ num_a / Σ den_a) / (Σ num_b / Σ den_b) with a paired bootstrap interval over units.
+
+    Each argument `[U]` per unit (a document, an optimizer step): e.g. the trained and the total tokens of
+    one kind (a) and of another (b) in that unit. A replicate draws units with replacement for a and b at
+    once (paired); replicates where a share is undefined are left out. Returns {"ratio", "lo", "hi",
+    "units"} (units: those with a or b tokens), or None when either share is undefined on all units.
+    """
+    na, da, nb, db = (np.asarray(x, dtype=np.float64) for x in (num_a, den_a, num_b, den_b))
+    if not na.shape == da.shape == nb.shape == db.shape or na.ndim != 1:
+        raise ValueError(f"need four equal 1-D arrays, got {na.shape}, {da.shape}, {nb.shape}, {db.shape}")
+    keep = (da > 0) | (db > 0)
+    na, da, nb, db = na[keep], da[keep], nb[keep], db[keep]
+    if not da.sum() or not db.sum() or not nb.sum():
+        return None
+    point = (na.sum() / da.sum()) / (nb.sum() / db.sum())
+    weights = np.random.default_rng(seed).multinomial(na.size, np.full(na.size, 1.0 / na.size), size=n_boot)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        reps = (weights @ na / (weights @ da)) / (weights @ nb / (weights @ db))
+    reps = reps[np.isfinite(reps)]
+    lo, hi = np.quantile(reps, [(1 - level) / 2, (1 + level) / 2]) if reps.size else (np.nan, np.nan)
+    return {"ratio": float(point), "lo": float(lo), "hi": float(hi), "units": int(na.size)}

@@ -47,6 +47,9 @@ class Document:
     render its conversations without the tokenizer, so it gives `messages` (role/content dicts)
     and an empty `text`: `slm prepare` renders them with the tokenizer's chat template into
     `text` and `trained` (`data.render_chat`), which keeps corpora free of model loading.
+
+    `labels`: character spans [start, end) of `text` with a label kind (`noise.LABEL_KINDS`: CHAMP's
+    annotated first wrong step); recorded in `noise_kind.npy` of a `Split` with `labelled=True`.
     """
 
     text: str
@@ -56,14 +59,17 @@ class Document:
     origin: str = "custom"
     trained: tuple[tuple[int, int], ...] | None = None
     messages: tuple[dict[str, Any], ...] | None = None
+    labels: tuple[tuple[int, int, str], ...] | None = None
 
 
 @dataclass(frozen=True)
 class Split:
-    """A split's documents (an iterable consumed once) and extra fields for its meta.json."""
+    """A split's documents (an iterable consumed once) and extra fields for its meta.json; `labelled`:
+    its documents' `labels` are recorded (noise_kind.npy even without injected noise)."""
 
     documents: Iterable[Document]
     meta: dict[str, Any] = field(default_factory=dict)
+    labelled: bool = False
 
 
 Corpus = Callable[["DataConfig"], dict[str, Split]]

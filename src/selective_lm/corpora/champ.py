@@ -18,6 +18,16 @@ A model-written document is one conversation: the problem statement, the model's
 its one-sentence summary; the statement is the protected prefix, so that the solution reads in
 context and noise injection leaves it intact. Documents are shuffled (seeded) before capping,
 so a cap takes a random sample.
+
+Natural wrong reasoning: CHAMP's experts marked the first wrong step of 540 model-written
+solutions (two per problem, `Problem.fws_annotations`; 96 of them have none). In `train` and
+`val_noisy` (the labelled splits) such a solution's text from its first wrong step to its end is
+labelled `after_wrong_step` and the text before that step `before_wrong_step` (`Document.labels`;
+token kinds in noise_kind.npy); a solution annotated as having no wrong step gets no label, and
+neither does the statement or the summary. At their natural share (about 3 % of the
+conversations) a 20k-token run would train on one or two of them, so they are interleaved with
+the other conversations to make `data.annotated_share` of the split's characters from its start
+until they run out (the order within each group stays the seeded shuffle; 0 = the plain shuffle).
 """
 
 from __future__ import annotations
@@ -135,14 +145,53 @@ def _model_text(p: dict[str, Any], conversation: dict[str, Any]) -> tuple[str, i
     return text, len(head)
 
 
-def _champ_docs(corpus: dict[str, Any], items: list[tuple[str, str | None]]) -> Iterator[Document]:
-    """Documents for (problem id, conversation key) pairs; key None = the human document."""
+def wrong_step_labels(text: str, head: int, annotation: dict[str, Any] | None) -> tuple[tuple[int, int, str], ...]:
+    """The label spans of a model-written document `text` whose solution starts at `head`, from CHAMP's
+    annotation of its first wrong step (`text` / `start_idx` in the annotation's own text, which is the
+    solution before stripping): `before_wrong_step` [head, wrong step), `after_wrong_step` [wrong step,
+    solution end). None for no annotation, no wrong step, or an annotation of another text."""
+    if not annotation or annotation.get("start_idx") is None or not isinstance(annotation.get("text"), str):
+        return ()
+    raw = annotation["text"]
+    solution = raw.strip()
+    if not solution or not text.startswith(solution, head):
+        return ()
+    end = head + len(solution)
+    wrong = min(max(head + annotation["start_idx"] - (len(raw) - len(raw.lstrip())), head), end)
+    return tuple(sp for sp in ((head, wrong, "before_wrong_step"), (wrong, end, "after_wrong_step")) if sp[1] > sp[0])
+
+
+def _annotated(problem: dict[str, Any], key: str | None) -> dict[str, Any] | None:
+    return (problem.get("fws_annotations") or {}).get(key) if key is not None else None
+
+
+def _champ_docs(corpus: dict[str, Any], items: list[tuple[str, str | None]],
+                labels: bool = False) -> Iterator[Document]:
+    """Documents for (problem id, conversation key) pairs; key None = the human document. With `labels`,
+    annotated solutions carry their wrong-step labels (`wrong_step_labels`)."""
     for pid, key in items:
         p = corpus["problems"][pid]
         if key is None:
             yield Document(_human_text(p, corpus), pid, pid, 0, "human")
         elif made := _model_text(p, p["conversations"][key]):
-            yield Document(made[0], f"{pid}|{key}", pid, made[1], "model")
+            spans = wrong_step_labels(made[0], made[1], _annotated(p, key)) if labels else ()
+            yield Document(made[0], f"{pid}|{key}", pid, made[1], "model", labels=spans or None)
+
+
+def _interleave(first: Iterator[Document], rest: Iterator[Document], share: float) -> Iterator[Document]:
+    """`first`'s documents as `share` of the characters, interleaved with `rest`'s; once either runs dry,
+    the other continues alone (so a split without a cap holds every document of both)."""
+    a = b = 0
+    while True:
+        take_first = a <= share * (a + b)
+        doc = next(first if take_first else rest, None)
+        if doc is None:
+            doc = next(rest if take_first else first, None)
+            take_first = not take_first
+            if doc is None:
+                return
+        a, b = (a + len(doc.text), b) if take_first else (a, b + len(doc.text))
+        yield doc
 
 
 def _mix(human: Iterator[Document], model: Iterator[Document], share: float) -> Iterator[Document]:
@@ -179,16 +228,28 @@ def champ(data: DataConfig) -> dict[str, Split]:
     def docs(split: str, items: list[tuple[str, str | None]]) -> Iterator[Document]:
         return _champ_docs(corpus, _shuffled(items, data.seed, split))
 
+    def labelled(split: str, items: list[tuple[str, str]]) -> Iterator[Document]:
+        """A labelled split: the annotated conversations as `data.annotated_share` of it (module docstring)."""
+        order = _shuffled(items, data.seed, split)
+        if not data.annotated_share:
+            return _champ_docs(corpus, order, labels=True)
+        annotated = [(pid, key) for pid, key in order if _annotated(problems[pid], key)]
+        others = [(pid, key) for pid, key in order if not _annotated(problems[pid], key)]
+        return _interleave(_champ_docs(corpus, annotated, labels=True), _champ_docs(corpus, others, labels=True),
+                           data.annotated_share)
+
     return {
         "reference": Split(
             _mix(docs("reference-human", [(p, None) for p in part.reference_problems]),
                  docs("reference-model", part.reference_conversations), data.reference_mix),
             {"sources": {**src, "text": ref_text, "reference_mix": data.reference_mix,
                          "reference_problems": data.reference_problems}, "problems": part.reference_problems}),
-        "train": Split(docs("train", part.train_conversations),
-                       {"sources": {**src, "text": "model-written solutions"}, "problems": part.train_problems}),
+        "train": Split(labelled("train", part.train_conversations),
+                       {"sources": {**src, "text": "model-written solutions"}, "problems": part.train_problems},
+                       labelled=True),
         "val_clean": Split(docs("val_clean", [(p, None) for p in part.val_problems]),
                            {"sources": {**src, "text": "human solutions"}, "problems": part.val_problems}),
-        "val_noisy": Split(docs("val_noisy", val_convs),
-                           {"sources": {**src, "text": "model-written solutions"}, "problems": part.val_problems}),
+        "val_noisy": Split(labelled("val_noisy", val_convs),
+                           {"sources": {**src, "text": "model-written solutions"}, "problems": part.val_problems},
+                           labelled=True),
     }

@@ -1,0 +1,105 @@
+"""The distillation control (`train.method=distill`): is selective training's gain selection, or transfer of
+what the reference knows? Every token is trained with its CE plus `train.kd_weight` x KL(reference || student)
+on the next-token distribution (`train.kd_temperature`). The reference's logits are computed online, in the
+step, from the reference model's hidden states (the simplest choice: no cache of top-k probabilities beside
+the scores, at the cost of one reference forward per micro-batch, as `scoring.mode=online`).
+
+Pure tensor functions; `SelectiveLM` calls a `Distill` in its forward (a `loss.Objective`), so the engines
+see an ordinary forward/backward.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from .loss import (
+    DEFAULT_CHUNK_SIZE,
+    MAX_CHUNK_LOGITS,
+    SelectiveLoss,
+    _check_selection,
+    _logits,
+    _result,
+    _target_positions,
+    forward_hidden,
+)
+
+__all__ = ["Distill", "distill_lm_loss", "distill_token_losses"]
+
+
+class Distill(NamedTuple):
+    """The reference's side of one micro-batch: its final hidden states `[B, T, H]` (no grad) and output embedding,
+    computed online by the trainer, with the KL weight and temperature. A `loss.Objective`: `SelectiveLM` calls it."""
+
+    hidden: Tensor
+    head: nn.Module
+    weight: float
+    temperature: float
+
+    def __call__(self, model: nn.Module, input_ids: Tensor, valid: Tensor, chunk_size: int) -> SelectiveLoss:
+        return distill_lm_loss(model, input_ids, valid, self, chunk_size=chunk_size)
+
+
+def distill_token_losses(logits: Tensor, ref_logits: Tensor, targets: Tensor,
+                         temperature: float = 1.0) -> tuple[Tensor, Tensor]:
+    """(CE `[N]`, KL `[N]`) of student logits `[N, V]` against targets `[N]` and reference logits `[N, V]`.
+
+    KL(p_ref || p_student) with both distributions at logits / temperature, times temperature² (so that
+    its gradient keeps its scale as the temperature changes, Hinton et al. 2015); the CE is at temperature 1.
+    Float32 at least whatever the logits' dtype; only the student's side has grad.
+    """
+    if logits.shape != ref_logits.shape:
+        raise ValueError(f"student logits {tuple(logits.shape)} and reference logits {tuple(ref_logits.shape)} "
+                         "differ: distillation needs one vocabulary")
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    logits, ref = logits.to(dtype), ref_logits.detach().to(dtype)
+    ce = F.cross_entropy(logits, targets, reduction="none")
+    log_p = F.log_softmax(logits / temperature, dim=-1)
+    log_q = F.log_softmax(ref / temperature, dim=-1)
+    kl = (log_q.exp() * (log_q - log_p)).sum(-1) * temperature**2
+    return ce, kl
+
+
+def _distill_chunk(head: nn.Module, rows: Tensor, ref_head: nn.Module, ref_rows: Tensor, targets: Tensor,
+                   weight: float, temperature: float) -> tuple[Tensor, Tensor]:
+    """Σ (CE + weight x KL) of a chunk of rows (with grad), and its CE per row (no grad)."""
+    with torch.no_grad():
+        ref = _logits(ref_head, ref_rows)
+    ce, kl = distill_token_losses(_logits(head, rows), ref, targets, temperature)
+    return (ce + weight * kl).sum(), ce.detach()
+
+
+def distill_lm_loss(model: nn.Module, input_ids: Tensor, valid: Tensor, distill: Distill, *,
+                    attention_mask: Tensor | None = None, chunk_size: int = DEFAULT_CHUNK_SIZE) -> SelectiveLoss:
+    """The distillation control's loss of one micro-batch: every valid token trained with its CE plus
+    `distill.weight` x KL(reference || student) on the next-token distribution (`distill_token_losses`).
+
+    As a `SelectiveLoss` that selects every valid token: loss_sum is the summed objective (with grad),
+    loss_selected the mean CE (the figure comparable with CLM's loss). Rows go through both heads a chunk
+    at a time (`MAX_CHUNK_LOGITS`), checkpointed when there is more than one chunk, so the two `N x V`
+    logit tensors never exist at once.
+    """
+    _check_selection(valid, input_ids.shape, "none", 1.0, "topk", False, None)
+    hidden, head = forward_hidden(model, input_ids, attention_mask)
+    if distill.hidden.shape[:2] != input_ids.shape:
+        raise ValueError(f"reference hidden states {tuple(distill.hidden.shape)} do not fit input_ids "
+                         f"{tuple(input_ids.shape)}")
+    b, t = _target_positions(valid)
+    vocab = max(getattr(head, "out_features", 0) or 0, getattr(distill.head, "out_features", 0) or 0)
+    chunk = min(chunk_size, max(1, MAX_CHUNK_LOGITS // vocab)) if vocab else chunk_size
+    rows, ref_rows, targets = hidden[b, t - 1], distill.hidden[b, t - 1].detach(), input_ids[b, t]
+    n = rows.shape[0]
+    sums, ces = [], []
+    for i in range(0, max(n, 1), chunk):  # max(n, 1): an empty batch still yields a graph
+        args = (head, rows[i:i + chunk], distill.head, ref_rows[i:i + chunk], targets[i:i + chunk],
+                distill.weight, distill.temperature)
+        total, ce = checkpoint(_distill_chunk, *args, use_reentrant=False) if n > chunk else _distill_chunk(*args)
+        sums.append(total)
+        ces.append(ce)
+    own = torch.full(input_ids.shape, torch.nan, dtype=ces[0].dtype, device=ces[0].device).index_put(
+        (b, t), torch.cat(ces))
+    return _result(torch.stack(sums).sum(), own, torch.zeros_like(own), valid, valid)
