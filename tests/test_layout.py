@@ -25,7 +25,7 @@ NON_STAGES = ("config", "layout", "models", "loss", "distill", "runstats", "sele
               "engine", "checkpoint", "curve", "files", "errors", "noise", "assets", "plots", "harness", "api",
               "hf_trainer", "outconfig", "configdoc", "report_selection")
 # Every module of these is a library too (tasks/: lm-eval task code, loaded by lm-eval from its file).
-NON_STAGE_PACKAGES = ("corpora", "analysis", "tasks")
+NON_STAGE_PACKAGES = ("corpora", "analysis", "tasks", "config")
 # Who may import a library that is no stage but belongs to one: plots draws for the report only.
 PRIVATE_TO = {"plots": {"report"}, "report_selection": {"report"}}
 

@@ -1,0 +1,241 @@
+"""The study's sections (evaluation, analysis, export, bench, grid) and `Config`, the whole run composed of them.
+
+`Config` holds run semantics as methods: the grid's runs and their names, the settings that
+shaped stored artifacts (what an out dir remembers).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, PositiveInt, ValidationError, field_validator, model_validator
+
+from ..errors import UserError
+from .sections import (
+    DEFAULT_PRESET,
+    DISTILL,
+    EVERY_TOKEN_METHODS,
+    REFERENCE_KEYS_READ,
+    RULES,
+    DataConfig,
+    GridMethod,
+    ModelConfig,
+    ReferenceConfig,
+    ScoringConfig,
+    Section,
+    TrainConfig,
+    _describe_error,
+    _safe_name,
+)
+
+
+class EvalConfig(Section):
+    splits: list[str] = Field(default_factory=lambda: ["val_clean", "val_noisy"])
+
+    @field_validator("splits")
+    @classmethod
+    def _splits(cls, v: list[str]) -> list[str]:
+        return [_safe_name(x, "split") for x in v]
+
+    batch_size: PositiveInt | Literal["auto"] = Field(
+        "auto", description="blocks per evaluation forward (perplexity, learning curve, tasks): auto = 8 on CPU, on "
+        "CUDA the largest power of two that fits")
+    max_tokens: int | None = Field(
+        None, ge=1, description="evaluate about this many tokens of each split, in blocks spread over every "
+        "document (None = all)")
+    every: int = Field(15, ge=0, description="learning curve: validation loss on a fixed subset every this many "
+                       "training steps, and at step 0 and the end (0 = off)")
+    curve_tokens: int = Field(512, ge=1, description="tokens of each eval split in the learning curve's subset")
+    tasks: list[str] = Field(
+        default_factory=list, description="lm-evaluation-harness tasks run on every evaluated model besides "
+        "perplexity (needs `pip install 'selective-lm[eval]'`): the embedded 'champ_answer', any task of "
+        "eval.task_paths, or lm-eval's own (those download their data from the Hub); empty = perplexity only")
+    num_fewshot: int | None = Field(None, ge=0, description="few-shot examples per task (None = each task's default)")
+    limit: int | None = Field(None, ge=1, description="evaluate only the first this many documents of each task "
+                              "(None = all)")
+    task_paths: list[str] = Field(
+        default_factory=list, description="directories of lm-eval task YAML files, searched before lm-eval's own")
+
+    @field_validator("tasks")
+    @classmethod
+    def _tasks(cls, v: list[str]) -> list[str]:
+        for name in v:
+            if not name or name != name.strip() or "," in name:
+                raise ValueError(f"task name {name!r} must be non-empty, without spaces around it or commas")
+        if len(set(v)) < len(v):
+            raise ValueError(f"a task is named twice in {v}")
+        return v
+
+
+class AnalysisConfig(Section):
+    bucket_split: str = "val_clean"
+    bucket_quantile: float = Field(0.7, gt=0.0, lt=1.0)
+    separation_tokens: int = Field(
+        12_800, ge=1, description="scored train tokens on which the step-0 excess loss is compared by token kind")
+    trajectory_tokens: int | None = Field(
+        None, ge=1, description="tokens of the bucket split evaluated at each trajectory snapshot (None = all)"
+    )
+
+
+class BenchConfig(Section):
+    """`slm bench`: timed rounds after warm-up, on random token ids (no prepare needed)."""
+
+    steps: int = Field(5, ge=1, description="timed rounds")
+    warmup: int = Field(1, ge=0, description="discarded rounds (first-call allocations, lazy init)")
+    batch_size: int = Field(4, ge=1)
+    block_len: int = Field(256, ge=2)
+    ratio: float = Field(0.6, description="selection ratio of the slm and naive variants")
+    large_vocab: int = Field(151_936, ge=0, description="vocabulary of the large-vocab case (0 skips it)")
+    cases: list[str] = Field(default_factory=lambda: ["precision", "prepare", "overhead", "gpu"],
+                             description="side cases to run after the step cases "
+                             "(bench.py SIDE_CASES), each written under its own key of bench.json")
+    gpu_model: str = Field("random:tinyllama-1.1b", description="case gpu: the model (full fine-tuning, bf16)")
+    gpu_vocab: int = Field(32_000, ge=2, description="case gpu: vocabulary of a random model")
+    gpu_batch_size: int = Field(4, ge=1)
+    gpu_block_len: int = Field(2048, ge=2)
+    gpu_peak_tflops: float | None = Field(
+        None, gt=0, description="case gpu: the device's dense bf16 peak for MFU (None: known for H100/H200/A100)")
+    gpu_on_cpu: bool = Field(False, description="run case gpu without a GPU (tests, with a small bench.gpu_model)")
+    precision_blocks: int = Field(64, ge=1, description="train blocks on which case precision compares top-k "
+                                  "selections from float32 and half-precision reference losses")
+    prepare_rounds: int = Field(3, ge=1, description="case prepare: round-robin rounds (medians reported)")
+    overhead_accum: int = Field(4, ge=1, description="case overhead: micro-batches per optimizer step")
+    compile: bool | Literal["auto"] = Field("auto", description="compile the student's decoder layers in the step "
+                                            "cases, as train.compile does (auto: on CUDA)")
+    prepare_tokens: int = Field(4_000_000, ge=1, description="case prepare: tokens (of model.tokenizer) of the "
+                                "generated JSONL corpus that `slm prepare` is timed on")
+    targets: dict[str, float] = Field(
+        default_factory=lambda: {"slm_step_vs_clm": 1.05, "naive_step_vs_slm": 1.4, "score_vs_forward": 0.95,
+                                 "slm_peak_vs_clm": 1.0, "loss_path_peak_vs_logits": 0.25,
+                                 "score_f16_topk_agreement": 0.995, "prepare_vs_bare": 0.8,
+                                 "overhead_step_vs_bare": 1.15, "overhead_extra_syncs": 1, "gpu_clm_mfu": 0.45,
+                                 "gpu_slm_mfu": 0.45, "gpu_slm_step_vs_clm": 1.03, "gpu_score_vs_forward": 0.95},
+        description="target -> threshold checked by `slm bench` (bench.py says what each ratio measures and "
+        "whether the threshold bounds it from above or below)",
+    )
+
+    @field_validator("ratio")
+    @classmethod
+    def _ratio(cls, v: float) -> float:
+        return TrainConfig._ratio(v)
+
+
+class ExportConfig(Section):
+    """`slm export-selected`: the selection as JSONL (text and spans) or as a `datasets` directory for any trainer."""
+
+    format: Literal["jsonl", "hf"] = Field(
+        "jsonl", description="jsonl: selected.jsonl, one document per line; hf: selected_hf/, a datasets directory "
+        "of blocks (input_ids, labels = -100 on unselected tokens, attention_mask)")
+    blocks: Literal["scored", "all"] = Field(
+        "scored", description="with a partial score store (scoring.blocks=used, as `make run` makes it): scored = "
+        "export the blocks that have reference losses, all = score the missing blocks with the reference first")
+
+
+class GridConfig(Section):
+    methods: list[GridMethod] = Field(
+        default_factory=lambda: ["topk", "random", "stochastic"], description="the grid's methods besides CLM and "
+        "the oracle: selection strategies, run at every ratio of grid.ratios (bottomk: the sign check), and "
+        "distill, run once (it trains every token)")
+    ratios: list[float] = Field(default_factory=lambda: [0.5, 0.3])
+    rules: list[Literal[RULES]] = Field(  # type: ignore[valid-type]
+        default_factory=lambda: ["topk"], description="train.rule of the grid's runs: topk runs every method x "
+        "ratio, positive and threshold (with train.threshold) every method once")
+    seeds: int = Field(1, ge=1)
+    oracle: bool = True
+
+    @field_validator("ratios")
+    @classmethod
+    def _ratios(cls, v: list[float]) -> list[float]:
+        for r in v:
+            TrainConfig._ratio(r)
+        return v
+
+
+class Config(Section):
+    """The whole run: one section per stage."""
+
+    preset: str = DEFAULT_PRESET
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    reference: ReferenceConfig = Field(default_factory=ReferenceConfig)
+    scoring: ScoringConfig = Field(default_factory=ScoringConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    analysis: AnalysisConfig = Field(default_factory=AnalysisConfig)
+    grid: GridConfig = Field(default_factory=GridConfig)
+    bench: BenchConfig = Field(default_factory=BenchConfig)
+
+    @model_validator(mode="after")
+    def _distill_has_a_reference(self) -> Config:
+        if DISTILL in (self.train.method, *self.grid.methods) and self.reference.is_self:
+            raise ValueError(f"train.method=distill distills a reference model's next-token distribution, but "
+                             f"reference.mode={self.reference.mode} is the student's own weights: use reference.mode "
+                             "trained, path or self")
+        return self
+
+    @model_validator(mode="after")
+    def _self_reference_starts(self) -> Config:
+        r = self.reference
+        if r.is_self and r.start_step >= self.train.steps:
+            raise ValueError(f"reference.start_step ({r.start_step}) must be below train.steps ({self.train.steps}): "
+                             f"with reference.mode={r.mode} selection starts at that step")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def grid_runs(self, has_noise: bool) -> dict[str, Config]:
+        """run name -> its config: CLM, the oracle (when the train split has a noise mask), then every
+        method × ratio, for each of `grid.seeds` seeds from `train.seed`."""
+        baseline = {"ratio": 1.0, "rule": "topk", "threshold": None}
+        specs: list[dict[str, Any]] = [{"method": "clm", **baseline}]
+        if self.grid.oracle and has_noise:
+            specs.append({"method": "oracle", **baseline})
+        if DISTILL in self.grid.methods:  # once: it trains every token
+            specs.append({"method": DISTILL, **baseline})
+        selecting = [m for m in self.grid.methods if m != DISTILL]
+        for rule in self.grid.rules:
+            threshold = self.train.threshold if rule == "threshold" else None
+            ratios = self.grid.ratios if rule == "topk" else [1.0]  # the threshold sets the count
+            specs += [{"method": m, "ratio": r, "rule": rule, "threshold": threshold}
+                      for m in selecting for r in ratios]
+        runs: dict[str, Config] = {}
+        for seed in range(self.train.seed, self.train.seed + self.grid.seeds):
+            for spec in specs:
+                try:
+                    t = TrainConfig.model_validate({**self.train.model_dump(), **spec, "seed": seed, "name": None})
+                except ValidationError as e:
+                    label = spec["method"] if spec["method"] in EVERY_TOKEN_METHODS else \
+                        f"{spec['method']} ({spec['rule']})"
+                    raise UserError(f"grid run {label}: {_describe_error(e, {})}") from None
+                run = self.model_copy(update={"train": t})
+                runs[run.run_name(with_seed=self.grid.seeds > 1)] = run
+        return runs
+
+    def run_name(self, with_seed: bool = False) -> str:
+        """The run's directory name under runs/ (`TrainConfig.run_name`, with `-ema` / `-ckpt` when a
+        self-reference selects it)."""
+        return self.train.run_name(with_seed, reference_mode=self.reference.mode)
+
+    def artifact_settings(self) -> dict[str, Any]:
+        """Dotted key -> value of the settings that shape what an out dir stores besides its runs: the token
+        stores (data.*, the model's tokenizer), the base model every run starts from (model.*), the reference
+        model and its score store (the reference.* its mode reads, scoring.dtype / scoring.blocks) when the
+        reference is a stored one. Runs are told apart by their names and config hashes instead, and engine
+        settings (train.*) never count: `outconfig` compares these with the out dir's stored config."""
+        flat = {f"data.{k}": v for k, v in self.data.model_dump(mode="json").items()}
+        flat |= {f"model.{k}": v for k, v in self.model.model_dump(mode="json").items()}
+        if not self.reference.is_self:
+            r = self.reference.model_dump(mode="json", include={"mode", *REFERENCE_KEYS_READ[self.reference.mode]})
+            flat |= {f"reference.{k}": v for k, v in r.items()}
+            if self.scoring.mode == "offline":
+                flat |= {f"scoring.{k}": v for k, v in self.scoring.model_dump(include={"dtype", "blocks"}).items()}
+        return flat
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# --------------------------------------------------------------------------- loading
