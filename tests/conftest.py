@@ -43,6 +43,19 @@ def _cuda_for_gpu_tests(request: pytest.FixtureRequest, monkeypatch: pytest.Monk
     AcceleratorState._reset_state(reset_partial_state=True)
 
 
+@pytest.fixture(autouse=True)
+def _accelerate_state_as_found() -> Iterator[None]:
+    """accelerate keeps one state per process and refuses a second mixed precision. transformers' and TRL's
+    trainers (test_api, examples: TRL's SFTConfig defaults to bf16) may leave it in bf16, which our engine, that
+    asks for "no" and autocasts itself, would then refuse: a test that leaves another precision resets it."""
+    yield
+    from accelerate.state import AcceleratorState
+
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision", "no") != "no":
+        AcceleratorState._reset_state(reset_partial_state=True)
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Without a CUDA device the tests marked `gpu` are skipped, with the reason."""
     if not CUDA:
