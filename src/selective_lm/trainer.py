@@ -355,9 +355,6 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             torch.cuda.set_rng_state(rng, self.device)
 
-    def _curve_point(self, step: int, tokens_seen: int) -> dict[str, Any]:
-        return self.curve.point(self.engine, self.module, self.model, step, tokens_seen)
-
     def _save_selection_sample(self, rows: np.ndarray, ids: torch.Tensor, weights: torch.Tensor) -> None:
         """The first selection unit's selection: the same blocks in every run, for the highlight page."""
         path = self.run.selection_sample
@@ -431,7 +428,9 @@ class Trainer:
             if self.t.snapshot_every:
                 self.checkpoints.snapshot(0)
         log_path, curve_path = self.run.log_path, self.run.curve_path
-        first_point = self._curve_point(0, 0) if self.curve and state["step"] == 0 else None
+        first_point = None
+        if self.curve and state["step"] == 0:
+            first_point = self.curve.point(self.engine, self.module, self.model, 0, 0)
         if main:  # drop records past the checkpoint we resume from (and a line a kill cut short)
             for path, records in ((log_path, self.run.log()), (curve_path, self.run.curve())):
                 kept = [r for r in records if r["step"] <= state["step"]]
@@ -466,7 +465,7 @@ class Trainer:
                         bar.set_postfix(loss=f"{record['loss'] or 0:.3f}", sel=f"{record['selected_frac']:.2f}")
                         bar.update(1)
                     if self.curve and ((step + 1) % self.cfg.eval.every == 0 or step + 1 == self.t.steps):
-                        point = self._curve_point(step + 1, state["tokens_seen"])
+                        point = self.curve.point(self.engine, self.module, self.model, step + 1, state["tokens_seen"])
                         if main:
                             curve.write(json.dumps(point) + "\n")
                             curve.flush()
