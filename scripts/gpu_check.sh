@@ -5,7 +5,7 @@
 # everything it started when it ends or is stopped.
 set -uo pipefail
 OUT=${1:-out/gpu-check}
-LIMIT=${GPU_CHECK_LIMIT:-600}  # seconds; the check itself takes about 4 minutes on an H200
+LIMIT=${GPU_CHECK_LIMIT:-600}  # seconds; on an H200 the benches took 92 s and pytest -m gpu 21 s (docs/scaling.md)
 missing=$(python3 - <<'PY'
 import importlib.util
 need = ["torch", "transformers", "peft", "accelerate", "safetensors", "pydantic", "datasets", "champ_dataset", "gguf",
