@@ -17,13 +17,11 @@ if [ -n "$missing" ]; then
     echo "gpu_check: missing Python packages: $missing (pip install -e '.[dev]' installs them)" >&2
     exit 2
 fi
-# A process group of its own, killed whole on exit: no python child outlives the check.
-setsid python3 scripts/gpu_check.py "$OUT" "${@:2}" &
+# A process group of its own (setsid), stopped at the limit (timeout) and killed whole on exit: no child outlives it.
+setsid timeout --kill-after=10 "$LIMIT" python3 scripts/gpu_check.py "$OUT" "${@:2}" &
 pid=$!
 trap 'kill -- -$pid 2>/dev/null' EXIT INT TERM
-( sleep "$LIMIT" && echo "gpu_check: stopped after $LIMIT s" >&2 && kill -- -$pid 2>/dev/null ) &
-watchdog=$!
 wait $pid
 rc=$?
-kill $watchdog 2>/dev/null
+[ $rc -eq 124 ] && echo "gpu_check: stopped after $LIMIT s (what it measured is in $OUT/gpu_check.json)" >&2
 exit $rc
