@@ -17,9 +17,10 @@ from safetensors.torch import load_file
 import selective_lm
 from helpers.cli import slm
 from selective_lm import Selection, SelectiveCollator, SelectiveTrainer, score, selective_loss
+from selective_lm.blocks import BlockOrder
 from selective_lm.config import load_config
 from selective_lm.errors import UserError
-from selective_lm.layout import BlockOrder, load_store
+from selective_lm.layout import load_store
 from selective_lm.models import apply_lora, load_model, load_reference_model, load_tokenizer
 from selective_lm.selection import scores, select
 

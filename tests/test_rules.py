@@ -12,10 +12,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from selective_lm.blocks import BlockOrder
 from selective_lm.cli import main
 from selective_lm.config import load_config
 from selective_lm.frozen import model_token_losses
-from selective_lm.layout import BlockOrder, load_store
+from selective_lm.layout import load_store
 from selective_lm.loss import valid_mask
 from selective_lm.models import apply_lora, load_model, load_tokenizer
 from selective_lm.selfref import SelfReference

@@ -28,10 +28,11 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from selective_lm.blocks import BlockOrder
 from selective_lm.cli import main
 from selective_lm.config import load_config
 from selective_lm.data import prepare
-from selective_lm.layout import BlockOrder, OutDir, load_store
+from selective_lm.layout import OutDir, load_store
 from selective_lm.models import load_model, load_tokenizer
 from selective_lm.noise import KIND_IDS
 from selective_lm.train import train

@@ -236,8 +236,8 @@ def score(
     """
     from tqdm.auto import tqdm
 
+    from .blocks import SCORE_STORAGE, decode_scores
     from .frozen import encode_losses, model_token_losses
-    from .layout import SCORE_STORAGE, decode_scores
 
     if dtype not in SCORE_STORAGE:
         raise UserError(f"invalid value for scoring.dtype: {dtype!r} (choices: {', '.join(SCORE_STORAGE)})")

@@ -14,7 +14,7 @@ labelled documents' ids. Labels are not noise: not in `noise_mask.npy` nor in th
 
 Supervised fine-tuning data (`data.format` prompt_response or chat, custom corpora only): the
 documents carry the character spans that are trained (the response, the assistant turns; a
-chat conversation is rendered here with the tokenizer's chat template, `render_chat`), and
+chat conversation is rendered with the tokenizer's chat template, `chat.render_chat`), and
 `loss_mask.npy` (bool, the blocks' shape) is True on the tokens whose first character lies in
 such a span, and on each document's EOS (the model learns to stop); False on the prompt. A token
 that straddles the boundary counts where it starts. Training, selection and evaluation only see
@@ -49,7 +49,6 @@ from collections import ChainMap, deque
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -57,11 +56,13 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from . import __version__
+from .blocks import BlockFile
+from .chat import rendered
 from .config import SPLITS, Config
 from .corpora import CORPORA, Document
-from .errors import UserError, did_you_mean, first_line
+from .errors import UserError, did_you_mean
 from .files import atomic_dir, fingerprint, write_json
-from .layout import STORE_FORMAT, BlockFile, OutDir, load_store, store_config_fingerprint
+from .layout import STORE_FORMAT, OutDir, load_store, store_config_fingerprint
 from .noise import (
     KIND_IDS,
     KIND_NAMES,
@@ -349,7 +350,7 @@ def write_store(path: str | Path, docs: Iterable[Document], tokenizer: Any, bloc
     if loss_mask and injector is not None:
         raise ValueError("noise injection would move the trained spans of a loss-masked store")
     if loss_mask:
-        docs = (_rendered(tokenizer, d) for d in docs)
+        docs = (rendered(tokenizer, d) for d in docs)
     path = Path(path)
     with (atomic_dir(path) if atomic else contextlib.nullcontext(path) as tmp,
           _Tokenizers(tokenizer, eos, num_proc) as tokenizers,
@@ -399,44 +400,6 @@ def write_store(path: str | Path, docs: Iterable[Document], tokenizer: Any, bloc
               "data.max_tokens, or null, keeps them)", file=sys.stderr)
     return info
 
-
-
-def render_chat(tokenizer: Any, messages: Sequence[dict[str, Any]]) -> tuple[str, tuple[tuple[int, int], ...]]:
-    """A conversation rendered with the tokenizer's chat template, and its assistant turns' character spans.
-
-    The span of assistant message i is [len(P), len(F)) where P renders messages[:i] with the
-    generation prompt (what the model is given) and F renders messages[:i+1] (so the span holds the
-    answer and the template's end-of-turn text, which the model must learn to produce). Both must be
-    prefixes of the whole rendering; a template that rewrites earlier turns (e.g. drops past
-    reasoning) cannot be masked this way and is refused.
-    """
-    def render(msgs: Sequence[dict[str, Any]], generation_prompt: bool = False) -> str:
-        try:
-            return tokenizer.apply_chat_template(list(msgs), tokenize=False, add_generation_prompt=generation_prompt)
-        except Exception as e:  # jinja's errors (raise_exception in templates, bad roles, ...) are about the data
-            raise UserError(f"the chat template of {tokenizer.name_or_path} cannot render a conversation of "
-                            f"data.messages_field: {first_line(e)}") from None
-
-    full = render(messages)
-    spans = []
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        prompt, upto = render(messages[:i], generation_prompt=True), render(messages[:i + 1])
-        if not (full.startswith(upto) and upto.startswith(prompt)):
-            raise UserError(f"the chat template of {tokenizer.name_or_path} does not render conversations "
-                            "incrementally (a conversation's rendering does not start with that of its first turns), "
-                            "so the assistant turns cannot be located: use data.format=prompt_response")
-        spans.append((len(prompt), len(upto)))
-    return full, tuple(spans)
-
-
-def _rendered(tokenizer: Any, doc: Document) -> Document:
-    """A chat document (`messages`) as text and trained spans; other documents as they are."""
-    if doc.messages is None:
-        return doc
-    text, trained = render_chat(tokenizer, doc.messages)
-    return replace(doc, text=text, trained=trained, messages=None)
 
 
 def _label_meta(packer: _Packer) -> dict[str, Any]:

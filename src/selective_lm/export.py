@@ -31,10 +31,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .blocks import decode_scores
 from .config import Config
 from .errors import UserError
 from .files import atomic_dir, atomic_path
-from .layout import OutDir, TokenStore, decode_scores
+from .layout import OutDir, TokenStore
 from .loss import forward_hidden, token_losses
 from .models import load_tokenizer, load_trained, token_texts, tokenizer_fingerprint
 from .selection import scores, select, trainable_mask

@@ -20,10 +20,11 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from .blocks import SCORE_STORAGE
 from .engine import check_launch, frozen_batch_size, to_device, uses_bf16
 from .errors import UserError
 from .files import atomic_path, read_json, write_json
-from .layout import SCORE_STORAGE, TokenStore
+from .layout import TokenStore
 from .loss import forward_hidden, token_losses
 
 T = TypeVar("T")
@@ -108,7 +109,7 @@ def ranks() -> Ranks:
 
 def encode_losses(losses: torch.Tensor, dtype: str) -> np.ndarray:
     """float32 losses as a score store of `dtype` holds them: rounded to nearest (NaN stays NaN), bfloat16
-    as its uint16 bit patterns (numpy has no bfloat16); `layout.decode_scores` reads them back."""
+    as its uint16 bit patterns (numpy has no bfloat16); `blocks.decode_scores` reads them back."""
     losses = losses.detach().cpu()
     if dtype == "bfloat16":
         return losses.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)

@@ -15,7 +15,7 @@ main process renames it and writes meta.json once all are done. One process: exa
 `scoring.dtype` (float32, float16, bfloat16) is the storage dtype of `ref_loss.npy`; the losses are
 computed in float32 and only rounded when stored. numpy has no bfloat16, so a bfloat16 store holds
 the bit patterns as uint16 (`"dtype": "bfloat16"` in meta.json); read it with
-`torch.from_numpy(np.load(path)).view(torch.bfloat16)` or `layout.decode_scores`. Readers in this
+`torch.from_numpy(np.load(path)).view(torch.bfloat16)` or `blocks.decode_scores`. Readers in this
 package (`OutDir.scores`) always get float32 values.
 """
 
@@ -27,11 +27,12 @@ from typing import Any
 import numpy as np
 
 from . import __version__
+from .blocks import BlockOrder
 from .config import Config
 from .errors import UserError
 from .files import fingerprint, read_json, write_json
 from .frozen import ranks, token_loss_pass
-from .layout import BlockOrder, OutDir
+from .layout import OutDir
 from .models import load_reference_model, load_tokenizer, tokenizer_fingerprint
 
 

@@ -26,10 +26,8 @@ Host work per optimizer step: batches go to the GPU pinned and asynchronously, t
 the gradient norm come back in one transfer (the step's one host sync besides the loss path's own),
 and the model is put back in train mode only after a learning-curve point or a self-reference pass.
 
-`slm train` (train.py) and `slm reference` (reference.py) both run it; it imports no stage.
-
-Metrics: `log.jsonl` on rank 0, and the same scalars through accelerate's TensorBoard tracker
-under `runs/<name>/tb/` when `tensorboard` is installed.
+`slm train` and `slm reference` both run it; it imports no stage. Metrics: `log.jsonl` on rank 0,
+and the same scalars through accelerate's TensorBoard tracker under `runs/<name>/tb/`.
 """
 
 from __future__ import annotations
@@ -48,6 +46,7 @@ from tqdm.auto import tqdm
 
 from . import __version__, runstats
 from .analysis import selection as diag
+from .blocks import BlockOrder, HalfScores
 from .checkpoint import Checkpoints, rng_state, set_rng_state, trainable
 from .config import BASELINE_METHODS, DISTILL, Config, SelectionRule, TrainConfig
 from .curve import LearningCurve
@@ -56,7 +55,7 @@ from .engine import Engine, free_memory, to_device
 from .errors import UserError
 from .files import atomic_path, fingerprint, read_json, write_json, write_text
 from .frozen import frozen_model, model_token_losses
-from .layout import BlockOrder, HalfScores, OutDir, RunDir, TokenStore
+from .layout import OutDir, RunDir, TokenStore
 from .loss import SelectiveLM, SelectiveLoss, forward_hidden
 from .models import (
     apply_lora,

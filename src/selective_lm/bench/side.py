@@ -14,13 +14,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..blocks import SCORE_STORAGE, decode_scores
 from ..config import Config, DataConfig
 from ..corpora import CORPORA
 from ..data import BATCH_DOCS, prepare
 from ..errors import UserError
 from ..files import atomic_path
 from ..frozen import encode_losses, model_token_losses
-from ..layout import SCORE_STORAGE, OutDir, decode_scores
+from ..layout import OutDir
 from ..models import load_model, load_tokenizer, tokenizer_fingerprint
 from ..selection import scores, select
 from .steps import PASS_VARIANTS, TRAIN_VARIANTS, run_case

@@ -46,7 +46,7 @@ class Document:
     are trained (a response, the assistant turns); None trains all of it. A chat corpus cannot
     render its conversations without the tokenizer, so it gives `messages` (role/content dicts)
     and an empty `text`: `slm prepare` renders them with the tokenizer's chat template into
-    `text` and `trained` (`data.render_chat`), which keeps corpora free of model loading.
+    `text` and `trained` (`chat.render_chat`), which keeps corpora free of model loading.
 
     `labels`: character spans [start, end) of `text` with a label kind (`noise.LABEL_KINDS`: CHAMP's
     annotated first wrong step); recorded in `noise_kind.npy` of a `Split` with `labelled=True`.

@@ -9,7 +9,7 @@ Supervised fine-tuning (`data.format`, not for .txt files):
 - `prompt_response`: the document is prompt + `data.separator` + response (from
   `data.prompt_field` and `data.response_field`); only the response is trained.
 - `chat`: `data.messages_field` holds a list of {role, content} messages; `slm prepare` renders
-  it with the tokenizer's chat template and trains the assistant turns only (`data.render_chat`).
+  it with the tokenizer's chat template and trains the assistant turns only (`chat.render_chat`).
 The fields are checked on the first row (a missing one names the columns there). A bad row later on —
 a field missing or not a string, an empty response, a conversation without an assistant turn or with a
 role chat templates do not know (`human`/`bot`) — stops `slm prepare` naming the file and line, unless
