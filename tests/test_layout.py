@@ -23,11 +23,12 @@ SIDE_STAGES = ("export", "bench")
 # Libraries of the stages: they import no stage at all.
 NON_STAGES = ("config", "layout", "blocks", "models", "loss", "distill", "runstats", "selection", "selfref", "frozen",
               "trainer", "engine", "checkpoint", "curve", "chat", "files", "errors", "noise", "assets", "plots",
-              "harness", "api", "hf_trainer", "outconfig", "configdoc", "report_selection")
+              "harness", "api", "hf_trainer", "outconfig", "configdoc", "report_selection",
+              "report_tables")
 # Every module of these is a library too (tasks/: lm-eval task code, loaded by lm-eval from its file).
 NON_STAGE_PACKAGES = ("corpora", "analysis", "tasks", "config")
 # Who may import a library that is no stage but belongs to one: plots draws for the report only.
-PRIVATE_TO = {"plots": {"report"}, "report_selection": {"report"}}
+PRIVATE_TO = {"plots": {"report"}, "report_selection": {"report", "report_tables"}, "report_tables": {"report"}}
 
 
 def _module_name(path: Path) -> str:

@@ -17,7 +17,6 @@ from typing import Any
 import numpy as np
 
 from . import plots
-from .analysis.buckets import BUCKETS
 from .config import Config
 from .errors import UserError
 from .files import read_json, write_text
@@ -32,6 +31,7 @@ from .report_selection import (
     selection_section,
     wrong_step_section,
 )
+from .report_tables import buckets_section, cosine_section, speed_section, tasks_section
 
 BASELINES = ("base", "reference", "clm", "oracle")
 NOT_SLM = {*BASELINES, "random", "distill"}  # runs that do not select by a score
@@ -130,10 +130,10 @@ def write_report(out: str | Path | OutDir, tokenizer: Any = None) -> dict[str, A
         f"# Selective LM report — preset `{results.get('preset', '?')}`, selective-lm {results.get('version', '?')}",
         _runs_section(runs, order, splits, results.get("other_runs") or []),
         _comparison_section(runs, order, splits),
-        _tasks_section(runs, order),
-        _speed_section(runs, order),
-        _buckets_section(bucket_panels),
-        _cosine_section(cos_names, cos_matrix),
+        tasks_section(runs, order),
+        speed_section(runs, order),
+        buckets_section(bucket_panels),
+        cosine_section(cos_names, cos_matrix),
         controls_section(results.get("comparisons") or {}, splits),
         selection_section(selection, sel_runs),
         kinds_section(selection, kind_runs, kinds, results.get("separation_step0") or {}),
@@ -433,90 +433,6 @@ def _verdict(g: _Group, clm: _Group | None, rnd: _Group | None, oracle: _Group |
             out.append(f"`{g.label}` improves on CLM without losing on any split"
                        + (f" ({', '.join(noise)} within noise)." if noise else "."))
     return " ".join(out)
-
-
-def _clm_of(name: str, runs: dict[str, dict[str, Any]], order: list[str]) -> str | None:
-    """The CLM run a model is compared with: the one of its seed, else the first."""
-    clms = [n for n in order if runs[n].get("method") == "clm"]
-    return next((n for n in clms if runs[n].get("seed") == runs[name].get("seed")), clms[0] if clms else None)
-
-
-def _with_stderr(value: float | None, stderr: float | None, spec: str) -> str:
-    if value is None or not np.isfinite(value):
-        return NA
-    return format(value, spec) + (f" ± {stderr:.3f}" if stderr is not None and np.isfinite(stderr) else "")
-
-
-def _tasks_section(runs: dict[str, dict[str, Any]], order: list[str]) -> str:
-    """One table per lm-eval task: each model's metrics with lm-eval's stderr, and the difference from CLM."""
-    title = "## Downstream tasks"
-    scores = {n: runs[n].get("tasks") or {} for n in order}
-    tasks = list(dict.fromkeys(t for n in order for t in scores[n]))
-    if not tasks:
-        return f"{title}\n\nNo task results (`eval.tasks`, e.g. `slm run eval.tasks=[champ_answer]`)."
-    text = [title, "lm-evaluation-harness metrics of each model (its tasks.json) ± lm-eval's standard error "
-            "over the task's documents. Δ vs CLM is the difference from the CLM run of the same seed, ± the two "
-            "standard errors combined as if independent (√(se₁² + se₂²)); both models answer the same documents, "
-            "so this overstates the noise of the difference. A Δ under twice its standard error is within noise."]
-    for task in tasks:
-        have = [n for n in order if task in scores[n]]
-        metrics = list(dict.fromkeys(m for n in have for m in scores[n][task] if not m.endswith("_stderr")))
-        rows = []
-        for n in have:
-            mine, clm = scores[n][task], _clm_of(n, runs, order)
-            theirs = scores[clm].get(task, {}) if clm is not None and clm != n else {}
-            row = [f"`{n}`"]
-            for m in metrics:
-                a, b = mine.get(m), theirs.get(m)
-                errors = [e for e in (mine.get(f"{m}_stderr"), theirs.get(f"{m}_stderr")) if e is not None]
-                se = float(np.hypot(*errors)) if len(errors) == 2 else None
-                row += [_with_stderr(a, mine.get(f"{m}_stderr"), ".3f"),
-                        _with_stderr(a - b, se, "+.3f") if a is not None and b is not None else NA]
-            rows.append(row)
-        text += [f"### `{task}`", md_table(["run"] + [c for m in metrics for c in (m, f"Δ {m} vs CLM")], rows)]
-    return "\n\n".join(text)
-
-
-def _speed_section(runs: dict[str, dict[str, Any]], order: list[str]) -> str:
-    title = "## Learning curves and tokens to CLM's final loss"
-    rows = [[f"`{n}`"] + [fmt(v, ",.0f") if v is not None else "never" for v in by_split.values()]
-            for n in order if (by_split := runs[n].get("tokens_to_clm_final_by_split"))]
-    if not rows:
-        return f"{title}\n\nNo learning curves (runs/*/curve.jsonl; `eval.every=0` turns them off)."
-    splits = next(iter(runs[n]["tokens_to_clm_final_by_split"] for n in order
-                       if runs[n].get("tokens_to_clm_final_by_split")))
-    clm = next((runs[n]["tokens_seen"] for n in order if runs[n].get("method") == "clm"), None)
-    return (f"{title}\n\nValidation loss on a fixed subset of each split during training "
-            "(plots/learning_curves.png), and the training tokens each run needs to reach the final loss of its "
-            f"CLM baseline on that subset (Rho-1's speed-up figure; CLM itself needs {fmt(clm, ',')}; "
-            "\"never\" = not within the run).\n\n" + md_table(["run"] + [f"{s} tokens" for s in splits], rows))
-
-
-def _buckets_section(panels: dict[str, dict[str, dict[str, float]]]) -> str:
-    text = ["## Token-bucket transitions"]
-    if not panels:
-        return text[0] + "\n\nNo bucket analysis in results.json (`buckets`, `buckets_trajectory`)."
-    about = {
-        "quantile method": "The replication's method: a token is H (high loss) if its loss exceeds a quantile "
-        "of the baseline model's losses; start = baseline loss, end = the run's loss on the same tokens.",
-        "trajectory method": "Rho-1's method: start and end are the ends of a straight line fitted to each "
-        "token's loss over the run's checkpoints, so one noisy snapshot does not decide a token's bucket.",
-    }
-    for title, table in panels.items():
-        rows = [[f"`{n}`"] + [fmt(100 * table[n][t], ".1f") if t in table[n] else NA for t in BUCKETS] for n in table]
-        text += [f"### {title.capitalize()}", about[title], md_table(["run"] + [f"{t} %" for t in BUCKETS], rows)]
-    return "\n\n".join(text)
-
-
-def _cosine_section(names: list[str], matrix: np.ndarray) -> str:
-    title = "## Cosine similarity of parameter updates"
-    if not names:
-        return f"{title}\n\nNo cosine similarities in results.json."
-    rows = [[f"`{a}`"] + [fmt(float(matrix[i, j]), ".3f") for j in range(len(names))] for i, a in enumerate(names)]
-    return (
-        f"{title}\n\nCosine between the runs' weight updates (final minus initial); 1 = same direction.\n\n"
-        + md_table([""] + [f"`{n}`" for n in names], rows)
-    )
 
 
 def _links_section(written: dict[str, Any]) -> str:
