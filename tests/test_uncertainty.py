@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from selective_lm.analysis import selection as diag
-from selective_lm.analysis.uncertainty import doc_sums, paired_delta, ratio_of_shares
-from selective_lm.analyze import tokens_to_reach
+from selective_lm.analysis.uncertainty import doc_sums, paired_delta, ratio_of_shares, tokens_to_reach
+from selective_lm.analyze import tokens_to_reach_point
 from selective_lm.layout import TokenStore
 
 
@@ -85,9 +85,29 @@ def test_spread_blocks_cover_every_document_before_filling() -> None:
 def test_tokens_to_reach_interpolates_and_says_never() -> None:
     curve = [{"tokens_seen": 0, "val_loss": {"v": 3.0}}, {"tokens_seen": 100, "val_loss": {"v": 2.0}},
              {"tokens_seen": 200, "val_loss": {"v": 1.0}}]
-    assert tokens_to_reach(curve, "v", 1.5) == pytest.approx(150.0)
-    assert tokens_to_reach(curve, "v", 3.5) == 0.0
-    assert tokens_to_reach(curve, "v", 0.5) is None
+    assert tokens_to_reach_point(curve, "v", 1.5) == pytest.approx(150.0)
+    assert tokens_to_reach_point(curve, "v", 3.5) == 0.0
+    assert tokens_to_reach_point(curve, "v", 0.5) is None
+
+
+def test_tokens_to_reach_bootstraps_documents() -> None:
+    """Point estimate = the interpolated crossing on all documents; the interval comes from documents drawn
+    with replacement for curve and target at once; a target some draws never reach gives an open bound."""
+    tokens = [0, 100, 200]
+    counts = np.array([10.0, 10.0, 10.0, 10.0])
+    run = np.array([[30.0, 30.0, 30.0, 30.0], [20.0, 21.0, 19.0, 20.0], [10.0, 11.0, 9.0, 10.0]])
+    r = tokens_to_reach(tokens, run, np.full(4, 15.0), counts, seed=3)
+    assert r["tokens"] == pytest.approx(150.0) and r["never"] == 0.0
+    assert 100 < r["lo"] <= r["tokens"] <= r["hi"] < 200
+    same = tokens_to_reach(tokens, np.repeat(run[:, :1], 4, axis=1), np.full(4, 15.0), counts, seed=3)
+    assert same["lo"] == same["hi"] == pytest.approx(150.0)  # identical documents: no spread
+    # one document never gets below the target: draws heavy in it never reach it
+    hard = run.copy()
+    hard[:, 0] = [30.0, 29.0, 28.0]
+    r = tokens_to_reach(tokens, hard, np.full(4, 17.0), counts, seed=3)
+    assert r["tokens"] is not None and r["hi"] is None and 0 < r["never"] < 1
+    with pytest.raises(ValueError, match="need tokens"):
+        tokens_to_reach(tokens, run[:2], np.full(4, 15.0), counts)
 
 
 def test_ratio_of_shares_is_paired_over_units() -> None:

@@ -43,7 +43,7 @@ from . import __version__
 from .analysis.buckets import quantile_buckets, trajectory_buckets
 from .analysis.selection import WRONG_STEP, outrank_probability
 from .analysis.similarity import full_delta, lora_delta_from_config, update_cosine
-from .analysis.uncertainty import doc_sums, paired_delta, ratio_of_shares
+from .analysis.uncertainty import doc_sums, first_reach, paired_delta, ratio_of_shares, tokens_to_reach
 from .config import Config
 from .errors import UserError
 from .evaluate import model_digest
@@ -295,28 +295,38 @@ def separation_step0(cfg: Config, out: OutDir) -> dict[str, dict[str, float | No
     return result
 
 
-def tokens_to_reach(curve: list[dict[str, Any]], split: str, target: float) -> float | None:
-    """Training tokens at which a learning curve first reaches `target` (linear between points), None if never."""
+def _curve_tokens(curve: list[dict[str, Any]], split: str) -> tuple[np.ndarray, np.ndarray]:
     points = [(r["tokens_seen"], r["val_loss"][split]) for r in curve if split in r.get("val_loss", {})]
-    for (t0, y0), (t1, y1) in zip([(None, None), *points], points, strict=False):
-        if y1 <= target:
-            if t0 is None or y0 == y1:
-                return float(t1)
-            return float(t0 + (t1 - t0) * (y0 - target) / (y0 - y1))
-    return None
+    return np.array([t for t, _ in points], dtype=np.float64), np.array([[v] for _, v in points], dtype=np.float64)
 
 
-def _tokens_to_clm_final(cfg: Config, out: OutDir, entries: dict[str, Any]) -> dict[str, dict[str, float | None]]:
-    """run -> split -> tokens the run needs to reach its CLM baseline's final curve loss (Rho-1's speed-up)."""
-    result: dict[str, dict[str, float | None]] = {}
+def tokens_to_reach_point(curve: list[dict[str, Any]], split: str, target: float) -> float | None:
+    """Training tokens at which a learning curve first reaches `target` (linear between points), None if never."""
+    tokens, losses = _curve_tokens(curve, split)
+    reached = first_reach(tokens, losses, [target])[0] if tokens.size else np.nan
+    return float(reached) if np.isfinite(reached) else None
+
+
+def _tokens_to_clm_final(cfg: Config, out: OutDir, entries: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """run -> split -> tokens the run needs to reach its CLM baseline's final curve loss (Rho-1's speed-up):
+    `point`, and `interval` (bootstrap over the curve subset's documents, `tokens_to_reach`) when the curves
+    hold each document's loss (`doc_nats`; older curves do not)."""
+    result: dict[str, dict[str, Any]] = {}
     for name in entries:
         base_name = _baseline(name, entries)
         curve = out.run(name).curve()
         base_curve = out.run(base_name).curve() if base_name else []
         if not curve or not base_curve:
             continue
-        result[name] = {split: tokens_to_reach(curve, split, base_curve[-1]["val_loss"][split])
-                        for split in base_curve[-1]["val_loss"]}
+        final = base_curve[-1]
+        for split in final["val_loss"]:
+            entry = {"point": tokens_to_reach_point(curve, split, final["val_loss"][split]), "interval": None}
+            docs = [r.get("doc_nats", {}).get(split) for r in curve]
+            target, counts = final.get("doc_nats", {}).get(split), final.get("doc_tokens", {}).get(split)
+            if target is not None and all(d is not None and len(d) == len(target) for d in docs):
+                entry["interval"] = tokens_to_reach([r["tokens_seen"] for r in curve], docs, target, counts,
+                                                    seed=cfg.train.seed)
+            result.setdefault(name, {})[split] = entry
     return result
 
 
@@ -340,8 +350,11 @@ def analyze(cfg: Config, out: str | Path | OutDir) -> dict[str, Any]:
         if name in by_kind:
             entry["val_by_kind"] = by_kind[name]
         first = next(iter(cfg.eval.splits), None)
-        entry["tokens_to_clm_final"] = speed.get(name, {}).get(first)
-        entry["tokens_to_clm_final_by_split"] = speed.get(name, {})
+        by_split = speed.get(name, {})
+        entry["tokens_to_clm_final"] = by_split[first]["point"] if first in by_split else None
+        entry["tokens_to_clm_final_by_split"] = {split: e["point"] for split, e in by_split.items()}
+        entry["tokens_to_clm_final_interval"] = {split: e["interval"] for split, e in by_split.items()
+                                                 if e["interval"] is not None}
     write_json(out.analysis, analysis)
     results = {"preset": cfg.preset, "version": __version__, "runs": entries,
                **{k: analysis[k] for k in ANALYSIS_KEYS}, "bucket_threshold": analysis["bucket_threshold"],

@@ -1,8 +1,10 @@
 """The learning curve of a run: validation loss of the current weights on fixed subsets of the eval splits.
 
 The subsets (`eval.curve_tokens` of each split, blocks spread over every document) are the same
-for every run and step, so the curves of a grid compare point by point. Every rank computes a
-point (a sharded model's forward needs them all); the trainer's main process writes it.
+for every run and step, so the curves of a grid compare point by point. Each point also keeps the
+summed loss of every document of the subset (`doc_nats`, with `doc_tokens`), so the analysis can
+bootstrap over documents how many tokens a run needs to reach a loss. Every rank computes a point
+(a sharded model's forward needs them all); the trainer's main process writes it.
 """
 
 from __future__ import annotations
@@ -25,6 +27,12 @@ class LearningCurve:
         self.stores: dict[str, TokenStore] = {
             s: out.store(s).spread(cfg.eval.curve_tokens) for s in cfg.eval.splits if out.store_dir(s).is_dir()}
         self.batch = 1
+        self.docs: dict[str, tuple[np.ndarray, list[int]]] = {}  # split -> (doc index per token, tokens per doc)
+        for split, store in self.stores.items():
+            targets = store.targets(slice(None), cfg.data.doc_boundaries)
+            _, index = np.unique(np.asarray(store.doc_ids), return_inverse=True)
+            index = index.reshape(targets.shape)
+            self.docs[split] = (index, np.bincount(index[targets], minlength=int(index.max()) + 1).tolist())
 
     def __bool__(self) -> bool:
         return bool(self.stores)
@@ -47,13 +55,19 @@ class LearningCurve:
     @torch.no_grad()
     def point(self, engine: Engine, module: torch.nn.Module, model: torch.nn.Module, step: int,
               tokens_seen: int) -> dict[str, Any]:
-        """Token-weighted mean loss on each split's subset, in eval mode (then train mode again)."""
+        """Token-weighted mean loss on each split's subset and each document's summed loss, in eval mode (then
+        train mode again); one host transfer per split."""
         model.eval()
-        val = {}
+        val, doc_nats, doc_tokens = {}, {}, {}
         for split, store in self.stores.items():
-            sums = [self._losses(engine, module, store, slice(i, i + self.batch)).nansum()
-                    for i in range(0, store.n_blocks, self.batch)]
-            count = float(store.targets(slice(None), self.cfg.data.doc_boundaries).sum())
-            val[split] = float(torch.stack(sums).double().sum()) / max(count, 1.0)
+            index, counts = self.docs[split]
+            index = torch.from_numpy(index).to(engine.device)
+            sums = torch.zeros(len(counts), dtype=torch.float64, device=engine.device)
+            for i in range(0, store.n_blocks, self.batch):
+                losses = self._losses(engine, module, store, slice(i, i + self.batch))
+                sums.index_add_(0, index[i:i + self.batch].reshape(-1), losses.double().nan_to_num(0.0).reshape(-1))
+            doc_nats[split], doc_tokens[split] = sums.tolist(), counts
+            val[split] = sum(doc_nats[split]) / max(sum(counts), 1)
         model.train()
-        return {"step": step, "tokens_seen": tokens_seen, "val_loss": val}
+        return {"step": step, "tokens_seen": tokens_seen, "val_loss": val, "doc_nats": doc_nats,
+                "doc_tokens": doc_tokens}

@@ -14,7 +14,7 @@ import math
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["doc_sums", "paired_delta", "ratio_of_shares"]
+__all__ = ["doc_sums", "first_reach", "paired_delta", "ratio_of_shares", "tokens_to_reach"]
 
 
 def doc_sums(losses: npt.ArrayLike, doc_ids: npt.ArrayLike) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -74,3 +74,50 @@ def ratio_of_shares(num_a: npt.ArrayLike, den_a: npt.ArrayLike, num_b: npt.Array
     reps = reps[np.isfinite(reps)]
     lo, hi = np.quantile(reps, [(1 - level) / 2, (1 + level) / 2]) if reps.size else (np.nan, np.nan)
     return {"ratio": float(point), "lo": float(lo), "hi": float(hi), "units": int(na.size)}
+
+
+def first_reach(tokens: npt.ArrayLike, losses: npt.ArrayLike, target: npt.ArrayLike) -> np.ndarray:
+    """Tokens at which each curve first reaches its target loss, linear between points; NaN = never.
+
+    tokens `[P]` (the curve's points), losses `[P, R]` (R curves on those points), target `[R]`.
+    """
+    x, y = np.asarray(tokens, dtype=np.float64), np.asarray(losses, dtype=np.float64)
+    goal = np.asarray(target, dtype=np.float64)
+    below = y <= goal
+    first = below.argmax(axis=0)
+    prev = np.maximum(first - 1, 0)
+    cols = np.arange(y.shape[1])
+    y0, y1 = y[prev, cols], y[first, cols]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        frac = np.where((first == 0) | (y0 == y1), 1.0, (y0 - goal) / (y0 - y1))
+    reached = x[prev] + (x[first] - x[prev]) * frac
+    return np.where(below.any(axis=0), reached, np.nan)
+
+
+def tokens_to_reach(tokens: npt.ArrayLike, run_nats: npt.ArrayLike, target_nats: npt.ArrayLike,
+                    counts: npt.ArrayLike, *, n_boot: int = 2000, level: float = 0.95,
+                    seed: int = 0) -> dict[str, float | None]:
+    """Training tokens a learning curve needs to reach a target loss, with a bootstrap interval over documents.
+
+    tokens `[P]`: the curve's points; run_nats `[P, D]`: each document's summed loss at each point;
+    target_nats `[D]`: each document's summed loss of the target (a baseline's final point); counts `[D]`:
+    tokens per document, the same for both. A replicate draws documents with replacement for the curve and
+    the target at once (paired). Returns {"tokens", "lo", "hi", "never"}: the point estimate on all
+    documents, the `level` percentile interval of the replicates and the share of replicates that never
+    reach the target; None stands for "never" (a bound past the curve's end).
+    """
+    x, run, goal, n = (np.asarray(a, dtype=np.float64) for a in (tokens, run_nats, target_nats, counts))
+    if run.ndim != 2 or run.shape != (x.size, n.size) or goal.shape != n.shape or n.size == 0:
+        raise ValueError(f"need tokens [P], run_nats [P, D], target_nats [D], counts [D]; got {x.shape}, "
+                         f"{run.shape}, {goal.shape}, {n.shape}")
+    weights = np.vstack([np.ones(n.size), np.random.default_rng(seed).multinomial(
+        n.size, np.full(n.size, 1.0 / n.size), size=n_boot)])
+    tokens_per = np.maximum(weights @ n, 1)
+    reach = first_reach(x, (run @ weights.T) / tokens_per, (weights @ goal) / tokens_per)
+    point, reps = reach[0], np.sort(np.where(np.isnan(reach[1:]), np.inf, reach[1:]))
+    lo, hi = (reps[int(q * (n_boot - 1))] for q in ((1 - level) / 2, (1 + level) / 2))
+
+    def finite(v: float) -> float | None:
+        return float(v) if np.isfinite(v) else None
+
+    return {"tokens": finite(point), "lo": finite(lo), "hi": finite(hi), "never": float(np.isinf(reps).mean())}

@@ -104,11 +104,11 @@ class DataConfig(Section):
         "train keeps 60 % of the problems (162), more than enough for its 300k tokens"
     )
     annotated_share: float = Field(
-        0.0, ge=0.0, lt=1.0, description="CHAMP: share of the train and val_noisy text taken from the "
+        0.25, ge=0.0, lt=1.0, description="CHAMP: share of the train and val_noisy text taken from the "
         "conversations whose first wrong step CHAMP annotates (token kinds after_wrong_step / before_wrong_step), "
         "interleaved with the others from the start of the split until they run out: 0.25 puts about 2.6k of their "
-        "tokens in the default study's 20k trained and 8 documents in val_noisy's evaluation; 0 (the default until "
-        "the default study is remeasured with them) = their natural share (about 3 %: 540 of 19,440 conversations)")
+        "tokens in the default study's 20k trained and 8 documents in val_noisy's evaluation; 0 = their natural "
+        "share (about 3 %: 540 of 19,440 conversations; the document order of releases before the labels)")
     bad_rows: Literal["error", "skip"] = Field(
         "error", description="custom corpora: a row without its fields' text (missing, not a string, an empty "
         "response, a conversation without an assistant turn or with an unknown role) stops `slm prepare` naming "

@@ -134,9 +134,10 @@ class ExportConfig(Section):
 
 class GridConfig(Section):
     methods: list[GridMethod] = Field(
-        default_factory=lambda: ["topk", "random", "stochastic"], description="the grid's methods besides CLM and "
-        "the oracle: selection strategies, run at every ratio of grid.ratios (bottomk: the sign check), and "
-        "distill, run once (it trains every token)")
+        default_factory=lambda: ["topk", "random", "stochastic", "bottomk", "distill"], description="the grid's "
+        "methods besides CLM and the oracle: selection strategies, run at every ratio of grid.ratios (bottomk: the "
+        "sign check), and distill, run once (it trains every token). The default is the full grid; the default "
+        "study's preset (champ-smollm2) keeps topk, random, bottomk and distill at ratio 0.5 for its CPU budget")
     ratios: list[float] = Field(default_factory=lambda: [0.5, 0.3])
     rules: list[Literal[RULES]] = Field(  # type: ignore[valid-type]
         default_factory=lambda: ["topk"], description="train.rule of the grid's runs: topk runs every method x "
