@@ -2,7 +2,9 @@
 what the reference knows? Every token is trained with its CE plus `train.kd_weight` x KL(reference || student)
 on the next-token distribution (`train.kd_temperature`). The reference's logits are computed online, in the
 step, from the reference model's hidden states (the simplest choice: no cache of top-k probabilities beside
-the scores, at the cost of one reference forward per micro-batch, as `scoring.mode=online`).
+the scores, at the cost of one reference forward per micro-batch, as `scoring.mode=online`). With a frozen
+linear student head (LoRA) the row gradients come out of the forward, as CLM's (`loss._FrozenLinearCE`): each
+chunk's logits are made once, never recomputed in backward.
 
 Pure tensor functions; `SelectiveLM` calls a `Distill` in its forward (a `loss.Objective`), so the engines
 see an ordinary forward/backward.
@@ -22,6 +24,7 @@ from .loss import (
     MAX_CHUNK_LOGITS,
     SelectiveLoss,
     _check_selection,
+    _frozen_linear,
     _logits,
     _result,
     _target_positions,
@@ -73,6 +76,42 @@ def _distill_chunk(head: nn.Module, rows: Tensor, ref_head: nn.Module, ref_rows:
     return (ce + weight * kl).sum(), ce.detach()
 
 
+class _FrozenLinearDistill(torch.autograd.Function):
+    """(CE + weight x KL) `[N]` of rows `[N, H]` through a frozen linear student head, with the row gradients
+    computed in the forward: d/dz = softmax(z) - onehot + weight x T x (softmax(z / T) - softmax(r / T)), times the
+    head's weight. Also returns the CE `[N]` (not differentiable)."""
+
+    @staticmethod
+    def forward(ctx, head: nn.Linear, rows: Tensor, ref_head: nn.Module, ref_rows: Tensor,  # type: ignore[override]
+                targets: Tensor, weight: float, temperature: float, chunk: int) -> tuple[Tensor, Tensor]:
+        totals, ces, grads = [], [], []
+        for i in range(0, len(rows), chunk):
+            z = _logits(head, rows[i:i + chunk])
+            y = targets[i:i + chunk]
+            picked = torch.arange(len(y), device=y.device)
+            log_p1 = z.log_softmax(-1)
+            ce = -log_p1[picked, y]
+            log_pt = log_p1 if temperature == 1 else (z / temperature).log_softmax(-1)
+            log_q = (_logits(ref_head, ref_rows[i:i + chunk]) / temperature).log_softmax(-1)
+            q = log_q.exp()
+            kl = (q * (log_q - log_pt)).sum(-1) * temperature**2
+            grad = log_pt.exp().sub_(q).mul_(weight * temperature)
+            grad += log_p1.exp_()
+            grad[picked, y] -= 1
+            totals.append(ce + weight * kl)
+            ces.append(ce)
+            grads.append((grad.to(head.weight.dtype) @ head.weight).to(rows.dtype))
+        ctx.save_for_backward(torch.cat(grads))
+        ce = torch.cat(ces)
+        ctx.mark_non_differentiable(ce)
+        return torch.cat(totals), ce
+
+    @staticmethod
+    def backward(ctx, grad_totals: Tensor, _: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        (grads,) = ctx.saved_tensors
+        return None, grads * grad_totals.unsqueeze(1).to(grads.dtype), None, None, None, None, None, None
+
+
 def distill_lm_loss(model: nn.Module, input_ids: Tensor, valid: Tensor, distill: Distill, *,
                     attention_mask: Tensor | None = None, chunk_size: int = DEFAULT_CHUNK_SIZE) -> SelectiveLoss:
     """The distillation control's loss of one micro-batch: every valid token trained with its CE plus
@@ -80,8 +119,8 @@ def distill_lm_loss(model: nn.Module, input_ids: Tensor, valid: Tensor, distill:
 
     As a `SelectiveLoss` that selects every valid token: loss_sum is the summed objective (with grad),
     loss_selected the mean CE (the figure comparable with CLM's loss). Rows go through both heads a chunk
-    at a time (`MAX_CHUNK_LOGITS`), checkpointed when there is more than one chunk, so the two `N x V`
-    logit tensors never exist at once.
+    at a time (`MAX_CHUNK_LOGITS`), so the two `N x V` logit tensors never exist at once: with a frozen linear
+    head the row gradients are made in the forward, otherwise each chunk is checkpointed when there are several.
     """
     _check_selection(valid, input_ids.shape, "none", 1.0, "topk", False, None)
     hidden, head = forward_hidden(model, input_ids, attention_mask)
@@ -93,13 +132,19 @@ def distill_lm_loss(model: nn.Module, input_ids: Tensor, valid: Tensor, distill:
     chunk = min(chunk_size, max(1, MAX_CHUNK_LOGITS // vocab)) if vocab else chunk_size
     rows, ref_rows, targets = hidden[b, t - 1], distill.hidden[b, t - 1].detach(), input_ids[b, t]
     n = rows.shape[0]
-    sums, ces = [], []
-    for i in range(0, max(n, 1), chunk):  # max(n, 1): an empty batch still yields a graph
-        args = (head, rows[i:i + chunk], distill.head, ref_rows[i:i + chunk], targets[i:i + chunk],
-                distill.weight, distill.temperature)
-        total, ce = checkpoint(_distill_chunk, *args, use_reentrant=False) if n > chunk else _distill_chunk(*args)
-        sums.append(total)
-        ces.append(ce)
-    own = torch.full(input_ids.shape, torch.nan, dtype=ces[0].dtype, device=ces[0].device).index_put(
-        (b, t), torch.cat(ces))
-    return _result(torch.stack(sums).sum(), own, torch.zeros_like(own), valid, valid)
+    if n and _frozen_linear(head):
+        totals, ce = _FrozenLinearDistill.apply(head, rows, distill.head, ref_rows, targets, distill.weight,
+                                                distill.temperature, chunk)
+        total = totals.sum()
+    else:
+        sums, ces = [], []
+        for i in range(0, max(n, 1), chunk):  # max(n, 1): an empty batch still yields a graph
+            args = (head, rows[i:i + chunk], distill.head, ref_rows[i:i + chunk], targets[i:i + chunk],
+                    distill.weight, distill.temperature)
+            part, part_ce = (checkpoint(_distill_chunk, *args, use_reentrant=False) if n > chunk
+                             else _distill_chunk(*args))
+            sums.append(part)
+            ces.append(part_ce)
+        total, ce = torch.stack(sums).sum(), torch.cat(ces)
+    own = torch.full(input_ids.shape, torch.nan, dtype=ce.dtype, device=ce.device).index_put((b, t), ce)
+    return _result(total, own, torch.zeros_like(own), valid, valid)

@@ -15,13 +15,14 @@ from torch._C._profiler import _EventType
 from torch.profiler import ProfilerActivity, profile
 
 from ..config import ModelConfig
+from ..distill import Distill, distill_lm_loss
 from ..engine import compile_layers, compiles
 from ..frozen import frozen_model, model_token_losses
 from ..loss import forward_hidden, selective_lm_loss, valid_mask
 from ..models import apply_lora, load_model
 
 LARGE_VOCAB_MODEL = "random:tiny-llama"  # hidden 64, 2 layers: the loss path dominates the step
-TRAIN_VARIANTS = ("clm", "slm", "naive")
+TRAIN_VARIANTS = ("clm", "slm", "naive", "distill")
 PASS_VARIANTS = ("score", "forward", "backbone")
 _MB = 1e6
 
@@ -113,6 +114,14 @@ def _variants(
         loss.backward()
         _optimizer_step(params, opt, float(mask.sum()))
 
+    def distill() -> None:  # train.method=distill: the reference's hidden states online, CE + KL on every token
+        with _autocast(device):
+            with torch.no_grad():
+                hidden, head = forward_hidden(frozen, ids)
+            out = distill_lm_loss(student, ids, valid, Distill(hidden, head, 1.0, 1.0), chunk_size=chunk_size)
+        out.loss_sum.backward()
+        _optimizer_step(params, opt, float(out.n_selected))
+
     @torch.no_grad()
     def forward() -> None:
         with _autocast(device):
@@ -127,6 +136,7 @@ def _variants(
         "clm": lambda: train("none", 1.0),
         "slm": lambda: train("excess", ratio),
         "naive": naive,
+        "distill": distill,
         "score": lambda: model_token_losses(frozen, ids, valid, chunk_size),
         "forward": forward,
         "backbone": backbone,
