@@ -24,7 +24,7 @@ from .loss import (
     _check_selection,
     _logits,
     _result,
-    _target_positions,
+    _shifted_rows,
     forward_hidden,
 )
 
@@ -65,12 +65,12 @@ def distill_token_losses(logits: Tensor, ref_logits: Tensor, targets: Tensor,
 
 
 def _distill_chunk(head: nn.Module, rows: Tensor, ref_head: nn.Module, ref_rows: Tensor, targets: Tensor,
-                   weight: float, temperature: float) -> tuple[Tensor, Tensor]:
-    """Σ (CE + weight x KL) of a chunk of rows (with grad), and its CE per row (no grad)."""
+                   trained: Tensor, weight: float, temperature: float) -> tuple[Tensor, Tensor]:
+    """Σ (CE + weight x KL) of a chunk's `trained` rows (with grad), and its CE per row (no grad)."""
     with torch.no_grad():
         ref = _logits(ref_head, ref_rows)
     ce, kl = distill_token_losses(_logits(head, rows), ref, targets, temperature)
-    return (ce + weight * kl).sum(), ce.detach()
+    return torch.where(trained, ce + weight * kl, 0).sum(), ce.detach()
 
 
 def distill_lm_loss(model: nn.Module, input_ids: Tensor, valid: Tensor, distill: Distill, *,
@@ -88,18 +88,20 @@ def distill_lm_loss(model: nn.Module, input_ids: Tensor, valid: Tensor, distill:
     if distill.hidden.shape[:2] != input_ids.shape:
         raise ValueError(f"reference hidden states {tuple(distill.hidden.shape)} do not fit input_ids "
                          f"{tuple(input_ids.shape)}")
-    b, t = _target_positions(valid)
+    rows, targets = _shifted_rows(hidden, input_ids, valid)  # every position t >= 1: no host sync
+    ref_rows = _shifted_rows(distill.hidden.detach(), input_ids, valid)[0]
+    trained = valid[:, 1:].flatten()
     vocab = max(getattr(head, "out_features", 0) or 0, getattr(distill.head, "out_features", 0) or 0)
     chunk = min(chunk_size, max(1, MAX_CHUNK_LOGITS // vocab)) if vocab else chunk_size
-    rows, ref_rows, targets = hidden[b, t - 1], distill.hidden[b, t - 1].detach(), input_ids[b, t]
     n = rows.shape[0]
     sums, ces = [], []
     for i in range(0, max(n, 1), chunk):  # max(n, 1): an empty batch still yields a graph
         args = (head, rows[i:i + chunk], distill.head, ref_rows[i:i + chunk], targets[i:i + chunk],
-                distill.weight, distill.temperature)
+                trained[i:i + chunk], distill.weight, distill.temperature)
         total, ce = checkpoint(_distill_chunk, *args, use_reentrant=False) if n > chunk else _distill_chunk(*args)
         sums.append(total)
         ces.append(ce)
-    own = torch.full(input_ids.shape, torch.nan, dtype=ces[0].dtype, device=ces[0].device).index_put(
-        (b, t), torch.cat(ces))
+    ce = torch.cat(ces).view(input_ids.shape[0], -1)
+    nan = torch.full((), torch.nan, dtype=ce.dtype, device=ce.device)
+    own = torch.cat([nan.expand(input_ids.shape[0], 1), torch.where(valid[:, 1:], ce, nan)], dim=1)
     return _result(torch.stack(sums).sum(), own, torch.zeros_like(own), valid, valid)

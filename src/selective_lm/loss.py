@@ -172,14 +172,6 @@ def _rows_ce(head: nn.Module, rows: Tensor, targets: Tensor, chunk_size: int) ->
     return torch.cat(parts)
 
 
-def _target_positions(mask: Tensor) -> tuple[Tensor, Tensor]:
-    """(b, t) index vectors of the True entries of `mask [B, T]` with t >= 1, row-major (reads their count on
-    the host: a device sync)."""
-    b, t = mask.nonzero(as_tuple=True)
-    keep = t > 0
-    return b[keep], t[keep]
-
-
 def _shifted_rows(hidden: Tensor, input_ids: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
     """(rows `[B x (T-1), H]`, targets `[B x (T-1)]`): hidden[b, t - 1] and input_ids[b, t] for every t >= 1,
     row-major. Rows where `mask [B, T]` is False are zeros, so that whatever a padded position holds (NaN from
