@@ -15,10 +15,10 @@ With grad there are two paths:
   in the forward, chunk by chunk, as (softmax - one-hot) @ weight, and kept as `[N, H]`;
   backward only scales it by the incoming gradient. The head costs one forward and one
   input-gradient matmul per row, nothing is recomputed, and the peak is about one chunk of
-  logits (computed in place). SLM at ratio >= 0.5 (and soft selection) computes every valid
-  row's loss with grad in one pass, selects, and sums the selected ones: 2 head matmuls per
-  row, as CLM. Below ratio 0.5 a no-grad pass scores every row and only the selected rows get
-  the grad pass: 1 + 2 x ratio matmuls per row, fewer than 2.
+  logits (computed in place). SLM at ratio >= 0.5 (and soft selection) computes every row's
+  loss with grad in one pass, selects, and sums the selected ones: 2 head matmuls per row, as
+  CLM. Below ratio 0.5 a no-grad pass scores every row and only the selected rows get the grad
+  pass: 1 + 2 x ratio matmuls per row, fewer than 2.
 - Any other head (trainable weights in full fine-tuning, a LoRA-wrapped lm_head): every chunk,
   when there is more than one, is checkpointed (its logits are recomputed in backward instead
   of kept); SLM computes all losses without grad first, then only the selected rows with grad,
@@ -26,6 +26,12 @@ With grad there are two paths:
   `tests/test_loss.py::test_loss_path_peak_memory_is_a_few_chunks`: V = 150k, 1024 tokens,
   chunk 128 -> full logits 614 MB; peak of this path 240 MB for forward + backward, against
   1853 MB for the naive head + cross_entropy + backward.
+
+No value is read on the host (a device sync: on a GPU the host waits for the queue to drain), so
+shapes never depend on the data: "every row" is every position t >= 1, a zero row where it has no
+target (padding, prompt), and the selected rows are gathered to a count known on the host,
+`selection.max_selected` (ratio x tokens: the selected count when every position has a target,
+filler rows of weight 0 otherwise).
 """
 
 from __future__ import annotations
@@ -187,9 +193,9 @@ def _gathered_rows(hidden: Tensor, input_ids: Tensor, weights: Tensor, size: int
     width = input_ids.shape[1] - 1
     w = weights[:, 1:].flatten()
     chosen = w != 0
-    ahead = chosen.cumsum(0)  # chosen positions up to and including each one
-    place = torch.where(chosen, ahead - 1, chosen.sum() + torch.arange(len(w), device=w.device) - ahead)
-    _check_on_device(chosen.sum() <= size, f"more than size={size} nonzero weights")
+    ahead, count = chosen.cumsum(0), chosen.sum()  # chosen positions up to and including each one; all
+    place = torch.where(chosen, ahead - 1, count + torch.arange(len(w), device=w.device) - ahead)
+    _check_on_device(count <= size, f"more than size={size} nonzero weights")
     order = torch.empty_like(place).scatter_(0, place, torch.arange(len(w), device=w.device))[:size]
     b, t = order // width, order % width
     w = w[order]
