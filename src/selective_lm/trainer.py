@@ -23,7 +23,7 @@ init is seeded by `train.seed` (as is the global RNG that dropout draws from); l
 needs MPI and otherwise starts one process).
 
 Host work per optimizer step: batches go to the GPU pinned and asynchronously, the statistics and
-the gradient norm come back in one transfer (the step's one host sync besides the loss path's own),
+the gradient norm come back in one transfer (the step's one host sync: the loss path has none),
 and the model is put back in train mode only after a learning-curve point or a self-reference pass.
 
 `slm train` and `slm reference` both run it; it imports no stage. Metrics: `log.jsonl` on rank 0,
