@@ -167,6 +167,30 @@ def test_overhead_case_counts_one_sync_per_step_and_catches_one_more_per_micro_b
     assert _overhead(tmp_path)["extra_syncs_per_step"] == 1 + 3
 
 
+@pytest.mark.parametrize(("method", "lora"), [("topk", True), ("stochastic", False), ("oracle", True)])
+def test_more_micro_batches_add_no_host_sync_but_the_models_own(smoke_out: Path, method: str, lora: bool) -> None:
+    """A micro-batch more adds only the model's own reads (transformers' causal mask, per forward): none in the
+    loss, the selection or the statistics. The step reads its sums once (`tolist`); AdamW also reads its step
+    counters, which live on the host on any device (not a device sync, but counted on a CPU run)."""
+    from selective_lm.bench.overhead import count_host_syncs
+    from selective_lm.loss import forward_hidden
+    from selective_lm.trainer import Trainer
+
+    totals = []
+    for accum in (1, 4):
+        cfg = load_config("smoke", overrides=[f"train.method={method}", "train.ratio=0.3", f"train.grad_accum={accum}",
+                                              f"model.lora={str(lora).lower()}", "eval.every=0"])
+        trainer = Trainer(cfg, OutDir(smoke_out), OutDir(smoke_out).run(f"accum{accum}"))
+        trainer.model.train()
+        with torch.no_grad(), count_host_syncs() as model_own:
+            forward_hidden(trainer.model, next(trainer._micro_batches(1)).ids)
+        with count_host_syncs() as counts:
+            trainer._step(1)
+        assert counts["tolist"] == 1
+        totals.append(sum(counts.values()) - accum * sum(model_own.values()))
+    assert totals[0] == totals[1]
+
+
 def test_a_cpu_launch_that_started_one_of_several_processes_is_refused(smoke_out: Path, capsys, monkeypatch) -> None:
     """`accelerate launch --cpu --num_processes 2` without MPI starts one process (its environment says so): exit 2."""
     for key, value in {"ACCELERATE_USE_CPU": "True", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}.items():

@@ -12,11 +12,13 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from selective_lm.bench import tensor_peak_bytes
+from selective_lm.bench.overhead import count_host_syncs
 from selective_lm.loss import (
     forward_hidden,
     scores,
     selected_loss_sum,
     selective_lm_loss,
+    selective_loss_of_losses,
     token_losses,
     valid_mask,
 )
@@ -190,6 +192,85 @@ def test_efficient_loss_and_gradients_equal_the_naive_implementation(
     for name, g in reference.items():
         assert g.abs().sum() > 0, name
         torch.testing.assert_close(efficient[name], g, rtol=1e-5, atol=1e-12, msg=name)
+
+
+SYNC_CASES = [  # (strategy, score kind, ratio, scope, soft, units): both head paths, every strategy
+    ("topk", "excess", 1.0, "batch", False, 1),  # CLM (the oracle is CLM on another valid mask)
+    ("topk", "excess", 0.3, "batch", False, 1),
+    ("topk", "excess", 0.6, "sequence", False, 3),
+    ("random", "none", 0.3, "sequence", False, 1),
+    ("stochastic", "excess", 0.3, "batch", False, 3),
+    ("stochastic_positive", "excess", 0.4, "batch", False, 1),
+    ("bottomk", "loss", 0.3, "batch", False, 1),
+    ("topk", "excess", 0.3, "batch", True, 1),
+]
+
+
+def test_the_sync_counter_sees_value_reads_and_mask_indexing() -> None:
+    x = torch.arange(6.0)
+    with count_host_syncs() as counts:
+        float(x.sum())
+        x[x > 2].sum()
+        x[x > 4] = 0
+        x[torch.tensor([0, 1])] = 1  # an index tensor, not a mask: no sync
+    assert sum(counts.values()) == 3, counts
+
+
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
+@pytest.mark.parametrize(("strategy", "score_kind", "ratio", "scope", "soft", "units"), SYNC_CASES)
+def test_the_loss_path_reads_nothing_on_the_host(lora, strategy, score_kind, ratio, scope, soft, units) -> None:
+    """On a GPU every read of a value on the host (or shape that depends on the data) waits for the queue to
+    drain: the loss, its selection and its backward add none to the model's own forward (transformers reads
+    the attention mask, or the position ids for packed sequences)."""
+    model = tiny_llama(tied=False, lora=lora)
+    ids, attention, valid = batch()
+    ref_loss = torch.rand(ids.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64) * 5
+    gens = [torch.Generator().manual_seed(m) for m in range(units)]
+    with torch.no_grad(), count_host_syncs() as model_own:
+        forward_hidden(model, ids, attention)
+    with count_host_syncs() as counts:
+        out = selective_lm_loss(model, ids, valid, ref_loss, score_kind=score_kind, ratio=ratio, strategy=strategy,
+                                scope=scope, soft=soft, generator=gens, units=units, attention_mask=attention,
+                                chunk_size=4)
+        out.loss_sum.backward()
+    assert counts == model_own
+    with count_host_syncs() as counts:
+        losses = torch.rand(ids.shape, dtype=torch.float64, requires_grad=True)
+        selective_loss_of_losses(torch.where(valid, losses, torch.nan), valid, ref_loss, score_kind=score_kind,
+                                 ratio=ratio, strategy=strategy, scope=scope, soft=soft, generator=gens,
+                                 units=units).loss_sum.backward()
+    assert not counts
+
+
+def test_non_finite_scores_make_the_loss_nan_or_with_check_finite_raise() -> None:
+    """Without a host read a bad score cannot raise: it makes loss_sum NaN, which the trainer reads once per step."""
+    model = tiny_llama(tied=True)
+    ids, attention, valid = batch()
+    ref_loss = torch.zeros(ids.shape, dtype=torch.float64)
+    ref_loss[0, 3] = torch.nan  # a valid position
+    for ratio in (1.0, 0.3):
+        out = selective_lm_loss(model, ids, valid, ref_loss, ratio=ratio, attention_mask=attention)
+        assert torch.isnan(out.loss_sum) and out.n_selected > 0
+    ref_loss[0, 3] = 0.0
+    ref_loss[0, 0] = ref_loss[2, 10] = torch.nan  # not valid: position 0 and padding
+    assert torch.isfinite(selective_lm_loss(model, ids, valid, ref_loss, ratio=0.3, attention_mask=attention).loss_sum)
+    losses = token_losses(*forward_hidden(model, ids, attention), ids, valid)
+    ref_loss[0, 3] = torch.inf
+    with pytest.raises(ValueError, match="finite"):
+        selective_loss_of_losses(losses, valid, ref_loss, ratio=0.5, check_finite=True)
+    assert torch.isnan(selective_loss_of_losses(losses, valid, ref_loss, ratio=0.5).loss_sum)
+
+
+def test_selected_loss_sum_of_a_gather_too_small_for_the_weights_is_refused() -> None:
+    hidden, ids = torch.randn(2, 5, 4, dtype=torch.float64), torch.randint(7, (2, 5))
+    head = nn.Linear(4, 7, bias=False).double()
+    weights = torch.zeros(2, 5)
+    weights[0, 2], weights[1, 4], weights[1, 1] = 0.5, 2.0, 1.0
+    full = selected_loss_sum(hidden, head, ids, weights)
+    for size in (3, 5):  # the three rows, then two filler rows of weight 0
+        torch.testing.assert_close(selected_loss_sum(hidden, head, ids, weights, size=size), full)
+    with pytest.raises(ValueError, match="more than size=2 nonzero weights"):
+        selected_loss_sum(hidden, head, ids, weights, size=2)
 
 
 def test_statistics_of_a_topk_selection() -> None:

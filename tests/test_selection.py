@@ -13,7 +13,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from selective_lm.selection import STRATEGIES, num_selected, select
+from selective_lm.selection import STRATEGIES, max_selected, num_selected, select
 
 HARD_STRATEGIES = sorted(STRATEGIES)
 SCOPES = ["batch", "sequence", "global"]  # global without a process group is batch
@@ -72,6 +72,19 @@ def test_exact_count_within_valid_and_deterministic(batch, ratio, strategy, scop
     counts = units(mask, scope).sum(dim=1)
     assert torch.equal(counts, num_selected(units(valid, scope).sum(dim=1), ratio))
     assert torch.equal(mask, select(scores, ratio, strategy, scope, valid, gen(7)))
+
+
+@given(batch=batches(), ratio=ratios, strategy=st.sampled_from(HARD_STRATEGIES), scope=st.sampled_from(SCOPES),
+       soft=st.booleans())
+def test_max_selected_bounds_the_count_whatever_is_valid_and_is_it_when_all_are(batch, ratio, strategy, scope,
+                                                                                soft) -> None:
+    """The loss path gathers `max_selected` rows, a size known on the host: it must hold every chosen token."""
+    scores, valid = batch
+    bound = max_selected(*valid.shape, ratio, scope, soft=soft)
+    assert int((select(scores, ratio, strategy, scope, valid, gen(3), soft=soft) != 0).sum()) <= bound
+    everything = torch.ones_like(valid)
+    all_valid = select(scores.nan_to_num(0.0), ratio, strategy, scope, everything, gen(3))
+    assert int(all_valid.sum()) == max_selected(*valid.shape, ratio, scope)
 
 
 @given(batch=batches(), ratio=ratios, strategy=st.sampled_from(HARD_STRATEGIES), data=st.data())

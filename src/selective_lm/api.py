@@ -162,7 +162,7 @@ def selective_loss(
         return selective_loss_of_losses(losses, valid, ref_loss, score_kind=r.score, ratio=r.ratio,
                                         strategy=r.strategy, scope=rule.scope, generator=generator,
                                         temperature=rule.temperature, soft=rule.soft, threshold=r.threshold,
-                                        group=group)
+                                        group=group, check_finite=True)
     except ValueError as e:
         raise UserError(str(e)) from None
 

@@ -27,7 +27,7 @@ from .loss import (
     _frozen_linear,
     _logits,
     _result,
-    _target_positions,
+    _shifted_rows,
     forward_hidden,
 )
 
@@ -68,22 +68,23 @@ def distill_token_losses(logits: Tensor, ref_logits: Tensor, targets: Tensor,
 
 
 def _distill_chunk(head: nn.Module, rows: Tensor, ref_head: nn.Module, ref_rows: Tensor, targets: Tensor,
-                   weight: float, temperature: float) -> tuple[Tensor, Tensor]:
-    """Σ (CE + weight x KL) of a chunk of rows (with grad), and its CE per row (no grad)."""
+                   trained: Tensor, weight: float, temperature: float) -> tuple[Tensor, Tensor]:
+    """Σ (CE + weight x KL) of a chunk's `trained` rows (with grad), and its CE per row (no grad)."""
     with torch.no_grad():
         ref = _logits(ref_head, ref_rows)
     ce, kl = distill_token_losses(_logits(head, rows), ref, targets, temperature)
-    return (ce + weight * kl).sum(), ce.detach()
+    return torch.where(trained, ce + weight * kl, 0).sum(), ce.detach()
 
 
 class _FrozenLinearDistill(torch.autograd.Function):
-    """(CE + weight x KL) `[N]` of rows `[N, H]` through a frozen linear student head, with the row gradients
-    computed in the forward: d/dz = softmax(z) - onehot + weight x T x (softmax(z / T) - softmax(r / T)), times the
-    head's weight. Also returns the CE `[N]` (not differentiable)."""
+    """(CE + weight x KL) `[N]` of rows `[N, H]` through a frozen linear student head, 0 where not `trained`, with
+    the row gradients computed in the forward: d/dz = softmax(z) - onehot + weight x T x (softmax(z / T) -
+    softmax(r / T)), times the head's weight. Also returns the CE `[N]` (not differentiable)."""
 
     @staticmethod
     def forward(ctx, head: nn.Linear, rows: Tensor, ref_head: nn.Module, ref_rows: Tensor,  # type: ignore[override]
-                targets: Tensor, weight: float, temperature: float, chunk: int) -> tuple[Tensor, Tensor]:
+                targets: Tensor, trained: Tensor, weight: float, temperature: float,
+                chunk: int) -> tuple[Tensor, Tensor]:
         totals, ces, grads = [], [], []
         for i in range(0, len(rows), chunk):
             z = _logits(head, rows[i:i + chunk])
@@ -98,7 +99,9 @@ class _FrozenLinearDistill(torch.autograd.Function):
             grad = log_pt.exp().sub_(q).mul_(weight * temperature)
             grad += log_p1.exp_()
             grad[picked, y] -= 1
-            totals.append(ce + weight * kl)
+            keep = trained[i:i + chunk]
+            grad.mul_(keep.unsqueeze(1))
+            totals.append(torch.where(keep, ce + weight * kl, 0))
             ces.append(ce)
             grads.append((grad.to(head.weight.dtype) @ head.weight).to(rows.dtype))
         ctx.save_for_backward(torch.cat(grads))
@@ -109,7 +112,7 @@ class _FrozenLinearDistill(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_totals: Tensor, _: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         (grads,) = ctx.saved_tensors
-        return None, grads * grad_totals.unsqueeze(1).to(grads.dtype), None, None, None, None, None, None
+        return None, grads * grad_totals.unsqueeze(1).to(grads.dtype), None, None, None, None, None, None, None
 
 
 def distill_lm_loss(model: nn.Module, input_ids: Tensor, valid: Tensor, distill: Distill, *,
@@ -127,24 +130,27 @@ def distill_lm_loss(model: nn.Module, input_ids: Tensor, valid: Tensor, distill:
     if distill.hidden.shape[:2] != input_ids.shape:
         raise ValueError(f"reference hidden states {tuple(distill.hidden.shape)} do not fit input_ids "
                          f"{tuple(input_ids.shape)}")
-    b, t = _target_positions(valid)
+    rows, targets = _shifted_rows(hidden, input_ids, valid)  # every position t >= 1: no host sync
+    ref_rows = _shifted_rows(distill.hidden.detach(), input_ids, valid)[0]
+    trained = valid[:, 1:].flatten()
     vocab = max(getattr(head, "out_features", 0) or 0, getattr(distill.head, "out_features", 0) or 0)
     chunk = min(chunk_size, max(1, MAX_CHUNK_LOGITS // vocab)) if vocab else chunk_size
-    rows, ref_rows, targets = hidden[b, t - 1], distill.hidden[b, t - 1].detach(), input_ids[b, t]
     n = rows.shape[0]
     if n and _frozen_linear(head):
-        totals, ce = _FrozenLinearDistill.apply(head, rows, distill.head, ref_rows, targets, distill.weight,
+        totals, ce = _FrozenLinearDistill.apply(head, rows, distill.head, ref_rows, targets, trained, distill.weight,
                                                 distill.temperature, chunk)
         total = totals.sum()
     else:
         sums, ces = [], []
         for i in range(0, max(n, 1), chunk):  # max(n, 1): an empty batch still yields a graph
             args = (head, rows[i:i + chunk], distill.head, ref_rows[i:i + chunk], targets[i:i + chunk],
-                    distill.weight, distill.temperature)
+                    trained[i:i + chunk], distill.weight, distill.temperature)
             part, part_ce = (checkpoint(_distill_chunk, *args, use_reentrant=False) if n > chunk
                              else _distill_chunk(*args))
             sums.append(part)
             ces.append(part_ce)
         total, ce = torch.stack(sums).sum(), torch.cat(ces)
-    own = torch.full(input_ids.shape, torch.nan, dtype=ce.dtype, device=ce.device).index_put((b, t), ce)
+    ce = ce.view(input_ids.shape[0], -1)
+    nan = torch.full((), torch.nan, dtype=ce.dtype, device=ce.device)
+    own = torch.cat([nan.expand(input_ids.shape[0], 1), torch.where(valid[:, 1:], ce, nan)], dim=1)
     return _result(total, own, torch.zeros_like(own), valid, valid)

@@ -15,10 +15,10 @@ With grad there are two paths:
   in the forward, chunk by chunk, as (softmax - one-hot) @ weight, and kept as `[N, H]`;
   backward only scales it by the incoming gradient. The head costs one forward and one
   input-gradient matmul per row, nothing is recomputed, and the peak is about one chunk of
-  logits (computed in place). SLM at ratio >= 0.5 (and soft selection) computes every valid
-  row's loss with grad in one pass, selects, and sums the selected ones: 2 head matmuls per
-  row, as CLM. Below ratio 0.5 a no-grad pass scores every row and only the selected rows get
-  the grad pass: 1 + 2 x ratio matmuls per row, fewer than 2.
+  logits (computed in place). SLM at ratio >= 0.5 (and soft selection) computes every row's
+  loss with grad in one pass, selects, and sums the selected ones: 2 head matmuls per row, as
+  CLM. Below ratio 0.5 a no-grad pass scores every row and only the selected rows get the grad
+  pass: 1 + 2 x ratio matmuls per row, fewer than 2.
 - Any other head (trainable weights in full fine-tuning, a LoRA-wrapped lm_head): every chunk,
   when there is more than one, is checkpointed (its logits are recomputed in backward instead
   of kept); SLM computes all losses without grad first, then only the selected rows with grad,
@@ -26,6 +26,12 @@ With grad there are two paths:
   `tests/test_loss.py::test_loss_path_peak_memory_is_a_few_chunks`: V = 150k, 1024 tokens,
   chunk 128 -> full logits 614 MB; peak of this path 240 MB for forward + backward, against
   1853 MB for the naive head + cross_entropy + backward.
+
+No value is read on the host (a device sync: on a GPU the host waits for the queue to drain), so
+shapes never depend on the data: "every row" is every position t >= 1, a zero row where it has no
+target (padding, prompt), and the selected rows are gathered to a count known on the host,
+`selection.max_selected` (ratio x tokens: the selected count when every position has a target,
+filler rows of weight 0 otherwise).
 """
 
 from __future__ import annotations
@@ -40,7 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from .selection import scores, select
+from .selection import max_selected, scores, select
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
@@ -172,11 +178,38 @@ def _rows_ce(head: nn.Module, rows: Tensor, targets: Tensor, chunk_size: int) ->
     return torch.cat(parts)
 
 
-def _target_positions(mask: Tensor) -> tuple[Tensor, Tensor]:
-    """(b, t) index vectors of the True entries of `mask [B, T]` with t >= 1, row-major."""
-    b, t = mask.nonzero(as_tuple=True)
-    keep = t > 0
-    return b[keep], t[keep]
+def _shifted_rows(hidden: Tensor, input_ids: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """(rows `[B x (T-1), H]`, targets `[B x (T-1)]`): hidden[b, t - 1] and input_ids[b, t] for every t >= 1,
+    row-major. Rows where `mask [B, T]` is False are zeros, so that whatever a padded position holds (NaN from
+    a fully masked attention row) reaches neither a loss nor a gradient."""
+    rows = torch.where(mask[:, 1:, None], hidden[:, :-1], torch.zeros((), dtype=hidden.dtype, device=hidden.device))
+    return rows.flatten(0, 1), input_ids[:, 1:].flatten()
+
+
+def _gathered_rows(hidden: Tensor, input_ids: Tensor, weights: Tensor, size: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(rows `[size, H]`, targets `[size]`, weights `[size]`) of `size` positions t >= 1: those with a nonzero
+    weight first, row-major, then others as filler (weight 0, zero rows). `size` is known on the host, so
+    this gather reads nothing there; it must be at least the count of nonzero weights (checked on the device)."""
+    width = input_ids.shape[1] - 1
+    w = weights[:, 1:].flatten()
+    chosen = w != 0
+    ahead, count = chosen.cumsum(0), chosen.sum()  # chosen positions up to and including each one; all
+    place = torch.where(chosen, ahead - 1, count + torch.arange(len(w), device=w.device) - ahead)
+    _check_on_device(count <= size, f"more than size={size} nonzero weights")
+    order = torch.empty_like(place).scatter_(0, place, torch.arange(len(w), device=w.device))[:size]
+    b, t = order // width, order % width
+    w = w[order]
+    rows = torch.where((w != 0)[:, None], hidden[b, t], torch.zeros((), dtype=hidden.dtype, device=hidden.device))
+    return rows, input_ids[b, t + 1], w
+
+
+def _check_on_device(ok: Tensor, message: str) -> None:
+    """ValueError(message) unless `ok` (0-d bool), without a host sync: on an accelerator it is a device-side
+    assert (the next synchronising call fails, as PyTorch's own index checks do); on the CPU it raises at once."""
+    try:
+        torch._assert_async(ok, message)
+    except RuntimeError:
+        raise ValueError(message) from None
 
 
 def _check_shapes(hidden: Tensor, input_ids: Tensor, mask: Tensor | None, name: str) -> None:
@@ -201,16 +234,17 @@ def token_losses(
     """Per-token cross-entropy `[B, T]` from final hidden states `[B, T, H]` and the LM head.
 
     out[b, t] = -log p(input_ids[b, t] | input_ids[b, :t]), from head(hidden[b, t - 1]); NaN at
-    t = 0 and where `valid [B, T]` (bool) is False, which are not computed at all. Float32
+    t = 0 and where `valid [B, T]` (bool) is False. Every position t >= 1 goes through the head (a
+    zero row where not valid), so that no count is read on the host (a device sync). Float32
     (float64 for a float64 model) whatever the model dtype. `head` is any module mapping
     `[N, H] -> [N, V]` (tied or not, LoRA-wrapped or not). Differentiable when grad is enabled;
     call it under torch.no_grad() for scoring and selection.
     """
     _check_shapes(hidden, input_ids, valid, "valid")
-    b, t = _target_positions(valid if valid is not None else torch.ones_like(input_ids, dtype=torch.bool))
-    losses = _rows_ce(head, hidden[b, t - 1], input_ids[b, t], chunk_size)
-    out = torch.full(input_ids.shape, torch.nan, dtype=losses.dtype, device=losses.device)
-    return out.index_put((b, t), losses)
+    mask = valid if valid is not None else torch.ones_like(input_ids, dtype=torch.bool)
+    losses = _rows_ce(head, *_shifted_rows(hidden, input_ids, mask), chunk_size).view(input_ids.shape[0], -1)
+    nan = torch.full((), torch.nan, dtype=losses.dtype, device=losses.device)
+    return torch.cat([nan.expand(input_ids.shape[0], 1), torch.where(mask[:, 1:], losses, nan)], dim=1)
 
 
 def selected_loss_sum(
@@ -219,20 +253,25 @@ def selected_loss_sum(
     input_ids: Tensor,
     weights: Tensor,
     *,
+    size: int | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> Tensor:
     """Sum over positions of weights[b, t] x loss[b, t], 0-d, with grad; `weights [B, T]` bool or float.
 
-    Only rows with a nonzero weight go through the head: hidden[b, t - 1] is gathered for them,
-    so the head's forward and backward cost scales with the selected tokens, not all tokens.
-    Position 0 has no target and is ignored.
+    `size` rows go through the head: the positions with a nonzero weight, then others with weight 0
+    (default and at most: every position t >= 1). A `size` known on the host without reading the
+    weights (`selection.max_selected`) makes the head's cost scale with the selected tokens, with no
+    host sync. Position 0 has no target and is ignored.
     """
     _check_shapes(hidden, input_ids, weights, "weights")
-    b, t = _target_positions(weights != 0)
-    losses = _rows_ce(head, hidden[b, t - 1], input_ids[b, t], chunk_size)
-    if weights.dtype == torch.bool:
-        return losses.sum()
-    return (losses * weights[b, t].to(losses.dtype)).sum()
+    n = input_ids.shape[0] * (input_ids.shape[1] - 1)
+    if size is None or size >= n:
+        rows, targets = _shifted_rows(hidden, input_ids, weights != 0)
+        w = weights[:, 1:].flatten()
+    else:
+        rows, targets, w = _gathered_rows(hidden, input_ids, weights, size)
+    losses = _rows_ce(head, rows, targets, chunk_size)
+    return torch.where(w != 0, losses * w.to(losses.dtype), 0).sum()
 
 
 def _causal_lm(model: nn.Module) -> nn.Module:
@@ -313,18 +352,20 @@ def _check_selection(valid: Tensor, shape: torch.Size, score_kind: str, ratio: f
                      soft: bool, threshold: float | None) -> None:
     if valid.dtype != torch.bool or valid.shape != shape:
         raise ValueError(f"valid must be a bool tensor shaped like input_ids {tuple(shape)}")
-    if valid[:, 0].any():
-        raise ValueError("valid is True at position 0, which has no target: build it with valid_mask()")
+    _check_on_device(~valid[:, 0].any(), "valid is True at position 0, which has no target: build it with valid_mask()")
     if score_kind == "none" and (threshold is not None or (strategy == "topk" and ratio < 1 and not soft)):
         raise ValueError("score kind 'none' selects by position with top-k or a threshold; use 'random' or a score")
 
 
 def _selected_sum(own_grad: Tensor, chosen: Tensor) -> Tensor:
     """Sum of the selected losses of `own_grad [B, T]` (with grad), weighted in soft mode."""
-    if chosen.dtype == torch.bool:
-        return own_grad[chosen].sum()
-    b, t = _target_positions(chosen != 0)
-    return (own_grad[b, t] * chosen[b, t].to(own_grad.dtype)).sum()
+    return torch.where(chosen != 0, own_grad * chosen.to(own_grad.dtype), 0).sum()
+
+
+def _finite_or_nan(loss_sum: Tensor, s: Tensor, valid: Tensor) -> Tensor:
+    """`loss_sum`, made NaN when a score is not finite at a valid position: on the device, no host sync."""
+    finite = (torch.isfinite(s) | ~valid).all()
+    return loss_sum + torch.where(finite, 0.0, torch.nan).to(loss_sum.dtype)
 
 
 def _result(loss_sum: Tensor, own: Tensor, s: Tensor, chosen: Tensor, valid: Tensor) -> SelectiveLoss:
@@ -370,16 +411,19 @@ def selective_loss_of_losses(
     soft: bool = False,
     threshold: float | None = None,
     group: dist.ProcessGroup | None = None,
+    check_finite: bool = False,
 ) -> SelectiveLoss:
     """The selective loss from per-token losses `[B, T]` with grad (NaN where not valid, as `token_losses`
     returns them): score, select, sum the selected ones. `selective_lm_loss` without the forward pass,
-    for losses computed elsewhere (full logits, another trainer's forward)."""
+    for losses computed elsewhere (full logits, another trainer's forward). A score that is not finite at a
+    valid position makes loss_sum NaN, or with `check_finite` raises ValueError (a host sync per call)."""
     _check_selection(valid, losses.shape, score_kind, ratio, strategy, soft, threshold)
     own = losses.detach()
-    s = scores(score_kind, own, ref_loss)
+    s = scores(score_kind, own, ref_loss, check_finite=check_finite)
     chosen = _select_units(s, valid, units, generator, ratio=ratio, strategy=strategy, scope=scope,
-                           temperature=temperature, soft=soft, threshold=threshold, group=group)
-    return _result(_selected_sum(losses, chosen), own, s, chosen, valid)
+                           temperature=temperature, soft=soft, threshold=threshold, group=group,
+                           check_finite=check_finite)
+    return _result(_finite_or_nan(_selected_sum(losses, chosen), s, valid), own, s, chosen, valid)
 
 
 def selective_lm_loss(
@@ -413,6 +457,12 @@ def selective_lm_loss(
     `units` > 1 splits the rows into that many equal selection units, each selected on its own (with
     `generator[i]` when a sequence is given), exactly as `units` separate calls would: a larger
     forward for the GPU, the same selection.
+
+    No value is read on the host (a device sync, which on a GPU stalls the host until the queue
+    drains): shapes are static (the selected rows are gathered to `selection.max_selected` rows), a
+    valid mask True at position 0 is a device-side assert, and a score that is not finite at a valid
+    position (a NaN reference loss, a non-finite own loss) makes loss_sum NaN rather than raising, for
+    the trainer's one read per optimizer step to report (`tests/test_loss.py::test_no_host_sync`).
     """
     _check_selection(valid, input_ids.shape, score_kind, ratio, strategy, soft, threshold)
     selection = dict(score_kind=score_kind, ratio=ratio, strategy=strategy, scope=scope, generator=generator,
@@ -426,11 +476,13 @@ def selective_lm_loss(
         return selective_loss_of_losses(own_grad, valid, ref_loss, **selection)
     with torch.no_grad():
         own = token_losses(hidden.detach(), head, input_ids, valid, chunk_size=chunk_size)
-    s = scores(score_kind, own, ref_loss)
+    s = scores(score_kind, own, ref_loss, check_finite=False)
     chosen = _select_units(s, valid, units, generator, ratio=ratio, strategy=strategy, scope=scope,
-                           temperature=temperature, soft=soft, threshold=threshold, group=group)
-    loss_sum = selected_loss_sum(hidden, head, input_ids, chosen, chunk_size=chunk_size)
-    return _result(loss_sum, own, s, chosen, valid)
+                           temperature=temperature, soft=soft, threshold=threshold, group=group, check_finite=False)
+    size = max_selected(input_ids.shape[0], input_ids.shape[1] - 1, ratio, scope, units=units, soft=soft,
+                        threshold=threshold, group=group)
+    loss_sum = selected_loss_sum(hidden, head, input_ids, chosen, size=size, chunk_size=chunk_size)
+    return _result(_finite_or_nan(loss_sum, s, valid), own, s, chosen, valid)
 
 
 class Objective(Protocol):

@@ -43,7 +43,8 @@ from torch import Tensor
 
 from .errors import did_you_mean
 
-__all__ = ["SCOPES", "SCORE_KINDS", "STRATEGIES", "lookup", "num_selected", "scores", "select", "trainable_mask"]
+__all__ = ["SCOPES", "SCORE_KINDS", "STRATEGIES", "lookup", "max_selected", "num_selected", "scores", "select",
+           "trainable_mask"]
 
 V = TypeVar("V")
 # Lazily drawn Gumbel(0, 1) noise `[B, T]` (zero at invalid positions): topk draws nothing.
@@ -72,12 +73,14 @@ SCORE_KINDS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
 NEEDS_REFERENCE = ("excess", "retrospective", "reference")  # score kinds that read reference losses
 
 
-def scores(kind: str, own_loss: Tensor, ref_loss: Tensor | None = None) -> Tensor:
+def scores(kind: str, own_loss: Tensor, ref_loss: Tensor | None = None, *, check_finite: bool = True) -> Tensor:
     """Selection scores `[B, T]` (higher = train it) from own losses `[B, T]` and reference losses.
 
     Valid positions are those where own_loss is not NaN (as `token_losses` returns it); ref_loss
     must be finite there. With `none` all scores are 0: strategies `random` and `stochastic`
     then select uniformly, `topk` would take the earliest positions (ties go by position).
+    `check_finite=False` skips the NaN check of ref_loss, which reads a value on the host (a device
+    sync): the loss path checks its scores on the device instead (`loss.selective_lm_loss`).
     """
     fn = lookup("score kind", kind, SCORE_KINDS)
     own = own_loss.detach()
@@ -90,7 +93,7 @@ def scores(kind: str, own_loss: Tensor, ref_loss: Tensor | None = None) -> Tenso
                 f"ref_loss {tuple(ref_loss.shape)} must have the shape of own_loss {tuple(own.shape)}"
             )
         ref = ref_loss.detach().to(device=own.device, dtype=own.dtype)
-        if torch.isnan(ref[~torch.isnan(own)]).any():
+        if check_finite and (torch.isnan(ref) & ~torch.isnan(own)).any():
             raise ValueError("ref_loss is NaN at a valid position: the scores are partial (scoring.blocks=used scores "
                              "only the blocks a grid reads) or were made for other tokens")
     return fn(own, ref)
@@ -157,6 +160,26 @@ STRATEGIES: dict[str, _Strategy] = {
 SCOPES = ("batch", "sequence", "global")
 
 
+def max_selected(rows: int, width: int, ratio: float, scope: str, *, units: int = 1, soft: bool = False,
+                 threshold: float | None = None, group: dist.ProcessGroup | None = None) -> int:
+    """The most positions `select` can choose (nonzero weights) in `rows` rows of `width` positions, whatever
+    `valid` is: known on the host, so a gather of that many rows needs no host sync. `units`: equal row groups
+    selected on their own (`loss.selective_lm_loss`). `num_selected` grows with the valid count, so its value for
+    every position valid bounds it; soft weights, a threshold or the `global` scope of several processes (this
+    rank's share of the gathered selection) can choose every position.
+    """
+    if soft or threshold is not None or (scope == "global" and dist.is_available() and dist.is_initialized()):
+        return rows * width
+    if scope == "sequence":
+        return rows * _num_selected(width, ratio)
+    return units * _num_selected(rows // units * width, ratio)
+
+
+def _num_selected(n: int, ratio: float) -> int:
+    """`num_selected` of a count on the host (the same float64 arithmetic)."""
+    return min(max(math.floor(n * ratio + 0.5), int(n > 0)), n)
+
+
 def num_selected(n_valid: Tensor, ratio: float) -> Tensor:
     """Tokens selected out of `n_valid` (int tensor, any shape): floor(ratio * n + 0.5), >= 1 if n >= 1.
 
@@ -169,7 +192,7 @@ def num_selected(n_valid: Tensor, ratio: float) -> Tensor:
 
 def _check(
     scores: Tensor, ratio: float, strategy: str, scope: str, valid: Tensor, temperature: float,
-    threshold: float | None, soft: bool
+    threshold: float | None, soft: bool, check_finite: bool
 ) -> None:
     if not 0.0 < ratio <= 1.0:  # also rejects NaN
         raise ValueError(f"ratio must be in (0, 1], got {ratio}")
@@ -183,21 +206,27 @@ def _check(
         raise ValueError(f"scores {tuple(scores.shape)} and valid {tuple(valid.shape)} must both be [B, T]")
     if not scores.is_floating_point():
         raise ValueError(f"scores must be a float tensor, got {scores.dtype}")
-    if (strategy != "random" or threshold is not None) and not torch.isfinite(scores[valid]).all():
+    if check_finite and (strategy != "random" or threshold is not None) and not (torch.isfinite(scores) | ~valid).all():
         raise ValueError("scores must be finite at valid positions (NaN/inf found)")
     if threshold is not None and (soft or not math.isfinite(threshold)):
         raise ValueError(f"a threshold ({threshold}) must be finite and selects hard masks (soft=False)")
 
 
 def _gumbel(valid: Tensor, dtype: torch.dtype, generator: torch.Generator | None) -> Tensor:
-    """Gumbel(0, 1) noise `[B, T]`: one draw per valid token in row-major order, 0 elsewhere."""
-    n = int(valid.sum())
+    """Gumbel(0, 1) noise `[B, T]`: the i-th valid token in row-major order gets the i-th draw, 0 elsewhere.
+
+    B x T draws are made, not one per valid token, so that no count is read on the host; the valid
+    tokens get the first ones. A CPU generator's (the trainer's) draws do not depend on how many are
+    made, so the noise is that of one draw per valid token and padding changes nothing.
+    """
+    flat = valid.flatten()
     device = generator.device if generator is not None else valid.device
-    u = torch.rand(n, generator=generator, device=device, dtype=torch.float64).to(valid.device)
+    u = torch.rand(flat.numel(), generator=generator, device=device, dtype=torch.float64)
+    if u.device != valid.device:  # pinned, so that the copy does not wait for the device's queue to drain
+        u = (u.pin_memory() if valid.device.type == "cuda" else u).to(valid.device, non_blocking=True)
     g = -torch.log(-torch.log(u.clamp_min(torch.finfo(torch.float64).tiny)))
-    out = torch.zeros(valid.shape, dtype=dtype, device=valid.device)
-    out[valid] = g.to(dtype)  # boolean-mask assignment fills in row-major order
-    return out
+    slot = (flat.cumsum(0) - 1).clamp_min(0)  # the valid token's place among the valid ones
+    return torch.where(flat, g[slot], 0.0).to(dtype).view(valid.shape)
 
 
 def _rank(keys: tuple[Tensor, ...], valid: Tensor) -> Tensor:
@@ -273,6 +302,7 @@ def select(
     soft: bool = False,
     threshold: float | None = None,
     group: dist.ProcessGroup | None = None,
+    check_finite: bool = True,
 ) -> Tensor:
     """Choose the tokens that train.
 
@@ -288,9 +318,11 @@ def select(
     weighted mean that is comparable with the hard mode's plain mean.
 
     `threshold` replaces the ratio's count by the number of valid tokens of each scope unit whose
-    score exceeds it (module docstring); it needs finite scores and hard selection.
+    score exceeds it (module docstring); it needs finite scores and hard selection. `check_finite=False`
+    skips the check that the scores are finite at valid positions, which reads a value on the host (a
+    device sync): the loss path checks them on the device instead (`loss.selective_lm_loss`).
     """
-    _check(scores, ratio, strategy, scope, valid, temperature, threshold, soft)
+    _check(scores, ratio, strategy, scope, valid, temperature, threshold, soft, check_finite)
     strat = STRATEGIES[strategy]
     if scope == "sequence":
         return _select_rows(scores, valid, ratio, strat, generator, temperature, soft, threshold)
@@ -307,6 +339,7 @@ def select(
             temperature=temperature,
             soft=soft,
             threshold=threshold,
+            check_finite=False,  # checked above
         )
         return chosen[offset : offset + scores.shape[0], : scores.shape[1]].contiguous()
     # batch (and global without a process group): all rows as one row-major sequence.

@@ -23,7 +23,7 @@ init is seeded by `train.seed` (as is the global RNG that dropout draws from); l
 needs MPI and otherwise starts one process).
 
 Host work per optimizer step: batches go to the GPU pinned and asynchronously, the statistics and
-the gradient norm come back in one transfer (the step's one host sync besides the loss path's own),
+the gradient norm come back in one transfer (the step's one host sync: the loss path has none),
 and the model is put back in train mode only after a learning-curve point or a self-reference pass.
 
 `slm train` and `slm reference` both run it; it imports no stage. Metrics: `log.jsonl` on rank 0,
@@ -68,7 +68,7 @@ from .models import (
 )
 from .outconfig import differences
 from .selection import NEEDS_REFERENCE, trainable_mask
-from .selfref import SelfReference, extra_bytes, local_tensor
+from .selfref import SelfReference, extra_bytes
 
 
 class NumericalError(UserError):
@@ -265,22 +265,16 @@ class Trainer:
             ref = self._online_ref(mb)
         train_valid = trainable_mask(mb.valid, mb.noise, oracle=self.t.method == "oracle")
         generators = [self._generator(step, m) for m in mb.units]
-        try:
-            with self.engine.grad_sync(sync), self.engine.autocast():
-                objective = self._distill(mb) if self.distill else None
-                out = SelectiveLoss(**self.module(
-                    mb.ids, train_valid, ref, score_kind=rule.score, ratio=rule.ratio, strategy=rule.strategy,
-                    scope=self.t.scope, generator=generators, units=len(mb.units), temperature=self.t.temperature,
-                    soft=self.t.soft, threshold=rule.threshold, chunk_size=self.cfg.scoring.chunk_size,
-                    objective=objective,
-                ))
-                out.loss_sum.backward()
-        except ValueError:
-            # Selection refuses non-finite own losses; when the weights caused them, say so.
-            if all(torch.isfinite(local_tensor(p)).all() for p in self.params):
-                raise
-            raise NumericalError(f"step {step + 1}: the trainable weights are not finite; the last good "
-                                 "checkpoint is kept (lower train.lr)") from None
+        # Non-finite losses make loss_sum NaN (no host sync here): `_step` stops at its one read of the sums.
+        with self.engine.grad_sync(sync), self.engine.autocast():
+            objective = self._distill(mb) if self.distill else None
+            out = SelectiveLoss(**self.module(
+                mb.ids, train_valid, ref, score_kind=rule.score, ratio=rule.ratio, strategy=rule.strategy,
+                scope=self.t.scope, generator=generators, units=len(mb.units), temperature=self.t.temperature,
+                soft=self.t.soft, threshold=rule.threshold, chunk_size=self.cfg.scoring.chunk_size,
+                objective=objective,
+            ))
+            out.loss_sum.backward()
         return out, ref
 
     def _step(self, step: int) -> dict[str, float]:

@@ -8,10 +8,12 @@ device. Timed round-robin like every step case, medians reported.
 
 Host syncs are counted on any device, CPU included, in a separate untimed pass: reads of a tensor's
 value on the host (`item`, `float()`/`bool()` of a tensor, `tolist`, `cpu`, `numpy`) and
-data-dependent shapes (`nonzero`). On a GPU each one stalls the host until the queue drains; on
-a CPU it costs nothing, which is why it is counted rather than timed. The target is the trainer's
-syncs beyond the bare loop's per optimizer step: one (the logged statistics) is the design, one
-more per micro-batch fails it.
+data-dependent shapes (`nonzero`, `masked_select`, indexing by a boolean mask). On a GPU each one
+stalls the host until the queue drains; on a CPU it costs nothing, which is why it is counted rather
+than timed. The target is the trainer's syncs beyond the bare loop's per optimizer step: one (the
+logged statistics) is the design, one more per micro-batch fails it. The bare loop's own count is
+the model's: the loss path reads nothing on the host (`tests/test_loss.py`), transformers' causal
+mask reads one value per forward (its check for packed sequences in the position ids).
 """
 
 from __future__ import annotations
@@ -36,7 +38,15 @@ from ..trainer import Trainer
 
 # Dispatcher ops that read a value on the host or size an output by the data.
 _SYNC_OPS = ("aten._local_scalar_dense.default", "aten.nonzero.default", "aten.masked_select.default")
+# Indexing ops, which sync when an index is a boolean mask (its nonzero runs inside the op, unseen by the mode).
+_INDEX_OPS = ("aten.index.Tensor", "aten.index_put.default", "aten.index_put_.default")
 _SYNC_METHODS = ("tolist", "cpu", "numpy")
+
+
+def _mask_indexed(args: tuple[Any, ...]) -> bool:
+    """Whether an indexing op's indices (its second argument) hold a boolean mask."""
+    indices = args[1] if len(args) > 1 else ()
+    return any(isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in indices)
 
 
 class _SyncCounter(TorchDispatchMode):
@@ -45,8 +55,11 @@ class _SyncCounter(TorchDispatchMode):
         self.counts: Counter[str] = Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        if str(func) in _SYNC_OPS:
-            self.counts[str(func)] += 1
+        name = str(func)
+        if name in _SYNC_OPS:
+            self.counts[name] += 1
+        elif name in _INDEX_OPS and _mask_indexed(args):
+            self.counts[f"{name} (boolean mask)"] += 1
         return func(*args, **(kwargs or {}))
 
 
