@@ -36,17 +36,19 @@ def _final(out: Path, name: str) -> dict[str, torch.Tensor]:
     return load_file(found[-1] / "trainable.safetensors")
 
 
-def _same_run(out: Path, a: str, b: str, rel: float) -> None:
+def _same_run(out: Path, a: str, b: str, rel: float, weight_atol: float = 1e-5) -> None:
+    """The same selections, losses and final weights; scores are None in the steps that score nothing."""
     la, lb = _log(out, a), _log(out, b)
     assert len(la) == len(lb) > 0
     for ra, rb in zip(la, lb, strict=True):
         assert ra["tokens_trained"] == rb["tokens_trained"] and ra["selected_by_kind"] == pytest.approx(
             rb["selected_by_kind"], rel=rel), (ra, rb)
         for key in ("loss", "grad_norm", "score_selected", "score_unselected"):
-            assert ra[key] == pytest.approx(rb[key], rel=rel, abs=1e-7), (ra["step"], key)
+            assert ra[key] == (None if rb[key] is None else pytest.approx(rb[key], rel=rel, abs=1e-7)), \
+                (ra["step"], key)
     wa, wb = _final(out, a), _final(out, b)
-    for name in wa:
-        torch.testing.assert_close(wa[name], wb[name], rtol=max(rel * 10, 1e-4), atol=1e-5)  # Adam: 1/sqrt(v)
+    for name in wa:  # Adam divides by sqrt(v): float noise in tiny gradients moves a weight by up to ~lr x noise
+        torch.testing.assert_close(wa[name], wb[name], rtol=max(rel * 10, 1e-4), atol=weight_atol)
     sa, sb = (out / "runs" / n / "selection_sample.npz" for n in (a, b))
     with np.load(sa) as za, np.load(sb) as zb:
         assert np.array_equal(za["rows"], zb["rows"]) and np.array_equal(za["weights"], zb["weights"])
@@ -84,16 +86,6 @@ def test_engine_settings_stay_out_of_the_run_hash(smoke_out: Path) -> None:
     before = log.stat().st_mtime_ns
     assert _train(smoke_out, *common, "train.micro_batch_size=8", "train.compile=true") == 0
     assert log.stat().st_mtime_ns == before
-
-
-@pytest.mark.slow
-def test_compiled_layers_equal_eager_on_cpu(smoke_out: Path) -> None:
-    """train.compile=true (inductor, CPU) trains the same run as eager, within float noise."""
-    common = ("train.method=topk", "train.ratio=0.5", "train.steps=2", "eval.every=0", "train.snapshot_every=0")
-    assert _train(smoke_out, *common, "train.name=eager") == 0
-    torch._dynamo.reset()
-    assert _train(smoke_out, *common, "train.name=compiled", "train.compile=true") == 0
-    _same_run(smoke_out, "eager", "compiled", 1e-4)
 
 
 def test_compile_wraps_every_decoder_layer_once() -> None:

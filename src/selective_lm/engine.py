@@ -53,6 +53,12 @@ def compile_layers(model: torch.nn.Module) -> int:
     if not layers:
         raise UserError(f"train.compile: {type(model).__name__} names no decoder layer class (_no_split_modules) "
                         "to compile; set train.compile=false")
+    # Under gradient checkpointing (transformers checkpoints inside the layer's forward), dynamo traces the
+    # checkpoint as one op, which refuses a forward that sets a global: transformers' attention does (kernels'
+    # CompileableContextVar, restored when the forward returns), and the whole layer would silently run eager.
+    # Its recompute in backward needs no replay of such a setting, so allow it (where this torch has the flag).
+    if hasattr(torch._dynamo.config, "skip_fwd_side_effects_in_bwd_under_checkpoint"):
+        torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
     for layer in layers:
         layer.compile(dynamic=False)
     return len(layers)
