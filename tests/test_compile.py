@@ -78,7 +78,7 @@ def test_no_recompile_per_step(smoke_out: Path) -> None:
     assert graphs == 5 < torch._dynamo.config.recompile_limit
     per_epoch = trainer.store.tokens.shape[0] // cfg.train.batch_size
     with torch.compiler.set_stance("fail_on_recompile"):
-        for step in (2, 3, per_epoch - 1, per_epoch):  # the last, then the first step of an epoch
+        for step in (2, 3, per_epoch - 1, per_epoch):  # an epoch's last full step, then one across two epochs
             trainer._step(step)
         trainer.curve.point(trainer.engine, trainer.module, trainer.model, 4, 0)
         trainer._step(4)

@@ -8,8 +8,9 @@ all of it is outside the run hash, so a run may resume under another engine sett
   decoder layer and the root with torch's `fully_shard` (accelerate routes its own FSDP plugin
   to GPUs only; a launch with accelerate's FSDP config takes this path too).
 - Compile (`train.compile`): `torch.compile` of every decoder layer (`dynamic=False`), the unit
-  FSDP2 shards and transformers checkpoints, so it composes with both; on by `auto` on CUDA, off
-  on CPU (inductor's CPU code is no faster for these models, and its compile costs a minute).
+  FSDP2 shards and transformers checkpoints, so it composes with both (checkpointing: see
+  `compile_layers`); on by `auto` on CUDA, off on CPU (inductor's CPU code is no faster for
+  these models, and its compile costs a minute).
   The head and the selection stay eager: their shapes depend on how many tokens are selected.
 - Micro-batches (`train.micro_batch_size`): one forward carries whole selection units of
   `train.batch_size` rows, `k` of them with `k` dividing `train.grad_accum`; `auto` is one unit
