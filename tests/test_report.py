@@ -275,3 +275,18 @@ def test_within_noise_reads_the_same_everywhere_and_controls_and_kinds_show_inte
             "signal there.") in md
     # the controls are compared in their own section, not as SLM settings beside CLM
     assert "### `distill`" not in md and "### `bottomk-r0.5`" not in md
+
+
+def test_one_document_kind_claims_no_interval() -> None:
+    """Perplexity by kind on tokens that lie in one document: the point Δ, and no interval (a bootstrap over one
+    document gives it back every time); the header says how many documents hold each kind."""
+    from selective_lm.report_selection import wrong_step_section
+
+    def entry(pct: float, lo: float | None, hi: float | None, documents: int) -> dict[str, Any]:
+        return {"ppl": 3.0, "tokens": 200, "documents": documents, "delta_vs_clm": {"pct": pct, "lo": lo, "hi": hi}}
+
+    runs = {"topk-r0.5": {"val_by_kind": {"val_noisy": {"after_wrong_step": entry(-0.6, -1.0, -0.1, 8),
+                                                        "before_wrong_step": entry(-1.2, None, None, 1)}}}}
+    md = wrong_step_section({"topk-r0.5": {}}, [], runs, ["topk-r0.5"])
+    assert "-0.6 % [-1.0, -0.1]" in md and "-1.2 % (one document: no interval)" in md
+    assert "`after_wrong_step` 200 in 8 documents" in md and "`before_wrong_step` 200 in 1 document" in md

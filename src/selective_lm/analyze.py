@@ -224,9 +224,9 @@ def _deltas_vs_clm(cfg: Config, out: OutDir, entries: dict[str, Any]) -> dict[st
 
 
 def _val_by_kind(cfg: Config, out: OutDir, entries: dict[str, Any]) -> dict[str, dict[str, dict[str, Any]]]:
-    """run -> split -> kind -> perplexity on the tokens of that kind (`ppl`, `tokens`) and its Δ vs CLM with a
-    paired bootstrap over documents, on the validation splits that record token kinds (val_noisy's wrong-step
-    labels)."""
+    """run -> split -> kind -> perplexity on the tokens of that kind (`ppl`, `tokens`, `documents`) and its Δ vs
+    CLM with a paired bootstrap over documents (`lo`/`hi` None when the tokens lie in one document), on the
+    validation splits that record token kinds (val_noisy's wrong-step labels)."""
     result: dict[str, dict[str, dict[str, Any]]] = {}
     for split in cfg.eval.splits:
         rows = _eval_rows(cfg, out, split)
@@ -243,9 +243,12 @@ def _val_by_kind(cfg: Config, out: OutDir, entries: dict[str, Any]) -> dict[str,
                 mask = (kinds == k) & np.isfinite(losses)
                 if not mask.any():
                     continue
+                documents = len(np.unique(doc_ids[mask]))
+                delta = _paired(out, name, base_name, split, doc_ids, cfg.train.seed, mask) if base_name else None
+                if delta and documents < 2:  # resampling one document gives it back every time: no interval
+                    delta.update(lo=None, hi=None)
                 entry = {"ppl": float(np.exp(np.asarray(losses)[mask].mean())), "tokens": int(mask.sum()),
-                         "delta_vs_clm": (_paired(out, name, base_name, split, doc_ids, cfg.train.seed, mask)
-                                          if base_name else None)}
+                         "documents": documents, "delta_vs_clm": delta}
                 result.setdefault(name, {}).setdefault(split, {})[names[k]] = entry
     return result
 

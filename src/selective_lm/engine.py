@@ -11,7 +11,8 @@ all of it is outside the run hash, so a run may resume under another engine sett
   FSDP2 shards and transformers checkpoints, so it composes with both (checkpointing: see
   `compile_layers`); on by `auto` on CUDA, off on CPU (inductor's CPU code is no faster for
   these models, and its compile costs a minute).
-  The head and the selection stay eager: their shapes depend on how many tokens are selected.
+  The head and the selection stay eager (their shapes are static since the loss path lost its host
+  syncs; compiling them is untried).
 - Micro-batches (`train.micro_batch_size`): one forward carries whole selection units of
   `train.batch_size` rows, `k` of them with `k` dividing `train.grad_accum`; `auto` is one unit
   on CPU and, on CUDA, the largest `k` whose forward and backward fit (`probe_rows`, remembered

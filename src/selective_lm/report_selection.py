@@ -94,8 +94,12 @@ def _kind_cell(sel: dict[str, Any], kind: str) -> str:
     return f"*{text} few*" if iv["tokens"] < MIN_KIND_TOKENS else text
 
 
-def _interval(d: dict[str, float] | None) -> str:
-    return NA if not d else f"{d['pct']:+.1f} % [{d['lo']:+.1f}, {d['hi']:+.1f}]"
+def _interval(d: dict[str, float | None] | None) -> str:
+    if not d:
+        return NA
+    if d["lo"] is None:
+        return f"{d['pct']:+.1f} % (one document: no interval)"
+    return f"{d['pct']:+.1f} % [{d['lo']:+.1f}, {d['hi']:+.1f}]"
 
 
 def _reading(d: dict[str, float], what: str, split: str) -> str:
@@ -159,9 +163,11 @@ def wrong_step_section(selection: dict[str, Any], sel_runs: list[str], runs: dic
         rows = [[f"`{n}`"] + [c for k in kinds for c in (
             fmt((v.get(split, {}).get(k) or {}).get("ppl"), ".2f"),
             _interval((v.get(split, {}).get(k) or {}).get("delta_vs_clm")))] for n, v in by_kind.items()]
-        tokens = {k: next((v[split][k]["tokens"] for v in by_kind.values() if k in v.get(split, {})), 0) for k in kinds}
-        text += [f"Perplexity on {split}'s tokens of each kind ({', '.join(f'`{k}` {tokens[k]:,}' for k in kinds)} "
-                 "tokens evaluated), and its Δ vs CLM with the paired bootstrap interval over documents:",
+        first = {k: next((v[split][k] for v in by_kind.values() if k in v.get(split, {})), {}) for k in kinds}
+        counts = ", ".join(f"`{k}` {e.get('tokens', 0):,}" + (f" in {e['documents']} document" + "s" * (e["documents"] != 1)
+                                                                if "documents" in e else "") for k, e in first.items())
+        text += [f"Perplexity on {split}'s tokens of each kind ({counts} evaluated), and its Δ vs CLM with the "
+                 "paired bootstrap interval over documents:",
                  md_table(["run"] + [c for k in kinds for c in (f"`{k}` ppl", "Δ vs CLM")], rows)]
     return "\n\n".join(text)
 
