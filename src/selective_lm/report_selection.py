@@ -164,12 +164,16 @@ def wrong_step_section(selection: dict[str, Any], sel_runs: list[str], runs: dic
             fmt((v.get(split, {}).get(k) or {}).get("ppl"), ".2f"),
             _interval((v.get(split, {}).get(k) or {}).get("delta_vs_clm")))] for n, v in by_kind.items()]
         first = {k: next((v[split][k] for v in by_kind.values() if k in v.get(split, {})), {}) for k in kinds}
-        counts = ", ".join(f"`{k}` {e.get('tokens', 0):,}" + (f" in {e['documents']} document" + "s" * (e["documents"] != 1)
-                                                                if "documents" in e else "") for k, e in first.items())
+        counts = ", ".join(f"`{k}` {e.get('tokens', 0):,}" + _in_documents(e) for k, e in first.items())
         text += [f"Perplexity on {split}'s tokens of each kind ({counts} evaluated), and its Δ vs CLM with the "
                  "paired bootstrap interval over documents:",
                  md_table(["run"] + [c for k in kinds for c in (f"`{k}` ppl", "Δ vs CLM")], rows)]
     return "\n\n".join(text)
+
+
+def _in_documents(entry: dict[str, Any]) -> str:
+    n = entry.get("documents")
+    return "" if n is None else f" in {n} document" + "s" * (n != 1)
 
 
 def _selection_word(noise: float, clean: float) -> str:
