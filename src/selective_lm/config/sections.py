@@ -100,7 +100,7 @@ class DataConfig(Section):
     reference_fraction: float = Field(
         0.25, gt=0.0, lt=1.0, description="CHAMP, reference_problems=disjoint: share of the problems (per category) "
         "kept for the reference split. 0.25 (66 of 270) gives it ~27k human SmolLM2 tokens, ~53k with "
-        "reference_mix=0.5: 2.5x the 20k that the default reference training reads (40 steps x 4 x 128), while "
+        "reference_mix=0.5: 1.3x the 41k that the default reference training reads (80 steps x 4 x 128), while "
         "train keeps 60 % of the problems (162), more than enough for its 300k tokens"
     )
     annotated_share: float = Field(
