@@ -3,7 +3,7 @@ what the reference knows? Every token is trained with its CE plus `train.kd_weig
 on the next-token distribution (`train.kd_temperature`). The reference's logits are computed online, in the
 step, from the reference model's hidden states (the simplest choice: no cache of top-k probabilities beside
 the scores, at the cost of one reference forward per micro-batch, as `scoring.mode=online`). With a frozen
-linear student head (LoRA) the row gradients come out of the forward, as CLM's (`loss._FrozenLinearCE`): each
+linear student head (LoRA) the row gradients come out of the forward, as CLM's (`head.FrozenLinearCE`): each
 chunk's logits are made once, never recomputed in backward.
 
 Pure tensor functions; `SelectiveLM` calls a `Distill` in its forward (a `loss.Objective`), so the engines
@@ -19,13 +19,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from .head import fp32_logits, frozen_linear
 from .loss import (
     DEFAULT_CHUNK_SIZE,
     MAX_CHUNK_LOGITS,
     SelectiveLoss,
     _check_selection,
-    _frozen_linear,
-    _logits,
     _result,
     _shifted_rows,
     forward_hidden,
@@ -71,8 +70,8 @@ def _distill_chunk(head: nn.Module, rows: Tensor, ref_head: nn.Module, ref_rows:
                    trained: Tensor, weight: float, temperature: float) -> tuple[Tensor, Tensor]:
     """Σ (CE + weight x KL) of a chunk's `trained` rows (with grad), and its CE per row (no grad)."""
     with torch.no_grad():
-        ref = _logits(ref_head, ref_rows)
-    ce, kl = distill_token_losses(_logits(head, rows), ref, targets, temperature)
+        ref = fp32_logits(ref_head, ref_rows)
+    ce, kl = distill_token_losses(fp32_logits(head, rows), ref, targets, temperature)
     return torch.where(trained, ce + weight * kl, 0).sum(), ce.detach()
 
 
@@ -87,13 +86,13 @@ class _FrozenLinearDistill(torch.autograd.Function):
                 chunk: int) -> tuple[Tensor, Tensor]:
         totals, ces, grads = [], [], []
         for i in range(0, len(rows), chunk):
-            z = _logits(head, rows[i:i + chunk])
+            z = fp32_logits(head, rows[i:i + chunk])
             y = targets[i:i + chunk]
             picked = torch.arange(len(y), device=y.device)
             log_p1 = z.log_softmax(-1)
             ce = -log_p1[picked, y]
             log_pt = log_p1 if temperature == 1 else (z / temperature).log_softmax(-1)
-            log_q = (_logits(ref_head, ref_rows[i:i + chunk]) / temperature).log_softmax(-1)
+            log_q = (fp32_logits(ref_head, ref_rows[i:i + chunk]) / temperature).log_softmax(-1)
             q = log_q.exp()
             kl = (q * (log_q - log_pt)).sum(-1) * temperature**2
             grad = log_pt.exp().sub_(q).mul_(weight * temperature)
@@ -136,7 +135,7 @@ def distill_lm_loss(model: nn.Module, input_ids: Tensor, valid: Tensor, distill:
     vocab = max(getattr(head, "out_features", 0) or 0, getattr(distill.head, "out_features", 0) or 0)
     chunk = min(chunk_size, max(1, MAX_CHUNK_LOGITS // vocab)) if vocab else chunk_size
     n = rows.shape[0]
-    if n and _frozen_linear(head):
+    if n and frozen_linear(head):
         totals, ce = _FrozenLinearDistill.apply(head, rows, distill.head, ref_rows, targets, trained, distill.weight,
                                                 distill.temperature, chunk)
         total = totals.sum()

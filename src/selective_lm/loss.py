@@ -9,23 +9,8 @@ at once, never the full `B x T x V`. A chunk has `chunk_size` rows and never mor
 `MAX_CHUNK_LOGITS` logits (64 MB in float32): 110 rows for a 150k vocabulary whatever
 `chunk_size` says, so the bound holds for any vocabulary without tuning.
 
-With grad there are two paths:
-
-- A frozen plain `nn.Linear` head (LoRA, the default; tied or not): d loss / d row is computed
-  in the forward, chunk by chunk, as (softmax - one-hot) @ weight, and kept as `[N, H]`;
-  backward only scales it by the incoming gradient. The head costs one forward and one
-  input-gradient matmul per row, nothing is recomputed, and the peak is about one chunk of
-  logits (computed in place). SLM at ratio >= 0.5 (and soft selection) computes every row's
-  loss with grad in one pass, selects, and sums the selected ones: 2 head matmuls per row, as
-  CLM. Below ratio 0.5 a no-grad pass scores every row and only the selected rows get the grad
-  pass: 1 + 2 x ratio matmuls per row, fewer than 2.
-- Any other head (trainable weights in full fine-tuning, a LoRA-wrapped lm_head): every chunk,
-  when there is more than one, is checkpointed (its logits are recomputed in backward instead
-  of kept); SLM computes all losses without grad first, then only the selected rows with grad,
-  so the head's weight gradient covers the selected tokens only. Measured in
-  `tests/test_loss.py::test_loss_path_peak_memory_is_a_few_chunks`: V = 150k, 1024 tokens,
-  chunk 128 -> full logits 614 MB; peak of this path 240 MB for forward + backward, against
-  1853 MB for the naive head + cross_entropy + backward.
+With grad the head takes one of two paths (`head.py`): its row gradients from the forward when it
+is a frozen linear layer (LoRA), checkpointed chunks otherwise.
 
 No value is read on the host (a device sync: on a GPU the host waits for the queue to drain), so
 shapes never depend on the data: "every row" is every position t >= 1, a zero row where it has no
@@ -42,10 +27,9 @@ from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
+from .head import MAX_CHUNK_LOGITS, frozen_linear, rows_ce
 from .selection import max_selected, scores, select
 
 __all__ = [
@@ -63,7 +47,6 @@ __all__ = [
 ]
 
 DEFAULT_CHUNK_SIZE = 1024
-MAX_CHUNK_LOGITS = 1 << 24  # logits per chunk at most (64 MB in float32), whatever chunk_size says
 # Config fields of models whose logits are not plain `head(hidden)` (Gemma 2/3, Cohere, Granite).
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 
@@ -95,87 +78,6 @@ def valid_mask(
     if doc_ids is not None:
         valid[:, 1:] &= doc_ids[:, 1:] == doc_ids[:, :-1]
     return valid
-
-
-def _chunk_ce(head: nn.Module, rows: Tensor, targets: Tensor) -> Tensor:
-    """CE `[n]` of rows `[n, H]`; logits upcast to at least float32 (bf16/fp16 models)."""
-    logits = head(rows)
-    return F.cross_entropy(
-        logits.to(torch.promote_types(logits.dtype, torch.float32)), targets, reduction="none"
-    )
-
-
-def _inplace_ce(logits: Tensor, targets: Tensor, weight: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
-    """CE `[n]` of logits `[n, V]`, overwriting them (one chunk-sized buffer, no log-softmax copy).
-
-    With `weight [V, H]` also d CE / d row `[n, H]` = (softmax - one-hot) @ weight.
-    """
-    rows = torch.arange(len(targets), device=targets.device)
-    target_logit = logits[rows, targets]
-    top = logits.amax(dim=1)
-    probs = logits.sub_(top.unsqueeze(1)).exp_()
-    total = probs.sum(dim=1)
-    losses = total.log() + top - target_logit
-    if weight is None:
-        return losses, None
-    probs.div_(total.unsqueeze(1))
-    probs[rows, targets] -= 1
-    return losses, probs.to(weight.dtype) @ weight
-
-
-def _logits(head: nn.Module, rows: Tensor) -> Tensor:
-    logits = head(rows)
-    return logits.to(torch.promote_types(logits.dtype, torch.float32))
-
-
-class _FrozenLinearCE(torch.autograd.Function):
-    """CE `[N]` of rows `[N, H]` through a frozen linear head; the row gradients come from the forward."""
-
-    @staticmethod
-    def forward(ctx, head: nn.Linear, rows: Tensor, targets: Tensor, chunk: int) -> Tensor:  # type: ignore[override]
-        losses, grads = [], []
-        for i in range(0, len(rows), chunk):
-            r, y = rows[i : i + chunk], targets[i : i + chunk]
-            loss, grad = _inplace_ce(_logits(head, r), y, head.weight)
-            losses.append(loss)
-            grads.append(grad.to(rows.dtype))
-        ctx.save_for_backward(torch.cat(grads) if grads else torch.zeros_like(rows))
-        return torch.cat(losses) if losses else rows.new_zeros(0, dtype=torch.promote_types(rows.dtype, torch.float32))
-
-    @staticmethod
-    def backward(ctx, grad_losses: Tensor) -> tuple[None, Tensor, None, None]:  # type: ignore[override]
-        (grads,) = ctx.saved_tensors
-        return None, grads * grad_losses.unsqueeze(1).to(grads.dtype), None, None
-
-
-def _frozen_linear(head: nn.Module) -> bool:
-    """A plain nn.Linear without trainable parameters or hooks: its row gradients can come from the forward."""
-    return (
-        type(head) is nn.Linear
-        and not any(p.requires_grad for p in head.parameters())
-        and not (head._forward_hooks or head._forward_pre_hooks or "forward" in vars(head))
-    )
-
-
-def _rows_ce(head: nn.Module, rows: Tensor, targets: Tensor, chunk_size: int) -> Tensor:
-    """Cross-entropy `[N]` of hidden rows `[N, H]` against targets `[N]`, a chunk of rows at a time."""
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    vocab = getattr(head, "out_features", None)
-    chunk = min(chunk_size, max(1, MAX_CHUNK_LOGITS // vocab)) if isinstance(vocab, int) else chunk_size
-    n = rows.shape[0]
-    if not (torch.is_grad_enabled() and (rows.requires_grad or any(p.requires_grad for p in head.parameters()))):
-        parts = [_inplace_ce(_logits(head, rows[i : i + chunk]), targets[i : i + chunk])[0] for i in range(0, n, chunk)]
-        return torch.cat(parts) if parts else _chunk_ce(head, rows, targets)
-    if _frozen_linear(head):
-        return _FrozenLinearCE.apply(head, rows, targets, chunk)
-    # A single chunk is not checkpointed: recomputing it would cost time and lower no peak.
-    recompute = n > chunk
-    parts = []
-    for i in range(0, max(n, 1), chunk):  # max(n, 1): an empty selection still yields a graph
-        r, y = rows[i : i + chunk], targets[i : i + chunk]
-        parts.append(checkpoint(_chunk_ce, head, r, y, use_reentrant=False) if recompute else _chunk_ce(head, r, y))
-    return torch.cat(parts)
 
 
 def _shifted_rows(hidden: Tensor, input_ids: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
@@ -242,7 +144,7 @@ def token_losses(
     """
     _check_shapes(hidden, input_ids, valid, "valid")
     mask = valid if valid is not None else torch.ones_like(input_ids, dtype=torch.bool)
-    losses = _rows_ce(head, *_shifted_rows(hidden, input_ids, mask), chunk_size).view(input_ids.shape[0], -1)
+    losses = rows_ce(head, *_shifted_rows(hidden, input_ids, mask), chunk_size).view(input_ids.shape[0], -1)
     nan = torch.full((), torch.nan, dtype=losses.dtype, device=losses.device)
     return torch.cat([nan.expand(input_ids.shape[0], 1), torch.where(mask[:, 1:], losses, nan)], dim=1)
 
@@ -270,7 +172,7 @@ def selected_loss_sum(
         w = weights[:, 1:].flatten()
     else:
         rows, targets, w = _gathered_rows(hidden, input_ids, weights, size)
-    losses = _rows_ce(head, rows, targets, chunk_size)
+    losses = rows_ce(head, rows, targets, chunk_size)
     return torch.where(w != 0, losses * w.to(losses.dtype), 0).sum()
 
 
@@ -471,7 +373,7 @@ def selective_lm_loss(
     # A frozen linear head costs 2 matmuls per row with grad, 1 without: one grad pass over every valid
     # row (2) is cheaper than a no-grad pass plus a grad pass over the selected rows (1 + 2 x ratio)
     # from ratio 0.5 up; below it, only the selected rows get gradients.
-    if (ratio == 1 and not soft) or (_frozen_linear(head) and (soft or ratio >= 0.5)):
+    if (ratio == 1 and not soft) or (frozen_linear(head) and (soft or ratio >= 0.5)):
         own_grad = token_losses(hidden, head, input_ids, valid, chunk_size=chunk_size)
         return selective_loss_of_losses(own_grad, valid, ref_loss, **selection)
     with torch.no_grad():
