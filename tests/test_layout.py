@@ -21,9 +21,9 @@ STAGES = ("data", "reference", "scoring", "train", "evaluate", "analyze", "repor
 # Side stages: commands of their own that nothing else imports.
 SIDE_STAGES = ("export", "bench")
 # Libraries of the stages: they import no stage at all.
-NON_STAGES = ("config", "layout", "blocks", "models", "loss", "distill", "runstats", "selection", "selfref", "frozen",
-              "trainer", "engine", "checkpoint", "curve", "chat", "files", "errors", "noise", "assets", "plots",
-              "harness", "api", "hf_trainer", "outconfig", "configdoc", "report_selection",
+NON_STAGES = ("config", "layout", "blocks", "models", "loss", "head", "distill", "runstats", "selection", "selfref",
+              "frozen", "trainer", "engine", "checkpoint", "curve", "chat", "files", "errors", "noise", "assets",
+              "plots", "harness", "api", "hf_trainer", "outconfig", "configdoc", "report_selection",
               "report_tables")
 # Every module of these is a library too (tasks/: lm-eval task code, loaded by lm-eval from its file).
 NON_STAGE_PACKAGES = ("corpora", "analysis", "tasks", "config")
