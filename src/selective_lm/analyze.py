@@ -298,15 +298,11 @@ def separation_step0(cfg: Config, out: OutDir) -> dict[str, dict[str, float | No
     return result
 
 
-def _curve_tokens(curve: list[dict[str, Any]], split: str) -> tuple[np.ndarray, np.ndarray]:
-    points = [(r["tokens_seen"], r["val_loss"][split]) for r in curve if split in r.get("val_loss", {})]
-    return np.array([t for t, _ in points], dtype=np.float64), np.array([[v] for _, v in points], dtype=np.float64)
-
-
 def tokens_to_reach_point(curve: list[dict[str, Any]], split: str, target: float) -> float | None:
     """Training tokens at which a learning curve first reaches `target` (linear between points), None if never."""
-    tokens, losses = _curve_tokens(curve, split)
-    reached = first_reach(tokens, losses, [target])[0] if tokens.size else np.nan
+    points = [r for r in curve if split in r.get("val_loss", {})]
+    tokens, losses = [r["tokens_seen"] for r in points], [[r["val_loss"][split]] for r in points]
+    reached = first_reach(tokens, losses, [target])[0] if points else np.nan
     return float(reached) if np.isfinite(reached) else None
 
 
