@@ -1,6 +1,6 @@
 """The learning curve of a run: validation loss of the current weights on fixed subsets of the eval splits.
 
-The subsets (`eval.curve_tokens` of each split, blocks spread over every document) are the same
+The subsets (`eval.curve_tokens` of each split, blocks spread over the documents) are the same
 for every run and step, so the curves of a grid compare point by point. Each point also keeps the
 summed loss of every document of the subset (`doc_nats`, with `doc_tokens`), so the analysis can
 bootstrap over documents how many tokens a run needs to reach a loss. Every rank computes a point

@@ -98,7 +98,7 @@ class TokenStore:
         return valid
 
     def spread_blocks(self, max_tokens: int | None) -> np.ndarray:
-        """Sorted indices of the blocks holding about `max_tokens` tokens, spread over every document.
+        """Sorted indices of the blocks holding about `max_tokens` tokens, spread over the documents.
 
         The first blocks of a split would hold its first documents only (a third of them under a
         typical evaluation cap). Instead: the block at the middle of each document (evenly spaced

@@ -42,8 +42,8 @@ class EvalConfig(Section):
         "auto", description="blocks per evaluation forward (perplexity, learning curve, tasks): auto = 8 on CPU, on "
         "CUDA the largest power of two that fits")
     max_tokens: int | None = Field(
-        None, ge=1, description="evaluate about this many tokens of each split, in blocks spread over every "
-        "document (None = all)")
+        None, ge=1, description="evaluate about this many tokens of each split, in blocks spread over its "
+        "documents (one per document, or over evenly spaced documents when fewer blocks fit; None = all)")
     every: int = Field(15, ge=0, description="learning curve: validation loss on a fixed subset every this many "
                        "training steps, and at step 0 and the end (0 = off)")
     curve_tokens: int = Field(512, ge=1, description="tokens of each eval split in the learning curve's subset")
