@@ -64,8 +64,10 @@ def kinds_section(selection: dict[str, Any], kind_runs: list[str], kinds: list[s
     noise = "`web`, `numbers`, `foreign_step`, `truncate`"
     text = [title, f"Share of each kind's target tokens trained, divided by the share of clean tokens trained "
             f"(1.00 = no preference, below 1 = the run drops that kind), with its 95 % bootstrap interval over the "
-            f"optimizer steps in brackets and, after the dot, the kind's target tokens over the run. In italics and "
-            f"marked *few*: under {MIN_KIND_TOKENS} tokens, too few to read. Noise (the oracle removes it): {noise}; "
+            "optimizer steps in brackets (the spread over this run's blocks: a run of another seed reads other "
+            "blocks, and its ratio may fall outside) and, after the dot, the kind's target tokens over the run. In "
+            f"italics and marked *few*: under {MIN_KIND_TOKENS} tokens, too few to read. Noise (the oracle removes "
+            f"it): {noise}; "
             "`header` (the problem statement) and `numbers_context` (unchanged text after an altered number) "
             "are not noise, nor are `after_wrong_step` / `before_wrong_step` (CHAMP's annotated first wrong step: "
             "natural wrong reasoning, labelled, not injected; the oracle trains them).",
