@@ -3,7 +3,8 @@
 One process (each fresh one spends ~20 s importing torch and transformers on a GPU machine):
 
 1. `slm bench` case gpu: a random TinyLlama-1.1B-shaped model, full fine-tuning, bf16, 4 x 2048,
-   decoder layers compiled (as the trainer does on CUDA) and, for the choice, eager.
+   decoder layers compiled (as the trainer does on CUDA), with a profile of one step of each
+   variant (kernels, the GPU's busy share, top kernels and host ops), and, for the choice, eager.
 2. The default study (`slm run`, its wall time, the median step time of its runs and the scoring
    throughput over the whole train split), on a random model of SmolLM2-135M's exact shape (no
    model wheel needed: a timing stand-in whose numbers mean nothing), then with the embedded model
@@ -62,14 +63,16 @@ def _figure(value: float | None, name: str, **extra: Any) -> dict[str, Any]:
 
 
 def bench_gpu(out: Path, compile_: bool, extra: list[str]) -> dict[str, Any]:
-    from selective_lm.bench import gpu
+    """Case gpu; compiled, also a profile of one step of each variant (where the time goes: `bench.profile`)."""
+    from selective_lm.bench import PASS_VARIANTS, TRAIN_VARIANTS, gpu
     from selective_lm.config import load_config
     from selective_lm.layout import OutDir
 
-    overrides = ["bench.steps=5", "bench.warmup=2", f"bench.compile={str(compile_).lower()}", *extra]
+    overrides = ["bench.steps=5", "bench.warmup=2", f"bench.compile={str(compile_).lower()}",
+                 f"bench.profile={str(compile_).lower()}", *extra]
     case = gpu(load_config("smoke", overrides=overrides), OutDir.of(out))
-    return {v: {k: case[v][k] for k in ("step_s", "tokens_per_s", "mfu") if k in case[v]}
-            for v in ("clm", "slm", "naive", "score", "forward")}
+    return {v: {k: case[v][k] for k in ("step_s", "tokens_per_s", "mfu", "profile") if k in case[v]}
+            for v in (*TRAIN_VARIANTS, *PASS_VARIANTS)}
 
 
 def study(out: Path, preset: str, model: str | None, extra: list[str]) -> dict[str, Any]:

@@ -63,8 +63,15 @@ GPU_TINY = ["bench.cases=[gpu]", "bench.gpu_on_cpu=true", "bench.gpu_model=rando
 
 
 def test_gpu_case_reports_tokens_per_second_and_mfu(tmp_path: Path, capsys) -> None:
-    bench(load_config("smoke", overrides=[*TINY, "bench.large_vocab=0", *GPU_TINY]), tmp_path)
+    bench(load_config("smoke", overrides=[*TINY, "bench.large_vocab=0", *GPU_TINY, "bench.profile=true"]), tmp_path)
     gpu = json.loads((tmp_path / "bench.json").read_text())["gpu"]
+    for v in (*TRAIN_VARIANTS, *PASS_VARIANTS):  # bench.profile: one step each; on the CPU, no kernels
+        prof = gpu[v]["profile"]
+        assert prof["kernels"] == 0 and prof["busy"] is None and prof["top_kernels"] == []
+        names = [name for name, ms, calls in prof["top_host_ops"]]
+        assert len(names) == 8 and all(ms >= 0 and calls >= 1 for _, ms, calls in prof["top_host_ops"])
+        assert any(n.startswith("aten::") for n in names), names
+    assert any("mm" in n for n, _, _ in gpu["forward"]["profile"]["top_host_ops"])  # the forward's matmuls
     assert gpu["model"] == "random:tiny-llama" and not gpu["lora"] and gpu["block_len"] == 32
     # The smoke model's matmul weights from its shape: q, o (d x d), k, v (d x kv), the MLP, 2 norms per layer,
     # the final norm and the head (tied to the embedding, so counted once).

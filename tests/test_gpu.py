@@ -85,3 +85,13 @@ def test_bf16_scores_select_what_float32_scores_select(smoke_out: Path) -> None:
     top_b = np.argsort(-b, axis=1, kind="stable")[:, :k]
     kept = np.mean([len(np.intersect1d(x, y)) / k for x, y in zip(top_a, top_b, strict=True)])
     assert kept >= 0.97, kept
+
+
+def test_profile_counts_the_kernels_of_a_step_on_cuda() -> None:
+    """`bench.profile`: the kernels a step launches and their share of its wall time."""
+    from selective_lm.bench.steps import profile_step
+
+    x = torch.randn(1024, 1024, device="cuda")
+    prof = profile_step(lambda: (x @ x).relu_().sum(), torch.device("cuda"), step_s=1.0)
+    assert prof["kernels"] >= 3 and prof["kernel_ms"] > 0 and 0 < prof["busy"] < 1
+    assert prof["top_kernels"] and all(ms > 0 and calls >= 1 for _, ms, calls in prof["top_kernels"])

@@ -21,7 +21,7 @@ def gpu_check() -> ModuleType:
 
 
 def test_dry_run_runs_each_section_and_writes_every_figure(gpu_check, tmp_path: Path, capsys) -> None:
-    only = "bench_gpu_eager,study_stand_in,default_study,gpu_preset,pytest_gpu"
+    only = "bench_gpu_eager,study_stand_in,default_study,gpu_preset,pytest_gpu"  # compiled: inductor, slow here
     assert gpu_check.main([str(tmp_path), "--cpu", "--only", only]) == 0
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     assert json.loads(capsys.readouterr().out) == report

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch._C._profiler import _EventType
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from ..config import ModelConfig
@@ -59,6 +60,33 @@ def peak_mb(fn: Callable[[], Any], device: torch.device) -> float:
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - base) / _MB
     return tensor_peak_bytes(fn) / _MB
+
+
+def profile_step(fn: Callable[[], Any], device: torch.device, step_s: float, top: int = 8) -> dict[str, Any]:
+    """Where one (warmed-up) step's time goes, from the profiler: what a step too slow for its FLOPs is waiting on.
+
+    On CUDA: the kernels launched (`kernels`), their summed time, and `busy` = that time / the step's
+    unprofiled median `step_s` (well below 1: the GPU waits on the host), with the top kernels. On both
+    devices: the top host ops by self CPU time. Each entry: [name, ms, calls].
+    """
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    _sync(device)
+    with profile(activities=activities) as prof:
+        fn()
+        _sync(device)
+    events = prof.key_averages()
+    kernels = [e for e in events if e.device_type == DeviceType.CUDA]
+    kernel_ms = sum(e.self_device_time_total for e in kernels) / 1e3
+
+    def ranked(rows: list[Any], time: Callable[[Any], float]) -> list[list[Any]]:
+        return [[e.key[:100], round(time(e) / 1e3, 3), e.count] for e in sorted(rows, key=time, reverse=True)[:top]]
+
+    return {
+        "kernels": sum(e.count for e in kernels), "kernel_ms": round(kernel_ms, 3),
+        "busy": kernel_ms / (step_s * 1e3) if kernels else None,
+        "top_kernels": ranked(kernels, lambda e: e.self_device_time_total),
+        "top_host_ops": ranked([e for e in events if e.device_type == DeviceType.CPU], lambda e: e.self_cpu_time_total),
+    }
 
 
 # ---------------------------------------------------------------------------- the variants
@@ -181,6 +209,8 @@ def run_case(
             entry["tokens_per_s"] = n_tokens / med
         if name in peaks:
             entry["peak_mb"] = peaks[name]
+        if settings.get("profile"):
+            entry["profile"] = profile_step(fns[name], device, med)
         result[name] = entry
     vocab = frozen.get_output_embeddings().weight.shape[0]
     emb, head = frozen.get_input_embeddings().weight, frozen.get_output_embeddings().weight

@@ -97,6 +97,8 @@ class BenchConfig(Section):
     gpu_peak_tflops: float | None = Field(
         None, gt=0, description="case gpu: the device's dense bf16 peak for MFU (None: known for H100/H200/A100)")
     gpu_on_cpu: bool = Field(False, description="run case gpu without a GPU (tests, with a small bench.gpu_model)")
+    profile: bool = Field(False, description="profile one step of each variant after timing: kernel launches, the "
+                          "GPU's busy share of the step, the top kernels and host ops (where a step's time goes)")
     precision_blocks: int = Field(64, ge=1, description="train blocks on which case precision compares top-k "
                                   "selections from float32 and half-precision reference losses")
     prepare_rounds: int = Field(3, ge=1, description="case prepare: round-robin rounds (medians reported)")
