@@ -101,6 +101,8 @@ def study(out: Path, preset: str, model: str | None, extra: list[str]) -> dict[s
     from selective_lm.pipeline import run
     from selective_lm.scoring import score
 
+    if out.exists():  # `slm run` would confirm the finished study in seconds: a time that means nothing
+        return {"skipped": f"{out} exists: a timed study needs a fresh OUT"}
     overrides = [*([f"model.name={model}"] if model else []), *extra]
     cfg = load_config(preset, overrides=overrides)
     start = time.perf_counter()

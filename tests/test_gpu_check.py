@@ -57,3 +57,10 @@ def test_gpu_bench_figures_come_from_the_compiled_section(gpu_check) -> None:
 def test_without_cuda_the_check_exits_2_unless_a_dry_run(gpu_check, tmp_path: Path, capsys) -> None:
     assert gpu_check.main([str(tmp_path / "out")]) == 2
     assert "no CUDA device" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_a_rerun_into_the_same_out_does_not_time_the_finished_study(gpu_check, tmp_path: Path) -> None:
+    (tmp_path / "stand-in").mkdir()
+    assert gpu_check.main([str(tmp_path), "--cpu", "--only", "study_stand_in"]) == 0
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert "needs a fresh OUT" in report["sections"]["study_stand_in"]["skipped"] and report["figures"] == {}
