@@ -66,21 +66,18 @@ def _figure(value: float | None, name: str, **extra: Any) -> dict[str, Any]:
 
 def bench_gpu(out: Path, compile_: bool, extra: list[str]) -> dict[str, Any]:
     """Case gpu; compiled, also a profile of one step of each variant (where the time goes: `bench.profile`)."""
-    from selective_lm.bench import PASS_VARIANTS, TRAIN_VARIANTS, gpu
+    from selective_lm.bench import gpu
     from selective_lm.config import load_config
     from selective_lm.layout import OutDir
 
     overrides = ["bench.steps=5", "bench.warmup=2", f"bench.compile={str(compile_).lower()}",
                  f"bench.profile={str(compile_).lower()}", *extra]
-    case = gpu(load_config("smoke", overrides=overrides), OutDir.of(out))
-    return {v: {k: case[v][k] for k in ("step_s", "tokens_per_s", "mfu", "profile") if k in case[v]}
-            for v in (*TRAIN_VARIANTS, *PASS_VARIANTS)}
+    return _variants(gpu(load_config("smoke", overrides=overrides), OutDir.of(out)))
 
 
 def bench_small(model: str, extra: list[str]) -> dict[str, Any]:
     """The step cases at the default study's shape (LoRA r8, 4 x 128), compiled as the trainer does, each with a
     profile: how host-bound a small model's step is (the default study's <= 90 s and the 200k tokens/s rest on it)."""
-    from selective_lm.bench import PASS_VARIANTS, TRAIN_VARIANTS
     from selective_lm.bench.steps import run_case
     from selective_lm.config import load_config
     from selective_lm.models import load_tokenizer
@@ -89,8 +86,15 @@ def bench_small(model: str, extra: list[str]) -> dict[str, Any]:
                                                   "bench.steps=10", "bench.warmup=3", "bench.profile=true", *extra])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     case = run_case(cfg.model, len(load_tokenizer(cfg.model)), device, cfg.bench.model_dump(), cfg.scoring.chunk_size)
-    return {"model": model, **{v: {k: case[v][k] for k in ("step_s", "tokens_per_s", "profile") if k in case[v]}
-                               for v in (*TRAIN_VARIANTS, *PASS_VARIANTS)}}
+    return {"model": model, **_variants(case)}
+
+
+def _variants(case: dict[str, Any]) -> dict[str, Any]:
+    """Each variant's figures in a bench case: step time, tokens/s, MFU and profile where it has them."""
+    from selective_lm.bench import PASS_VARIANTS, TRAIN_VARIANTS
+
+    return {v: {k: case[v][k] for k in ("step_s", "tokens_per_s", "mfu", "profile") if k in case[v]}
+            for v in (*TRAIN_VARIANTS, *PASS_VARIANTS)}
 
 
 def study(out: Path, preset: str, model: str | None, extra: list[str]) -> dict[str, Any]:
