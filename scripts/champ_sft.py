@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 from selective_lm.config import DataConfig
-from selective_lm.corpora import CORPORA, Document
+from selective_lm.data.corpora import CORPORA, Document
 
 HEAD = "Solution:\n"
 

@@ -68,7 +68,7 @@ def bench_gpu(out: Path, compile_: bool, extra: list[str]) -> dict[str, Any]:
     """Case gpu; compiled, also a profile of one step of each variant (where the time goes: `bench.profile`)."""
     from selective_lm.bench import gpu
     from selective_lm.config import load_config
-    from selective_lm.layout import OutDir
+    from selective_lm.store.layout import OutDir
 
     overrides = ["bench.steps=5", "bench.warmup=2", f"bench.compile={str(compile_).lower()}",
                  f"bench.profile={str(compile_).lower()}", *extra]
@@ -80,7 +80,7 @@ def bench_small(model: str, extra: list[str]) -> dict[str, Any]:
     profile: how host-bound a small model's step is (the default study's <= 90 s and the 200k tokens/s rest on it)."""
     from selective_lm.bench.steps import run_case
     from selective_lm.config import load_config
-    from selective_lm.models import load_tokenizer
+    from selective_lm.training.models import load_tokenizer
 
     cfg = load_config("champ-smollm2", overrides=[f"model.name={model}", "bench.batch_size=4", "bench.block_len=128",
                                                   "bench.steps=10", "bench.warmup=3", "bench.profile=true", *extra])

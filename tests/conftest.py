@@ -84,7 +84,7 @@ def smoke_cfg():
 def _smoke_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """prepare → reference (trained) → score on the smoke preset, once per session."""
     from selective_lm.config import load_config
-    from selective_lm.data import prepare
+    from selective_lm.prepare import prepare
     from selective_lm.reference import reference
     from selective_lm.scoring import score
 

@@ -17,12 +17,12 @@ from safetensors.torch import load_file
 import selective_lm
 from helpers.cli import slm
 from selective_lm import Selection, SelectiveCollator, SelectiveTrainer, score, selective_loss
-from selective_lm.blocks import BlockOrder
 from selective_lm.config import load_config
 from selective_lm.errors import UserError
-from selective_lm.layout import load_store
-from selective_lm.models import apply_lora, load_model, load_reference_model, load_tokenizer
-from selective_lm.selection import scores, select
+from selective_lm.method.selection import scores, select
+from selective_lm.store.blocks import BlockOrder
+from selective_lm.store.layout import load_store
+from selective_lm.training.models import apply_lora, load_model, load_reference_model, load_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -146,7 +146,7 @@ def test_score_equals_slm_score_and_resumes(smoke_out: Path, tmp_path: Path,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
     import datasets
 
-    from selective_lm import frozen
+    from selective_lm.store import frozen
 
     cfg = load_config("smoke")
     store = load_store(smoke_out / "data" / "train")

@@ -57,7 +57,7 @@ def _other_store_fingerprint(out: Path, tmp: Path) -> None:
 
 def _noise_free_store(out: Path, tmp: Path) -> None:
     from selective_lm.config import load_config
-    from selective_lm.data import prepare
+    from selective_lm.prepare import prepare
 
     prepare(load_config("smoke", overrides=["data.noise_rate=0"]), out, splits=["train"])
 
@@ -76,7 +76,7 @@ def _small_vocab_model(out: Path, tmp: Path) -> None:
 
 def _chat_tokenizer_and_text_rows(out: Path, tmp: Path) -> None:
     """A tokenizer with a chat template, and a corpus whose rows have no `messages` field."""
-    from selective_lm.assets import byte_tokenizer
+    from selective_lm.data.assets import byte_tokenizer
 
     tok = byte_tokenizer()
     tok.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
@@ -93,8 +93,8 @@ def _chat_tokenizer_and_bot_rows(out: Path, tmp: Path) -> None:
 
 def _stored_config(out: Path, tmp: Path) -> None:
     from selective_lm.config import load_config
-    from selective_lm.layout import OutDir
-    from selective_lm.outconfig import remember
+    from selective_lm.store.layout import OutDir
+    from selective_lm.store.outconfig import remember
 
     remember(load_config("smoke"), OutDir(out))
 

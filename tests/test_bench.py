@@ -20,7 +20,7 @@ from selective_lm.bench import (
     targets,
 )
 from selective_lm.config import load_config
-from selective_lm.layout import OutDir
+from selective_lm.store.layout import OutDir
 
 TINY = ["bench.steps=1", "bench.warmup=0", "bench.batch_size=2", "bench.block_len=32", "bench.large_vocab=4096",
         "bench.cases=[]"]

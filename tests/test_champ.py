@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from selective_lm.config import DataConfig, load_config
-from selective_lm.corpora.champ import (
+from selective_lm.data.corpora.champ import (
     RESERVED_SHARE,
     ChampPartition,
     _model_text,

@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from selective_lm.config import load_config
-from selective_lm.layout import OutDir
-from selective_lm.models import load_reference_model
+from selective_lm.store.layout import OutDir
 from selective_lm.train import train
-from selective_lm.trainer import Trainer
+from selective_lm.training.models import load_reference_model
+from selective_lm.training.trainer import Trainer
 from test_engine import _same_run
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -184,7 +184,7 @@ def test_choices_are_the_registries() -> None:
     from typing import get_args
 
     from selective_lm.config import GridConfig, TrainConfig
-    from selective_lm.selection import SCOPES, SCORE_KINDS, STRATEGIES
+    from selective_lm.method.selection import SCOPES, SCORE_KINDS, STRATEGIES
 
     fields = TrainConfig.model_fields
     assert get_args(fields["method"].annotation) == ("clm", "oracle", "distill", *STRATEGIES)
@@ -199,7 +199,7 @@ def test_choices_are_the_registries() -> None:
 
 
 def test_unknown_corpus_names_the_registered_ones() -> None:
-    from selective_lm.corpora import CORPORA
+    from selective_lm.data.corpora import CORPORA
 
     with pytest.raises(UserError, match="data.corpus") as err:
         load_config("smoke", overrides=["data.corpus=nope"])

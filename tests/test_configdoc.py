@@ -10,7 +10,7 @@ from pydantic import BaseModel, Field, PositiveInt
 
 from selective_lm.cli import main
 from selective_lm.config import Config
-from selective_lm.configdoc import config_reference
+from selective_lm.config.doc import config_reference
 
 PAGE = Path(__file__).resolve().parents[1] / "docs" / "config.md"
 

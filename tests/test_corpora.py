@@ -10,12 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import selective_lm.corpora
+import selective_lm.data.corpora
 from selective_lm.config import load_config
-from selective_lm.corpora import CORPORA, Document, Split
-from selective_lm.data import prepare
+from selective_lm.data.corpora import CORPORA, Document, Split
 from selective_lm.errors import UserError
-from selective_lm.layout import load_store
+from selective_lm.prepare import prepare
+from selective_lm.store.layout import load_store
 
 NAME = "tiny-test"
 SPLITS = ("train", "val_clean", "holdout")  # one split the study never reads
@@ -33,7 +33,7 @@ def tiny_corpus() -> Iterator[list[str]]:
     """Registers `tiny-test` for one test; returns the names of the data settings it was called with."""
     calls: list[str] = []
 
-    @selective_lm.corpora.register(NAME)
+    @selective_lm.data.corpora.register(NAME)
     def tiny(data) -> dict[str, Split]:
         calls.append(data.corpus)
         sizes = {"train": 12, "val_clean": 4, "holdout": 3}

@@ -16,15 +16,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from selective_lm.assets import byte_tokenizer
 from selective_lm.config import load_config
-from selective_lm.corpora import Document
-from selective_lm.corpora.champ import champ_partition, wrong_step_labels
-from selective_lm.data import BATCH_DOCS, NOISE_LAG, prepare, write_store
+from selective_lm.data.assets import byte_tokenizer
+from selective_lm.data.corpora import Document
+from selective_lm.data.corpora.champ import champ_partition, wrong_step_labels
+from selective_lm.data.noise import KIND_IDS, KIND_NAMES, KINDS, LABEL_KINDS, NoiseInjector, is_noise
 from selective_lm.errors import UserError
-from selective_lm.layout import STORE_FORMAT, load_store
-from selective_lm.models import tokenizer_fingerprint
-from selective_lm.noise import KIND_IDS, KIND_NAMES, KINDS, LABEL_KINDS, NoiseInjector, is_noise
+from selective_lm.prepare import BATCH_DOCS, NOISE_LAG, prepare, write_store
+from selective_lm.store.layout import STORE_FORMAT, load_store
+from selective_lm.training.models import tokenizer_fingerprint
 
 WEB_MARKERS = ("utm_", "All rights reserved", "We use cookies", "min.js", "menu-item", "https://www.",
                "comments · Reply", "&nbsp;")
@@ -504,7 +504,7 @@ def test_a_bad_row_mid_corpus_is_one_error_line(tmp_path, capfd):
 _PEAK_RSS = """
 import json, resource, sys
 from selective_lm.config import load_config
-from selective_lm.data import prepare
+from selective_lm.prepare import prepare
 cfg = load_config("smoke", overrides=["data.corpus=custom", "data.sources={train: %s}" % sys.argv[1],
                                       "data.max_tokens=null", "data.noise_rate=0", "data.num_proc=2"])
 summary = prepare(cfg, sys.argv[2])["train"]

@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from selective_lm.distill import Distill, distill_lm_loss, distill_token_losses
-from selective_lm.loss import SelectiveLM, forward_hidden, valid_mask
+from selective_lm.method.distill import Distill, distill_lm_loss, distill_token_losses
+from selective_lm.method.loss import SelectiveLM, forward_hidden, valid_mask
 from test_loss import VOCAB, batch, tiny_llama
 
 

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from selective_lm.cli import main
 from selective_lm.config import load_config
-from selective_lm.layout import OutDir
+from selective_lm.store.layout import OutDir
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -89,8 +89,8 @@ def test_engine_settings_stay_out_of_the_run_hash(smoke_out: Path) -> None:
 
 
 def test_compile_wraps_every_decoder_layer_once() -> None:
-    from selective_lm.engine import compile_layers, decoder_layers
-    from selective_lm.models import apply_lora, load_model
+    from selective_lm.training.engine import compile_layers, decoder_layers
+    from selective_lm.training.models import apply_lora, load_model
 
     cfg = load_config("smoke")
     model = apply_lora(load_model(cfg.model), cfg.model)
@@ -100,7 +100,7 @@ def test_compile_wraps_every_decoder_layer_once() -> None:
 
 
 def test_probe_takes_the_largest_size_that_fits_and_remembers_it(tmp_path: Path, monkeypatch) -> None:
-    from selective_lm import engine
+    from selective_lm.training import engine
 
     monkeypatch.setenv("SLM_CACHE", str(tmp_path))
     monkeypatch.setattr(engine, "_memory_key", lambda device: "fake-gpu|80GB")
@@ -121,7 +121,7 @@ def test_probe_takes_the_largest_size_that_fits_and_remembers_it(tmp_path: Path,
 
 
 def test_auto_sizes_are_the_configured_ones_on_cpu() -> None:
-    from selective_lm.engine import frozen_batch_size
+    from selective_lm.training.engine import frozen_batch_size
 
     def never(n: int) -> None:
         raise AssertionError("no probe on CPU")
@@ -144,7 +144,7 @@ def _overhead(tmp_path: Path) -> dict[str, Any]:
 def test_overhead_case_counts_one_sync_per_step_and_catches_one_more_per_micro_batch(tmp_path: Path,
                                                                                        monkeypatch) -> None:
     """The trainer reads its statistics once per step; an `.item()` per micro-batch makes the guard fail."""
-    from selective_lm.trainer import Trainer
+    from selective_lm.training.trainer import Trainer
 
     result = _overhead(tmp_path)
     assert result["extra_syncs_per_step"] == 1 and result["host_syncs"]["trainer"]["tolist"] == 1
@@ -165,8 +165,8 @@ def test_more_micro_batches_add_no_host_sync_but_the_models_own(smoke_out: Path,
     loss, the selection or the statistics. The step reads its sums once (`tolist`); AdamW also reads its step
     counters, which live on the host on any device (not a device sync, but counted on a CPU run)."""
     from selective_lm.bench.overhead import count_host_syncs
-    from selective_lm.loss import forward_hidden
-    from selective_lm.trainer import Trainer
+    from selective_lm.method.loss import forward_hidden
+    from selective_lm.training.trainer import Trainer
 
     totals = []
     for accum in (1, 4):

@@ -14,8 +14,8 @@ from conftest import private_copy
 from selective_lm.cli import main
 from selective_lm.evaluate import evaluate, evaluate_trajectory
 from selective_lm.files import read_json
-from selective_lm.layout import load_store
-from selective_lm.models import load_model, load_tokenizer
+from selective_lm.store.layout import load_store
+from selective_lm.training.models import load_model, load_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -11,9 +11,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from selective_lm.assets import byte_tokenizer
 from selective_lm.config import load_config
-from selective_lm.models import load_model
+from selective_lm.data.assets import byte_tokenizer
+from selective_lm.training.models import load_model
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"

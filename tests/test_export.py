@@ -19,8 +19,8 @@ import pytest
 from helpers.cli import slm
 from selective_lm.cli import main
 from selective_lm.config import load_config
-from selective_lm.layout import load_store
-from selective_lm.models import load_tokenizer, token_texts
+from selective_lm.store.layout import load_store
+from selective_lm.training.models import load_tokenizer, token_texts
 
 TOPK = ("train.method=topk", "train.ratio=0.5", "train.steps=2")
 ORACLE = ("train.method=oracle", "train.steps=2")
@@ -181,8 +181,8 @@ def test_hf_export_trains_with_transformers_trainer_on_exactly_the_selection(exp
     import torch
     from transformers import Trainer, TrainingArguments
 
-    from selective_lm.loss import forward_hidden, token_losses
-    from selective_lm.models import load_model
+    from selective_lm.method.loss import forward_hidden, token_losses
+    from selective_lm.training.models import load_model
 
     out = exported["out"]
     assert slm("export-selected", out, "--format", "hf", *TOPK) == 0

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from selective_lm.cli import main
-from selective_lm.trainer import Trainer
+from selective_lm.training.trainer import Trainer
 
 pytestmark = pytest.mark.gpu  # skipped without a CUDA device (conftest.py)
 

@@ -17,7 +17,7 @@ from selective_lm.config import load_config
 from selective_lm.evaluate import evaluate, model_digest
 from selective_lm.files import read_json
 from selective_lm.harness import DATA_METADATA, PACKAGE_TASKS, TaskEval, task_results
-from selective_lm.layout import OutDir
+from selective_lm.store.layout import OutDir
 
 pytest.importorskip("lm_eval")
 pytest.importorskip("math_verify")
@@ -150,7 +150,7 @@ def _champ_task(data: dict) -> object:
 
 @pytest.mark.parametrize("overrides", [[], ["data.seed=3", "data.val_fraction=0.2"]])
 def test_champ_answer_documents_are_the_val_problems_and_exemplars_train_problems(overrides: list[str]) -> None:
-    from selective_lm.corpora.champ import champ_partition
+    from selective_lm.data.corpora.champ import champ_partition
 
     cfg = load_config("champ-smollm2", overrides=overrides)
     part = champ_partition(cfg.data)
@@ -164,7 +164,7 @@ def test_champ_answer_documents_are_the_val_problems_and_exemplars_train_problem
 
 
 def test_champ_answer_checks_answers_with_math_verify() -> None:
-    from selective_lm.corpora.champ import champ_partition, load_champ
+    from selective_lm.data.corpora.champ import champ_partition, load_champ
 
     spec = importlib.util.spec_from_file_location("champ_answer_utils", PACKAGE_TASKS / "champ_answer" / "utils.py")
     champ = importlib.util.module_from_spec(spec)  # the task's own module, loaded from its file as lm-eval does

@@ -1,9 +1,10 @@
 """The package's architecture, checked on its source: the import graph and who owns the on-disk layout.
 
-DESIGN.md: data flows one way (assets/corpora → data → reference → scoring → train → evaluate →
-analyze → report), `pipeline.py` only wires stages, no module imports a stage that runs after
-it, and only `layout.py` joins paths under `--out`. Every module must be classified below, so
-a new module makes its author decide where it sits.
+DESIGN.md and docs/formats.md (Layout): data flows one way (prepare → reference → scoring → train →
+evaluate → analyze → report), `pipeline.py` only wires stages, no module imports a stage that runs after
+it, and only `store/layout.py` joins paths under `--out`. Nothing is listed by hand but the stage order:
+a stage is a module that `slm` runs (`cli.COMMANDS`, a package's submodules included), every other
+module is a library, and the pure packages (`method/`, `analysis/`) import nothing with files or config.
 """
 
 from __future__ import annotations
@@ -12,23 +13,21 @@ import ast
 from pathlib import Path
 
 import selective_lm
+from selective_lm.cli import COMMANDS
 
 PACKAGE = "selective_lm"
 SRC = Path(selective_lm.__file__).parent
 
-# The stages in the order they run.
-STAGES = ("data", "reference", "scoring", "train", "evaluate", "analyze", "report", "pipeline")
-# Side stages: commands of their own that nothing else imports.
-SIDE_STAGES = ("export", "bench")
-# Libraries of the stages: they import no stage at all.
-NON_STAGES = ("config", "layout", "blocks", "models", "loss", "head", "distill", "runstats", "selection", "selfref",
-              "frozen", "trainer", "engine", "checkpoint", "curve", "chat", "files", "errors", "noise", "assets",
-              "plots", "harness", "api", "hf_trainer", "outconfig", "configdoc", "report_selection",
-              "report_tables")
-# Every module of these is a library too (tasks/: lm-eval task code, loaded by lm-eval from its file).
-NON_STAGE_PACKAGES = ("corpora", "analysis", "tasks", "config")
-# Who may import a library that is no stage but belongs to one: plots draws for the report only.
-PRIVATE_TO = {"plots": {"report"}, "report_selection": {"report", "report_tables"}, "report_tables": {"report"}}
+# The stages' modules, from the CLI's own table, in the order the data flows through them (DESIGN.md);
+# "cli" itself (`slm config`) is the entry point.
+_COMMAND_MODULES = {module for _, module, _ in COMMANDS.values()} - {"cli"}
+STAGES = ("prepare", "reference", "scoring", "train", "evaluate", "analyze", "report", "pipeline")
+# Side stages: commands of their own that no other module imports.
+SIDE_STAGES = tuple(sorted(_COMMAND_MODULES - set(STAGES)))
+# Pure packages: tensors and arrays in, tensors and numbers out; what they may import of ours.
+PURE = {"method": {"method", "errors"}, "analysis": {"analysis"}}
+# At most this many top-level modules: the libraries are grouped into packages by concern.
+MAX_TOP_LEVEL = 16
 
 
 def _module_name(path: Path) -> str:
@@ -114,16 +113,16 @@ def _top(module: str) -> str:
 
 
 def _kind(module: str) -> str:
+    """entry (the package, the CLI), stage (what `slm` runs, with its package's submodules), side (a stage
+    nothing imports) or library (everything else, whatever its folder)."""
     top = _top(module)
     if module in ("", "cli", "__main__"):
         return "entry"
-    if module in STAGES:
+    if top in STAGES:
         return "stage"
-    if top in SIDE_STAGES:  # bench is a package: its modules are the side stage too
+    if top in SIDE_STAGES:
         return "side"
-    if module in NON_STAGES or top in NON_STAGE_PACKAGES:
-        return "library"
-    return "unclassified"
+    return "library"
 
 
 # ----------------------------------------------------------------------------- the graph
@@ -131,31 +130,39 @@ def _kind(module: str) -> str:
 
 def test_the_parser_sees_the_known_edges() -> None:
     """Guards the checks below against a parser that finds nothing."""
-    assert "trainer" in GRAPH["train"] and "layout" in GRAPH["train"]
-    assert "plots" in GRAPH["report"]  # `from . import plots`
-    assert "analysis.selection" in GRAPH["trainer"]  # `from .analysis import selection as diag`
-    assert "corpora" in GRAPH["corpora.champ"]  # `from . import Document, ...` in a subpackage
+    assert "training.trainer" in GRAPH["train"] and "store.layout" in GRAPH["train"]
+    assert "report.plots" in GRAPH["report"]  # `from . import plots` in a package's __init__
+    assert "analysis.selection" in GRAPH["training.trainer"]  # `from ..analysis import selection as diag`
+    assert "data.corpora" in GRAPH["data.corpora.champ"]  # `from . import Document, ...` in a subpackage
     source = """
 from typing import TYPE_CHECKING
-import numpy, selective_lm.layout
-from .. import files
-from ..analysis.buckets import BUCKETS
+import numpy, selective_lm.store.layout
+from ... import files
+from ...analysis.buckets import BUCKETS
 if TYPE_CHECKING:
-    from ..config import Config
+    from ...config import Config
 else:
-    from ..errors import UserError
+    from ...errors import UserError
 def f():
-    from ..models import load_model
+    from ...training.models import load_model
     from . import Document
 """
-    assert imports_of("corpora.champ", source) == {"layout", "files", "analysis.buckets", "errors", "models",
-                                                   "corpora"}
-    assert {"data", "reference", "scoring", "train", "evaluate", "analyze", "report"} <= GRAPH["pipeline"]
+    assert imports_of("data.corpora.champ", source) == {"store.layout", "files", "analysis.buckets", "errors",
+                                                        "training.models", "data.corpora"}
+    assert {"prepare", "reference", "scoring", "train", "evaluate", "analyze", "report"} <= GRAPH["pipeline"]
 
 
-def test_every_module_is_classified() -> None:
-    unclassified = sorted(m for m in MODULES if _kind(m) == "unclassified")
-    assert not unclassified, f"classify these modules in tests/test_layout.py (stage or library): {unclassified}"
+def test_the_stages_are_the_commands() -> None:
+    """The stage order names exactly the modules `slm` runs, and each exists: the tuple cannot drift."""
+    assert set(STAGES) | set(SIDE_STAGES) == _COMMAND_MODULES
+    assert all(m in MODULES for m in _COMMAND_MODULES)
+    assert set(SIDE_STAGES) == {"bench", "export"}
+
+
+def test_top_level_modules_are_few() -> None:
+    """Verbs, the public face and the ground (errors, files) at the top; libraries live in packages."""
+    top = sorted(p.name for p in SRC.glob("*.py"))
+    assert len(top) <= MAX_TOP_LEVEL, top
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -182,15 +189,15 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 
 def _may_import_stage(m: str, stage: str) -> bool:
-    """Stages import earlier stages; a side stage (it runs on their outputs) any stage but the pipeline."""
+    """Stages import earlier stages (and their own package); a side stage any stage but the pipeline."""
     if _kind(m) == "stage":
-        return STAGES.index(stage) < STAGES.index(m)
-    return _kind(m) == "side" and stage != "pipeline"
+        return STAGES.index(_top(stage)) <= STAGES.index(_top(m))
+    return _kind(m) == "side" and _top(stage) != "pipeline"
 
 
 def layering_violations(graph: dict[str, set[str]]) -> list[str]:
-    """Imports against the stage order: a stage importing a later (or side) stage, a library importing
-    any stage, anyone importing a side stage or the CLI, a private library imported by a non-owner."""
+    """Imports against the design: a stage importing a later (or side) stage, a library importing any
+    stage, anyone importing a side stage or the CLI, a pure package importing more than it may."""
     bad = []
     for m, targets in graph.items():
         for t in sorted(targets):
@@ -199,22 +206,24 @@ def layering_violations(graph: dict[str, set[str]]) -> list[str]:
                 bad.append(f"{name} imports {t}, which nothing may import")
             elif _kind(t) == "stage" and not _may_import_stage(m, t):
                 bad.append(f"{name} ({_kind(m)}) imports stage {t}")
-            if t in PRIVATE_TO and m not in PRIVATE_TO[t]:
-                bad.append(f"{name} imports {t}, which only {sorted(PRIVATE_TO[t])} may import")
+            elif _top(m) in PURE and _top(t) not in PURE[_top(m)]:
+                bad.append(f"{name} (pure) imports {t}")
     return bad
 
 
 def test_the_checks_catch_bad_graphs() -> None:
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
-    assert layering_violations({"train": {"scoring", "layout"}, "data": {"config"}}) == []
+    assert layering_violations({"train": {"scoring", "store.layout"}, "prepare": {"config"}}) == []
     assert layering_violations({"scoring": {"train"}}) == ["scoring (stage) imports stage train"]
-    assert layering_violations({"models": {"data"}}) == ["models (library) imports stage data"]
-    assert layering_violations({"export": {"evaluate"}, "bench": {"train"}}) == []
+    assert layering_violations({"training.models": {"prepare"}}) == ["training.models (library) imports stage prepare"]
+    assert layering_violations({"export": {"evaluate"}, "bench.steps": {"train"}}) == []
     assert layering_violations({"export": {"pipeline"}}) == ["export (side) imports stage pipeline"]
     assert layering_violations({"pipeline": {"export"}}) == ["pipeline imports export, which nothing may import"]
     assert layering_violations({"train": {"cli"}}) == ["train imports cli, which nothing may import"]
-    assert layering_violations({"analyze": {"plots"}}) == ["analyze imports plots, which only ['report'] may import"]
+    assert layering_violations({"analyze": {"report.plots"}}) == ["analyze (stage) imports stage report.plots"]
+    assert layering_violations({"report.tables": {"report"}}) == []
+    assert layering_violations({"method.loss": {"files"}}) == ["method.loss (pure) imports files"]
 
 
 def test_import_graph_has_no_cycle() -> None:
@@ -223,10 +232,41 @@ def test_import_graph_has_no_cycle() -> None:
 
 
 def test_no_module_imports_a_later_stage_a_side_stage_or_the_cli() -> None:
-    """Stages import earlier stages only, side stages any but the pipeline; libraries (config, layout,
-    models, ..., corpora.*, analysis.*) import no stage; export, bench and the CLI are imported by
-    nobody; plots by the report only."""
+    """Stages import earlier stages only, side stages any but the pipeline; libraries (config/, store/,
+    training/, method/, data/, ...) import no stage; export, bench and the CLI are imported by nobody;
+    method/ and analysis/ stay pure."""
     bad = layering_violations(GRAPH)
+    assert not bad, bad
+
+
+def private_imports(module: str, source: str | None = None) -> list[str]:
+    """`_name`s that `module` imports from another of our modules (`from .x import _y`, or `x._y` of a
+    module imported as `x`): a private name is its module's own."""
+    tree = ast.parse(MODULES[module].read_text() if source is None else source)
+    found, aliases = [], set()
+    for node in _runtime_imports(tree):
+        ours = node.level > 0 if isinstance(node, ast.ImportFrom) else False
+        ours |= isinstance(node, ast.ImportFrom) and (node.module or "").startswith(PACKAGE)
+        for alias in node.names:
+            if isinstance(node, ast.ImportFrom) and ours:
+                if alias.name.startswith("_") and not alias.name.startswith("__"):
+                    found.append(alias.name)
+                else:
+                    aliases.add(alias.asname or alias.name)
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases
+                and node.attr.startswith("_") and not node.attr.startswith("__")):
+            found.append(f"{node.value.id}.{node.attr}")
+    return sorted(found)
+
+
+def test_the_private_check_sees_private_names() -> None:
+    source = "from .errors import _x, y\nfrom . import files\nfrom torch import _C\nfiles._lock()\ny._z"
+    assert private_imports("api", source) == ["_x", "files._lock", "y._z"]
+
+
+def test_no_module_imports_another_modules_private_name() -> None:
+    bad = {m: found for m in MODULES if (found := private_imports(m))}
     assert not bad, bad
 
 
@@ -261,9 +301,9 @@ def test_the_join_check_sees_a_join() -> None:
 def test_only_layout_joins_paths_under_out() -> None:
     bad = []
     for m, path in MODULES.items():
-        if m == "layout":
+        if m == "store.layout":
             continue
         for line, name in _joins(ast.parse(path.read_text())):
             bad.append(f"{path.relative_to(SRC.parent)}:{line} joins {name!r}")
-    assert not bad, f"ask layout.OutDir / RunDir for these paths: {bad}"
-    assert _joins(ast.parse(MODULES["layout"].read_text()))  # layout does join them
+    assert not bad, f"ask store.layout's OutDir / RunDir for these paths: {bad}"
+    assert _joins(ast.parse(MODULES["store.layout"].read_text()))  # layout does join them

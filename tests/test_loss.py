@@ -13,7 +13,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from selective_lm.bench import tensor_peak_bytes
 from selective_lm.bench.overhead import count_host_syncs
-from selective_lm.loss import (
+from selective_lm.method.loss import (
     forward_hidden,
     scores,
     selected_loss_sum,
@@ -22,7 +22,7 @@ from selective_lm.loss import (
     token_losses,
     valid_mask,
 )
-from selective_lm.selection import select
+from selective_lm.method.selection import select
 
 VOCAB = 300
 

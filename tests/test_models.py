@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from selective_lm import assets
 from selective_lm.config import load_config
+from selective_lm.data import assets
 from selective_lm.errors import UserError
-from selective_lm.models import apply_lora, load_model, load_tokenizer, tokenizer_fingerprint
+from selective_lm.training.models import apply_lora, load_model, load_tokenizer, tokenizer_fingerprint
 
 
 def test_tiny_random_model_is_small_and_identical_across_loads(smoke_cfg) -> None:
@@ -94,7 +94,7 @@ def test_conversion_is_locked_and_runs_once(monkeypatch, tmp_path: Path) -> None
 @pytest.mark.slow
 def test_embedded_smollm2_converts_once_then_loads_fast(monkeypatch, tmp_path: Path) -> None:
     """The real GGUF: two processes start at once, both succeed, later loads take < 2 s."""
-    code = ("from selective_lm.config import load_config; from selective_lm.models import load_model;"
+    code = ("from selective_lm.config import load_config; from selective_lm.training.models import load_model;"
             "m = load_model(load_config().model); print(m.config.vocab_size)")
     env = {"SLM_CACHE": str(tmp_path), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
     procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True)

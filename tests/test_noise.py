@@ -10,8 +10,8 @@ import re
 import numpy as np
 import pytest
 
-from selective_lm.assets import byte_tokenizer
-from selective_lm.noise import (
+from selective_lm.data.assets import byte_tokenizer
+from selective_lm.data.noise import (
     KIND_IDS,
     KIND_NAMES,
     KINDS,
@@ -319,7 +319,7 @@ def test_labels_match_the_edits_on_champ_documents(tok):
     that now follows a cut.
     """
     from selective_lm.config import load_config
-    from selective_lm.corpora import CORPORA
+    from selective_lm.data.corpora import CORPORA
 
     docs = list(itertools.islice(CORPORA["champ"](load_config("smoke").data)["train"].documents, 120))
     inj = NoiseInjector(0.2, WEIGHTS, 0)

@@ -150,9 +150,9 @@ def test_custom_corpus_evaluates_on_the_splits_it_has(tmp_path: Path) -> None:
 
 
 def test_a_run_of_another_process_count_is_not_returned_as_done(smoke_out: Path, smoke_cfg) -> None:
-    from selective_lm.layout import OutDir
+    from selective_lm.store.layout import OutDir
     from selective_lm.train import train
-    from selective_lm.trainer import Trainer
+    from selective_lm.training.trainer import Trainer
 
     cfg = smoke_cfg.model_copy(update={"train": smoke_cfg.train.model_copy(update={"steps": 1})})
     summary = train(cfg, smoke_out)
@@ -232,7 +232,7 @@ def test_bad_sft_rows_name_file_and_line_or_are_skipped_and_counted(tmp_path: Pa
     ([{"role": "user", "content": "hi"}], "no assistant turn"),
 ])
 def test_chat_rows_without_a_trained_turn_exit_2(tmp_path: Path, messages, needle) -> None:
-    from selective_lm.corpora import CORPORA
+    from selective_lm.data.corpora import CORPORA
 
     src = _jsonl(tmp_path / "chat.jsonl", [{"messages": messages}])
     cfg = load_config("smoke", overrides=["data.corpus=custom", "data.format=chat", f"data.sources.train={src}"])
@@ -244,7 +244,7 @@ def test_chat_rows_without_a_trained_turn_exit_2(tmp_path: Path, messages, needl
 
 
 def test_custom_corpus_gets_no_noise_unless_asked_and_a_cap_says_what_it_kept(tmp_path: Path, capsys) -> None:
-    from selective_lm.data import prepare
+    from selective_lm.prepare import prepare
 
     src = _jsonl(tmp_path / "t.jsonl", [{"text": f"Document {i}: the sum of two odd numbers is even."}
                                         for i in range(200)])

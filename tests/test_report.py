@@ -9,9 +9,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from selective_lm.assets import byte_tokenizer
-from selective_lm.models import token_texts
+from selective_lm.data.assets import byte_tokenizer
 from selective_lm.report import report, write_report
+from selective_lm.training.models import token_texts
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SPLITS = ("val_clean", "val_noisy")
@@ -280,7 +280,7 @@ def test_within_noise_reads_the_same_everywhere_and_controls_and_kinds_show_inte
 def test_one_document_kind_claims_no_interval() -> None:
     """Perplexity by kind on tokens that lie in one document: the point Δ, and no interval (a bootstrap over one
     document gives it back every time); the header says how many documents hold each kind."""
-    from selective_lm.report_selection import wrong_step_section
+    from selective_lm.report.selection import wrong_step_section
 
     def entry(pct: float, lo: float | None, hi: float | None, documents: int) -> dict[str, Any]:
         return {"ppl": 3.0, "tokens": 200, "documents": documents, "delta_vs_clm": {"pct": pct, "lo": lo, "hi": hi}}

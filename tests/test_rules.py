@@ -12,14 +12,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from selective_lm.blocks import BlockOrder
 from selective_lm.cli import main
 from selective_lm.config import load_config
-from selective_lm.frozen import model_token_losses
-from selective_lm.layout import load_store
-from selective_lm.loss import valid_mask
-from selective_lm.models import apply_lora, load_model, load_tokenizer
-from selective_lm.selfref import SelfReference
+from selective_lm.method.loss import valid_mask
+from selective_lm.store.blocks import BlockOrder
+from selective_lm.store.frozen import model_token_losses
+from selective_lm.store.layout import load_store
+from selective_lm.training.models import apply_lora, load_model, load_tokenizer
+from selective_lm.training.selfref import SelfReference
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -90,7 +90,7 @@ def test_export_keeps_the_tokens_above_the_threshold(smoke_out: Path) -> None:
     excess tokens (the export rescores each block with the run's final weights)."""
     import datasets
 
-    from selective_lm.models import load_trained
+    from selective_lm.training.models import load_trained
 
     args = ["train.method=topk", "train.rule=positive", "train.steps=2"]
     assert _train(smoke_out, *args) == 0
@@ -176,7 +176,7 @@ def test_checkpoint_reference_scores_with_the_frozen_weights(smoke_out: Path) ->
 
 
 def test_ema_reference_is_the_average_of_the_weights_and_resumes(smoke_out: Path, monkeypatch) -> None:
-    from selective_lm.trainer import Trainer
+    from selective_lm.training.trainer import Trainer
 
     args = ["train.method=topk", "train.ratio=0.5", "reference.mode=ema", "reference.ema_decay=0.5",
             "reference.start_step=1", "train.snapshot_every=1", "train.score=retrospective"]
@@ -241,7 +241,7 @@ def test_bad_input_exits_2_with_one_line(smoke_out: Path, capsys, monkeypatch) -
     assert "no reference model to evaluate" in _bad(smoke_out, capsys, "eval", "train.name=reference",
                                                     "reference.mode=ema", "reference.start_step=2")
     # Full fine-tuning of a model whose copy would not fit: the memory it needs, in one line.
-    monkeypatch.setattr("selective_lm.trainer.free_memory", lambda device: 1024)
+    monkeypatch.setattr("selective_lm.training.trainer.free_memory", lambda device: 1024)
     err = _bad(smoke_out, capsys, "train", "train.method=topk", "train.ratio=0.5", "reference.mode=ema",
                "reference.start_step=2", "model.lora=false")
     assert "GiB more" in err and "model.lora=true" in err

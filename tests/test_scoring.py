@@ -16,12 +16,13 @@ import torch
 import torch.nn.functional as F
 
 from helpers.cli import slm
-from selective_lm import frozen, scoring
+from selective_lm import scoring
 from selective_lm.errors import UserError
 from selective_lm.files import read_json
-from selective_lm.layout import OutDir, load_store
-from selective_lm.loss import valid_mask
-from selective_lm.models import load_model, load_tokenizer, tokenizer_fingerprint
+from selective_lm.method.loss import valid_mask
+from selective_lm.store import frozen
+from selective_lm.store.layout import OutDir, load_store
+from selective_lm.training.models import load_model, load_tokenizer, tokenizer_fingerprint
 
 
 def load_scores(out: Path, store, tokenizer):
@@ -88,7 +89,7 @@ def test_reference_self_trains_nothing_and_scores_with_the_base_model(smoke_cfg,
 
 
 def _data_only(smoke_cfg, tmp_path: Path) -> Path:
-    from selective_lm.data import prepare
+    from selective_lm.prepare import prepare
 
     out = tmp_path / "prepared"
     prepare(smoke_cfg, out)
@@ -118,7 +119,7 @@ def test_reference_path_with_another_vocabulary_is_refused(smoke_cfg, smoke_out:
                                                            capsys) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from selective_lm.models import RANDOM_MODELS
+    from selective_lm.training.models import RANDOM_MODELS
 
     desc_before = (smoke_out / "reference" / "reference.json").read_text()
     bigger = tmp_path / "bigger-vocab"  # no tokenizer files: the vocabulary size gives it away
@@ -214,7 +215,7 @@ def test_interrupted_score_resumes_to_the_identical_result(smoke_cfg, smoke_out:
 
 _SLOW_SCORE = """
 import sys, time
-from selective_lm import frozen
+from selective_lm.store import frozen
 from selective_lm.cli import main
 real = frozen.model_token_losses
 def slow(*a, **k):

@@ -13,7 +13,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from selective_lm.selection import STRATEGIES, max_selected, num_selected, select
+from selective_lm.method.selection import STRATEGIES, max_selected, num_selected, select
 
 HARD_STRATEGIES = sorted(STRATEGIES)
 SCOPES = ["batch", "sequence", "global"]  # global without a process group is batch
@@ -249,7 +249,7 @@ def test_threshold_selects_nothing_when_no_score_exceeds_it() -> None:
 
 def test_score_kinds_signs() -> None:
     """excess = own - reference (Rho-1); retrospective = reference - own (ssToken); reference = -reference."""
-    from selective_lm.selection import scores as score_of
+    from selective_lm.method.selection import scores as score_of
 
     own, ref = torch.tensor([[2.0, 1.0]]), torch.tensor([[1.5, 3.0]])
     assert torch.equal(score_of("excess", own, ref), own - ref)

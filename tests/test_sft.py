@@ -19,15 +19,15 @@ import pytest
 import torch
 
 from helpers.cli import slm
-from selective_lm.assets import byte_tokenizer
-from selective_lm.blocks import BlockOrder
-from selective_lm.chat import render_chat
 from selective_lm.config import load_config
-from selective_lm.corpora import Document
-from selective_lm.data import prepare, write_store
+from selective_lm.data.assets import byte_tokenizer
+from selective_lm.data.chat import render_chat
+from selective_lm.data.corpora import Document
 from selective_lm.errors import UserError
-from selective_lm.layout import load_store
-from selective_lm.models import load_model, load_tokenizer
+from selective_lm.prepare import prepare, write_store
+from selective_lm.store.blocks import BlockOrder
+from selective_lm.store.layout import load_store
+from selective_lm.training.models import load_model, load_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -28,15 +28,15 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from selective_lm.blocks import BlockOrder
 from selective_lm.cli import main
 from selective_lm.config import load_config
-from selective_lm.data import prepare
-from selective_lm.layout import OutDir, load_store
-from selective_lm.models import load_model, load_tokenizer
-from selective_lm.noise import KIND_IDS
+from selective_lm.data.noise import KIND_IDS
+from selective_lm.prepare import prepare
+from selective_lm.store.blocks import BlockOrder
+from selective_lm.store.layout import OutDir, load_store
 from selective_lm.train import train
-from selective_lm.trainer import Trainer
+from selective_lm.training.models import load_model, load_tokenizer
+from selective_lm.training.trainer import Trainer
 
 LOG_KEYS = {"step", "tokens_seen", "tokens_trained", "loss", "lr", "selected_frac", "score_selected",
             "selected_by_kind", "kind_counts", "score_unselected", "grad_norm", "step_s"}
@@ -594,7 +594,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(smoke_out: Pat
 
 @pytest.mark.slow
 def test_online_scoring_matches_offline_scores(smoke_out: Path) -> None:
-    from selective_lm.models import load_reference_model
+    from selective_lm.training.models import load_reference_model
 
     cfg = load_config("smoke", overrides=["train.method=topk", "train.ratio=0.5"])
     offline = train(cfg, smoke_out, "offline")
@@ -670,7 +670,7 @@ def test_a_run_that_reads_the_scores_depends_on_the_reference(smoke_out: Path, c
 
 def test_checkpoints_hold_the_cuda_rng_state(monkeypatch) -> None:
     """Dropout on a GPU draws from the CUDA generator: a resume must restore it (faked here: no GPU in CI)."""
-    from selective_lm import checkpoint
+    from selective_lm.training import checkpoint
 
     state = torch.arange(8, dtype=torch.uint8)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

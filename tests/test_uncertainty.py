@@ -11,7 +11,7 @@ import torch
 from selective_lm.analysis import selection as diag
 from selective_lm.analysis.uncertainty import doc_sums, paired_delta, ratio_of_shares, tokens_to_reach
 from selective_lm.analyze import tokens_to_reach_point
-from selective_lm.layout import TokenStore
+from selective_lm.store.layout import TokenStore
 
 
 def test_doc_sums_group_finite_losses_by_document() -> None:

@@ -49,8 +49,8 @@ from .errors import UserError
 from .evaluate import model_digest
 from .files import fingerprint, read_json, write_json
 from .harness import task_results
-from .layout import OutDir, RunDir
-from .models import load_model, load_tokenizer, load_trained
+from .store.layout import OutDir, RunDir
+from .training.models import load_model, load_tokenizer, load_trained
 
 BASELINE = "clm"
 RUN_FIELDS = ("method", "ratio", "seed", "steps", "tokens_seen", "tokens_trained", "train_loss_final", "strategy",

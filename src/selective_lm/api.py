@@ -26,11 +26,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import DISTILL, Config, SelectionRule, TrainConfig, _describe_error
+from .config import DISTILL, Config, SelectionRule, TrainConfig, describe_error
 from .errors import UserError
 from .files import atomic_path, fingerprint, read_json, write_json
-from .loss import DEFAULT_CHUNK_SIZE, SelectiveLoss, selective_loss_of_losses, token_losses
-from .selection import NEEDS_REFERENCE
+from .method.loss import DEFAULT_CHUNK_SIZE, SelectiveLoss, selective_loss_of_losses, token_losses
+from .method.selection import NEEDS_REFERENCE
 
 if TYPE_CHECKING:
     import datasets
@@ -76,7 +76,7 @@ class Selection:
         try:  # validated inside a whole Config, so that errors carry the CLI's key path (train.ratio, ...)
             return Config.model_validate(tree).train
         except ValidationError as e:
-            raise UserError(_describe_error(e, tree)) from None
+            raise UserError(describe_error(e, tree)) from None
 
     @property
     def rule_used(self) -> SelectionRule:
@@ -185,12 +185,12 @@ def _load_reference(reference: nn.Module | str | Path) -> nn.Module:
         return reference
     from transformers import AutoModelForCausalLM
 
-    from .models import _hub_error
+    from .training.models import hub_error
 
     try:
         return AutoModelForCausalLM.from_pretrained(str(reference), use_safetensors=True, dtype=torch.float32)
     except (OSError, ValueError) as e:
-        raise _hub_error(str(reference), e) from None
+        raise hub_error(str(reference), e) from None
 
 
 def _lengths_and_digest(dataset: datasets.Dataset) -> tuple[np.ndarray, str]:
@@ -236,8 +236,8 @@ def score(
     """
     from tqdm.auto import tqdm
 
-    from .blocks import SCORE_STORAGE, decode_scores
-    from .frozen import encode_losses, model_token_losses
+    from .store.blocks import SCORE_STORAGE, decode_scores
+    from .store.frozen import encode_losses, model_token_losses
 
     if dtype not in SCORE_STORAGE:
         raise UserError(f"invalid value for scoring.dtype: {dtype!r} (choices: {', '.join(SCORE_STORAGE)})")

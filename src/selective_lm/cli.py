@@ -19,13 +19,13 @@ from typing import Any
 
 from .config import Config
 from .errors import UserError
-from .layout import OutDir
-from .outconfig import remember, resolve, runnable_hints
+from .store.layout import OutDir
+from .store.outconfig import remember, resolve, runnable_hints
 
 # command -> (help, module, stage function(cfg, out)); stages are imported only when used (torch is slow).
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "config": ("print the resolved config as YAML", "cli", "print_config"),
-    "prepare": ("tokenize and pack every split into the token store (data/<split>/)", "data", "prepare"),
+    "prepare": ("tokenize and pack every split into the token store (data/<split>/)", "prepare", "prepare"),
     "reference": ("train (or point to) the reference model (reference/)", "reference", "reference"),
     "score": ("per-token reference losses over the train split (scores/train/)", "scoring", "score"),
     "train": ("one CLM or SLM training run (runs/<name>/)", "train", "train"),
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.preset or args.config or args.out or overrides:
             return _fail("slm config --reference describes the defaults in code: it takes no --preset, --config, "
                          "--out or overrides", 2)
-        from .configdoc import config_reference
+        from .config.doc import config_reference
 
         print(config_reference(), end="")
         return 0

@@ -26,10 +26,10 @@ from safetensors.torch import load_file
 from .config import Config
 from .errors import UserError
 from .files import fingerprint, read_json, write_json
-from .frozen import token_loss_pass
 from .harness import TaskEval
-from .layout import OutDir, RunDir, TokenStore
-from .models import apply_lora, load_model, load_reference_model, load_tokenizer, load_trained
+from .store.frozen import token_loss_pass
+from .store.layout import OutDir, RunDir, TokenStore
+from .training.models import apply_lora, load_model, load_reference_model, load_tokenizer, load_trained
 
 
 def summarize(losses: np.ndarray) -> dict[str, float]:

@@ -31,14 +31,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .blocks import decode_scores
 from .config import Config
 from .errors import UserError
 from .files import atomic_dir, atomic_path
-from .layout import OutDir, TokenStore
-from .loss import forward_hidden, token_losses
-from .models import load_tokenizer, load_trained, token_texts, tokenizer_fingerprint
-from .selection import scores, select, trainable_mask
+from .method.loss import forward_hidden, token_losses
+from .method.selection import scores, select, trainable_mask
+from .store.blocks import decode_scores
+from .store.layout import OutDir, TokenStore
+from .training.models import load_tokenizer, load_trained, token_texts, tokenizer_fingerprint
 
 
 def _documents(doc_ids: np.ndarray, rows: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
@@ -75,8 +75,8 @@ def _complete_scores(cfg: Config, out: OutDir, store: TokenStore, ref: np.ndarra
                      missing: np.ndarray) -> np.ndarray:
     """The score store's values with the `missing` blocks scored by the reference, as `slm score` would
     store them (rounded to scoring.dtype); in memory: the store itself stays as it is."""
-    from .frozen import encode_losses, model_token_losses
-    from .models import load_reference_model
+    from .store.frozen import encode_losses, model_token_losses
+    from .training.models import load_reference_model
 
     values = np.array(ref, dtype=np.float32)
     model = load_reference_model(cfg, out)

@@ -32,8 +32,8 @@ from transformers import Trainer
 
 from .api import Selection, check_ref_loss, logits_token_losses, selective_loss, valid_targets
 from .errors import UserError
-from .loss import DEFAULT_CHUNK_SIZE
-from .selection import num_selected
+from .method.loss import DEFAULT_CHUNK_SIZE
+from .method.selection import num_selected
 
 __all__ = ["SelectiveCollator", "SelectiveMixin", "SelectiveTrainer", "selective_sft_trainer"]
 
@@ -154,7 +154,7 @@ class SelectiveMixin:
             loss = logits_token_losses(outputs.logits, labels.clamp_min(0), valid)[valid].mean()
             return (loss, outputs) if return_outputs else loss
         if self.selection.needs_reference and self.reference_model is not None:
-            from .frozen import model_token_losses
+            from .store.frozen import model_token_losses
 
             ref_loss = model_token_losses(self.reference_model, inputs["input_ids"], valid_targets(labels),
                                           self.chunk_size)

@@ -24,22 +24,22 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from . import outconfig
 from .analyze import analyze
 from .config import DISTILL, Config
-from .corpora import CORPORA
-from .data import prepare
+from .data.corpora import CORPORA
 from .errors import UserError
 from .evaluate import evaluate, evaluate_trajectory
 from .files import read_json
-from .frozen import Ranks, ranks
 from .harness import check_tasks
-from .layout import OutDir
-from .models import load_reference_model
+from .prepare import prepare
 from .reference import reference
 from .report import report
 from .scoring import score
+from .store import outconfig
+from .store.frozen import Ranks, ranks
+from .store.layout import OutDir
 from .train import train
+from .training.models import load_reference_model
 
 
 @dataclass(frozen=True)

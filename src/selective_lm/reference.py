@@ -15,9 +15,9 @@ from . import __version__
 from .config import Config
 from .errors import UserError
 from .files import file_digest, fingerprint, write_json
-from .layout import OutDir
-from .models import load_tokenizer, open_reference, tokenizer_fingerprint
-from .trainer import Trainer
+from .store.layout import OutDir
+from .training.models import load_tokenizer, open_reference, tokenizer_fingerprint
+from .training.trainer import Trainer
 
 
 def reference(cfg: Config, out: str | Path | OutDir) -> dict[str, Any]:

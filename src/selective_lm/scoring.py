@@ -27,13 +27,13 @@ from typing import Any
 import numpy as np
 
 from . import __version__
-from .blocks import BlockOrder
 from .config import Config
 from .errors import UserError
 from .files import fingerprint, read_json, write_json
-from .frozen import ranks, token_loss_pass
-from .layout import OutDir
-from .models import load_reference_model, load_tokenizer, tokenizer_fingerprint
+from .store.blocks import BlockOrder
+from .store.frozen import ranks, token_loss_pass
+from .store.layout import OutDir
+from .training.models import load_reference_model, load_tokenizer, tokenizer_fingerprint
 
 
 def score(cfg: Config, out: str | Path | OutDir, split: str = "train", model: Any = None) -> dict[str, Any] | None:

@@ -1,4 +1,4 @@
-"""`slm train`: one CLM or SLM run under `runs/<name>/`, through the one loop in trainer.py."""
+"""`slm train`: one CLM or SLM run under `runs/<name>/`, through the one loop in training/trainer.py."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ from pathlib import Path
 from typing import Any
 
 from .config import Config
-from .layout import OutDir
-from .trainer import Trainer
+from .store.layout import OutDir
+from .training.trainer import Trainer
 
 
 def train(cfg: Config, out: str | Path | OutDir, name: str | None = None, *, reference_model: Any = None,

@@ -12,7 +12,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from selective_lm.selection import select
+from selective_lm.method.selection import select
 
 CASES = [  # (strategy, ratio, soft)
     ("topk", 0.3, False),

@@ -50,7 +50,8 @@ def main() -> int:
     point, n, sep, *argv = sys.argv[1:]
     assert sep == "--"
     n = int(n)
-    from selective_lm import checkpoint, plots, trainer
+    from selective_lm.report import plots
+    from selective_lm.training import checkpoint, trainer
 
     if point == "score":  # mid-score: after some rows are on disk
         _die_on_write(".ref_loss.progress.json", n)

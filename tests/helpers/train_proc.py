@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from selective_lm import cli
-from selective_lm.trainer import Trainer
+from selective_lm.training.trainer import Trainer
 
 
 def main(pause_at: int, marker: str, argv: list[str]) -> int:

@@ -40,8 +40,8 @@ import torch
 from ..config import Config, ModelConfig
 from ..errors import UserError, did_you_mean
 from ..files import write_json
-from ..layout import OutDir
-from ..models import load_tokenizer
+from ..store.layout import OutDir
+from ..training.models import load_tokenizer
 from .overhead import overhead
 from .side import gpu, precision, prepare_case
 from .steps import LARGE_VOCAB_MODEL, PASS_VARIANTS, TRAIN_VARIANTS, peak_mb, run_case, tensor_peak_bytes

@@ -31,10 +31,10 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..config import Config
-from ..data import prepare
-from ..layout import OutDir
-from ..loss import selective_lm_loss
-from ..trainer import Trainer
+from ..method.loss import selective_lm_loss
+from ..prepare import prepare
+from ..store.layout import OutDir
+from ..training.trainer import Trainer
 
 # Dispatcher ops that read a value on the host or size an output by the data.
 _SYNC_OPS = ("aten._local_scalar_dense.default", "aten.nonzero.default", "aten.masked_select.default")

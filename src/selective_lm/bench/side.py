@@ -14,16 +14,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..blocks import SCORE_STORAGE, decode_scores
 from ..config import Config, DataConfig
-from ..corpora import CORPORA
-from ..data import BATCH_DOCS, prepare
+from ..data.corpora import CORPORA
 from ..errors import UserError
 from ..files import atomic_path
-from ..frozen import encode_losses, model_token_losses
-from ..layout import OutDir
-from ..models import load_model, load_tokenizer, tokenizer_fingerprint
-from ..selection import scores, select
+from ..method.selection import scores, select
+from ..prepare import BATCH_DOCS, prepare
+from ..store.blocks import SCORE_STORAGE, decode_scores
+from ..store.frozen import encode_losses, model_token_losses
+from ..store.layout import OutDir
+from ..training.models import load_model, load_tokenizer, tokenizer_fingerprint
 from .steps import PASS_VARIANTS, TRAIN_VARIANTS, run_case
 
 PRECISION_RATIOS = (0.5, 0.3)

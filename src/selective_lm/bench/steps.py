@@ -16,11 +16,11 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from ..config import ModelConfig
-from ..distill import Distill, distill_lm_loss
-from ..engine import compile_layers, compiles
-from ..frozen import frozen_model, model_token_losses
-from ..loss import forward_hidden, selective_lm_loss, valid_mask
-from ..models import apply_lora, load_model
+from ..method.distill import Distill, distill_lm_loss
+from ..method.loss import forward_hidden, selective_lm_loss, valid_mask
+from ..store.frozen import frozen_model, model_token_losses
+from ..training.engine import compile_layers, compiles
+from ..training.models import apply_lora, load_model
 
 LARGE_VOCAB_MODEL = "random:tiny-llama"  # hidden 64, 2 layers: the loss path dominates the step
 TRAIN_VARIANTS = ("clm", "slm", "naive", "distill")

@@ -20,7 +20,7 @@ from .sections import (
     ScoringConfig,
     SelectionRule,
     TrainConfig,
-    _describe_error,
+    describe_error,
 )
 from .study import AnalysisConfig, BenchConfig, Config, EvalConfig, ExportConfig, GridConfig
 
@@ -28,5 +28,5 @@ __all__ = [
     "BASELINE_METHODS", "DEFAULT_PRESET", "DISTILL", "EVERY_TOKEN_METHODS", "LORA_ALL_LINEAR", "RULES",
     "SELF_REFERENCE_MODES", "SPLITS", "VALID_KEYS", "AnalysisConfig", "BenchConfig", "Config", "DataConfig",
     "EvalConfig", "ExportConfig", "GridConfig", "ModelConfig", "ReferenceConfig", "ScoringConfig", "SelectionRule",
-    "TrainConfig", "_describe_error", "leaves", "load_config", "parse_override", "preset_names",
+    "TrainConfig", "describe_error", "leaves", "load_config", "parse_override", "preset_names",
 ]

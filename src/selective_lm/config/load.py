@@ -16,12 +16,12 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from ..errors import UserError, did_you_mean, first_line
-from .sections import DEFAULT_PRESET, DISTILL, REFERENCE_KEYS_READ, _describe_error
+from .sections import DEFAULT_PRESET, DISTILL, REFERENCE_KEYS_READ, describe_error
 from .study import Config
 
 
 def preset_names() -> list[str]:
-    return sorted(p.name[: -len(".yaml")] for p in resources.files("selective_lm.presets").iterdir()
+    return sorted(p.name[: -len(".yaml")] for p in resources.files("selective_lm.config.presets").iterdir()
                   if p.name.endswith(".yaml"))
 
 
@@ -41,7 +41,7 @@ def _preset(name: str) -> dict[str, Any]:
     names = preset_names()
     if name not in names:
         raise UserError(f"unknown preset {name!r}{did_you_mean(name, names)} (available: {', '.join(names)})")
-    text = resources.files("selective_lm.presets").joinpath(f"{name}.yaml").read_text()
+    text = resources.files("selective_lm.config.presets").joinpath(f"{name}.yaml").read_text()
     return _read_yaml(text, f"preset {name}")
 
 
@@ -153,7 +153,7 @@ def load_config(
     try:
         cfg = Config.model_validate(tree)
     except ValidationError as e:
-        raise UserError(_describe_error(e, tree)) from None
+        raise UserError(describe_error(e, tree)) from None
     before = leaves(lower)
     _ignored(cfg, {k for k, v in leaves(tree).items() if k in user and v != before.get(k)})
     return cfg

@@ -11,9 +11,9 @@ from typing import Any, ClassVar, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
 
-from ..corpora import CORPORA
+from ..data.corpora import CORPORA
 from ..errors import did_you_mean
-from ..selection import NEEDS_REFERENCE, SCOPES, SCORE_KINDS, STRATEGIES
+from ..method.selection import NEEDS_REFERENCE, SCOPES, SCORE_KINDS, STRATEGIES
 
 DEFAULT_PRESET = "champ-smollm2"
 LORA_ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -33,7 +33,14 @@ Scope = Literal[SCOPES]  # type: ignore[valid-type]
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
-def _safe_name(value: str, what: str) -> str:
+def check_ratio(v: float) -> float:
+    """A selection ratio: in (0, 1] (NaN refused)."""
+    if not (0.0 < v <= 1.0) or math.isnan(v):
+        raise ValueError(f"must be in (0, 1] (got {v})")
+    return v
+
+
+def safe_name(value: str, what: str) -> str:
     """Names that become paths under --out (run names, split names) may not climb out of it."""
     if not _SAFE_NAME.match(value) or ".." in value:
         raise ValueError(f"{what} {value!r} must be letters, digits, '.', '_' or '-' (it becomes a directory name)")
@@ -135,7 +142,7 @@ class DataConfig(Section):
     @classmethod
     def _sources(cls, v: dict[str, str]) -> dict[str, str]:
         for split in v:
-            _safe_name(split, "split")
+            safe_name(split, "split")
         return v
 
     @field_validator("noise_kinds")
@@ -346,14 +353,12 @@ class TrainConfig(Section):
     @field_validator("ratio")
     @classmethod
     def _ratio(cls, v: float) -> float:
-        if not (0.0 < v <= 1.0) or math.isnan(v):
-            raise ValueError(f"must be in (0, 1] (got {v})")
-        return v
+        return check_ratio(v)
 
     @field_validator("name")
     @classmethod
     def _name(cls, v: str | None) -> str | None:
-        return None if v is None else _safe_name(v, "run name")
+        return None if v is None else safe_name(v, "run name")
 
     @model_validator(mode="after")
     def _selects_by_something(self) -> TrainConfig:
@@ -438,7 +443,7 @@ class TrainConfig(Section):
         return self.selection_rule().score in NEEDS_REFERENCE
 
 
-def _describe_error(err: ValidationError, tree: dict[str, Any]) -> str:
+def describe_error(err: ValidationError, tree: dict[str, Any]) -> str:
     e = err.errors()[0]
     key = ".".join(str(p) for p in e["loc"] if not str(p).startswith(("function-", "int", "dict")))
     msg = e["msg"].removeprefix("Value error, ")

@@ -25,8 +25,9 @@ from .sections import (
     ScoringConfig,
     Section,
     TrainConfig,
-    _describe_error,
-    _safe_name,
+    check_ratio,
+    describe_error,
+    safe_name,
 )
 
 
@@ -36,7 +37,7 @@ class EvalConfig(Section):
     @field_validator("splits")
     @classmethod
     def _splits(cls, v: list[str]) -> list[str]:
-        return [_safe_name(x, "split") for x in v]
+        return [safe_name(x, "split") for x in v]
 
     batch_size: PositiveInt | Literal["auto"] = Field(
         "auto", description="blocks per evaluation forward (perplexity, learning curve, tasks): auto = 8 on CPU, on "
@@ -120,7 +121,7 @@ class BenchConfig(Section):
     @field_validator("ratio")
     @classmethod
     def _ratio(cls, v: float) -> float:
-        return TrainConfig._ratio(v)
+        return check_ratio(v)
 
 
 class ExportConfig(Section):
@@ -151,7 +152,7 @@ class GridConfig(Section):
     @classmethod
     def _ratios(cls, v: list[float]) -> list[float]:
         for r in v:
-            TrainConfig._ratio(r)
+            check_ratio(r)
         return v
 
 
@@ -212,7 +213,7 @@ class Config(Section):
                 except ValidationError as e:
                     label = spec["method"] if spec["method"] in EVERY_TOKEN_METHODS else \
                         f"{spec['method']} ({spec['rule']})"
-                    raise UserError(f"grid run {label}: {_describe_error(e, {})}") from None
+                    raise UserError(f"grid run {label}: {describe_error(e, {})}") from None
                 run = self.model_copy(update={"train": t})
                 runs[run.run_name(with_seed=self.grid.seeds > 1)] = run
         return runs

@@ -21,7 +21,7 @@ from datasets import Dataset, DatasetDict
 from math_verify import parse, verify
 
 from selective_lm.config import DataConfig
-from selective_lm.corpora.champ import champ_partition, load_champ
+from selective_lm.data.corpora.champ import champ_partition, load_champ
 from selective_lm.harness import DATA_METADATA
 
 EXEMPLAR_MAX_ANSWER = 40  # characters: 145 of the 162 default training problems qualify

@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .analysis import selection as diag
-from .loss import SelectiveLoss
+from ..analysis import selection as diag
+from ..method.loss import SelectiveLoss
 
 __all__ = ["STAT_KEYS", "STEP_KEYS", "advance", "micro_stats", "ratio", "selection_summary", "unpack"]
 

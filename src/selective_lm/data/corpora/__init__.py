@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from ..config import DataConfig
+    from ...config import DataConfig
 
 
 @dataclass(frozen=True)

@@ -56,14 +56,10 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from . import __version__
-from .blocks import BlockFile
-from .chat import rendered
 from .config import SPLITS, Config
-from .corpora import CORPORA, Document
-from .errors import UserError, did_you_mean
-from .files import atomic_dir, fingerprint, write_json
-from .layout import STORE_FORMAT, OutDir, load_store, store_config_fingerprint
-from .noise import (
+from .data.chat import rendered
+from .data.corpora import CORPORA, Document
+from .data.noise import (
     KIND_IDS,
     KIND_NAMES,
     KINDS,
@@ -76,6 +72,10 @@ from .noise import (
     noise_chars,
     token_kinds,
 )
+from .errors import UserError, did_you_mean
+from .files import atomic_dir, fingerprint, write_json
+from .store.blocks import BlockFile
+from .store.layout import STORE_FORMAT, OutDir, load_store, store_config_fingerprint
 
 BATCH_DOCS = 16  # documents per tokenizer call and per worker task: small enough for a fine noise feedback
 NOISE_LAG = 4  # batch k is injected knowing how batches 0 .. k-NOISE_LAG-1 tokenized (the same for every num_proc)
@@ -335,7 +335,7 @@ def write_store(path: str | Path, docs: Iterable[Document], tokenizer: Any, bloc
     directory): the caller's `atomic_dir` makes several stores appear together. `labelled` records the
     documents' labels (`Document.labels`) in noise_kind.npy and meta.json `wrong_step`.
     """
-    from .models import tokenizer_fingerprint
+    from .training.models import tokenizer_fingerprint
 
     eos = tokenizer.eos_token_id
     if eos is None:
@@ -424,7 +424,7 @@ def _noise_meta(injector: NoiseInjector | None, packer: _Packer, n_tokens: int) 
 
 def prepare(cfg: Config, out: str | Path | OutDir, splits: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
     """Write `out/data/<split>/` for each split (default: all the corpus has); returns a summary per split."""
-    from .models import load_tokenizer, tokenizer_fingerprint
+    from .training.models import load_tokenizer, tokenizer_fingerprint
 
     data, out = cfg.data, OutDir.of(out)
     plans = CORPORA[data.corpus](data)

@@ -26,11 +26,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import UserError, first_line
+from ...errors import UserError, first_line
 from . import Document, Split, register
 
 if TYPE_CHECKING:
-    from ..config import DataConfig
+    from ...config import DataConfig
 
 _LOCAL_BUILDERS = {".jsonl": "json", ".json": "json", ".txt": "text", ".parquet": "parquet", ".csv": "csv"}
 _SLICE = re.compile(r"^(?P<base>[\w.-]+)\[(?P<a>\d*):(?P<b>\d*)\]$")

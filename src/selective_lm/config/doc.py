@@ -17,13 +17,13 @@ import annotated_types
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
-from .config import Config
+from . import Config
 
 HEADER = """\
 # Configuration reference
 
 Generated from the config's own field descriptions by `slm config --reference`
-(`src/selective_lm/configdoc.py`): do not edit this page by hand. `tests/test_configdoc.py` fails
+(`src/selective_lm/config/doc.py`): do not edit this page by hand. `tests/test_configdoc.py` fails
 when it is out of date; regenerate it with
 
 ```bash
@@ -31,7 +31,7 @@ slm config --reference > docs/config.md
 ```
 
 Every key is set as a dotted override (`slm train train.ratio=0.5`), in a preset or in a
-`--config FILE.yaml`. The defaults below are the code's; a preset (`src/selective_lm/presets/`)
+`--config FILE.yaml`. The defaults below are the code's; a preset (`src/selective_lm/config/presets/`)
 holds only what differs from them, and `slm config --preset NAME [key=value ...]` prints the
 values a command will use. Values are YAML: the defaults are written as JSON, which YAML reads.
 """

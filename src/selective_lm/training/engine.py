@@ -33,9 +33,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import TrainConfig
-from .errors import UserError
-from .files import write_json
+from ..config import TrainConfig
+from ..errors import UserError
+from ..files import write_json
 
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -247,7 +247,7 @@ def probe_rows(try_size: Callable[[int], None], choices: Sequence[int], key: dic
     retrying above), each after emptying the allocator's cache, in eager mode (compiled code uses
     no more memory); None if even the smallest fails.
     """
-    from .assets import cache_dir, file_lock
+    from ..data.assets import cache_dir, file_lock
 
     path = cache_dir() / "batch_sizes.json"
     entry = json.dumps({**key, "device": _memory_key(device)}, sort_keys=True)

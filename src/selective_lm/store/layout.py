@@ -26,10 +26,10 @@ from typing import Any
 
 import numpy as np
 
+from ..config import Config
+from ..errors import UserError
+from ..files import fingerprint, read_json, run_lock
 from .blocks import SCORE_STORAGE, HalfScores
-from .config import Config
-from .errors import UserError
-from .files import fingerprint, read_json, run_lock
 
 STORE_FORMAT = 3  # 2: noise_kind.npy, noise_mask on inserted/altered text only (noise.py); 3: noise rate
 # control lagged by data.NOISE_LAG batches, so that every data.num_proc writes the same bytes

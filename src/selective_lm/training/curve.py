@@ -14,9 +14,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import Config
+from ..config import Config
+from ..store.layout import OutDir, TokenStore
 from .engine import Engine, frozen_batch_size, to_device
-from .layout import OutDir, TokenStore
 
 
 class LearningCurve:

@@ -20,12 +20,12 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from ..errors import UserError
+from ..files import atomic_path, read_json, write_json
+from ..method.loss import forward_hidden, token_losses
+from ..training.engine import check_launch, frozen_batch_size, to_device, uses_bf16
 from .blocks import SCORE_STORAGE
-from .engine import check_launch, frozen_batch_size, to_device, uses_bf16
-from .errors import UserError
-from .files import atomic_path, read_json, write_json
 from .layout import TokenStore
-from .loss import forward_hidden, token_losses
 
 T = TypeVar("T")
 # How long a rank waits for the others: the main process may evaluate and report alone, and a resumed rank

@@ -7,8 +7,8 @@ from typing import Any
 
 import numpy as np
 
-from .analysis.buckets import BUCKETS
-from .report_selection import NA, fmt, md_table
+from ..analysis.buckets import BUCKETS
+from .selection import NA, fmt, md_table
 
 
 def _clm_of(name: str, runs: dict[str, dict[str, Any]], order: list[str]) -> str | None:

@@ -10,8 +10,8 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
+from ..errors import UserError, first_line
 from .corpora import Document
-from .errors import UserError, first_line
 
 
 def render_chat(tokenizer: Any, messages: Sequence[dict[str, Any]]) -> tuple[str, tuple[tuple[int, int], ...]]:

@@ -27,10 +27,10 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from .config import Config
-from .errors import UserError, did_you_mean
-from .files import file_digest, fingerprint, read_json, write_json
-from .layout import RunDir
+from ..config import Config
+from ..errors import UserError, did_you_mean
+from ..files import file_digest, fingerprint, read_json, write_json
+from ..store.layout import RunDir
 
 PACKAGE_TASKS = Path(__file__).parent / "tasks"
 DATA_METADATA = "selective_lm_data"  # the task metadata key holding the run's data settings

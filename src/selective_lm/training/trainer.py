@@ -44,19 +44,22 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import __version__, runstats
-from .analysis import selection as diag
-from .blocks import BlockOrder, HalfScores
+from .. import __version__
+from ..analysis import selection as diag
+from ..config import BASELINE_METHODS, DISTILL, Config, SelectionRule, TrainConfig
+from ..errors import UserError
+from ..files import atomic_path, fingerprint, read_json, write_json, write_text
+from ..method.distill import Distill
+from ..method.loss import SelectiveLM, SelectiveLoss, forward_hidden
+from ..method.selection import NEEDS_REFERENCE, trainable_mask
+from ..store.blocks import BlockOrder, HalfScores
+from ..store.frozen import frozen_model, model_token_losses
+from ..store.layout import OutDir, RunDir, TokenStore
+from ..store.outconfig import differences
+from . import runstats
 from .checkpoint import Checkpoints, rng_state, set_rng_state, trainable
-from .config import BASELINE_METHODS, DISTILL, Config, SelectionRule, TrainConfig
 from .curve import LearningCurve
-from .distill import Distill
 from .engine import Engine, free_memory, to_device
-from .errors import UserError
-from .files import atomic_path, fingerprint, read_json, write_json, write_text
-from .frozen import frozen_model, model_token_losses
-from .layout import OutDir, RunDir, TokenStore
-from .loss import SelectiveLM, SelectiveLoss, forward_hidden
 from .models import (
     apply_lora,
     check_model,
@@ -66,8 +69,6 @@ from .models import (
     load_tokenizer,
     tokenizer_fingerprint,
 )
-from .outconfig import differences
-from .selection import NEEDS_REFERENCE, trainable_mask
 from .selfref import SelfReference, extra_bytes
 
 

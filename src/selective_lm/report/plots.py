@@ -18,9 +18,9 @@ import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
 
-from .analysis.buckets import BUCKETS
-from .files import atomic_path
-from .models import token_texts
+from ..analysis.buckets import BUCKETS
+from ..files import atomic_path
+from ..training.models import token_texts
 
 DPI = 120
 HTML_BLOCKS = 3

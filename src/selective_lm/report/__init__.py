@@ -16,12 +16,12 @@ from typing import Any
 
 import numpy as np
 
+from ..config import Config
+from ..errors import UserError
+from ..files import read_json, write_text
+from ..store.layout import OutDir
 from . import plots
-from .config import Config
-from .errors import UserError
-from .files import read_json, write_text
-from .layout import OutDir
-from .report_selection import (
+from .selection import (
     NA,
     controls_section,
     fmt,
@@ -31,7 +31,7 @@ from .report_selection import (
     selection_section,
     wrong_step_section,
 )
-from .report_tables import buckets_section, cosine_section, speed_section, tasks_section
+from .tables import buckets_section, cosine_section, speed_section, tasks_section
 
 BASELINES = ("base", "reference", "clm", "oracle")
 NOT_SLM = {*BASELINES, "random", "distill"}  # runs that do not select by a score
@@ -46,7 +46,7 @@ def report(cfg: Config, out: str | Path | OutDir) -> dict[str, Any]:
     out = OutDir.of(out)
     tokenizer = None
     if any(r.selection_sample.is_file() for r in out.run_dirs()):
-        from .models import load_tokenizer
+        from ..training.models import load_tokenizer
 
         tokenizer = load_tokenizer(cfg.model)
     return write_report(out, tokenizer)

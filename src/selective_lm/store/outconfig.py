@@ -22,9 +22,9 @@ from typing import Any
 
 import yaml
 
-from .config import DEFAULT_PRESET, Config, leaves, load_config
-from .errors import UserError, first_line
-from .files import write_text
+from ..config import DEFAULT_PRESET, Config, leaves, load_config
+from ..errors import UserError, first_line
+from ..files import write_text
 from .layout import OutDir
 
 RUN_SELECTORS = ("name", "method", "ratio", "rule")  # train.* keys of one `slm train`, not of the out dir

@@ -39,11 +39,11 @@ from dataclasses import dataclass
 from importlib import metadata, resources
 from typing import TYPE_CHECKING, Any
 
-from ..errors import UserError
+from ...errors import UserError
 from . import Document, Split, register
 
 if TYPE_CHECKING:
-    from ..config import DataConfig
+    from ...config import DataConfig
 
 CHAMP_FILE = "dataset_files/v0.json"
 RESERVED_SHARE = 0.25  # of each training problem's conversations, kept out of train for the reference

@@ -41,7 +41,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .errors import did_you_mean
+from ..errors import did_you_mean
 
 __all__ = ["SCOPES", "SCORE_KINDS", "STRATEGIES", "lookup", "max_selected", "num_selected", "scores", "select",
            "trainable_mask"]

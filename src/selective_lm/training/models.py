@@ -14,11 +14,11 @@ from typing import Any
 
 import torch
 
-from .assets import byte_tokenizer, embedded_model_dir
-from .config import Config, ModelConfig
-from .errors import UserError, first_line
-from .files import read_json
-from .layout import OutDir, TokenStore, store_config_fingerprint
+from ..config import Config, ModelConfig
+from ..data.assets import byte_tokenizer, embedded_model_dir
+from ..errors import UserError, first_line
+from ..files import read_json
+from ..store.layout import OutDir, TokenStore, store_config_fingerprint
 
 RANDOM_MODELS = {
     # hidden ≤ 128 and two layers: the smoke preset and tests train it in seconds on a CPU.
@@ -43,7 +43,7 @@ def model_source(cfg: ModelConfig, name: str | None = None) -> str:
     return name
 
 
-def _hub_error(name: str, err: Exception) -> UserError:
+def hub_error(name: str, err: Exception) -> UserError:
     """A hub id is `org/name` or `name`; anything else that failed is a bad local path."""
     if name.startswith((".", "/", "~")) or name.count("/") > 1 or Path(name).expanduser().exists():
         return UserError(f"model path {name} does not exist or is not a Hugging Face model directory")
@@ -64,7 +64,7 @@ def load_tokenizer(cfg: ModelConfig):  # -> PreTrainedTokenizerBase
     try:
         tok = AutoTokenizer.from_pretrained(source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as e:
-        raise _hub_error(name, e) from None
+        raise hub_error(name, e) from None
     if tok.eos_token_id is None:
         raise UserError(f"tokenizer of {name} has no EOS token: packing needs a document separator")
     return tok
@@ -107,7 +107,7 @@ def load_model(cfg: ModelConfig, vocab_size: int | None = None, path: str | None
             dtype=dtype, use_safetensors=True,
         )
     except (OSError, ValueError) as e:
-        raise _hub_error(name, e) from None
+        raise hub_error(name, e) from None
 
 
 def load_trained(cfg: ModelConfig, path: Path, vocab_size: int | None = None) -> Any:

@@ -16,9 +16,9 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from .errors import UserError
-from .files import atomic_dir, atomic_path, write_json
-from .layout import RunDir
+from ..errors import UserError
+from ..files import atomic_dir, atomic_path, write_json
+from ..store.layout import RunDir
 from .selfref import SelfReference
 
 
