@@ -21,9 +21,9 @@ listed under `other_runs` and left out of every table. Per run:
   (`delta_vs_clm`), the same by token kind on validation splits with kinds (`val_by_kind`: the
   wrong-step labels of val_noisy), and the training tokens needed to reach CLM's final
   learning-curve loss (`tokens_to_clm_final`);
-- comparisons: the controls' questions as paired intervals, `"<a>|<b>"` → split → Δ % of a vs b:
-  every top-k run vs each distill run of its seed (selection or transfer?), every bottom-k run vs the
-  random run of its ratio and seed (does the score's sign matter?).
+- comparisons: the controls' questions as paired intervals, `"<a>|<b>"` → split → Δ % of a vs b, for the
+  pairs each registered control names (`registry.Method.compare`: top-k vs distill of its seed, selection or
+  transfer?; bottom-k vs random of its ratio and seed, does the score's sign matter?; a plugin's own).
 
 `results.json` (DESIGN.md) joins these with each run's training summary and validation results;
 `slm report` reads only it and the run directories, so the stages can be run one by one.
@@ -49,6 +49,7 @@ from .errors import UserError
 from .evaluate import model_digest
 from .files import fingerprint, read_json, write_json
 from .harness import task_results
+from .method.registry import METHODS
 from .store.layout import OutDir, RunDir
 from .training.models import load_model, load_tokenizer, load_trained
 
@@ -253,16 +254,19 @@ def _val_by_kind(cfg: Config, out: OutDir, entries: dict[str, Any]) -> dict[str,
     return result
 
 
-def _comparisons(cfg: Config, out: OutDir, entries: dict[str, Any]) -> dict[str, dict[str, dict[str, float]]]:
-    """`"<a>|<b>"` -> split -> Δ % of a vs b: each top-k run vs each distill run of its seed, each bottom-k run vs
-    the random run of its ratio and seed (the controls of selection vs transfer and of the score's sign)."""
-    def same(a: dict[str, Any], b: dict[str, Any], *keys: str) -> bool:
-        return all(a.get(k) == b.get(k) for k in keys)
+def control_pair(ea: dict[str, Any], eb: dict[str, Any]) -> bool:
+    """Whether runs a and b (their results entries) are a control's pair (`registry.Method.compare`): the methods
+    it names, the same seed, and the same ratio and rule when both select (top-k vs distill of its seed: selection
+    or transfer; bottom-k vs random of its ratio and seed: the score's sign)."""
+    keys = ("seed", "ratio", "rule") if all(METHODS[e["method"]].selects for e in (ea, eb)) else ("seed",)
+    return any(m.compare == (ea.get("method"), eb.get("method")) for m in METHODS.values()) \
+        and all(ea.get(k) == eb.get(k) for k in keys)
 
+
+def _comparisons(cfg: Config, out: OutDir, entries: dict[str, Any]) -> dict[str, dict[str, dict[str, float]]]:
+    """`"<a>|<b>"` -> split -> Δ % of a vs b, for every pair of runs a control names (`control_pair`)."""
     pairs = [(a, b) for a, ea in entries.items() for b, eb in entries.items()
-             if (ea.get("method") == "topk" and eb.get("method") == "distill" and same(ea, eb, "seed"))
-             or (ea.get("method") == "bottomk" and eb.get("method") == "random"
-                 and same(ea, eb, "seed", "ratio", "rule"))]
+             if ea.get("method") in METHODS and eb.get("method") in METHODS and control_pair(ea, eb)]
     result: dict[str, dict[str, dict[str, float]]] = {}
     for split in cfg.eval.splits:
         if (rows := _eval_rows(cfg, out, split)) is None:

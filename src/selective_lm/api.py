@@ -26,11 +26,17 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import DISTILL, Config, SelectionRule, TrainConfig, describe_error
+from .config import Config, TrainConfig, describe_error
 from .errors import UserError
 from .files import atomic_path, fingerprint, read_json, write_json
-from .method.loss import DEFAULT_CHUNK_SIZE, SelectiveLoss, selective_loss_of_losses, token_losses
-from .method.selection import NEEDS_REFERENCE
+from .method import spec
+from .method.loss import (
+    DEFAULT_CHUNK_SIZE,
+    SelectiveLoss,
+    selective_loss_of_losses,
+    token_entropies,
+    token_losses,
+)
 
 if TYPE_CHECKING:
     import datasets
@@ -41,52 +47,33 @@ IGNORE_INDEX = -100  # transformers' label for "no loss here"
 
 
 @dataclass(frozen=True)
-class Selection:
-    """Which tokens train: the `train.*` keys of `slm train` that choose them, validated as the config is.
+class Selection(spec.Selection):
+    """Which tokens train (`method.spec.Selection`, the value the loss reads), validated as `slm train` validates
+    its `train.*` keys, with the CLI's messages (a UserError naming the key).
 
-    method: topk, bottomk (the lowest scores), random, stochastic (or clm: every token); ratio in (0, 1]:
-    the share of each scope unit's valid tokens; score: excess (own - reference loss, Rho-1), loss, reference,
-    retrospective, none; rule: topk (the ratio's count), positive (score > 0) or threshold (score > `threshold`);
-    scope: batch (one ranking over the micro-batch), sequence (per row) or global (all ranks'
-    micro-batches); temperature / soft / stochastic as `train.temperature`, `train.soft`,
+    method: topk, bottomk (the lowest scores), random, stochastic, clm (every token) or a plugin's strategy;
+    ratio in (0, 1]: the share of each scope unit's valid tokens; score: excess (own - reference loss, Rho-1),
+    loss, reference, retrospective, none or a plugin's; rule: topk (the ratio's count), positive (score > 0) or
+    threshold (score > `threshold`); scope: batch (one ranking over the micro-batch), sequence (per row) or global
+    (all ranks' micro-batches); temperature / soft / stochastic as `train.temperature`, `train.soft`,
     `train.stochastic`. The default is Rho-1's: top 60 % by excess loss over the batch.
     """
 
-    method: str = "topk"
-    ratio: float = 0.6
-    score: str = "excess"
-    rule: str = "topk"
-    threshold: float | None = None
-    scope: str = "batch"
-    temperature: float = 1.0
-    soft: bool = False
-    stochastic: str = "softmax"
-
     def __post_init__(self) -> None:
-        if self.method == DISTILL:  # would silently be CLM here: the KL needs the reference's logits
-            raise UserError("method='distill' is a training objective of `slm train` (train.method=distill), not a "
-                            "token selection: the Python API selects tokens only")
         self.train_config()  # refuse what `slm train` would refuse, with its message
+        if self.objective != "ce":  # would silently be CLM here: its objective needs what the step alone has
+            raise UserError(f"method={self.method!r} is a training objective of `slm train` (train.method="
+                            f"{self.method}), not a token selection: the Python API selects tokens only")
 
     def train_config(self) -> TrainConfig:
         """The `train` section these fields make (UserError naming the `train.*` key, like the CLI)."""
         from pydantic import ValidationError
 
-        tree = {"train": dataclasses.asdict(self)}
+        tree = {"train": {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}}
         try:  # validated inside a whole Config, so that errors carry the CLI's key path (train.ratio, ...)
             return Config.model_validate(tree).train
         except ValidationError as e:
             raise UserError(describe_error(e, tree)) from None
-
-    @property
-    def rule_used(self) -> SelectionRule:
-        """Strategy, score kind, ratio and threshold the selection really applies (`TrainConfig.selection_rule`)."""
-        return self.train_config().selection_rule()
-
-    @property
-    def needs_reference(self) -> bool:
-        """Whether the score kind reads reference losses (a `ref_loss` column or an online reference)."""
-        return self.rule_used.score in NEEDS_REFERENCE
 
 
 def valid_targets(labels: Tensor) -> Tensor:
@@ -116,6 +103,15 @@ def logits_token_losses(logits: Tensor, labels: Tensor, valid: Tensor) -> Tensor
     losses = F.cross_entropy(logits[b, t - 1].float(), labels[b, t], reduction="none")
     out = torch.full(labels.shape, torch.nan, dtype=losses.dtype, device=losses.device)
     return out.index_put((b, t), losses)
+
+
+def logits_token_entropies(logits: Tensor, valid: Tensor) -> Tensor:
+    """The next-token entropy `[B, T]` (no grad) of the distribution at logits[b, t - 1]; NaN where not valid."""
+    b, t = valid.nonzero(as_tuple=True)
+    with torch.no_grad():
+        ent = torch.special.entr(logits[b, t - 1].float().softmax(-1)).sum(-1)
+    out = torch.full(valid.shape, torch.nan, dtype=ent.dtype, device=ent.device)
+    return out.index_put((b, t), ent)
 
 
 def selective_loss(
@@ -148,20 +144,22 @@ def selective_loss(
     if labels.dim() != 2 or logits_or_hidden.dim() != 3 or logits_or_hidden.shape[:2] != labels.shape:
         raise UserError(f"logits or hidden states {tuple(logits_or_hidden.shape)} must be [B, T, V or H] for labels "
                         f"{tuple(labels.shape)}")
-    r = rule.rule_used
-    check_ref_loss(ref_loss, labels, r.score in NEEDS_REFERENCE)
+    check_ref_loss(ref_loss, labels, rule.needs_reference)
     valid = valid_targets(labels)
     targets = labels.clamp_min(0)
+    entropy = None
     if head is not None:
         losses = token_losses(logits_or_hidden, head, targets, valid, chunk_size=chunk_size)
+        if "student_logits" in rule.needs:
+            entropy = token_entropies(logits_or_hidden, head, targets, valid, chunk_size=chunk_size)
     else:
         losses = logits_token_losses(logits_or_hidden, targets, valid)
+        if "student_logits" in rule.needs:
+            entropy = logits_token_entropies(logits_or_hidden, valid)
     if ref_loss is not None:
         ref_loss = ref_loss.to(losses.device)
     try:
-        return selective_loss_of_losses(losses, valid, ref_loss, score_kind=r.score, ratio=r.ratio,
-                                        strategy=r.strategy, scope=rule.scope, generator=generator,
-                                        temperature=rule.temperature, soft=rule.soft, threshold=r.threshold,
+        return selective_loss_of_losses(losses, valid, ref_loss, rule, entropy=entropy, generator=generator,
                                         group=group, check_finite=True)
     except ValueError as e:
         raise UserError(str(e)) from None

@@ -25,7 +25,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from .analyze import analyze
-from .config import DISTILL, Config
+from .config import Config
 from .data.corpora import CORPORA
 from .errors import UserError
 from .evaluate import evaluate, evaluate_trajectory
@@ -117,8 +117,10 @@ def _run(cfg: Config, out: OutDir, team: Ranks) -> dict[str, Any] | None:
     if cfg.scoring.mode == "offline" and not own and any(c.train.needs_reference() for c in configs.values()):
         score(cfg, out)
     advance()
-    # Online scoring and distillation read the reference model in every step: loaded once for all runs.
-    online = cfg.scoring.mode == "online" or any(c.train.method == DISTILL for c in configs.values())
+    # Online scoring, and objectives that read the reference's distribution, run the reference model in every step:
+    # loaded once for all runs.
+    online = cfg.scoring.mode == "online" or any("reference_logits" in c.train.selection().needs
+                                                 for c in configs.values())
     ref_model = load_reference_model(cfg, out) if online and not own else None
     for name, run_cfg in configs.items():
         train(run_cfg, out, name, reference_model=ref_model, replace_stale=True)

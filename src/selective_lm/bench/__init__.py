@@ -4,13 +4,14 @@ Everything runs in one process. The variants are timed round-robin (one of each 
 first `warmup` rounds discarded), so a load spike on a shared machine hits them all alike; the
 figures are the median and the spread (max - min) of the timed rounds.
 
-- `clm`: `selective_lm_loss` at ratio 1, backward, grads / n_selected, clip, AdamW (as `Trainer._step`).
+- `clm`: `selective_lm_loss` at ratio 1, backward, grads / n_selected, clip, AdamW (as `Trainer.step`).
 - `slm`: the same with offline scores: top-k 0.6 by excess loss, `ref_loss` given as a tensor.
 - `naive`: SLM as public implementations write it: `model(ids).logits`, `cross_entropy(reduction="none")`,
   a no-grad reference forward pass inside every step, top-k mask, masked mean, backward, AdamW.
-- `distill`: the distillation control's step (`train.method=distill`): a no-grad reference forward to its
-  hidden states, then CE + KL(reference || student) on every token through both heads a chunk at a time.
-  Against `clm` it is the cost of computing the reference's logits online, the most a cache of them could save.
+- one variant per registered objective besides cross-entropy, named after it. For `distill`: a no-grad
+  reference forward to its hidden states, then CE + KL(reference || student) on every token through both
+  heads a chunk at a time. Against `clm` it is the cost of computing the reference's logits online, the
+  most a cache of them could save.
 - `score`: `scoring.model_token_losses` on the frozen merged model (a plain causal LM) in tokens/s.
 - `forward`: `model(ids)` under no_grad on the same frozen model: the full Hugging Face forward,
   logits included, no loss. The head belongs to "the same model"; scoring cannot be compared with

@@ -32,6 +32,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..config import Config
 from ..method.loss import selective_lm_loss
+from ..method.spec import Selection
 from ..prepare import prepare
 from ..store.layout import OutDir
 from ..training.trainer import Trainer
@@ -101,20 +102,20 @@ def overhead(cfg: Config, out: OutDir) -> dict[str, Any]:
         trainer.model.train()
         state = {"step": 0, "tokens_seen": 0, "tokens_trained": 0, "diag": {}}
         # The bare loop trains the trainer's own model on the trainer's micro-batches of the same step.
-        batches = [[(mb.ids, mb.valid) for mb in trainer._micro_batches(s)] for s in range(cfg.train.steps)]
-        opt = torch.optim.AdamW(trainer.params, lr=1e-4)
+        batches = [[(mb.ids, mb.valid) for mb in trainer.micro_batches(s)] for s in range(cfg.train.steps)]
+        opt = torch.optim.AdamW(trainer.weights, lr=1e-4)
 
         def bare(step: int) -> None:
             for ids, valid in batches[step]:
                 with trainer.engine.autocast():
-                    loss = selective_lm_loss(trainer.model, ids, valid, score_kind="loss", ratio=0.5)
+                    loss = selective_lm_loss(trainer.model, ids, valid, selection=Selection("topk", 0.5, "loss"))
                 loss.loss_sum.backward()
-            torch.nn.utils.clip_grad_norm_(trainer.params, 1.0)
+            torch.nn.utils.clip_grad_norm_(trainer.weights, 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
 
         def step(s: int) -> None:
-            trainer._advance(state, trainer._step(s))
+            trainer.advance(state, trainer.step(s))
 
         def sync() -> None:
             if trainer.device.type == "cuda":

@@ -16,14 +16,18 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from ..config import ModelConfig
-from ..method.distill import Distill, distill_lm_loss
-from ..method.loss import forward_hidden, selective_lm_loss, valid_mask
+from ..method.loss import Batch, forward_hidden, selective_lm_loss, valid_mask
+from ..method.registry import METHODS, OBJECTIVES
+from ..method.spec import Selection
 from ..store.frozen import frozen_model, model_token_losses
 from ..training.engine import compile_layers, compiles
 from ..training.models import apply_lora, load_model
 
 LARGE_VOCAB_MODEL = "random:tiny-llama"  # hidden 64, 2 layers: the loss path dominates the step
-TRAIN_VARIANTS = ("clm", "slm", "naive", "distill")
+# Besides CLM, SLM and the naive SLM: one variant per registered objective other than cross-entropy (its method's step
+# on every token: distillation, a plugin's), named after it.
+OBJECTIVE_VARIANTS = tuple(n for n in OBJECTIVES if n != "ce")
+TRAIN_VARIANTS = ("clm", "slm", "naive", *OBJECTIVE_VARIANTS)
 PASS_VARIANTS = ("score", "forward", "backbone")
 _MB = 1e6
 
@@ -125,8 +129,8 @@ def _variants(
 
     def train(score_kind: str, r: float) -> None:
         with _autocast(device):
-            out = selective_lm_loss(student, ids, valid, ref_loss, score_kind=score_kind, ratio=r,
-                                    strategy="topk", chunk_size=chunk_size)
+            out = selective_lm_loss(student, ids, valid, ref_loss, Selection("topk", r, score_kind),
+                                    chunk_size=chunk_size)
         out.loss_sum.backward()
         _optimizer_step(params, opt, float(out.n_selected))
 
@@ -142,13 +146,25 @@ def _variants(
         loss.backward()
         _optimizer_step(params, opt, float(mask.sum()))
 
-    def distill() -> None:  # train.method=distill: the reference's hidden states online, CE + KL on every token
-        with _autocast(device):
-            with torch.no_grad():
-                hidden, head = forward_hidden(frozen, ids)
-            out = distill_lm_loss(student, ids, valid, Distill(hidden, head, 1.0, 1.0), chunk_size=chunk_size)
-        out.loss_sum.backward()
-        _optimizer_step(params, opt, float(out.n_selected))
+    def objective(name: str) -> Callable[[], None]:
+        """The objective's step on every token at its default keys, the reference's hidden states computed online
+        (no grad) when it reads the reference's distribution, as the trainer does."""
+        method = next(m for m, e in METHODS.items() if e.objective == name and not e.selects)
+        entry = OBJECTIVES[name]
+
+        def step() -> None:
+            with _autocast(device):
+                reference = None
+                if "reference_logits" in entry.needs:
+                    with torch.no_grad():
+                        reference = forward_hidden(frozen, ids)
+                batch = Batch(student, ids, valid, ref_loss, Selection(method, 1.0, "none"), chunk_size=chunk_size,
+                              reference=reference)
+                out = entry.loss(batch, None)
+            out.loss_sum.backward()
+            _optimizer_step(params, opt, float(out.n_selected))
+
+        return step
 
     @torch.no_grad()
     def forward() -> None:
@@ -164,7 +180,7 @@ def _variants(
         "clm": lambda: train("none", 1.0),
         "slm": lambda: train("excess", ratio),
         "naive": naive,
-        "distill": distill,
+        **{name: objective(name) for name in OBJECTIVE_VARIANTS},
         "score": lambda: model_token_losses(frozen, ids, valid, chunk_size),
         "forward": forward,
         "backbone": backbone,

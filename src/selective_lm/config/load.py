@@ -16,7 +16,9 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from ..errors import UserError, did_you_mean, first_line
-from .sections import DEFAULT_PRESET, DISTILL, REFERENCE_KEYS_READ, describe_error
+from ..method.registry import METHODS, OBJECTIVES
+from .plugins import load_plugins
+from .sections import DEFAULT_PRESET, REFERENCE_KEYS_READ, describe_error
 from .study import Config
 
 
@@ -66,19 +68,30 @@ def _leaf_keys(model: type[BaseModel], prefix: str = "") -> dict[str, Any]:
     return keys
 
 
-VALID_KEYS = _leaf_keys(Config)
+VALID_KEYS = _leaf_keys(Config)  # the sections' keys; `valid_keys()` adds the registered objectives'
 
 
-def _check_keys(tree: dict[str, Any], origin: str, prefix: str = "") -> None:
+def valid_keys() -> dict[str, Any]:
+    """Every valid dotted key now: the sections', and `objectives.<name>.<key>` of each registered objective
+    with config keys (plugins' included), in place of the `objectives` mapping itself."""
+    keys = {k: v for k, v in VALID_KEYS.items() if k != "objectives"}
+    for name, objective in OBJECTIVES.items():
+        if objective.params is not None:
+            keys.update(_leaf_keys(objective.params, f"objectives.{name}."))
+    return keys
+
+
+def _check_keys(tree: dict[str, Any], origin: str, prefix: str = "", keys: dict[str, Any] | None = None) -> None:
     """Reject unknown keys, naming the closest valid one."""
+    keys = valid_keys() if keys is None else keys
     for key, value in tree.items():
         dotted = f"{prefix}{key}"
-        if dotted in VALID_KEYS:
+        if dotted in keys:
             continue
-        if isinstance(value, dict) and any(k.startswith(dotted + ".") for k in VALID_KEYS):
-            _check_keys(value, origin, dotted + ".")
+        if isinstance(value, dict) and any(k.startswith(dotted + ".") for k in keys):
+            _check_keys(value, origin, dotted + ".", keys)
             continue
-        raise UserError(f"unknown config key {dotted!r} in {origin}{did_you_mean(dotted, VALID_KEYS, cutoff=0.5)}")
+        raise UserError(f"unknown config key {dotted!r} in {origin}{did_you_mean(dotted, keys, cutoff=0.5)}")
 
 
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -132,22 +145,26 @@ def load_config(
     file_layer: dict[str, Any] = {}
     if config_file is not None:
         file_layer = _config_file(config_file)
-        _check_keys(file_layer, f"config file {config_file}")
     if base is not None:
-        _check_keys(base, "the out dir's stored config")
-        name, lower_layer = str(base.get("preset", DEFAULT_PRESET)), base
+        name, lower_layer, lower_origin = str(base.get("preset", DEFAULT_PRESET)), base, "the out dir's stored config"
     else:
         name = preset or str(file_layer.get("preset", DEFAULT_PRESET))
-        lower_layer = _preset(name)
-        _check_keys(lower_layer, f"preset {name}")
+        lower_layer, lower_origin = _preset(name), f"preset {name}"
+    parsed = [parse_override(item) for item in overrides]
+    # Plugins first: their methods, score kinds and objectives' keys are valid names in every layer.
+    plugins = _plugins([v for k, v in parsed if k == "plugins"] or [file_layer.get("plugins"),
+                                                                     lower_layer.get("plugins")])
+    if file_layer:
+        _check_keys(file_layer, f"config file {config_file}")
+    _check_keys(lower_layer, lower_origin)
     lower = _merge(_merge(Config().to_dict(), lower_layer), {"preset": name})
     tree = copy.deepcopy(_merge(lower, file_layer))
     override_tree: dict[str, Any] = {}
-    for item in overrides:
-        key, value = parse_override(item)
+    for key, value in parsed:
         _check_keys(_nest(key, value), "overrides")
         _set_dotted(tree, key, value)
         _set_dotted(override_tree, key, value)
+    tree["plugins"] = plugins
     user = set(leaves(file_layer)) | set(leaves(override_tree))
     _corpus_defaults(tree, user | set(leaves(lower_layer)))
     try:
@@ -159,10 +176,21 @@ def load_config(
     return cfg
 
 
+def _plugins(layers: list[Any]) -> list[str]:
+    """Load the plugins of the first layer that names any (overrides, then the config file, then the preset or
+    the out dir's config); their resolved names, which the config stores."""
+    for value in layers:
+        if value:
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise UserError(f"invalid value for plugins: a list of Python files or modules (got {value!r})")
+            return load_plugins(value)
+    return []
+
+
 def leaves(tree: dict[str, Any]) -> dict[str, Any]:
     """Dotted key -> value of the config keys `tree` sets."""
     out: dict[str, Any] = {}
-    for key in VALID_KEYS:
+    for key in valid_keys():
         node: Any = tree
         for part in key.split("."):
             if not isinstance(node, dict) or part not in node:
@@ -207,10 +235,13 @@ def _ignored(cfg: Config, explicit: set[str]) -> None:
     if "train.threshold" in explicit and "threshold" not in {t.rule, *cfg.grid.rules}:
         raise no_effect("train.threshold", f"with train.rule={t.rule}: it is read by train.rule=threshold "
                         "(or grid.rules with threshold) only")
-    for key in sorted(k for k in ("train.kd_weight", "train.kd_temperature") if k in explicit):
-        if DISTILL not in (t.method, *cfg.grid.methods):
-            raise no_effect(key, f"with train.method={t.method}: it is read by train.method=distill (or grid.methods "
-                            "with distill) only")
+    used = {METHODS[m].objective for m in (t.method, *cfg.grid.methods)}
+    for key in sorted(k for k in explicit if k.startswith("objectives.")):
+        objective = key.split(".")[1]
+        if objective not in used:
+            users = [m for m, e in METHODS.items() if e.objective == objective]
+            raise no_effect(key, f"with train.method={t.method}: it is read by the objective {objective} only "
+                            f"(train.method or grid.methods with {' or '.join(users)})")
     if "train.ratio" in explicit and t.rule != "topk":
         raise no_effect("train.ratio", f"with train.rule={t.rule}: the rule's threshold sets how many tokens train "
                         "(train.rule=topk reads the ratio)")

@@ -7,28 +7,31 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, ClassVar, Literal, NamedTuple
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
 
 from ..data.corpora import CORPORA
 from ..errors import did_you_mean
-from ..method.selection import NEEDS_REFERENCE, SCOPES, SCORE_KINDS, STRATEGIES
+from ..method.registry import METHODS, SCORE_KINDS
+from ..method.selection import SCOPES
+from ..method.spec import RULES, STOCHASTIC, Selection, SelectionRule
 
 DEFAULT_PRESET = "champ-smollm2"
 LORA_ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SPLITS = ("reference", "train", "val_clean", "val_noisy")
 
 
-# Choices read from the registries: a new strategy, score kind or corpus needs no change here.
-BASELINE_METHODS = ("clm", "oracle")  # CLM on every token / on every token but the injected noise
-DISTILL = "distill"  # CLM on every token plus KL towards the reference's next-token distribution (a control)
-EVERY_TOKEN_METHODS = (*BASELINE_METHODS, DISTILL)  # train every (trainable) token: no selection
-Method = Literal[(*EVERY_TOKEN_METHODS, *STRATEGIES)]  # type: ignore[valid-type]
-Strategy = Literal[tuple(STRATEGIES)]  # type: ignore[valid-type]
-GridMethod = Literal[(*STRATEGIES, DISTILL)]  # type: ignore[valid-type]
-ScoreKind = Literal[tuple(SCORE_KINDS)]  # type: ignore[valid-type]
+# Choices are read from the registries (method/registry.py) when a config is validated, not when this module is
+# imported: a new strategy, score kind, objective or corpus, built in or from a plugin, needs no change here.
 Scope = Literal[SCOPES]  # type: ignore[valid-type]
+
+
+def registered(what: str, name: str, registry: dict[str, Any]) -> str:
+    """`name` if `registry` has it (a method, a score kind), else a ValueError that suggests the closest."""
+    if name not in registry:
+        raise ValueError(f"unknown {what} {name!r}{did_you_mean(name, registry)} (choices: {', '.join(registry)})")
+    return name
 
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -274,30 +277,18 @@ class ScoringConfig(Section):
     )
 
 
-class SelectionRule(NamedTuple):
-    """What a run's selection really does: its strategy, score kind, ratio, and the score threshold that
-    sets the count instead of the ratio (rules positive and threshold; None: the ratio's count)."""
-
-    strategy: str
-    score: str
-    ratio: float
-    threshold: float | None = None
-
-
-RULES = ("topk", "positive", "threshold")  # how many tokens a selecting run trains (TrainConfig.rule)
-
-
 class TrainConfig(Section):
-    LATER_FIELDS: ClassVar[tuple[str, ...]] = ("rule", "threshold", "kd_weight", "kd_temperature")
+    LATER_FIELDS: ClassVar[tuple[str, ...]] = ("rule", "threshold")
     # How a run is computed or stored, not what it learns: outside the run hash (engine.py).
     ENGINE_FIELDS: ClassVar[tuple[str, ...]] = ("checkpoint_every", "merge", "parallel", "gradient_checkpointing",
                                                 "micro_batch_size", "compile")
 
     name: str | None = Field(None, description="run name; default derives from method/ratio/seed")
-    method: Method = Field("clm", description="clm, oracle, distill (every token: CLM + train.kd_weight x KL towards "
-                           "the reference's next-token distribution), or a selection strategy (selection.STRATEGIES: "
-                           "topk, bottomk = the lowest scores, random, stochastic)")
-    score: ScoreKind = "excess"
+    method: str = Field("clm", description="a registered method (method/registry.py METHODS, plugins included): clm "
+                        "and oracle (every token / every token but the injected noise), a selection strategy (topk, "
+                        "bottomk = the lowest scores, random, stochastic), an objective's control (docs/methods.md)")
+    score: str = Field("excess", description="a registered score kind (SCORE_KINDS): excess (own - reference loss, "
+                       "Rho-1's), loss, reference, retrospective, none, or a plugin's")
     ratio: float = Field(1.0, description="selection ratio in (0, 1]")
     rule: Literal[RULES] = Field(  # type: ignore[valid-type]
         "topk", description="how many tokens train: topk = the ratio's share of each scope unit (the paper); "
@@ -306,14 +297,9 @@ class TrainConfig(Section):
         "a control matched in count")
     threshold: float | None = Field(None, description="the score threshold of train.rule=threshold (nats; read by "
                                     "that rule only)")
-    kd_weight: float = Field(1.0, ge=0.0, allow_inf_nan=False, description="train.method=distill: weight of "
-                             "KL(reference || student) beside the CE of every token (0 = CLM with the reference's "
-                             "cost)")
-    kd_temperature: float = Field(1.0, gt=0.0, allow_inf_nan=False, description="train.method=distill: both "
-                                  "distributions at logits / T, the KL times T² (Hinton et al.'s scaling)")
     scope: Scope = "batch"
     temperature: float = Field(1.0, gt=0)
-    stochastic: Literal["softmax", "positive"] = Field(
+    stochastic: Literal[tuple(STOCHASTIC)] = Field(  # type: ignore[valid-type]
         "softmax", description="stochastic draws ∝ softmax(score / temperature), or ∝ the positive part of the "
         "score (the cs512-slm replication's variant)"
     )
@@ -360,29 +346,19 @@ class TrainConfig(Section):
     def _name(cls, v: str | None) -> str | None:
         return None if v is None else safe_name(v, "run name")
 
+    @field_validator("method")
+    @classmethod
+    def _method(cls, v: str) -> str:
+        return registered("method", v, METHODS)
+
+    @field_validator("score")
+    @classmethod
+    def _score(cls, v: str) -> str:
+        return registered("score kind", v, SCORE_KINDS)
+
     @model_validator(mode="after")
     def _selects_by_something(self) -> TrainConfig:
-        rule = self.selection_rule()
-        if rule.strategy in ("topk", "bottomk") and rule.score == "none" and rule.ratio < 1 and not self.soft:
-            raise ValueError(f"train.score=none with {rule.strategy} selection would select by position: "
-                             "use train.method=random or another train.score")
-        if self.rule != "topk":
-            if self.method == DISTILL:
-                raise ValueError(f"train.rule={self.rule} applies to selection methods, not distill (every token)")
-            if self.method == "bottomk":
-                raise ValueError(f"train.rule={self.rule} selects the tokens scoring above a threshold; bottomk "
-                                 "(the lowest scores) takes a ratio: use train.rule=topk with train.ratio")
-            if self.method in BASELINE_METHODS:
-                raise ValueError(f"train.rule={self.rule} applies to selection methods, not {self.method}")
-            if rule.score == "none":
-                raise ValueError(f"train.rule={self.rule} counts the tokens whose score exceeds a threshold: "
-                                 "train.score=none gives none")
-            if self.soft:
-                raise ValueError(f"train.soft weighs a ratio's tokens: use train.rule=topk, not {self.rule}")
-        if self.rule == "threshold" and self.threshold is None:
-            raise ValueError("train.rule=threshold needs train.threshold (the score above which tokens train)")
-        if self.threshold is not None and not math.isfinite(self.threshold):
-            raise ValueError(f"train.threshold must be finite (got {self.threshold})")
+        self.selection()  # the Selection's own checks (method/spec.py), with the config's messages
         if self.parallel == "fsdp" and self.merge:
             raise ValueError("train.merge=true cannot merge a sharded model: use train.parallel=ddp, or merge the "
                              "saved adapter after an fsdp run")
@@ -393,28 +369,27 @@ class TrainConfig(Section):
         out = super().hashed(**dump)
         if self.rule != "threshold":
             out.pop("threshold", None)
-        if self.method != DISTILL:
-            out.pop("kd_weight", None)
-            out.pop("kd_temperature", None)
         return out
 
-    def run_name(self, with_seed: bool = False, reference_mode: str = "trained") -> str:
-        """`train.name`, else `clm`, `oracle` or `<strategy>-<budget>` (budget `r<ratio>`, `pos` or
-        `t<threshold>`), then one suffix per identity-changing choice away from the default study's (`name_suffixes`),
-        and `-s<seed>` when several seeds run. Two configs that select differently never share a name, and the
-        default study's names (`clm`, `topk-r0.5`, ...) stay what they were."""
+    def run_name(self, with_seed: bool = False, reference_mode: str = "trained",
+                 objective_suffixes: list[str] | None = None) -> str:
+        """`train.name`, else the method's name (`clm`, `oracle`, an objective's control) or, for a selecting
+        method, `<strategy>-<budget>` (budget `r<ratio>`, `pos` or `t<threshold>`; the method's name when the
+        method is not its strategy's), then one suffix per identity-changing choice away from the default study's
+        (`name_suffixes`, the objective's keys away from their defaults), and `-s<seed>` when several seeds run.
+        Two configs that train differently never share a name, and the default study's names (`clm`,
+        `topk-r0.5`, ...) stay what they were."""
         if self.name:
             return self.name
-        if self.method in BASELINE_METHODS:
-            name = self.method
-        elif self.method == DISTILL:  # `distill`, with -w<weight> / -T<temperature> away from 1
-            name = "-".join([DISTILL, *([f"w{self.kd_weight:g}"] if self.kd_weight != 1 else []),
-                             *([f"T{self.kd_temperature:g}"] if self.kd_temperature != 1 else [])])
+        method = METHODS[self.method]
+        if not method.selects:
+            name = "-".join([self.method, *(objective_suffixes or [])])
         else:
             rule = self.selection_rule()
             budget = f"r{self.ratio:g}" if self.rule == "topk" else "pos" if self.rule == "positive" \
                 else f"t{self.threshold:g}"
-            name = "-".join([f"{rule.strategy}-{budget}", *self.name_suffixes(), *(
+            head = rule.strategy if method.strategy == self.method else self.method
+            name = "-".join([f"{head}-{budget}", *self.name_suffixes(), *(objective_suffixes or []), *(
                 [SELF_REFERENCE_SUFFIX[reference_mode]] if reference_mode in SELF_REFERENCE_SUFFIX else [])])
         return f"{name}-s{self.seed}" if with_seed else name
 
@@ -426,21 +401,18 @@ class TrainConfig(Section):
                 *([self.scope] if self.scope != "batch" else []), *(["soft"] if self.soft else []),
                 *(["crn"] if self.common_random else [])]
 
+    def selection(self) -> Selection:
+        """The run's `Selection` (method/spec.py): the value the loss reads, validated there."""
+        return Selection(self.method, self.ratio, self.score, self.rule, self.threshold, self.scope, self.temperature,
+                         self.soft, self.stochastic)
+
     def selection_rule(self) -> SelectionRule:
-        """The strategy, score kind, ratio and threshold the method really uses: CLM and the oracle select
-        every (trainable) token; a strategy that ignores scores runs with score kind `none`, unless a threshold
-        rule counts its tokens by their scores. Threshold rules select at ratio 1 (their count is the threshold's)."""
-        if self.method in EVERY_TOKEN_METHODS:
-            return SelectionRule("topk", "none", 1.0)
-        strategy = "stochastic_positive" if self.method == "stochastic" and self.stochastic == "positive" \
-            else self.method
-        threshold = {"topk": None, "positive": 0.0, "threshold": self.threshold}[self.rule]
-        score = self.score if STRATEGIES[strategy].uses_scores or threshold is not None else "none"
-        return SelectionRule(strategy, score, self.ratio if threshold is None else 1.0, threshold)
+        """The strategy, score kind, ratio and threshold the method really uses (`Selection.rule_used`)."""
+        return self.selection().rule_used
 
     def needs_reference(self) -> bool:
         """Whether the run reads reference losses (to select; diagnostics use them when they exist)."""
-        return self.selection_rule().score in NEEDS_REFERENCE
+        return self.selection().needs_reference
 
 
 def describe_error(err: ValidationError, tree: dict[str, Any]) -> str:

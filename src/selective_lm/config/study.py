@@ -12,14 +12,12 @@ import yaml
 from pydantic import Field, PositiveInt, ValidationError, field_validator, model_validator
 
 from ..errors import UserError
+from ..method.registry import METHODS, OBJECTIVES
+from ..method.spec import RULES
 from .sections import (
     DEFAULT_PRESET,
-    DISTILL,
-    EVERY_TOKEN_METHODS,
     REFERENCE_KEYS_READ,
-    RULES,
     DataConfig,
-    GridMethod,
     ModelConfig,
     ReferenceConfig,
     ScoringConfig,
@@ -27,6 +25,7 @@ from .sections import (
     TrainConfig,
     check_ratio,
     describe_error,
+    registered,
     safe_name,
 )
 
@@ -136,11 +135,12 @@ class ExportConfig(Section):
 
 
 class GridConfig(Section):
-    methods: list[GridMethod] = Field(
-        default_factory=lambda: ["topk", "random", "stochastic", "bottomk", "distill"], description="the grid's "
-        "methods besides CLM and the oracle: selection strategies, run at every ratio of grid.ratios (bottomk: the "
-        "sign check), and distill, run once (it trains every token). The default is the full grid; the default "
-        "study's preset (champ-smollm2) keeps topk, random, bottomk and distill at ratio 0.5 for its CPU budget")
+    methods: list[str] = Field(
+        default_factory=lambda: [n for n, m in METHODS.items() if m.in_default_grid], description="the grid's "
+        "methods besides CLM and the oracle (registered methods, plugins included): a selecting method runs at "
+        "every ratio of grid.ratios, a method that trains every token (an objective's control) once. The default "
+        "is the full grid of the built-in methods and controls; the default study's preset (champ-smollm2) keeps "
+        "four of them at ratio 0.5 for its CPU budget")
     ratios: list[float] = Field(default_factory=lambda: [0.5, 0.3])
     rules: list[Literal[RULES]] = Field(  # type: ignore[valid-type]
         default_factory=lambda: ["topk"], description="train.rule of the grid's runs: topk runs every method x "
@@ -154,6 +154,11 @@ class GridConfig(Section):
         for r in v:
             check_ratio(r)
         return v
+
+    @field_validator("methods")
+    @classmethod
+    def _methods(cls, v: list[str]) -> list[str]:
+        return [registered("method", m, METHODS) for m in v]
 
 
 class Config(Section):
@@ -170,14 +175,53 @@ class Config(Section):
     analysis: AnalysisConfig = Field(default_factory=AnalysisConfig)
     grid: GridConfig = Field(default_factory=GridConfig)
     bench: BenchConfig = Field(default_factory=BenchConfig)
+    objectives: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="objective name -> its config keys (`objectives.<name>.<key>`, "
+        "documented below per objective); unset keys keep their defaults")
+    plugins: list[str] = Field(
+        default_factory=list, description="Python files (or importable modules) that register methods, score kinds, "
+        "strategies or objectives before the config is validated (docs/add-a-method.md); `slm --plugins` sets it")
+
+    @field_validator("objectives")
+    @classmethod
+    def _objectives(cls, v: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        out = {}
+        for name, keys in v.items():
+            params = OBJECTIVES[registered("objective", name, OBJECTIVES)].params
+            if params is None:
+                raise ValueError(f"objective {name!r} has no config keys")
+            out[name] = params.model_validate(keys or {}).model_dump(exclude_defaults=True)
+        return out
 
     @model_validator(mode="after")
-    def _distill_has_a_reference(self) -> Config:
-        if DISTILL in (self.train.method, *self.grid.methods) and self.reference.is_self:
-            raise ValueError(f"train.method=distill distills a reference model's next-token distribution, but "
-                             f"reference.mode={self.reference.mode} is the student's own weights: use reference.mode "
-                             "trained, path or self")
+    def _needs_are_met(self) -> Config:
+        """Every method this config may run gets what its score kind and objective need (registry.NEEDS)."""
+        for method in dict.fromkeys((self.train.method, *self.grid.methods)):
+            sel = self.train.model_copy(update={"method": method})
+            try:
+                needs = sel.selection().needs
+            except ValueError:  # a grid run the rules refuse: `grid_runs` names it
+                continue
+            origin = METHODS.origins[method]
+            what = f"train.method={method}" + (f" (from {origin})" if "built-in" not in origin else "")
+            kind_needs = needs - OBJECTIVES[METHODS[method].objective].needs
+            if "reference_logits" in needs and self.reference.is_self:
+                raise ValueError(f"{what} needs a reference model's next-token distribution, but reference.mode="
+                                 f"{self.reference.mode} is the student's own weights: use reference.mode trained, "
+                                 "path or self")
+            if "reference_logits" in kind_needs and self.scoring.mode == "offline":
+                raise ValueError(f"{what}: score kind {sel.score!r} needs the reference's next-token distribution, "
+                                 "which stored scores do not hold: use scoring.mode=online")
+            if "history" in needs and not (self.reference.is_self or self.reference.mode == "self"):
+                raise ValueError(f"{what} needs a history model (the student's earlier weights): use reference.mode "
+                                 "ema, checkpoint or self")
         return self
+
+    def objective_params(self, name: str | None = None) -> Any:
+        """The validated config keys of objective `name` (default: train.method's), None when it has none."""
+        name = name or METHODS[self.train.method].objective
+        params = OBJECTIVES[name].params
+        return None if params is None else params.model_validate(self.objectives.get(name, {}))
 
     @model_validator(mode="after")
     def _self_reference_starts(self) -> Config:
@@ -197,9 +241,9 @@ class Config(Section):
         specs: list[dict[str, Any]] = [{"method": "clm", **baseline}]
         if self.grid.oracle and has_noise:
             specs.append({"method": "oracle", **baseline})
-        if DISTILL in self.grid.methods:  # once: it trains every token
-            specs.append({"method": DISTILL, **baseline})
-        selecting = [m for m in self.grid.methods if m != DISTILL]
+        # Once each, the methods that train every token (an objective's control); then every selecting one.
+        specs += [{"method": m, **baseline} for m in self.grid.methods if not METHODS[m].selects]
+        selecting = [m for m in self.grid.methods if METHODS[m].selects]
         for rule in self.grid.rules:
             threshold = self.train.threshold if rule == "threshold" else None
             ratios = self.grid.ratios if rule == "topk" else [1.0]  # the threshold sets the count
@@ -211,8 +255,8 @@ class Config(Section):
                 try:
                     t = TrainConfig.model_validate({**self.train.model_dump(), **spec, "seed": seed, "name": None})
                 except ValidationError as e:
-                    label = spec["method"] if spec["method"] in EVERY_TOKEN_METHODS else \
-                        f"{spec['method']} ({spec['rule']})"
+                    label = f"{spec['method']} ({spec['rule']})" if METHODS[spec["method"]].selects else \
+                        spec["method"]
                     raise UserError(f"grid run {label}: {describe_error(e, {})}") from None
                 run = self.model_copy(update={"train": t})
                 runs[run.run_name(with_seed=self.grid.seeds > 1)] = run
@@ -221,7 +265,10 @@ class Config(Section):
     def run_name(self, with_seed: bool = False) -> str:
         """The run's directory name under runs/ (`TrainConfig.run_name`, with `-ema` / `-ckpt` when a
         self-reference selects it)."""
-        return self.train.run_name(with_seed, reference_mode=self.reference.mode)
+        params = self.objective_params()
+        suffix = OBJECTIVES[METHODS[self.train.method].objective].suffixes
+        return self.train.run_name(with_seed, reference_mode=self.reference.mode,
+                                   objective_suffixes=suffix(params) if params is not None else [])
 
     def artifact_settings(self) -> dict[str, Any]:
         """Dotted key -> value of the settings that shape what an out dir stores besides its runs: the token

@@ -1,4 +1,29 @@
 """The method, as pure tensor functions: score kinds, selection strategies and objectives, each behind a
-registry with a declared contract (what it needs), and the one next-token shift of the project.
+registry with a declared contract (`registry.py`), the one `Selection` value (`spec.py`), and the one next-token
+shift of the project (`loss.py`). No files, no config, no logging: tensors in, tensors out.
 
-No files, no config, no logging: tensors in, tensors out."""
+Importing the package registers every built-in (its modules register their own entries; the methods that
+combine them are registered below), so that any `from selective_lm.method.x import y` sees the full registry.
+"""
+
+from . import loss, selection, spec  # noqa: F401  (each registers its entries)
+from .registry import Method, register_method
+
+# The built-in methods made of strategies and objectives registered by the modules above.
+register_method("clm", Method(strategy=None, role="baseline", doc="every token (the baseline)"))
+register_method("oracle", Method(strategy=None, role="baseline", oracle=True,
+                                 doc="every token but the injected noise (what a perfect filter would train)"))
+register_method("topk", Method(strategy="topk", in_default_grid=True, doc="the highest scores (Rho-1)"))
+register_method("random", Method(strategy="random", role="control", in_default_grid=True,
+                                 question="Does the score choose better than chance at the same count? (the main "
+                                 "table sets each selecting run beside random at its ratio)",
+                                 doc="uniform draws, as many tokens as the ratio keeps"))
+register_method("stochastic", Method(strategy="stochastic", in_default_grid=True,
+                                     doc="draws ∝ softmax(score / train.temperature), or ∝ its positive part"))
+register_method("bottomk", Method(strategy="bottomk", role="control", compare=("bottomk", "random"),
+                                  in_default_grid=True,
+                                  question="The score's sign: if the score carries signal, training on the lowest "
+                                  "scores must lose to random at the same count",
+                                  doc="the lowest scores (the sign check)"))
+
+from . import distill  # noqa: E402, F401  (the distillation objective and its control, after the methods above)

@@ -1,49 +1,47 @@
-"""The distillation control (`train.method=distill`): is selective training's gain selection, or transfer of
-what the reference knows? Every token is trained with its CE plus `train.kd_weight` x KL(reference || student)
-on the next-token distribution (`train.kd_temperature`). The reference's logits are computed online, in the
-step, from the reference model's hidden states (the simplest choice: no cache of top-k probabilities beside
-the scores, at the cost of one reference forward per micro-batch, as `scoring.mode=online`). With a frozen
+"""The distillation objective and its control (`train.method=distill`): is selective training's gain selection,
+or transfer of what the reference knows? Every token is trained with its CE plus
+`objectives.distill.weight` x KL(reference || student) on the next-token distribution (at
+`objectives.distill.temperature`). The reference's logits are computed online, in the step, from the reference
+model's hidden states (the simplest choice: no cache of top-k probabilities beside the scores, at the cost of
+one reference forward per micro-batch, as `scoring.mode=online`). A method that selects (`topk_distill`) trains
+the tokens its selection keeps instead of every token. With a frozen
 linear student head (LoRA) the row gradients come out of the forward, as CLM's (`head.FrozenLinearCE`): each
 chunk's logits are made once, never recomputed in backward.
 
-Pure tensor functions; `SelectiveLM` calls a `Distill` in its forward (a `loss.Objective`), so the engines
-see an ordinary forward/backward.
+Registered here, in one file: the objective `distill` (it needs the reference's logits, so the trainer runs
+the reference online and hands its hidden states over in `Batch.reference`), its config keys, and the method of
+the same name, a control compared with top-k (selection or transfer?). `SelectiveLM` calls it in its forward,
+so the engines see an ordinary forward/backward.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from .head import fp32_logits, frozen_linear
-from .loss import (
-    DEFAULT_CHUNK_SIZE,
-    MAX_CHUNK_LOGITS,
-    SelectiveLoss,
-    _check_selection,
-    _result,
-    _shifted_rows,
-    forward_hidden,
-)
+from .head import chunk_rows, fp32_logits, frozen_linear
+from .loss import Batch, SelectiveLoss, check_valid, selection_result, shifted_rows, token_losses
+from .registry import Method, Objective, register_objective
 
-__all__ = ["Distill", "distill_lm_loss", "distill_token_losses"]
+__all__ = ["DistillParams", "distill_loss", "distill_token_losses"]
+
+NAME = "distill"
 
 
-class Distill(NamedTuple):
-    """The reference's side of one micro-batch: its final hidden states `[B, T, H]` (no grad) and output embedding,
-    computed online by the trainer, with the KL weight and temperature. A `loss.Objective`: `SelectiveLM` calls it."""
+class DistillParams(BaseModel):
+    """`objectives.distill.*`: the KL's weight and temperature."""
 
-    hidden: Tensor
-    head: nn.Module
-    weight: float
-    temperature: float
+    model_config = ConfigDict(extra="forbid")
 
-    def __call__(self, model: nn.Module, input_ids: Tensor, valid: Tensor, chunk_size: int) -> SelectiveLoss:
-        return distill_lm_loss(model, input_ids, valid, self, chunk_size=chunk_size)
+    weight: float = Field(1.0, ge=0.0, allow_inf_nan=False, description="weight of KL(reference || student) beside "
+                          "the CE of every trained token (0 = CLM with the reference's cost)")
+    temperature: float = Field(1.0, gt=0.0, allow_inf_nan=False, description="both distributions at logits / T, "
+                               "the KL times T² (Hinton et al.'s scaling)")
 
 
 def distill_token_losses(logits: Tensor, ref_logits: Tensor, targets: Tensor,
@@ -114,42 +112,68 @@ class _FrozenLinearDistill(torch.autograd.Function):
         return None, grads * grad_totals.unsqueeze(1).to(grads.dtype), None, None, None, None, None, None, None
 
 
-def distill_lm_loss(model: nn.Module, input_ids: Tensor, valid: Tensor, distill: Distill, *,
-                    attention_mask: Tensor | None = None, chunk_size: int = DEFAULT_CHUNK_SIZE) -> SelectiveLoss:
-    """The distillation control's loss of one micro-batch: every valid token trained with its CE plus
-    `distill.weight` x KL(reference || student) on the next-token distribution (`distill_token_losses`).
+def distill_loss(batch: Batch, params: DistillParams | None = None) -> SelectiveLoss:
+    """The `distill` objective on one micro-batch: every trained token's CE plus `params.weight` x
+    KL(reference || student) on the next-token distribution (`distill_token_losses`); the trained tokens are
+    the valid ones, or those the selection keeps when the method selects (a no-grad pass scores them first).
 
-    As a `SelectiveLoss` that selects every valid token: loss_sum is the summed objective (with grad),
-    loss_selected the mean CE (the figure comparable with CLM's loss). Rows go through both heads a chunk
-    at a time (`MAX_CHUNK_LOGITS`), so the two `N x V` logit tensors never exist at once: with a frozen linear
-    head the row gradients are made in the forward, otherwise each chunk is checkpointed when there are several.
+    As a `SelectiveLoss`: loss_sum is the summed objective (with grad), loss_selected the mean CE (the figure
+    comparable with CLM's loss). Rows go through both heads a chunk at a time (`MAX_CHUNK_LOGITS`), so the two
+    `N x V` logit tensors never exist at once: with a frozen linear head the row gradients are made in the
+    forward, otherwise each chunk is checkpointed when there are several.
     """
-    _check_selection(valid, input_ids.shape, "none", 1.0, "topk", False, None)
-    hidden, head = forward_hidden(model, input_ids, attention_mask)
-    if distill.hidden.shape[:2] != input_ids.shape:
-        raise ValueError(f"reference hidden states {tuple(distill.hidden.shape)} do not fit input_ids "
-                         f"{tuple(input_ids.shape)}")
-    rows, targets = _shifted_rows(hidden, input_ids, valid)  # every position t >= 1: no host sync
-    ref_rows = _shifted_rows(distill.hidden.detach(), input_ids, valid)[0]
-    trained = valid[:, 1:].flatten()
-    vocab = max(getattr(head, "out_features", 0) or 0, getattr(distill.head, "out_features", 0) or 0)
-    chunk = min(chunk_size, max(1, MAX_CHUNK_LOGITS // vocab)) if vocab else chunk_size
+    params = params or DistillParams()
+    ids, valid = batch.input_ids, batch.valid
+    check_valid(valid, ids.shape)
+    if batch.reference is None:
+        raise ValueError("the distill objective needs the reference's hidden states and head (Batch.reference)")
+    ref_hidden, ref_head = batch.reference
+    hidden, head = batch.forward()
+    if ref_hidden.shape[:2] != ids.shape:
+        raise ValueError(f"reference hidden states {tuple(ref_hidden.shape)} do not fit input_ids {tuple(ids.shape)}")
+    s = torch.zeros(ids.shape, dtype=torch.float32, device=ids.device)
+    chosen = valid
+    if batch.selection.method_entry.selects:
+        with torch.no_grad():
+            own = token_losses(hidden.detach(), head, ids, valid, chunk_size=batch.chunk_size)
+        s = batch.score(own, hidden, head)
+        chosen = batch.select(s) != 0
+    rows, targets = shifted_rows(hidden, ids, valid)  # every position t >= 1: no host sync
+    ref_rows = shifted_rows(ref_hidden.detach(), ids, valid)[0]
+    trained = chosen[:, 1:].flatten()
+    chunk = chunk_rows(batch.chunk_size, head, ref_head)
     n = rows.shape[0]
     if n and frozen_linear(head):
-        totals, ce = _FrozenLinearDistill.apply(head, rows, distill.head, ref_rows, targets, trained, distill.weight,
-                                                distill.temperature, chunk)
+        totals, ce = _FrozenLinearDistill.apply(head, rows, ref_head, ref_rows, targets, trained, params.weight,
+                                                params.temperature, chunk)
         total = totals.sum()
     else:
         sums, ces = [], []
         for i in range(0, max(n, 1), chunk):  # max(n, 1): an empty batch still yields a graph
-            args = (head, rows[i:i + chunk], distill.head, ref_rows[i:i + chunk], targets[i:i + chunk],
-                    trained[i:i + chunk], distill.weight, distill.temperature)
+            args = (head, rows[i:i + chunk], ref_head, ref_rows[i:i + chunk], targets[i:i + chunk],
+                    trained[i:i + chunk], params.weight, params.temperature)
             part, part_ce = (checkpoint(_distill_chunk, *args, use_reentrant=False) if n > chunk
                              else _distill_chunk(*args))
             sums.append(part)
             ces.append(part_ce)
         total, ce = torch.stack(sums).sum(), torch.cat(ces)
-    ce = ce.view(input_ids.shape[0], -1)
+    ce = ce.view(ids.shape[0], -1)
     nan = torch.full((), torch.nan, dtype=ce.dtype, device=ce.device)
-    own = torch.cat([nan.expand(input_ids.shape[0], 1), torch.where(valid[:, 1:], ce, nan)], dim=1)
-    return _result(total, own, torch.zeros_like(own), valid, valid)
+    own_ce = torch.cat([nan.expand(ids.shape[0], 1), torch.where(valid[:, 1:], ce, nan)], dim=1)
+    return selection_result(total, own_ce, s.to(own_ce.dtype), chosen, valid)
+
+
+def _params(value: Any) -> DistillParams:
+    return value if isinstance(value, DistillParams) else DistillParams.model_validate(value or {})
+
+
+register_objective(NAME, Objective(
+    lambda batch, params: distill_loss(batch, _params(params)), frozenset({"reference_logits"}), DistillParams,
+    logs_ce=True, doc="CE + weight x KL(reference || student) on the trained tokens",
+    suffixes=lambda p: [*([f"w{p.weight:g}"] if p.weight != 1 else []),
+                        *([f"T{p.temperature:g}"] if p.temperature != 1 else [])]),
+    method=Method(strategy=None, objective=NAME, role="control", compare=("topk", NAME), in_default_grid=True,
+                  question="Selection or transfer? If top-k's gain were only transfer of what the reference knows, "
+                  "distillation (every token, CLM + KL towards the reference) would match or beat top-k at equal "
+                  "tokens seen",
+                  doc="every token: CLM + objectives.distill.weight x KL towards the reference's distribution"))

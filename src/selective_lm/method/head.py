@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["MAX_CHUNK_LOGITS", "FrozenLinearCE", "chunk_ce", "fp32_logits", "frozen_linear", "inplace_ce", "rows_ce"]
+__all__ = ["MAX_CHUNK_LOGITS", "FrozenLinearCE", "chunk_ce", "chunk_rows", "fp32_logits", "frozen_linear", "inplace_ce",
+           "rows_ce", "rows_entropy"]
 
 MAX_CHUNK_LOGITS = 1 << 24  # logits per chunk at most (64 MB in float32), whatever chunk_size says
 
@@ -88,12 +89,26 @@ def frozen_linear(head: nn.Module) -> bool:
     )
 
 
-def rows_ce(head: nn.Module, rows: Tensor, targets: Tensor, chunk_size: int) -> Tensor:
-    """Cross-entropy `[N]` of hidden rows `[N, H]` against targets `[N]`, a chunk of rows at a time."""
+def chunk_rows(chunk_size: int, *heads: nn.Module) -> int:
+    """Rows per chunk: `chunk_size`, fewer when the widest head's logits would pass `MAX_CHUNK_LOGITS`."""
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    vocab = getattr(head, "out_features", None)
-    chunk = min(chunk_size, max(1, MAX_CHUNK_LOGITS // vocab)) if isinstance(vocab, int) else chunk_size
+    vocab = max((v for h in heads if isinstance(v := getattr(h, "out_features", None), int)), default=0)
+    return min(chunk_size, max(1, MAX_CHUNK_LOGITS // vocab)) if vocab else chunk_size
+
+
+def rows_entropy(head: nn.Module, rows: Tensor, chunk_size: int) -> Tensor:
+    """Entropy (nats) `[N]` of the next-token distribution of hidden rows `[N, H]`, no grad, a chunk at a time."""
+    chunk = chunk_rows(chunk_size, head)
+    with torch.no_grad():
+        parts = [torch.special.entr(fp32_logits(head, rows[i : i + chunk]).softmax(-1)).sum(-1)
+                 for i in range(0, rows.shape[0], chunk)]
+    return torch.cat(parts) if parts else rows.new_zeros(0, dtype=torch.promote_types(rows.dtype, torch.float32))
+
+
+def rows_ce(head: nn.Module, rows: Tensor, targets: Tensor, chunk_size: int) -> Tensor:
+    """Cross-entropy `[N]` of hidden rows `[N, H]` against targets `[N]`, a chunk of rows at a time."""
+    chunk = chunk_rows(chunk_size, head)
     n = rows.shape[0]
     if not (torch.is_grad_enabled() and (rows.requires_grad or any(p.requires_grad for p in head.parameters()))):
         parts = [inplace_ce(fp32_logits(head, rows[i : i + chunk]), targets[i : i + chunk])[0]

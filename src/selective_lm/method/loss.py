@@ -22,26 +22,34 @@ filler rows of weight 0 otherwise).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
-from typing import Any, Protocol
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .head import MAX_CHUNK_LOGITS, frozen_linear, rows_ce
+from .head import MAX_CHUNK_LOGITS, frozen_linear, rows_ce, rows_entropy
+from .registry import OBJECTIVES, SCORE_KINDS, Objective, register_objective
 from .selection import max_selected, scores, select
+from .spec import Selection
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
     "MAX_CHUNK_LOGITS",
-    "Objective",
+    "Batch",
     "SelectiveLM",
     "SelectiveLoss",
+    "check_valid",
+    "cross_entropy_loss",
     "forward_hidden",
     "selected_loss_sum",
+    "selected_sum",
+    "selection_result",
     "selective_lm_loss",
     "selective_loss_of_losses",
+    "shifted_rows",
+    "token_entropies",
     "token_losses",
     "valid_mask",
 ]
@@ -80,7 +88,7 @@ def valid_mask(
     return valid
 
 
-def _shifted_rows(hidden: Tensor, input_ids: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+def shifted_rows(hidden: Tensor, input_ids: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
     """(rows `[B x (T-1), H]`, targets `[B x (T-1)]`): hidden[b, t - 1] and input_ids[b, t] for every t >= 1,
     row-major. Rows where `mask [B, T]` is False are zeros, so that whatever a padded position holds (NaN from
     a fully masked attention row) reaches neither a loss nor a gradient."""
@@ -97,21 +105,12 @@ def _gathered_rows(hidden: Tensor, input_ids: Tensor, weights: Tensor, size: int
     chosen = w != 0
     ahead, count = chosen.cumsum(0), chosen.sum()  # chosen positions up to and including each one; all
     place = torch.where(chosen, ahead - 1, count + torch.arange(len(w), device=w.device) - ahead)
-    _check_on_device(count <= size, f"more than size={size} nonzero weights")
+    check_on_device(count <= size, f"more than size={size} nonzero weights")
     order = torch.empty_like(place).scatter_(0, place, torch.arange(len(w), device=w.device))[:size]
     b, t = order // width, order % width
     w = w[order]
     rows = torch.where((w != 0)[:, None], hidden[b, t], torch.zeros((), dtype=hidden.dtype, device=hidden.device))
     return rows, input_ids[b, t + 1], w
-
-
-def _check_on_device(ok: Tensor, message: str) -> None:
-    """ValueError(message) unless `ok` (0-d bool), without a host sync: on an accelerator it is a device-side
-    assert (the next synchronising call fails, as PyTorch's own index checks do); on the CPU it raises at once."""
-    try:
-        torch._assert_async(ok, message)
-    except RuntimeError:
-        raise ValueError(message) from None
 
 
 def _check_shapes(hidden: Tensor, input_ids: Tensor, mask: Tensor | None, name: str) -> None:
@@ -144,7 +143,7 @@ def token_losses(
     """
     _check_shapes(hidden, input_ids, valid, "valid")
     mask = valid if valid is not None else torch.ones_like(input_ids, dtype=torch.bool)
-    losses = rows_ce(head, *_shifted_rows(hidden, input_ids, mask), chunk_size).view(input_ids.shape[0], -1)
+    losses = rows_ce(head, *shifted_rows(hidden, input_ids, mask), chunk_size).view(input_ids.shape[0], -1)
     nan = torch.full((), torch.nan, dtype=losses.dtype, device=losses.device)
     return torch.cat([nan.expand(input_ids.shape[0], 1), torch.where(mask[:, 1:], losses, nan)], dim=1)
 
@@ -168,7 +167,7 @@ def selected_loss_sum(
     _check_shapes(hidden, input_ids, weights, "weights")
     n = input_ids.shape[0] * (input_ids.shape[1] - 1)
     if size is None or size >= n:
-        rows, targets = _shifted_rows(hidden, input_ids, weights != 0)
+        rows, targets = shifted_rows(hidden, input_ids, weights != 0)
         w = weights[:, 1:].flatten()
     else:
         rows, targets, w = _gathered_rows(hidden, input_ids, weights, size)
@@ -250,27 +249,117 @@ def _weighted_mean(x: Tensor, w: Tensor) -> Tensor:
     return torch.where(w != 0, x * w, 0).sum() / w.sum()
 
 
-def _check_selection(valid: Tensor, shape: torch.Size, score_kind: str, ratio: float, strategy: str,
-                     soft: bool, threshold: float | None) -> None:
+def check_on_device(ok: Tensor, message: str) -> None:
+    """ValueError(message) unless `ok` (0-d bool), without a host sync: on an accelerator it is a device-side
+    assert (the next synchronising call fails, as PyTorch's own index checks do); on the CPU it raises at once."""
+    try:
+        torch._assert_async(ok, message)
+    except RuntimeError:
+        raise ValueError(message) from None
+
+
+def check_valid(valid: Tensor, shape: torch.Size) -> None:
+    """ValueError unless `valid` is a bool `[B, T]` mask shaped like input_ids and False at position 0."""
     if valid.dtype != torch.bool or valid.shape != shape:
         raise ValueError(f"valid must be a bool tensor shaped like input_ids {tuple(shape)}")
-    _check_on_device(~valid[:, 0].any(), "valid is True at position 0, which has no target: build it with valid_mask()")
-    if score_kind == "none" and (threshold is not None or (strategy == "topk" and ratio < 1 and not soft)):
-        raise ValueError("score kind 'none' selects by position with top-k or a threshold; use 'random' or a score")
+    check_on_device(~valid[:, 0].any(), "valid is True at position 0, which has no target: build it with valid_mask()")
 
 
-def _selected_sum(own_grad: Tensor, chosen: Tensor) -> Tensor:
+def selected_sum(own_grad: Tensor, chosen: Tensor) -> Tensor:
     """Sum of the selected losses of `own_grad [B, T]` (with grad), weighted in soft mode."""
     return torch.where(chosen != 0, own_grad * chosen.to(own_grad.dtype), 0).sum()
 
 
-def _finite_or_nan(loss_sum: Tensor, s: Tensor, valid: Tensor) -> Tensor:
+def finite_or_nan(loss_sum: Tensor, s: Tensor, valid: Tensor) -> Tensor:
     """`loss_sum`, made NaN when a score is not finite at a valid position: on the device, no host sync."""
     finite = (torch.isfinite(s) | ~valid).all()
     return loss_sum + torch.where(finite, 0.0, torch.nan).to(loss_sum.dtype)
 
 
-def _result(loss_sum: Tensor, own: Tensor, s: Tensor, chosen: Tensor, valid: Tensor) -> SelectiveLoss:
+def _select_units(s: Tensor, valid: Tensor, units: int, generator: torch.Generator | Sequence[torch.Generator] | None,
+                  selection: Selection, group: dist.ProcessGroup | None, check_finite: bool) -> Tensor:
+    """`selection.select` on each of `units` equal row groups with its own generator: what `units` calls would."""
+    if s.shape[0] % units:
+        raise ValueError(f"{s.shape[0]} rows do not split into {units} selection units")
+    gens = list(generator) if isinstance(generator, Sequence) else [generator] * units
+    if len(gens) != units:
+        raise ValueError(f"{len(gens)} generators for {units} selection units")
+    rule = selection.rule_used
+    parts = [select(s_u, rule.ratio, rule.strategy, selection.scope, v_u, g, temperature=selection.temperature,
+                    soft=selection.soft, threshold=rule.threshold, group=group, check_finite=check_finite)
+             for s_u, v_u, g in zip(s.chunk(units), valid.chunk(units), gens, strict=True)]
+    return parts[0] if units == 1 else torch.cat(parts)
+
+
+@dataclass
+class Batch:
+    """One micro-batch as an objective sees it, inside the wrapped module's forward.
+
+    input_ids `[B, T]`, valid `[B, T]` bool (`valid_mask`: the positions that may train), ref_loss `[B, T]` (the
+    score store's rows or an online reference's; NaN allowed where not valid), the run's `Selection`, the
+    selection's random draws (`generator`, one per selection unit when `units` > 1: `units` equal row groups
+    each selected on their own, exactly as `units` separate forwards would), the process group of scope
+    `global`, the head's chunk size, and the reference model's final hidden states `[B, T, H]` and output
+    embedding when the objective needs `reference_logits`. `params`: the objective's validated config keys.
+    """
+
+    model: nn.Module
+    input_ids: Tensor
+    valid: Tensor
+    ref_loss: Tensor | None = None
+    selection: Selection = field(default_factory=Selection)
+    generator: torch.Generator | Sequence[torch.Generator] | None = None
+    units: int = 1
+    group: dist.ProcessGroup | None = None
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+    attention_mask: Tensor | None = None
+    reference: tuple[Tensor, nn.Module] | None = None
+    params: Any = None
+
+    def forward(self) -> tuple[Tensor, nn.Module]:
+        """The student's final hidden states `[B, T, H]` (with grad) and output embedding (`forward_hidden`)."""
+        return forward_hidden(self.model, self.input_ids, self.attention_mask)
+
+    def score(self, own: Tensor, hidden: Tensor, head: nn.Module, check_finite: bool = False) -> Tensor:
+        """The selection's scores `[B, T]` from the student's own token losses `[B, T]` (no grad) and what its
+        score kind needs besides: the reference's losses, the student's entropy (from `hidden` and `head`), the
+        reference's (from `reference`)."""
+        kind = self.selection.rule_used.score
+        needs, entropy, ref_entropy = SCORE_KINDS[kind].needs, None, None
+        if "student_logits" in needs:
+            entropy = token_entropies(hidden, head, self.input_ids, self.valid, chunk_size=self.chunk_size)
+        if "reference_logits" in needs:
+            if self.reference is None:
+                raise ValueError(f"score kind {kind!r} needs the reference's hidden states and head (Batch.reference)")
+            ref_entropy = token_entropies(*self.reference, self.input_ids, self.valid, chunk_size=self.chunk_size)
+        return scores(kind, own, self.ref_loss, entropy=entropy, ref_entropy=ref_entropy, check_finite=check_finite)
+
+    def select(self, s: Tensor, check_finite: bool = False) -> Tensor:
+        """The selection's mask (or soft weights) `[B, T]` from scores `[B, T]`, per selection unit."""
+        return _select_units(s, self.valid, self.units, self.generator, self.selection, self.group, check_finite)
+
+    def max_selected(self) -> int:
+        """The most positions `select` can choose here, known on the host (`selection.max_selected`)."""
+        rule = self.selection.rule_used
+        return max_selected(self.input_ids.shape[0], self.input_ids.shape[1] - 1, rule.ratio, self.selection.scope,
+                            units=self.units, soft=self.selection.soft, threshold=rule.threshold, group=self.group)
+
+
+def token_entropies(hidden: Tensor, head: nn.Module, input_ids: Tensor, valid: Tensor | None = None, *,
+                    chunk_size: int = DEFAULT_CHUNK_SIZE) -> Tensor:
+    """The student's next-token entropy `[B, T]` at each target position (the distribution it predicted
+    `input_ids[:, t]` from, `hidden[:, t - 1]`), no grad; NaN where `token_losses` is."""
+    _check_shapes(hidden, input_ids, valid, "valid")
+    mask = valid if valid is not None else torch.ones_like(input_ids, dtype=torch.bool)
+    rows, _ = shifted_rows(hidden.detach(), input_ids, mask)
+    ent = rows_entropy(head, rows, chunk_size).view(input_ids.shape[0], -1)
+    nan = torch.full((), torch.nan, dtype=ent.dtype, device=ent.device)
+    return torch.cat([nan.expand(input_ids.shape[0], 1), torch.where(mask[:, 1:], ent, nan)], dim=1)
+
+
+def selection_result(loss_sum: Tensor, own: Tensor, s: Tensor, chosen: Tensor, valid: Tensor) -> SelectiveLoss:
+    """The `SelectiveLoss` of a micro-batch from its loss sum (with grad), own losses, scores and selection
+    `[B, T]` (mask or weights): the counts and means every objective reports."""
     w = chosen.to(own.dtype)
     unselected = (valid & (w == 0)).to(own.dtype)
     return SelectiveLoss(
@@ -285,47 +374,63 @@ def _result(loss_sum: Tensor, own: Tensor, s: Tensor, chosen: Tensor, valid: Ten
     )
 
 
-def _select_units(s: Tensor, valid: Tensor, units: int, generator: torch.Generator | Sequence[torch.Generator] | None,
-                  **selection: Any) -> Tensor:
-    """`selection.select` on each of `units` equal row groups with its own generator: what `units` calls would."""
-    if s.shape[0] % units:
-        raise ValueError(f"{s.shape[0]} rows do not split into {units} selection units")
-    gens = list(generator) if isinstance(generator, Sequence) else [generator] * units
-    if len(gens) != units:
-        raise ValueError(f"{len(gens)} generators for {units} selection units")
-    parts = [select(s_u, valid=v_u, generator=g, **selection)
-             for s_u, v_u, g in zip(s.chunk(units), valid.chunk(units), gens, strict=True)]
-    return parts[0] if units == 1 else torch.cat(parts)
-
-
 def selective_loss_of_losses(
     losses: Tensor,
     valid: Tensor,
     ref_loss: Tensor | None = None,
+    selection: Selection | None = None,
     *,
-    score_kind: str = "excess",
-    ratio: float = 1.0,
-    strategy: str = "topk",
-    scope: str = "batch",
+    entropy: Tensor | None = None,
     generator: torch.Generator | Sequence[torch.Generator] | None = None,
     units: int = 1,
-    temperature: float = 1.0,
-    soft: bool = False,
-    threshold: float | None = None,
     group: dist.ProcessGroup | None = None,
     check_finite: bool = False,
 ) -> SelectiveLoss:
     """The selective loss from per-token losses `[B, T]` with grad (NaN where not valid, as `token_losses`
     returns them): score, select, sum the selected ones. `selective_lm_loss` without the forward pass,
-    for losses computed elsewhere (full logits, another trainer's forward). A score that is not finite at a
-    valid position makes loss_sum NaN, or with `check_finite` raises ValueError (a host sync per call)."""
-    _check_selection(valid, losses.shape, score_kind, ratio, strategy, soft, threshold)
+    for losses computed elsewhere (full logits, another trainer's forward); a score kind that needs the
+    student's logits reads `entropy [B, T]`. A score that is not finite at a valid position makes loss_sum NaN,
+    or with `check_finite` raises ValueError (a host sync per call)."""
+    selection = selection or Selection()
+    check_valid(valid, losses.shape)
     own = losses.detach()
-    s = scores(score_kind, own, ref_loss, check_finite=check_finite)
-    chosen = _select_units(s, valid, units, generator, ratio=ratio, strategy=strategy, scope=scope,
-                           temperature=temperature, soft=soft, threshold=threshold, group=group,
-                           check_finite=check_finite)
-    return _result(_finite_or_nan(_selected_sum(losses, chosen), s, valid), own, s, chosen, valid)
+    s = scores(selection.rule_used.score, own, ref_loss, entropy=entropy, check_finite=check_finite)
+    chosen = _select_units(s, valid, units, generator, selection, group, check_finite)
+    return selection_result(finite_or_nan(selected_sum(losses, chosen), s, valid), own, s, chosen, valid)
+
+
+def cross_entropy_loss(batch: Batch, params: Any = None) -> SelectiveLoss:
+    """The `ce` objective (Rho-1's): forward, score, select, cross-entropy with grad on the selected tokens.
+
+    The backbone runs once with grad. With a frozen linear head (LoRA) at ratio >= 0.5 the head runs once over
+    every valid row with grad and the selected losses are summed; otherwise a no-grad pass on `hidden.detach()`
+    scores, and only the selected rows go through the head with grad (see the module docstring for the cost).
+    At ratio 1 (hard) every valid token is selected whatever the scores: exactly CLM.
+    """
+    sel, ids, valid = batch.selection, batch.input_ids, batch.valid
+    check_valid(valid, ids.shape)
+    hidden, head = batch.forward()
+    ratio = sel.rule_used.ratio
+    # A frozen linear head costs 2 matmuls per row with grad, 1 without: one grad pass over every valid
+    # row (2) is cheaper than a no-grad pass plus a grad pass over the selected rows (1 + 2 x ratio)
+    # from ratio 0.5 up; below it, only the selected rows get gradients.
+    if (ratio == 1 and not sel.soft) or (frozen_linear(head) and (sel.soft or ratio >= 0.5)):
+        own_grad = token_losses(hidden, head, ids, valid, chunk_size=batch.chunk_size)
+        own = own_grad.detach()
+        s = batch.score(own, hidden, head)
+        chosen = batch.select(s)
+        loss_sum = selected_sum(own_grad, chosen)
+    else:
+        with torch.no_grad():
+            own = token_losses(hidden.detach(), head, ids, valid, chunk_size=batch.chunk_size)
+        s = batch.score(own, hidden, head)
+        chosen = batch.select(s)
+        loss_sum = selected_loss_sum(hidden, head, ids, chosen, size=batch.max_selected(), chunk_size=batch.chunk_size)
+    return selection_result(finite_or_nan(loss_sum, s, valid), own, s, chosen, valid)
+
+
+register_objective("ce", Objective(cross_entropy_loss, doc="cross-entropy on the selected tokens (Rho-1)"),
+                   method=False)
 
 
 def selective_lm_loss(
@@ -333,32 +438,16 @@ def selective_lm_loss(
     input_ids: Tensor,
     valid: Tensor,
     ref_loss: Tensor | None = None,
+    selection: Selection | None = None,
     *,
-    score_kind: str = "excess",
-    ratio: float = 1.0,
-    strategy: str = "topk",
-    scope: str = "batch",
     generator: torch.Generator | Sequence[torch.Generator] | None = None,
     units: int = 1,
-    temperature: float = 1.0,
-    soft: bool = False,
-    threshold: float | None = None,
     attention_mask: Tensor | None = None,
     group: dist.ProcessGroup | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> SelectiveLoss:
-    """SLM loss of one micro-batch: forward, score, select, loss with grad on the selected tokens.
-
-    input_ids `[B, T]`, valid `[B, T]` bool (see `valid_mask`), ref_loss `[B, T]` (the score
-    store's rows; NaN allowed where not valid). The backbone runs once with grad. With a frozen
-    linear head (LoRA) at ratio >= 0.5 the head runs once over every valid row with grad and the
-    selected losses are summed; otherwise a no-grad pass on `hidden.detach()` scores, and only
-    the selected rows go through the head with grad (see the module docstring for the cost).
-    At ratio 1 (hard) every valid token is selected whatever the scores: exactly CLM. A `threshold`
-    selects the tokens scoring above it instead (`selection.select`; the ratio then only picks the path).
-    `units` > 1 splits the rows into that many equal selection units, each selected on its own (with
-    `generator[i]` when a sequence is given), exactly as `units` separate calls would: a larger
-    forward for the GPU, the same selection.
+    """SLM loss of one micro-batch under the `ce` objective: forward, score, select, loss with grad on the
+    selected tokens (`cross_entropy_loss`; `Batch` says what each argument is).
 
     No value is read on the host (a device sync, which on a GPU stalls the host until the queue
     drains): shapes are static (the selected rows are gathered to `selection.max_selected` rows), a
@@ -366,42 +455,20 @@ def selective_lm_loss(
     position (a NaN reference loss, a non-finite own loss) makes loss_sum NaN rather than raising, for
     the trainer's one read per optimizer step to report (`tests/test_loss.py::test_no_host_sync`).
     """
-    _check_selection(valid, input_ids.shape, score_kind, ratio, strategy, soft, threshold)
-    selection = dict(score_kind=score_kind, ratio=ratio, strategy=strategy, scope=scope, generator=generator,
-                     units=units, temperature=temperature, soft=soft, threshold=threshold, group=group)
-    hidden, head = forward_hidden(model, input_ids, attention_mask)
-    # A frozen linear head costs 2 matmuls per row with grad, 1 without: one grad pass over every valid
-    # row (2) is cheaper than a no-grad pass plus a grad pass over the selected rows (1 + 2 x ratio)
-    # from ratio 0.5 up; below it, only the selected rows get gradients.
-    if (ratio == 1 and not soft) or (frozen_linear(head) and (soft or ratio >= 0.5)):
-        own_grad = token_losses(hidden, head, input_ids, valid, chunk_size=chunk_size)
-        return selective_loss_of_losses(own_grad, valid, ref_loss, **selection)
-    with torch.no_grad():
-        own = token_losses(hidden.detach(), head, input_ids, valid, chunk_size=chunk_size)
-    s = scores(score_kind, own, ref_loss, check_finite=False)
-    chosen = _select_units(s, valid, units, generator, ratio=ratio, strategy=strategy, scope=scope,
-                           temperature=temperature, soft=soft, threshold=threshold, group=group, check_finite=False)
-    size = max_selected(input_ids.shape[0], input_ids.shape[1] - 1, ratio, scope, units=units, soft=soft,
-                        threshold=threshold, group=group)
-    loss_sum = selected_loss_sum(hidden, head, input_ids, chosen, size=size, chunk_size=chunk_size)
-    return _result(_finite_or_nan(loss_sum, s, valid), own, s, chosen, valid)
-
-
-class Objective(Protocol):
-    """Another loss for `SelectiveLM` to compute in its forward instead of the selective one (the distillation
-    control, `distill.Distill`): called with the wrapped model, `input_ids`, `valid` and `chunk_size`."""
-
-    def __call__(self, model: nn.Module, input_ids: Tensor, valid: Tensor, chunk_size: int) -> SelectiveLoss: ...
+    batch = Batch(model, input_ids, valid, ref_loss, selection or Selection(), generator, units, group, chunk_size,
+                  attention_mask)
+    return cross_entropy_loss(batch)
 
 
 class SelectiveLM(nn.Module):
-    """A causal LM whose forward returns the selective loss (or the token losses): the unit DDP and FSDP wrap.
+    """A causal LM whose forward returns the micro-batch's loss under the run's objective (or the token losses):
+    the unit DDP and FSDP wrap.
 
-    The selective loss runs the backbone and the LM head separately (`forward_hidden`), and
-    selection needs the per-token losses before the loss exists. Inside one module forward, the
-    engines see an ordinary forward/backward: DDP's gradient hooks fire, and FSDP gathers the
-    root's parameters (embeddings, final norm, LM head) for the duration of the forward, so the
-    head is never read while sharded. The output is a dict (a pytree node) so that FSDP's
+    The step's algorithm (forward → score → select → loss) runs inside this one module forward, because the
+    selective loss runs the backbone and the LM head separately (`forward_hidden`), and selection needs the
+    per-token losses before the loss exists. So the engines see an ordinary forward/backward: DDP's gradient
+    hooks fire, and FSDP gathers the root's parameters (embeddings, final norm, LM head) for the duration of
+    the forward, so the head is never read while sharded. The output is a dict (a pytree node) so that FSDP's
     pre-backward hooks attach to its tensors.
     """
 
@@ -410,16 +477,14 @@ class SelectiveLM(nn.Module):
         self.model = model
 
     def forward(self, input_ids: Tensor, valid: Tensor, ref_loss: Tensor | None = None, *,
-                losses_only: bool = False, chunk_size: int = DEFAULT_CHUNK_SIZE, objective: Objective | None = None,
-                **selection: Any) -> dict[str, Tensor]:
-        """`{"losses": [B, T]}` with `losses_only` (no grad), else the fields of `selective_lm_loss`'s result
-        (of `objective`'s when given: the distillation control, which selects nothing)."""
+                selection: Selection | None = None, losses_only: bool = False, chunk_size: int = DEFAULT_CHUNK_SIZE,
+                **batch: Any) -> dict[str, Tensor]:
+        """`{"losses": [B, T]}` with `losses_only` (no grad), else the fields of the `SelectiveLoss` of the
+        selection's objective on the micro-batch (`Batch` holds the other keyword arguments)."""
         if losses_only:
             with torch.no_grad():
                 hidden, head = forward_hidden(self.model, input_ids)
                 return {"losses": token_losses(hidden, head, input_ids, valid, chunk_size=chunk_size)}
-        if objective is not None:
-            out = objective(self.model, input_ids, valid, chunk_size)
-        else:
-            out = selective_lm_loss(self.model, input_ids, valid, ref_loss, chunk_size=chunk_size, **selection)
+        b = Batch(self.model, input_ids, valid, ref_loss, selection or Selection(), chunk_size=chunk_size, **batch)
+        out = OBJECTIVES[b.selection.objective].loss(b, b.params)
         return {f.name: getattr(out, f.name) for f in fields(out)}  # not asdict: it deep-copies

@@ -1,11 +1,11 @@
-"""Token selection for SLM: score kinds (own and reference losses -> scores) and strategies
-(scores and a validity mask -> a mask or weights), each in a registry.
+"""Token selection for SLM: the built-in score kinds (what the step knows of a token -> a score) and
+strategies (scores and a validity mask -> a mask or weights), registered in `registry.py`.
 
 Pure tensor functions: no model calls, no files, no logging. Every tensor is `[B, T]`; position
 `t` stands for the target token `t` (see `loss.py` for the next-token shift).
 
-Adding a strategy is one `STRATEGIES` entry (and its key function): the config's choices
-(`train.method`, `grid.methods`) are read from the registry, as `train.score` is from `SCORE_KINDS`.
+Adding a strategy is one `register_strategy` call (and its key function), here or in a plugin: the config's
+choices (`train.method`, `grid.methods`) are read from the registry, as `train.score` is from `SCORE_KINDS`.
 
 Rules shared by every strategy and scope:
 
@@ -33,48 +33,45 @@ Rules shared by every strategy and scope:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..errors import did_you_mean
+from .registry import (
+    SCORE_KINDS,
+    STRATEGIES,
+    Noise,
+    ScoreKind,
+    Strategy,
+    TokenView,
+    lookup,
+    register_score,
+    register_strategy,
+)
 
-__all__ = ["SCOPES", "SCORE_KINDS", "STRATEGIES", "lookup", "max_selected", "num_selected", "scores", "select",
-           "trainable_mask"]
-
-V = TypeVar("V")
-# Lazily drawn Gumbel(0, 1) noise `[B, T]` (zero at invalid positions): topk draws nothing.
-Noise = Callable[[], Tensor]
-
-
-def lookup(what: str, name: str, registry: Mapping[str, V]) -> V:
-    """`registry[name]`, or a ValueError that suggests the closest name."""
-    if name in registry:
-        return registry[name]
-    raise ValueError(f"unknown {what} {name!r}{did_you_mean(name, registry)} (choices: {', '.join(registry)})")
-
+__all__ = ["SCOPES", "max_selected", "num_selected", "scores", "select", "trainable_mask"]
 
 # --------------------------------------------------------------------------- score kinds
 
-# Higher = train it. own: the student's token loss now; ref: the reference's loss of the same token.
-SCORE_KINDS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
-    "excess": lambda own, ref: own - ref,  # Rho-1: what the model still has to learn (own - reference)
-    # ssToken's retrospective excess loss (reference - own): what the model has learned since its reference
-    # (a history model: reference.mode ema or checkpoint, or the base model with reference.mode self)
-    "retrospective": lambda own, ref: ref - own,
-    "loss": lambda own, ref: own,  # hardest tokens by the model's own loss
-    "reference": lambda own, ref: -ref,  # tokens the reference finds easy
-    "none": lambda own, ref: torch.zeros_like(own),  # no preference: pair with random/stochastic
-}
-NEEDS_REFERENCE = ("excess", "retrospective", "reference")  # score kinds that read reference losses
+# Higher = train it.
+register_score("excess", ScoreKind(lambda v: v.loss - v.ref_loss, frozenset({"reference_loss"}),
+                                   "Rho-1: what the model still has to learn (own - reference loss)"))
+register_score("retrospective", ScoreKind(
+    lambda v: v.ref_loss - v.loss, frozenset({"reference_loss"}),
+    "ssToken's retrospective excess loss (reference - own): what the model has learned since its reference (a "
+    "history model: reference.mode ema or checkpoint, or the base model with reference.mode self)"))
+register_score("loss", ScoreKind(lambda v: v.loss, doc="hardest tokens by the model's own loss"))
+register_score("reference", ScoreKind(lambda v: -v.ref_loss, frozenset({"reference_loss"}),
+                                      "tokens the reference finds easy"))
+register_score("none", ScoreKind(lambda v: torch.zeros_like(v.loss),
+                                 doc="no preference: pair with random/stochastic"))
 
 
-def scores(kind: str, own_loss: Tensor, ref_loss: Tensor | None = None, *, check_finite: bool = True) -> Tensor:
-    """Selection scores `[B, T]` (higher = train it) from own losses `[B, T]` and reference losses.
+def scores(kind: str, own_loss: Tensor, ref_loss: Tensor | None = None, *, entropy: Tensor | None = None,
+           ref_entropy: Tensor | None = None, check_finite: bool = True) -> Tensor:
+    """Selection scores `[B, T]` (higher = train it) from own losses `[B, T]` and what the kind needs besides:
+    reference losses, the student's entropy, the reference's (`TokenView`).
 
     Valid positions are those where own_loss is not NaN (as `token_losses` returns it); ref_loss
     must be finite there. With `none` all scores are 0: strategies `random` and `stochastic`
@@ -82,10 +79,10 @@ def scores(kind: str, own_loss: Tensor, ref_loss: Tensor | None = None, *, check
     `check_finite=False` skips the NaN check of ref_loss, which reads a value on the host (a device
     sync): the loss path checks its scores on the device instead (`loss.selective_lm_loss`).
     """
-    fn = lookup("score kind", kind, SCORE_KINDS)
+    entry = lookup("score kind", kind, SCORE_KINDS)
     own = own_loss.detach()
-    ref = own
-    if kind in NEEDS_REFERENCE:
+    ref = None
+    if "reference_loss" in entry.needs:
         if ref_loss is None:
             raise ValueError(f"score kind {kind!r} needs reference losses (ref_loss)")
         if ref_loss.shape != own.shape:
@@ -96,7 +93,12 @@ def scores(kind: str, own_loss: Tensor, ref_loss: Tensor | None = None, *, check
         if check_finite and (torch.isnan(ref) & ~torch.isnan(own)).any():
             raise ValueError("ref_loss is NaN at a valid position: the scores are partial (scoring.blocks=used scores "
                              "only the blocks a grid reads) or were made for other tokens")
-    return fn(own, ref)
+    if "student_logits" in entry.needs and entropy is None:
+        raise ValueError(f"score kind {kind!r} needs the student's entropy (entropy)")
+    if "reference_logits" in entry.needs and ref_entropy is None:
+        raise ValueError(f"score kind {kind!r} needs the reference's entropy (ref_entropy)")
+    return entry.fn(TokenView(own, ref, None if entropy is None else entropy.detach(),
+                              None if ref_entropy is None else ref_entropy.detach()))
 
 
 def trainable_mask(valid: Tensor, noise: Tensor | None, oracle: bool) -> Tensor:
@@ -109,16 +111,6 @@ def trainable_mask(valid: Tensor, noise: Tensor | None, oracle: bool) -> Tensor:
 
 
 # --------------------------------------------------------------------------- strategies
-
-
-@dataclass(frozen=True)
-class _Strategy:
-    """keys: ranking keys, most significant first, each `[B, T]`; log_weights: `[B, T]` for soft mode;
-    uses_scores: False when the strategy ignores the scores (a run of it then needs no reference)."""
-
-    keys: Callable[[Tensor, Noise, float], tuple[Tensor, ...]]
-    log_weights: Callable[[Tensor, float], Tensor]
-    uses_scores: bool = True
 
 
 def _positive_log(scores: Tensor) -> Tensor:
@@ -143,20 +135,21 @@ def _bottomk_keys(scores: Tensor, noise: Noise, temperature: float) -> tuple[Ten
     return -scores, position
 
 
-STRATEGIES: dict[str, _Strategy] = {
-    # Highest scores; soft: softmax(score / T).
-    "topk": _Strategy(lambda s, noise, temp: (s,), lambda s, temp: s / temp),
-    # Lowest scores (the sign check: if the score carries signal, training on these must lose to random);
-    # soft: softmax(-score / T).
-    "bottomk": _Strategy(_bottomk_keys, lambda s, temp: -s / temp),
-    # Uniform without replacement; soft: equal weights.
-    "random": _Strategy(lambda s, noise, temp: (noise(),), lambda s, temp: torch.zeros_like(s), uses_scores=False),
-    # k draws without replacement, probability ∝ softmax(score / T) (Gumbel-top-k).
-    "stochastic": _Strategy(lambda s, noise, temp: (s / temp + noise(),), lambda s, temp: s / temp),
-    # The cs512 replication's variant: probability ∝ positive part of the score (excess loss),
-    # temperature unused; soft: weights ∝ max(score, 0), uniform when no score is positive.
-    "stochastic_positive": _Strategy(_stochastic_positive_keys, lambda s, temp: _positive_log(s)),
-}
+# Highest scores; soft: softmax(score / T).
+register_strategy("topk", Strategy(lambda s, noise, temp: (s,), lambda s, temp: s / temp), method=False)
+# Lowest scores (the sign check: if the score carries signal, training on these must lose to random);
+# soft: softmax(-score / T).
+register_strategy("bottomk", Strategy(_bottomk_keys, lambda s, temp: -s / temp), method=False)
+# Uniform without replacement; soft: equal weights.
+register_strategy("random", Strategy(lambda s, noise, temp: (noise(),), lambda s, temp: torch.zeros_like(s),
+                                     uses_scores=False), method=False)
+# k draws without replacement, probability ∝ softmax(score / T) (Gumbel-top-k).
+register_strategy("stochastic", Strategy(lambda s, noise, temp: (s / temp + noise(),), lambda s, temp: s / temp),
+                  method=False)
+# The cs512 replication's variant: probability ∝ positive part of the score (excess loss),
+# temperature unused; soft: weights ∝ max(score, 0), uniform when no score is positive.
+register_strategy("stochastic_positive", Strategy(_stochastic_positive_keys, lambda s, temp: _positive_log(s)),
+                  method=False)
 SCOPES = ("batch", "sequence", "global")
 
 
@@ -250,7 +243,7 @@ def _select_rows(
     scores: Tensor,
     valid: Tensor,
     ratio: float,
-    strategy: _Strategy,
+    strategy: Strategy,
     generator: torch.Generator | None,
     temperature: float,
     soft: bool,

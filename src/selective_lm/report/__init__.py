@@ -19,6 +19,7 @@ import numpy as np
 from ..config import Config
 from ..errors import UserError
 from ..files import read_json, write_text
+from ..method.registry import METHODS, STRATEGIES
 from ..store.layout import OutDir
 from . import plots
 from .selection import (
@@ -34,8 +35,13 @@ from .selection import (
 from .tables import buckets_section, cosine_section, speed_section, tasks_section
 
 BASELINES = ("base", "reference", "clm", "oracle")
-NOT_SLM = {*BASELINES, "random", "distill"}  # runs that do not select by a score
-CONTROLS = {"bottomk"}  # selects by the score's wrong end: compared with random in the controls' section
+
+
+def _selects_by_score(method: str | None) -> bool:
+    """A run whose selection follows a score (top-k, bottom-k, stochastic, a plugin's): not the baselines, not
+    random (count only), not a method that trains every token."""
+    entry = METHODS.get(method or "")
+    return entry is not None and entry.strategy is not None and STRATEGIES[entry.strategy].uses_scores
 # Relative changes under this (in %) round to 0.0 % in the text, so they read as "on par".
 PAR_PCT = 0.05
 
@@ -103,7 +109,7 @@ def write_report(out: str | Path | OutDir, tokenizer: Any = None) -> dict[str, A
     rel = {k: [relative(selection[n]["by_kind"], k) for n in kind_runs] for k in kinds}
     figures["selection_by_kind"] = (kind_runs and kinds, lambda p: plots.selection_by_kind(kind_runs, rel, p),
                                     "no per-kind selection")
-    slm_runs = [n for n in order if runs[n].get("method") not in NOT_SLM]
+    slm_runs = [n for n in order if _selects_by_score(runs[n].get("method"))]
     over = {n: _series(out.run(n).log(), "step", "selected_by_kind") for n in slm_runs}
     over = {n: pts for n, pts in over.items() if pts}
     figures["selection_over_training"] = (over, lambda p: plots.selection_over_training(over, p),
@@ -134,7 +140,7 @@ def write_report(out: str | Path | OutDir, tokenizer: Any = None) -> dict[str, A
         speed_section(runs, order),
         buckets_section(bucket_panels),
         cosine_section(cos_names, cos_matrix),
-        controls_section(results.get("comparisons") or {}, splits),
+        controls_section(results.get("comparisons") or {}, splits, runs),
         selection_section(selection, sel_runs),
         kinds_section(selection, kind_runs, kinds, results.get("separation_step0") or {}),
         wrong_step_section(selection, sel_runs, runs, order),
@@ -326,7 +332,8 @@ def _groups(runs: dict[str, dict[str, Any]], order: list[str]) -> dict[str, _Gro
 def _comparison_section(runs: dict[str, dict[str, Any]], order: list[str], splits: list[str]) -> str:
     title = "## SLM vs the baselines"
     groups = _groups(runs, order)
-    slm = [g for g in groups.values() if g.method not in NOT_SLM | CONTROLS]
+    # The methods under test (`registry.Method.role`): not the baselines, not the controls.
+    slm = [g for g in groups.values() if g.method in METHODS and METHODS[g.method].role == "method"]
     if not slm or not splits:
         return f"{title}\n\nNo SLM run with validation results: nothing to compare."
     by_method = {g.method: g for g in groups.values() if g.method in ("clm", "oracle", "reference")}

@@ -1,6 +1,7 @@
 """The report's tables and its sections on what selection selects: selection diagnostics, token kinds (with
-token counts and intervals), CHAMP's natural wrong reasoning, and the controls (top-k vs distillation, bottom-k
-vs random). Pure formatting of results.json's numbers; `report.py` assembles the page.
+token counts and intervals), CHAMP's natural wrong reasoning, and the controls (each registered control's
+question, `registry.Method.compare`). Pure formatting of results.json's numbers; `report/__init__.py` assembles
+the page.
 """
 
 from __future__ import annotations
@@ -8,6 +9,8 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+
+from ..method.registry import METHODS
 
 NA = "—"
 # A kind with fewer target tokens over a run than this is shown in italics, marked "few": its share then rests
@@ -110,29 +113,28 @@ def _reading(d: dict[str, float], what: str, split: str) -> str:
     return f"{word} {what} on {split}"
 
 
-def controls_section(comparisons: dict[str, dict[str, dict[str, float]]], splits: list[str]) -> str:
-    """Selection or transfer (top-k vs distill), and the score's sign (bottom-k vs random), with paired intervals."""
-    title = "## Controls: selection or transfer, and the sign of the score"
+def controls_section(comparisons: dict[str, dict[str, dict[str, float]]], splits: list[str],
+                     runs: dict[str, dict[str, Any]]) -> str:
+    """Each control's question (`registry.Method.compare`: selection or transfer, the sign of the score, a plugin's
+    own), answered by the paired intervals of its runs."""
+    title = "## Controls: what could refute the method"
+    paired = [m for m in METHODS.values() if m.compare is not None]
     if not comparisons:
-        return f"{title}\n\nNo control runs (`grid.methods` with `distill` beside `topk`, `bottomk` beside `random`)."
-    rows, lines = [], []
+        asks = ", ".join(f"`{a}` beside `{b}`" for a, b in (m.compare for m in paired if m.compare))
+        return f"{title}\n\nNo control runs (`grid.methods` with {asks})."
+    rows, lines, asked = [], [], {}
     for key, by_split in comparisons.items():
         a, b = key.split("|", 1)
+        pair = (runs.get(a, {}).get("method"), runs.get(b, {}).get("method"))
+        control = next((m for m in paired if m.compare == pair), None)
+        if control is not None:
+            asked[control.question] = None
         rows.append([f"`{a}` vs `{b}`"] + [_interval(by_split.get(s)) for s in splits])
-        known = [s for s in splits if s in by_split]
-        what = "distillation" if b.startswith("distill") else "random"
-        said = "; ".join(_reading(by_split[s], what, s) for s in known)
-        if what == "distillation":
-            lines.append(f"`{a}` {said}.")
-        else:
-            sign = any(by_split[s]["lo"] > 0 for s in known)
-            lines.append(f"`{a}` (bottom-k) {said}" + (": the score carries signal there." if sign
-                                                        else ": no evidence that the score's sign matters."))
+        said = "; ".join(_reading(by_split[s], f"`{b}`", s) for s in splits if s in by_split)
+        lines.append(f"`{a}` {said}.")
     about = ("Δ perplexity of the first run vs the second (negative = the first is better), with the paired "
-             "bootstrap 95 % interval over validation documents. If SLM's gain were transfer of what the reference "
-             "knows, distillation (every token, CLM + KL towards the reference) would match or beat top-k at equal "
-             "tokens seen; if excess loss carries signal, bottom-k (the lowest scores) loses to random selection of "
-             "the same ratio. An interval covering 0 reads within noise.")
+             "bootstrap 95 % interval over validation documents; an interval covering 0 reads within noise. "
+             + " ".join(f"{q}." if not q.endswith(".") else q for q in asked))
     return "\n\n".join([title, about, md_table(["comparison"] + [f"Δ {s}" for s in splits], rows), " ".join(lines)])
 
 

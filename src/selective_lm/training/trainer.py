@@ -46,12 +46,13 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from ..analysis import selection as diag
-from ..config import BASELINE_METHODS, DISTILL, Config, SelectionRule, TrainConfig
+from ..config import Config, TrainConfig
 from ..errors import UserError
 from ..files import atomic_path, fingerprint, read_json, write_json, write_text
-from ..method.distill import Distill
 from ..method.loss import SelectiveLM, SelectiveLoss, forward_hidden
-from ..method.selection import NEEDS_REFERENCE, trainable_mask
+from ..method.registry import METHODS, OBJECTIVES
+from ..method.selection import trainable_mask
+from ..method.spec import Selection
 from ..store.blocks import BlockOrder, HalfScores
 from ..store.frozen import frozen_model, model_token_losses
 from ..store.layout import OutDir, RunDir, TokenStore
@@ -108,7 +109,11 @@ class Trainer:
                  reference_model: Any = None) -> None:
         self.cfg, self.t, self.out, self.run = cfg, cfg.train, out, run
         self.name = run.name
-        self.rule = self.t.selection_rule()
+        self.selection = self.t.selection()
+        self.rule = self.selection.rule_used
+        self.method = METHODS[self.t.method]
+        self.objective = OBJECTIVES[self.method.objective]
+        self.objective_params = cfg.objective_params()
         self.engine = Engine(self.t, str(self.run.path))
         self.acc, self.device = self.engine.acc, self.engine.device
         self.split = split
@@ -119,18 +124,19 @@ class Trainer:
         # A self-reference (reference.mode ema/checkpoint) is the student's own earlier weights (selfref.py);
         # every selecting run, controls included, trains every token for its first reference.start_step steps.
         own_reference = cfg.reference.is_self and split == "train"
-        self.warmup = cfg.reference.start_step if own_reference and self.t.method not in BASELINE_METHODS else 0
+        self.warmup = cfg.reference.start_step if own_reference and self.method.role != "baseline" else 0
         # Online: the reference model scores each micro-batch (it must be the one the offline scores would
         # come from); stored scores are then not used at all, not even for the diagnostics.
         self.online = self.t.needs_reference() and cfg.scoring.mode == "online" and not own_reference
         if self.online and reference_model is None:
             raise UserError("scoring.mode=online needs the reference model (run through `slm run`)")
-        # Distillation (a control) reads the reference's next-token distribution online, in the step (distill.py).
-        self.distill = self.t.method == DISTILL
-        if self.distill and reference_model is None:
+        # An objective or score kind that reads the reference's next-token distribution (distillation) runs the
+        # reference model online, in the step: its hidden states go to the objective (`loss.Batch.reference`).
+        self.reference_logits = "reference_logits" in self.selection.needs
+        if self.reference_logits and reference_model is None:
             reference_model = load_reference_model(cfg, out)
         self.reference_model = frozen_model(reference_model, self.device, self.engine.bf16) \
-            if self.online or self.distill else None
+            if self.online or self.reference_logits else None
         tok_fp = tokenizer_fingerprint(self.tokenizer)
         dtype = cfg.scoring.dtype  # any stored dtype reads as float32; a store of another dtype is refused
         # A self-reference's selecting runs read no stored scores either: those come from another reference. Its
@@ -141,8 +147,8 @@ class Trainer:
         elif reads_store and out.has_scores(split):  # diagnostics only
             with contextlib.suppress(UserError):
                 self.ref_loss = out.scores(split, self.store, tok_fp, dtype)
-        if self.t.method == "oracle" and self.store.noise_mask is None:
-            raise UserError("method oracle needs a train split with a noise mask (data.noise_rate > 0)")
+        if self.method.oracle and self.store.noise_mask is None:
+            raise UserError(f"method {self.t.method} needs a train split with a noise mask (data.noise_rate > 0)")
         model = load_model(cfg.model, vocab_size=len(self.tokenizer))
         check_model(model, self.tokenizer, cfg.data.block_len)
         # Compute-matched runs and data-parallel ranks must start from the same LoRA init, whatever the
@@ -159,13 +165,13 @@ class Trainer:
             self.model.requires_grad_(True)
         self.world, self.rank = self.engine.world, self.engine.rank
         self.module = self.engine.wrap(SelectiveLM(self.model))
-        self.params = list(trainable(self.model).values())  # after wrapping: FSDP turns them into shards
+        self.weights = list(trainable(self.model).values())  # after wrapping: FSDP turns them into shards
         self.self_ref: SelfReference | None = None
         if own_reference and self.t.needs_reference():
             self._check_self_reference_memory()
             r = cfg.reference
             self.self_ref = SelfReference(trainable(self.model), r.mode, r.ema_decay, r.checkpoint_step)
-        self.optimizer = self.engine.optimizer(self.params, self.t.lr, self.t.weight_decay)
+        self.optimizer = self.engine.optimizer(self.weights, self.t.lr, self.t.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(self.t))
         self.checkpoints = Checkpoints(self.run, self.module, self.model, self.optimizer, self.scheduler,
                                        self.self_ref, self.engine.main)
@@ -217,7 +223,7 @@ class Trainer:
         # One copy: the int32 memmap rows straight into the int64 ids the embedding needs.
         return MicroBatch(rows, to_device(store.tokens[rows], device, np.int64), valid, noise, kinds, ref, units, docs)
 
-    def _micro_batches(self, step: int) -> Iterator[MicroBatch]:
+    def micro_batches(self, step: int) -> Iterator[MicroBatch]:
         """This rank's forwards of one optimizer step, `self.units` selection units of `train.batch_size` rows each."""
         b, a, w = self.t.batch_size, self.t.grad_accum, self.world
         base = step * b * a * w
@@ -241,58 +247,66 @@ class Trainer:
         self.model.train()
         return losses
 
-    def _distill(self, mb: MicroBatch) -> Distill:
-        """The reference's hidden states of the micro-batch (no grad), for the distillation loss."""
+    def _reference_side(self, mb: MicroBatch) -> tuple[torch.Tensor, torch.nn.Module] | None:
+        """The reference's final hidden states of the micro-batch (no grad) and its head, when the objective or the
+        score kind reads its next-token distribution."""
+        if not self.reference_logits:
+            return None
         with torch.no_grad():
-            hidden, head = forward_hidden(self.reference_model, mb.ids)
-        return Distill(hidden, head, self.t.kd_weight, self.t.kd_temperature)
+            return forward_hidden(self.reference_model, mb.ids)
 
-    def _selection(self, step: int) -> SelectionRule:
-        """The step's selection: the run's rule, or every token during a self-reference's warm-up."""
-        return SelectionRule("topk", "none", 1.0) if step < self.warmup else self.rule
+    def step_selection(self, step: int) -> Selection:
+        """The step's selection: the run's, or every token during a self-reference's warm-up."""
+        return self.selection.every_token() if step < self.warmup else self.selection
 
     # ------------------------------------------------------------------ one step
 
     def _micro_stats(self, out: SelectiveLoss, mb: MicroBatch, ref: torch.Tensor | None) -> torch.Tensor:
         """One micro-batch's contribution to the step's sums (runstats.py), summed over micro-batches and ranks."""
         return runstats.micro_stats(out, mb.ids.numel(), mb.valid, mb.noise, mb.kinds, ref, mb.docs, self.slots,
-                                    self.slot_kinds, ce_only=self.distill)
+                                    self.slot_kinds, ce_only=self.objective.logs_ce)
 
-    def _forward_backward(self, step: int, mb: MicroBatch, rule: SelectionRule,
-                          sync: bool) -> tuple[SelectiveLoss, torch.Tensor | None]:
-        """One forward's selective loss, backpropagated; with the reference losses it selected by."""
-        ref = mb.ref
-        if (self.online or self.self_ref is not None) and rule.score in NEEDS_REFERENCE:
-            ref = self._online_ref(mb)
-        train_valid = trainable_mask(mb.valid, mb.noise, oracle=self.t.method == "oracle")
+    def reference_losses(self, mb: MicroBatch, selection: Selection) -> torch.Tensor | None:
+        """The reference's losses of the micro-batch `[B, T]`: stored ones, or the online or self-reference's when
+        the run scores online and its score kind reads them."""
+        if (self.online or self.self_ref is not None) and selection.needs_reference:
+            return self._online_ref(mb)
+        return mb.ref
+
+    def forward_backward(self, step: int, mb: MicroBatch, selection: Selection,
+                         sync: bool) -> tuple[SelectiveLoss, torch.Tensor | None]:
+        """One micro-batch of the step: its reference losses, then score → select → loss under the run's objective
+        inside the wrapped module's forward (DDP and FSDP see the loss made in a forward: `loss.SelectiveLM`),
+        then backward. Returns the loss's counts and the reference losses it selected by."""
+        ref = self.reference_losses(mb, selection)
+        valid = trainable_mask(mb.valid, mb.noise, oracle=self.method.oracle)
         generators = [self._generator(step, m) for m in mb.units]
-        # Non-finite losses make loss_sum NaN (no host sync here): `_step` stops at its one read of the sums.
+        # Non-finite losses make loss_sum NaN (no host sync here): `step` stops at its one read of the sums.
         with self.engine.grad_sync(sync), self.engine.autocast():
-            objective = self._distill(mb) if self.distill else None
             out = SelectiveLoss(**self.module(
-                mb.ids, train_valid, ref, score_kind=rule.score, ratio=rule.ratio, strategy=rule.strategy,
-                scope=self.t.scope, generator=generators, units=len(mb.units), temperature=self.t.temperature,
-                soft=self.t.soft, threshold=rule.threshold, chunk_size=self.cfg.scoring.chunk_size,
-                objective=objective,
-            ))
+                mb.ids, valid, ref, selection=selection, generator=generators, units=len(mb.units),
+                chunk_size=self.cfg.scoring.chunk_size, reference=self._reference_side(mb),
+                params=self.objective_params))
             out.loss_sum.backward()
         return out, ref
 
-    def _step(self, step: int) -> dict[str, float]:
-        """One optimizer step; returns the summed STAT_KEYS plus lr, grad norm and time (one host sync)."""
+    def step(self, step: int) -> dict[str, float]:
+        """One optimizer step: each micro-batch's forward and backward (`forward_backward`), the sums over
+        micro-batches and ranks, the gradients scaled to the mean over the step's trained tokens and clipped,
+        the optimizer's step. Returns the summed STAT_KEYS plus lr, grad norm and time (one host sync)."""
         start = time.perf_counter()
         stats = torch.zeros(runstats.size(len(self.slots), len(self.slot_kinds)), dtype=torch.float64,
                             device=self.device)
-        rule = self._selection(step)
+        selection = self.step_selection(step)
         n_forwards = self.t.grad_accum // self.units
-        for i, mb in enumerate(self._micro_batches(step)):
-            out, ref = self._forward_backward(step, mb, rule, sync=i == n_forwards - 1)
+        for i, mb in enumerate(self.micro_batches(step)):
+            out, ref = self.forward_backward(step, mb, selection, sync=i == n_forwards - 1)
             stats += self._micro_stats(out, mb, ref)
             if step == 0 and i == 0 and self.engine.main:  # the first unit only, whatever the micro-batch size
                 b = self.t.batch_size
                 self._save_selection_sample(mb.rows[:b], mb.ids[:b], out.weights[:b])
         stats = self.engine.reduce(stats)
-        norm = self.engine.finish_gradients(self.params, stats[runstats.STAT_KEYS.index("n_selected")],
+        norm = self.engine.finish_gradients(self.weights, stats[runstats.STAT_KEYS.index("n_selected")],
                                             self.t.max_grad_norm)
         *values, grad_norm = torch.cat([stats, norm.reshape(1)]).tolist()  # the step's one host sync
         result = runstats.unpack(values)
@@ -344,7 +358,7 @@ class Trainer:
         mb = self._micro_batch(rows, list(range(units)))
         rng = torch.cuda.get_rng_state(self.device)
         try:
-            self._forward_backward(0, mb, self.rule, sync=True)
+            self.forward_backward(0, mb, self.selection, sync=True)
         finally:
             self.optimizer.zero_grad(set_to_none=True)
             torch.cuda.set_rng_state(rng, self.device)
@@ -360,7 +374,7 @@ class Trainer:
     def _config_hash(self) -> str:
         """What the run's result depends on: data, model, training, and the reference behind its scores."""
         # A run that reads stored scores, if only for its diagnostics, depends on the reference behind them.
-        uses_ref = self.t.needs_reference() or self.ref_loss is not None or self.distill
+        uses_ref = self.t.needs_reference() or self.ref_loss is not None or self.reference_logits
         ref = self.out.reference_digest() if uses_ref else None
         if self.warmup:  # a self-reference: its settings, for every selecting run (each has the warm-up)
             ref = self.cfg.reference.model_dump(include={"mode", "ema_decay", "start_step", "checkpoint_step"})
@@ -368,6 +382,8 @@ class Trainer:
             ref = (ref, self.cfg.scoring.dtype)  # float32 keeps the plain digest, so earlier runs stay valid
         # Fields that change how a run is stored or named, not what it learns, stay out of the hash.
         t = self.t.hashed(exclude={"name", *TrainConfig.ENGINE_FIELDS})
+        if self.objective_params is not None and (keys := self.objective_params.model_dump(exclude_defaults=True)):
+            t["objective"] = keys  # only away from the defaults: a run at the defaults keeps its earlier hash
         curve = self.cfg.eval.model_dump(include={"splits", "every", "curve_tokens"}) if self.curve else None
         # The store's content too: the code that packs it may change while the data settings do not.
         # Every process reads its own batch_size x grad_accum blocks per step: the process count is part of the run
@@ -441,7 +457,7 @@ class Trainer:
                 for step in range(state["step"], self.t.steps):
                     rng = rng_state()
                     try:
-                        sums = self._step(step)
+                        sums = self.step(step)
                     except KeyboardInterrupt:
                         # Resume from the last finished step, with its RNG; with several processes a collective
                         # after an interrupt could hang, so those resume from the last periodic checkpoint.
@@ -449,7 +465,7 @@ class Trainer:
                             set_rng_state(rng)
                             self.checkpoints.save(state["step"], state)
                         raise
-                    record = self._advance(state, sums)
+                    record = self.advance(state, sums)
                     scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
                     scalars |= {f"selected_by_kind/{k}": v for k, v in record["selected_by_kind"].items()}
                     self.acc.log(scalars, step=record["step"])
@@ -491,6 +507,6 @@ class Trainer:
         write_json(self.run.summary_path, summary)
         return summary
 
-    def _advance(self, state: dict[str, Any], sums: dict[str, Any]) -> dict[str, Any]:
+    def advance(self, state: dict[str, Any], sums: dict[str, Any]) -> dict[str, Any]:
         """Fold one step's sums into the run state; return the step's log record (runstats.py)."""
         return runstats.advance(state, sums, self.kind_names)
