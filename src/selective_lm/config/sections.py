@@ -396,8 +396,8 @@ class TrainConfig(Section):
     def name_suffixes(self) -> list[str]:
         """The choices of a selecting run that its strategy and budget do not show: a score kind other than
         `excess` (`-loss`, `-retrospective`, ...), a scope other than `batch`, soft weights, common random numbers."""
-        score = self.selection_rule().score
-        return [*([score] if score not in ("excess", "none") else []),
+        score = self.selection_rule().score  # a method's own score kind is in its name already
+        return [*([score] if score not in ("excess", "none", METHODS[self.method].score) else []),
                 *([self.scope] if self.scope != "batch" else []), *(["soft"] if self.soft else []),
                 *(["crn"] if self.common_random else [])]
 

@@ -157,10 +157,12 @@ class Method:
     method); compare: for a control, the (a, b) methods whose paired Δ of a vs b `slm analyze` computes, same seed
     (and same ratio and rule when both select; None: the report's main table pairs it by count); question: what
     that comparison asks, for the report; oracle: every token but the injected noise; in_default_grid: in
-    `grid.methods`'s default (the full grid)."""
+    `grid.methods`'s default (the full grid); score: the score kind the method always selects by (a SCORE_KINDS
+    key, e.g. the student's entropy for the 80/20 rule), None for `train.score`'s."""
 
     strategy: str | None
     objective: str = "ce"
+    score: str | None = None
     role: Literal["baseline", "method", "control"] = "method"
     compare: tuple[str, str] | None = None
     question: str = ""
@@ -173,6 +175,8 @@ class Method:
             raise ValueError(f"a method's role must be one of {', '.join(ROLES)}, got {self.role!r}")
         if self.compare is not None and self.role != "control":
             raise ValueError("only a control names a pair it is compared on (compare=(a, b))")
+        if self.score is not None and self.strategy is None:
+            raise ValueError("a method that trains every token selects by no score (score=None)")
 
     @property
     def needs(self) -> frozenset[str]:
@@ -238,5 +242,7 @@ def register_method(name: str, method: Method, *, origin: str | None = None) -> 
     """Add a method: `train.method=<name>`, usable in `grid.methods`; its strategy and objective must exist."""
     if method.strategy is not None:
         lookup("selection strategy", method.strategy, STRATEGIES)
+    if method.score is not None:
+        lookup("score kind", method.score, SCORE_KINDS)
     lookup("objective", method.objective, OBJECTIVES)
     return METHODS.add(name, method, _origin(origin))

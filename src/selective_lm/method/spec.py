@@ -100,7 +100,8 @@ class Selection:
         if strategy == "stochastic":
             strategy = STOCHASTIC[self.stochastic]
         threshold = {"topk": None, "positive": 0.0, "threshold": self.threshold}[self.rule]
-        score = self.score if STRATEGIES[strategy].uses_scores or threshold is not None else "none"
+        score = self.method_entry.score or self.score
+        score = score if STRATEGIES[strategy].uses_scores or threshold is not None else "none"
         return SelectionRule(strategy, score, self.ratio if threshold is None else 1.0, threshold)
 
     @property
