@@ -11,6 +11,7 @@ from pydantic import BaseModel, Field, PositiveInt
 from selective_lm.cli import main
 from selective_lm.config import Config
 from selective_lm.config.doc import config_reference
+from selective_lm.method.registry import OBJECTIVES
 
 PAGE = Path(__file__).resolve().parents[1] / "docs" / "config.md"
 
@@ -51,6 +52,10 @@ def test_every_key_is_documented_with_its_description() -> None:
             expected |= {f"{name}.{k}": f for k, f in section.model_fields.items()}
         else:
             expected[name] = field
+    for name, objective in OBJECTIVES.items():  # each objective's keys: objectives.<name>.<key>
+        if objective.params is not None:
+            expected |= {f"objectives.{name}.{k}": f for k, f in objective.params.model_fields.items()}
+    assert "objectives.distill.weight" in expected
     assert set(rows) == set(expected)  # data.num_proc too, though config dumps leave it out
     for key, field in expected.items():
         assert rows[key][2] == " ".join((field.description or "").split()).replace("|", "\\|"), key  # GFM cell

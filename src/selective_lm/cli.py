@@ -63,6 +63,8 @@ def _parser() -> argparse.ArgumentParser:
         group.add_argument("--config", help="YAML config file (may name a preset to start from)")
         p.add_argument("--out", default=None, help="output directory (default: out/<preset>)")
         p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+        p.add_argument("--plugins", action="append", metavar="FILE.py,...", help="Python files (or modules) that "
+                       "register methods, score kinds or objectives (docs/add-a-method.md; the same as plugins=[...])")
         if name == "config":
             p.add_argument("--reference", action="store_true", help="print the Markdown reference of every config "
                            "key (docs/config.md: types, defaults, descriptions) instead")
@@ -76,11 +78,13 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _overrides(args: argparse.Namespace) -> list[str]:
-    """The key=value overrides, with `--tasks A,B` (slm eval) as `eval.tasks` (JSON: a YAML list of strings)
-    and `--format F` (slm export-selected) as `export.format`."""
+    """The key=value overrides, with `--tasks A,B` (slm eval) as `eval.tasks` (JSON: a YAML list of strings),
+    `--format F` (slm export-selected) as `export.format` and `--plugins A,B` (repeatable) as `plugins`."""
     tasks, fmt = getattr(args, "tasks", None), getattr(args, "format", None)
+    plugins = [p for item in args.plugins or [] for p in item.split(",") if p]
     return [*args.overrides, *([f"eval.tasks={json.dumps(tasks.split(','))}"] if tasks is not None else []),
-            *([f"export.format={fmt}"] if fmt is not None else [])]
+            *([f"export.format={fmt}"] if fmt is not None else []),
+            *([f"plugins={json.dumps(plugins)}"] if plugins else [])]
 
 
 def _main_process() -> bool:

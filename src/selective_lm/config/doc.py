@@ -17,6 +17,7 @@ import annotated_types
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
+from ..method.registry import OBJECTIVES
 from . import Config
 
 HEADER = """\
@@ -98,4 +99,17 @@ def config_reference(root: type[BaseModel] = Config) -> str:
         if section.__doc__:
             lines.append(" ".join(inspect.cleandoc(section.__doc__).split()) + "\n")
         lines += [*_table(f"{name}.", section.model_fields), ""]
+    if root is Config:
+        lines += _objective_sections()
     return "\n".join(lines)
+
+
+def _objective_sections() -> list[str]:
+    """One table per registered objective with config keys (`objectives.<name>.<key>`): the built-ins here (a
+    plugin's own keys are validated the same way once it is loaded, and documented by its author)."""
+    lines = []
+    for name, objective in OBJECTIVES.items():
+        if objective.params is not None:
+            lines += [f"## objectives.{name}\n", " ".join(objective.doc.split()) + "\n",
+                      *_table(f"objectives.{name}.", objective.params.model_fields), ""]
+    return lines

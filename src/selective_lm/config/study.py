@@ -12,7 +12,7 @@ import yaml
 from pydantic import Field, PositiveInt, ValidationError, field_validator, model_validator
 
 from ..errors import UserError
-from ..method.registry import METHODS, OBJECTIVES
+from ..method.registry import METHODS, OBJECTIVES, SCORE_KINDS, Registry
 from ..method.spec import RULES
 from .sections import (
     DEFAULT_PRESET,
@@ -161,6 +161,12 @@ class GridConfig(Section):
         return [registered("method", m, METHODS) for m in v]
 
 
+def _from(registry: Registry[Any], name: str) -> str:
+    """` (from plugin X)` for an entry a plugin registered, so that an error names the file to look at."""
+    origin = registry.origins.get(name, "")
+    return f" (from {origin})" if origin.startswith("plugin") else ""
+
+
 class Config(Section):
     """The whole run: one section per stage."""
 
@@ -190,7 +196,12 @@ class Config(Section):
             params = OBJECTIVES[registered("objective", name, OBJECTIVES)].params
             if params is None:
                 raise ValueError(f"objective {name!r} has no config keys")
-            out[name] = params.model_validate(keys or {}).model_dump(exclude_defaults=True)
+            try:
+                out[name] = params.model_validate(keys or {}).model_dump(exclude_defaults=True)
+            except ValidationError as e:  # named in full: the objective's key, not the section's
+                err = e.errors()[0]
+                key = ".".join(str(p) for p in err["loc"])
+                raise ValueError(f"{name}.{key}: {err['msg']} (got {err.get('input')!r})") from None
         return out
 
     @model_validator(mode="after")
@@ -202,15 +213,16 @@ class Config(Section):
                 needs = sel.selection().needs
             except ValueError:  # a grid run the rules refuse: `grid_runs` names it
                 continue
-            origin = METHODS.origins[method]
-            what = f"train.method={method}" + (f" (from {origin})" if "built-in" not in origin else "")
+            what = f"train.method={method}{_from(METHODS, method)}"
             kind_needs = needs - OBJECTIVES[METHODS[method].objective].needs
             if "reference_logits" in needs and self.reference.is_self:
                 raise ValueError(f"{what} needs a reference model's next-token distribution, but reference.mode="
                                  f"{self.reference.mode} is the student's own weights: use reference.mode trained, "
                                  "path or self")
             if "reference_logits" in kind_needs and self.scoring.mode == "offline":
-                raise ValueError(f"{what}: score kind {sel.score!r} needs the reference's next-token distribution, "
+                kind = sel.selection_rule().score
+                raise ValueError(f"{what}: score kind {kind!r}{_from(SCORE_KINDS, kind)} needs the reference's "
+                                 "next-token distribution, "
                                  "which stored scores do not hold: use scoring.mode=online")
             if "history" in needs and not (self.reference.is_self or self.reference.mode == "self"):
                 raise ValueError(f"{what} needs a history model (the student's earlier weights): use reference.mode "

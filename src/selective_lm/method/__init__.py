@@ -7,7 +7,37 @@ combine them are registered below), so that any `from selective_lm.method.x impo
 """
 
 from . import loss, selection, spec  # noqa: F401  (each registers its entries)
-from .registry import Method, register_method
+from .loss import (
+    Batch,
+    SelectiveLoss,
+    finite_or_nan,
+    selected_sum,
+    selection_result,
+    token_entropies,
+    token_losses,
+)
+from .registry import (
+    METHODS,
+    OBJECTIVES,
+    SCORE_KINDS,
+    STRATEGIES,
+    Method,
+    Objective,
+    ScoreKind,
+    Strategy,
+    TokenView,
+    register_method,
+    register_objective,
+    register_score,
+    register_strategy,
+)
+from .spec import Selection
+
+# What a plugin needs (docs/add-a-method.md): the registries and their entries, and the loss path's parts.
+__all__ = ["METHODS", "OBJECTIVES", "SCORE_KINDS", "STRATEGIES", "Batch", "Method", "Objective", "ScoreKind",
+           "Selection", "SelectiveLoss", "Strategy", "TokenView", "finite_or_nan", "register_method",
+           "register_objective", "register_score", "register_strategy", "selected_sum", "selection_result",
+           "token_entropies", "token_losses"]
 
 # The built-in methods made of strategies and objectives registered by the modules above.
 register_method("clm", Method(strategy=None, role="baseline", doc="every token (the baseline)"))

@@ -41,6 +41,7 @@ __all__ = [
     "SelectiveLM",
     "SelectiveLoss",
     "check_valid",
+    "finite_or_nan",
     "cross_entropy_loss",
     "forward_hidden",
     "selected_loss_sum",
