@@ -154,7 +154,7 @@ def test_full_report(full_out: Path, smoke_cfg) -> None:
     page = (full_out / "selection.html").read_text()
     assert written["html"] == str(full_out / "selection.html")
     assert "<script" not in page and "&lt;" in page and "&amp;" in page
-    assert page.count("<h2>Block") == 3
+    assert page.count("<h3>Block") == 3 and "<h2>seed 0: 3 runs</h2>" in page
     assert "class='t sel'" in page and "noise" in page and "background:rgba(40,160,60" in page
     assert "é" in page  # the two byte tokens of é decode to the character, not to two '�'
 

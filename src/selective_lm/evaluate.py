@@ -8,7 +8,9 @@ trains). The per-token losses are kept under `token_losses/<split>.npy` (the tok
 nothing was predicted) for the bucket analyses and the bootstrap intervals; trajectory
 snapshots are evaluated on the bucket split into `token_losses/trajectory/step-NNNNNN.npy`,
 and the base model also on the scored train blocks (`base/token_losses/train.npy`: the
-students' step-0 losses, for the separation of excess loss by token kind). With `eval.tasks`, the
+students' step-0 losses, for the separation of excess loss by token kind) and on each seed's first
+selection unit (`base/token_losses/selection_sample.npy`: the step-0 scores that selection.html shows), each
+with its rows in the `.json` beside it. With `eval.tasks`, the
 same in-memory model then runs downstream tasks through lm-evaluation-harness (`harness`: `tasks.json`).
 """
 
@@ -27,6 +29,7 @@ from .config import Config
 from .errors import UserError
 from .files import fingerprint, read_json, write_json
 from .harness import TaskEval
+from .store.blocks import BlockOrder
 from .store.frozen import token_loss_pass
 from .store.layout import OutDir, RunDir, TokenStore
 from .training.models import apply_lora, load_model, load_reference_model, load_tokenizer, load_trained
@@ -116,8 +119,14 @@ def evaluate(cfg: Config, out: str | Path | OutDir, name: str | None = None) -> 
         # step-0 excess loss, whose separation by token kind `slm analyze` reports.
         train = out.store("train")
         rows = out.scored_blocks("train", cfg.analysis.separation_tokens)
-        _cached_pass(cfg, model, train.subset(rows), run.token_losses("train"), {"model": digest},
-                     "eval base train (step-0 excess)")
+        _cached_pass(cfg, model, train.subset(rows), run.token_losses("train"),
+                     {"model": digest, "rows": rows.tolist()}, "eval base train (step-0 excess)")
+        # And on the first selection unit of each seed (every run of a seed reads it first: selection.html shows
+        # it). Both record their rows in the `.json` beside the losses (the report reads them back).
+        seeds = range(cfg.train.seed, cfg.train.seed + cfg.grid.seeds)
+        first = np.unique([BlockOrder(train.n_blocks, s).blocks(0, cfg.train.batch_size) for s in seeds])
+        _cached_pass(cfg, model, train.subset(first), run.sample_losses, {"model": digest, "rows": first.tolist()},
+                     "eval base train (selection sample)")
     write_json(run.eval_path, results)
     if tasks is not None:
         return {**results, "tasks": tasks.run(model, tokenizer)}

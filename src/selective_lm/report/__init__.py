@@ -21,7 +21,8 @@ from ..errors import UserError
 from ..files import read_json, write_text
 from ..method.registry import METHODS, STRATEGIES
 from ..store.layout import OutDir
-from . import plots
+from . import page, plots
+from .documents import documents_section, main_run
 from .selection import (
     NA,
     controls_section,
@@ -51,7 +52,7 @@ def report(cfg: Config, out: str | Path | OutDir) -> dict[str, Any]:
     """The stage entry point: the tokenizer (for the HTML page) is the only thing taken from `cfg`."""
     out = OutDir.of(out)
     tokenizer = None
-    if any(r.selection_sample.is_file() for r in out.run_dirs()):
+    if any(r.selection_sample.is_file() or r.doc_selection.is_file() for r in out.run_dirs()):
         from ..training.models import load_tokenizer
 
         tokenizer = load_tokenizer(cfg.model)
@@ -122,16 +123,15 @@ def write_report(out: str | Path | OutDir, tokenizer: Any = None) -> dict[str, A
         else:
             written["skipped"][name] = why
 
-    samples = _read_samples(out, order)
+    samples = page.read_samples(out, [n for n in order if runs[n].get("method") not in ("reference", "base")])
     written["html"] = None
     if samples:
-        noise_path = out.store_dir("train") / "noise_mask.npy"
-        noise = np.load(noise_path, mmap_mode="r") if noise_path.is_file() else None
-        write_text(out.selection_html, plots.selection_html(samples, noise, tokenizer))
+        write_text(out.selection_html, page.page(out, samples, {n: runs[n].get("seed") for n in order}, tokenizer))
         written["html"] = str(out.selection_html)
     else:
         written["skipped"]["selection.html"] = "no runs/*/selection_sample.npz"
 
+    doc_run = main_run(runs, [n for n in slm_runs if METHODS[runs[n]["method"]].role == "method"])
     sections = [
         f"# Selective LM report — preset `{results.get('preset', '?')}`, selective-lm {results.get('version', '?')}",
         _runs_section(runs, order, splits, results.get("other_runs") or []),
@@ -143,6 +143,7 @@ def write_report(out: str | Path | OutDir, tokenizer: Any = None) -> dict[str, A
         controls_section(results.get("comparisons") or {}, splits, runs),
         selection_section(selection, sel_runs),
         kinds_section(selection, kind_runs, kinds, results.get("separation_step0") or {}),
+        documents_section(out, doc_run, runs.get(doc_run or "", {}), tokenizer),
         wrong_step_section(selection, sel_runs, runs, order),
         _links_section(written),
     ]
@@ -190,16 +191,6 @@ def _series(records: list[dict[str, Any]], x: str, field: str) -> dict[str, list
         for key, value in (row.get(field) or {}).items():
             points.setdefault(key, []).append((int(row[x]), float(value)))
     return points
-
-
-def _read_samples(out: OutDir, order: list[str]) -> dict[str, dict[str, np.ndarray]]:
-    samples = {}
-    for n in order:
-        path = out.run(n).selection_sample
-        if path.is_file():
-            with np.load(path) as z:
-                samples[n] = {k: z[k] for k in ("rows", "tokens", "weights")}
-    return samples
 
 
 def _cosine_matrix(pairs: dict[str, float], order: list[str]) -> tuple[list[str], np.ndarray]:

@@ -1,18 +1,15 @@
-"""The visual outputs of `slm report`: one function per PNG, and the selected-token HTML page.
+"""The figures of `slm report`: one function per PNG (the selected-token page is `page.py`).
 
-Each function takes plain data (already read from the run directory by `report.py`). PNGs are
+Each function takes plain data (already read from the run directory by `report/__init__.py`). PNGs are
 written atomically, so that a report killed half-way never leaves a truncated image that looks
 complete; figures are built with matplotlib's object API (no pyplot), so
-no display and no global backend state are involved. The HTML page is
-returned as a string, self-contained (inline CSS, no external assets).
+no display and no global backend state are involved.
 """
 
 from __future__ import annotations
 
-import html
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
 import matplotlib
 import numpy as np
@@ -20,11 +17,8 @@ from matplotlib.figure import Figure
 
 from ..analysis.buckets import BUCKETS
 from ..files import atomic_path
-from ..training.models import token_texts
 
 DPI = 120
-HTML_BLOCKS = 3
-HTML_MAX_TOKENS = 400
 
 
 def _save(fig: Figure, path: Path) -> None:
@@ -189,62 +183,3 @@ def selection_over_training(curves: Mapping[str, Mapping[str, Sequence[tuple[int
     axes[0].set_ylabel("share of the kind's tokens trained (moving average)")
     axes[-1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     _save(fig, path)
-
-
-# ---------------------------------------------------------------- selection.html
-
-
-_CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:80em;color:#222}
-.row{display:grid;grid-template-columns:12em 1fr;gap:1em;border-top:1px solid #ddd;padding:.5em 0}
-.name{font-family:monospace;font-weight:bold}.name small{display:block;font-weight:normal;color:#666}
-.toks{font-family:monospace;white-space:pre-wrap;line-height:1.7}
-.t{color:#999;padding:0 1px}.sel{color:#111}
-.noise{text-decoration:underline wavy #d00;text-decoration-thickness:1px;box-shadow:inset 0 -3px 0 #f3b0b0}
-.legend span{margin-right:1.5em;padding:.1em .4em}"""
-
-
-def selection_html(samples: Mapping[str, Mapping[str, np.ndarray]], noise: np.ndarray | None, tokenizer: Any) -> str:
-    """One section per sampled block, one row per run.
-
-    samples: run → {"rows" [B], "tokens" [B, T], "weights" [B, T]}, the same blocks in every run;
-    noise: the train split's noise mask [n_blocks, T] (indexed by `rows`), or None.
-    """
-    first = next(iter(samples.values()))
-    parts = [
-        "<!doctype html><html><head><meta charset='utf-8'><title>Selected tokens</title>",
-        f"<style>{_CSS}</style></head><body><h1>Selected tokens per run</h1>",
-        "<p class='legend'><span class='t sel' style='background:rgba(40,160,60,.55)'>selected</span>"
-        "<span class='t'>not selected</span><span class='t noise'>injected noise</span>"
-        "Green intensity = the token's training weight (soft selection) relative to the run's largest weight"
-        " in the block. Hover a token for its id and weight.</p>",
-    ]
-    for b, row in enumerate(first["rows"][:HTML_BLOCKS]):
-        ids = [int(t) for t in first["tokens"][b][:HTML_MAX_TOKENS]]
-        texts = token_texts(tokenizer, ids)
-        mask = noise[int(row)] if noise is not None and int(row) < len(noise) else None
-        parts.append(f"<h2>Block {int(row)}</h2>")
-        if len(ids) < first["tokens"].shape[1]:
-            parts.append(f"<p>The first {len(ids)} of {first['tokens'].shape[1]} tokens.</p>")
-        for n, s in samples.items():
-            where = np.flatnonzero(s["rows"] == row)
-            if where.size:
-                parts.append(_html_row(n, texts, ids, s["weights"][where[0]][: len(ids)], mask))
-    parts.append("</body></html>")
-    return "\n".join(parts)
-
-
-def _html_row(name: str, texts: list[str], ids: list[int], weights: np.ndarray, noise: Any) -> str:
-    top = float(weights.max()) if weights.size and weights.max() > 0 else 1.0
-    spans = []
-    for t, (text, tid, w) in enumerate(zip(texts, ids, weights, strict=False)):
-        cls = "t sel" if w > 0 else "t"
-        if noise is not None and t < len(noise) and noise[t]:
-            cls += " noise"
-        style = f" style='background:rgba(40,160,60,{0.15 + 0.6 * min(w / top, 1.0):.2f})'" if w > 0 else ""
-        body = html.escape(text.replace("\n", "↵\n"))
-        spans.append(f"<span class='{cls}'{style} title='id {tid}, weight {w:.3g}'>{body}</span>")
-    frac = f"{100 * float(np.mean(weights > 0)):.0f} % selected"
-    return (
-        f"<div class='row'><div class='name'>{html.escape(name)}<small>{frac}</small></div>"
-        f"<div class='toks'>{''.join(spans)}</div></div>"
-    )

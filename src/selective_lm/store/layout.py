@@ -273,6 +273,17 @@ class RunDir:
         return self.path / "selection_sample.npz"
 
     @property
+    def doc_selection(self) -> Path:
+        """Per training document, over the whole run: trained weight and target tokens (the report's document table)."""
+        return self.path / "doc_selection.npz"
+
+    @property
+    def sample_losses(self) -> Path:
+        """The base model's losses on the first selection unit of each seed (`base/` only): the step-0 scores of
+        the blocks selection.html shows; their rows are in the `.json` beside it."""
+        return self.path / "token_losses" / "selection_sample.npy"
+
+    @property
     def reference_json(self) -> Path:
         """The reference's description (only in `reference/`)."""
         return self.path / "reference.json"

@@ -8,16 +8,19 @@ when the train split has wrong-step labels, by per-document counts of the labell
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from ..analysis import selection as diag
+from ..files import atomic_path
 from ..method.loss import SelectiveLoss
 
-__all__ = ["STAT_KEYS", "STEP_KEYS", "advance", "micro_stats", "ratio", "selection_summary", "unpack"]
+__all__ = ["STAT_KEYS", "DocTotals", "STEP_KEYS", "advance", "micro_stats", "ratio", "save_sample", "selection_summary",
+           "unpack"]
 
 # Per-step sums (over micro-batches and ranks) that the log is made of; the selection diagnostics follow.
 STEP_KEYS = ("loss_sum", "n_selected", "n_valid", "n_fed", "score_selected", "score_unselected", "n_unselected")
@@ -94,3 +97,73 @@ def selection_summary(state: dict[str, Any], kind_names: Sequence[str], slots: S
     if slots and state.get("doc_counts"):
         out["wrong_step_docs"] = diag.per_document(state["doc_counts"], slots, diag.WRONG_STEP)
     return out
+
+
+def save_sample(path: Path, rows: np.ndarray, ids: torch.Tensor, weights: torch.Tensor) -> None:
+    """Step 0's first selection unit (`selection_sample.npz`): every run of a seed reads those blocks first, so
+    selection.html shows each run's weights on the same tokens."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, rows=rows, tokens=ids.cpu().numpy(), weights=weights.float().cpu().numpy())
+
+
+class DocTotals:
+    """Per training document, over the whole run: the trained weight and the target tokens read.
+
+    What the report ranks documents by (the share of each one the run trained). Summed on the device per
+    finished step (`add` per micro-batch, `commit` once the step is good: an interrupted step adds nothing; no
+    host sync), over ranks only when saved: into a
+    checkpoint's `state` (sparse: the documents read so far), so that a resume keeps them, and at the end into
+    the run's `doc_selection.npz`. With `n_docs=0` (the reference's split) it does nothing.
+    """
+
+    def __init__(self, n_docs: int, device: torch.device) -> None:
+        self.enabled = n_docs > 0
+        self.sums = torch.zeros(2, n_docs, dtype=torch.float64, device=device)
+        self.steps = 0  # steps counted: fewer than the run's when it resumed from a checkpoint made without them
+        self.pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    def add(self, weights: torch.Tensor, valid: torch.Tensor, docs: torch.Tensor | None) -> None:
+        """One micro-batch of the current step: its weights, targets and doc ids, each `[B, T]`."""
+        if self.enabled and docs is not None:
+            self.pending.append((weights.detach(), valid, docs))
+
+    def commit(self) -> None:
+        """The current step is done: its micro-batches join the totals."""
+        if not self.enabled:
+            return
+        for weights, valid, docs in self.pending:
+            d = docs.to(self.sums.device).long().flatten()
+            v = valid.to(self.sums.device).flatten().double()
+            self.sums[0].index_add_(0, d, weights.to(self.sums.device).double().flatten() * v)
+            self.sums[1].index_add_(0, d, v)
+        self.pending.clear()
+        self.steps += 1
+
+    def into(self, state: dict[str, Any], reduce: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, Any]:
+        """`state` with the totals summed over ranks by `reduce` (a collective: every rank calls it)."""
+        if self.enabled:
+            totals = reduce(self.sums.clone()).cpu().numpy()
+            read = np.flatnonzero(totals[1])
+            state["doc_totals"] = {"steps": self.steps, "doc_ids": read.tolist(), "selected": totals[0, read].tolist(),
+                                   "valid": totals[1, read].tolist()}
+        return state
+
+    def load(self, state: dict[str, Any], main: bool) -> None:
+        """Resume from a checkpoint's `state`: the main rank holds the sums so far, the others start at 0."""
+        entry = state.get("doc_totals")
+        if not self.enabled or not entry:  # a checkpoint made before the counts: they cover the steps from here on
+            return
+        self.steps = int(entry["steps"])
+        if main and entry["doc_ids"]:
+            ids = torch.tensor(entry["doc_ids"], dtype=torch.long, device=self.sums.device)
+            values = torch.tensor([entry["selected"], entry["valid"]], dtype=torch.float64, device=self.sums.device)
+            self.sums[:, ids] = values
+
+    def save(self, path: Path, state: dict[str, Any]) -> None:
+        """The totals of `state` (`into`) as `doc_selection.npz`: doc_ids, selected, valid, steps."""
+        entry = state.get("doc_totals")
+        if entry is None:
+            return
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            np.savez(f, doc_ids=np.asarray(entry["doc_ids"], np.int64), selected=np.asarray(entry["selected"]),
+                     valid=np.asarray(entry["valid"]), steps=np.int64(entry["steps"]))

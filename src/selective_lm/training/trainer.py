@@ -48,7 +48,7 @@ from .. import __version__
 from ..analysis import selection as diag
 from ..config import Config, TrainConfig
 from ..errors import UserError
-from ..files import atomic_path, fingerprint, read_json, write_json, write_text
+from ..files import fingerprint, read_json, write_json, write_text
 from ..method.loss import SelectiveLM, SelectiveLoss, forward_hidden
 from ..method.registry import METHODS, OBJECTIVES
 from ..method.selection import trainable_mask
@@ -87,7 +87,7 @@ class MicroBatch(NamedTuple):
     kinds: torch.Tensor | None
     ref: torch.Tensor | None
     units: list[int]  # the selection units' positions in the step (each keys its own random draws)
-    docs: torch.Tensor | None = None  # doc ids, when the store has wrong-step labels (per-document counts)
+    docs: torch.Tensor | None = None  # doc ids (per-document counts), on the train split
 
 
 def _lr_lambda(cfg: TrainConfig):
@@ -181,6 +181,8 @@ class Trainer:
         labelled = self.store.noise_kind is not None and set(diag.WRONG_STEP) <= set(self.kind_names)
         self.slots = torch.tensor(self.store.wrong_step_docs if labelled else [], dtype=torch.long, device=self.device)
         self.slot_kinds = [self.kind_names.index(k) for k in diag.WRONG_STEP] if labelled else []
+        # Each training document's trained share (the report's document table); none on the reference's split.
+        self.doc_totals = runstats.DocTotals(self.store.meta.get("n_docs", 0) if split == "train" else 0, self.device)
         # The learning curve's fixed subsets (students only): the same blocks for every run and step.
         self.curve = LearningCurve(cfg, out) if split == "train" and cfg.eval.every else None
         if self.ref_loss is not None and not self._scores_cover_reads():
@@ -219,7 +221,7 @@ class Trainer:
         if self.ref_loss is not None:
             ref = to_device(self.ref_loss[rows], device)
         valid = to_device(store.targets(rows, self.cfg.data.doc_boundaries), device)  # no prompt tokens
-        docs = to_device(store.doc_ids[rows], device) if len(self.slots) else None
+        docs = to_device(store.doc_ids[rows], device) if len(self.slots) or self.doc_totals.enabled else None
         # One copy: the int32 memmap rows straight into the int64 ids the embedding needs.
         return MicroBatch(rows, to_device(store.tokens[rows], device, np.int64), valid, noise, kinds, ref, units, docs)
 
@@ -302,9 +304,10 @@ class Trainer:
         for i, mb in enumerate(self.micro_batches(step)):
             out, ref = self.forward_backward(step, mb, selection, sync=i == n_forwards - 1)
             stats += self._micro_stats(out, mb, ref)
+            self.doc_totals.add(out.weights, mb.valid, mb.docs)
             if step == 0 and i == 0 and self.engine.main:  # the first unit only, whatever the micro-batch size
                 b = self.t.batch_size
-                self._save_selection_sample(mb.rows[:b], mb.ids[:b], out.weights[:b])
+                runstats.save_sample(self.run.selection_sample, mb.rows[:b], mb.ids[:b], out.weights[:b])
         stats = self.engine.reduce(stats)
         norm = self.engine.finish_gradients(self.weights, stats[runstats.STAT_KEYS.index("n_selected")],
                                             self.t.max_grad_norm)
@@ -313,6 +316,7 @@ class Trainer:
         if not math.isfinite(grad_norm) or not math.isfinite(result["loss_sum"]):
             raise NumericalError(f"step {step + 1}: loss {result['loss_sum']} / grad norm {grad_norm} is not "
                                  "finite; the last good checkpoint is kept (lower train.lr or check the data)")
+        self.doc_totals.commit()
         result.update(lr=self.scheduler.get_last_lr()[0], grad_norm=grad_norm)
         self.optimizer.step()
         self.scheduler.step()
@@ -362,12 +366,6 @@ class Trainer:
         finally:
             self.optimizer.zero_grad(set_to_none=True)
             torch.cuda.set_rng_state(rng, self.device)
-
-    def _save_selection_sample(self, rows: np.ndarray, ids: torch.Tensor, weights: torch.Tensor) -> None:
-        """The first selection unit's selection: the same blocks in every run, for the highlight page."""
-        path = self.run.selection_sample
-        with atomic_path(path) as tmp, open(tmp, "wb") as f:
-            np.savez(f, rows=rows, tokens=ids.cpu().numpy(), weights=weights.float().cpu().numpy())
 
     # ------------------------------------------------------------------ the loop
 
@@ -430,6 +428,7 @@ class Trainer:
         ckpt = self.checkpoints.latest()
         if ckpt is not None:
             state = self.checkpoints.load(ckpt)
+            self.doc_totals.load(state, main)
         else:
             if main:
                 self.run.path.mkdir(parents=True, exist_ok=True)
@@ -463,7 +462,7 @@ class Trainer:
                         # after an interrupt could hang, so those resume from the last periodic checkpoint.
                         if self.world == 1 and state["step"] > 0:
                             set_rng_state(rng)
-                            self.checkpoints.save(state["step"], state)
+                            self.checkpoints.save(state["step"], self.doc_totals.into(state, self.engine.reduce))
                         raise
                     record = self.advance(state, sums)
                     scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
@@ -482,15 +481,16 @@ class Trainer:
                     if self.t.snapshot_every and (step + 1) % self.t.snapshot_every == 0:
                         self.checkpoints.snapshot(step + 1)
                     if self.t.checkpoint_every and (step + 1) % self.t.checkpoint_every == 0:
-                        self.checkpoints.save(step + 1, state)
+                        self.checkpoints.save(step + 1, self.doc_totals.into(state, self.engine.reduce))
         finally:
             bar.close()
             for tracker in self.acc.trackers:  # not acc.end_training(): that would end the process group too
                 tracker.finish()
-        self.checkpoints.save(self.t.steps, state)
+        self.checkpoints.save(self.t.steps, self.doc_totals.into(state, self.engine.reduce))
         self.checkpoints.save_final(self.tokenizer, self.cfg.model.lora, self.t.merge)
         if not main:
             return {}
+        self.doc_totals.save(self.run.doc_selection, state)
         last = self.run.log()[-1]
         summary = {
             "name": self.name, "method": self.t.method, "strategy": self.rule.strategy, "score": self.rule.score,
