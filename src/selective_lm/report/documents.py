@@ -24,7 +24,7 @@ from .step0 import read_step0
 
 DOC_ROWS = 5  # documents in each of the two tables
 MIN_DOC_TOKENS = 20  # a document read for fewer targets is not ranked: its share rests on a handful of tokens
-SNIPPET_TOKENS = 48
+SNIPPET_TOKENS = 160  # at least SNIPPET_CHARS characters with a byte-level tokenizer
 SNIPPET_CHARS = 100
 _MD_SPECIAL = re.compile(r"([\\`*_\[\]|~])")
 

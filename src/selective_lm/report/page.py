@@ -52,22 +52,23 @@ def read_samples(out: OutDir, names: Sequence[str]) -> dict[str, dict[str, np.nd
     return samples
 
 
-def groups(samples: Mapping[str, Mapping[str, np.ndarray]]) -> list[Group]:
-    """Runs in order, each joining the first group whose blocks it also sampled (the group keeps the blocks they
-    all sampled, in the first run's order), else starting one: a seed's runs share their first unit, other seeds'
-    runs do not."""
-    found: list[Group] = []
+def groups(samples: Mapping[str, Mapping[str, np.ndarray]], labels: Mapping[str, str]) -> list[Group]:
+    """Runs in order, each joining the first group of its label (its seed) whose blocks it also sampled (the group
+    keeps the blocks they all sampled, in the first run's order), else starting one. By label, not by overlap alone:
+    two seeds' first units may share a block by chance, and their runs read different blocks after it."""
+    found: list[tuple[str, Group]] = []
     for name, s in samples.items():
         rows = [int(r) for r in s["rows"]]
-        for g in found:
+        label = labels.get(name, "")
+        for key, g in found:
             shared = [b for b in g.blocks if b in rows]
-            if shared:
+            if key == label and shared:
                 g.runs.append(name)
                 g.blocks = shared
                 break
         else:
-            found.append(Group([name], list(dict.fromkeys(rows))))
-    return found
+            found.append((label, Group([name], list(dict.fromkeys(rows)))))
+    return [g for _, g in found]
 
 
 def _title(tid: int, weight: float, kind: str | None, ref: float, excess: float) -> str:
@@ -123,7 +124,7 @@ def render(samples: Mapping[str, Mapping[str, np.ndarray]], labels: Mapping[str,
         + "its kind and its id. A run with a self-reference trains every token during its warm-up, so its row "
         "shows all selected.</p>",
     ]
-    for g in groups(samples):
+    for g in groups(samples, labels):
         seeds = sorted({labels.get(n, "") for n in g.runs} - {""})
         parts.append(f"<h2>{html.escape(', '.join(seeds) or 'Runs')}: {len(g.runs)} run"
                      f"{'s' * (len(g.runs) != 1)}</h2>")
