@@ -175,3 +175,21 @@ def test_example_score_and_strategy_in_the_python_api(registries: None) -> None:
     # The loss: the mean CE of those tokens. In float32 (u = 6e-8) a log-softmax of 11 logits of size <= 15 (3 sigma
     # x 3, plus the log-sum-exp) takes ~16 roundings of terms <= 15: within 16 x 15 x u = 1.5e-5 of float64's.
     assert out.mean().item() == pytest.approx(loss.flatten()[expected].mean().item(), abs=2e-5)
+
+
+def test_renamed_keys_of_an_objective(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """An out dir stored before `train.kd_weight` became `objectives.distill.weight` loads with its value moved;
+    a user who types the old key is told the new one."""
+    import yaml
+
+    from selective_lm.config import load_config
+
+    tree = load_config("smoke").to_dict()
+    tree["train"]["kd_weight"], tree["train"]["kd_temperature"] = 0.5, 1.0  # as an earlier version stored it
+    del tree["objectives"], tree["plugins"]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(tree))
+    assert main(["config", "--out", str(tmp_path)]) == 0
+    stored = yaml.safe_load(capsys.readouterr().out)
+    assert stored["objectives"] == {"distill": {"weight": 0.5}} and "kd_weight" not in stored["train"]
+    assert main(["config", "--preset", "smoke", "train.kd_temperature=2"]) == 2
+    assert capsys.readouterr().err.strip().endswith("is now 'objectives.distill.temperature'")

@@ -81,13 +81,33 @@ def valid_keys() -> dict[str, Any]:
     return keys
 
 
+def renamed_keys() -> dict[str, str]:
+    """Old dotted key -> the key it is now (each objective's `renamed`)."""
+    return {old: f"objectives.{name}.{param}" for name, objective in OBJECTIVES.items()
+            for old, param in objective.renamed.items()}
+
+
+def _migrated(tree: dict[str, Any]) -> dict[str, Any]:
+    """A stored config with its renamed keys moved to their names now: an out dir made by an earlier version
+    loads, and (a default moved is dropped by the validation) describes the same runs."""
+    tree = copy.deepcopy(tree)
+    for old, new in renamed_keys().items():
+        section, key = old.split(".", 1)
+        node = tree.get(section)
+        if isinstance(node, dict) and key in node:
+            _set_dotted(tree, new, node.pop(key))
+    return tree
+
+
 def _check_keys(tree: dict[str, Any], origin: str, prefix: str = "", keys: dict[str, Any] | None = None) -> None:
-    """Reject unknown keys, naming the closest valid one."""
+    """Reject unknown keys, naming the closest valid one (or the name a renamed key has now)."""
     keys = valid_keys() if keys is None else keys
     for key, value in tree.items():
         dotted = f"{prefix}{key}"
         if dotted in keys:
             continue
+        if dotted in (renamed := renamed_keys()):
+            raise UserError(f"config key {dotted!r} in {origin} is now {renamed[dotted]!r}")
         if isinstance(value, dict) and any(k.startswith(dotted + ".") for k in keys):
             _check_keys(value, origin, dotted + ".", keys)
             continue
@@ -146,7 +166,8 @@ def load_config(
     if config_file is not None:
         file_layer = _config_file(config_file)
     if base is not None:
-        name, lower_layer, lower_origin = str(base.get("preset", DEFAULT_PRESET)), base, "the out dir's stored config"
+        name, lower_layer, lower_origin = str(base.get("preset", DEFAULT_PRESET)), _migrated(base), \
+            "the out dir's stored config"
     else:
         name = preset or str(file_layer.get("preset", DEFAULT_PRESET))
         lower_layer, lower_origin = _preset(name), f"preset {name}"

@@ -196,8 +196,9 @@ class Config(Section):
             params = OBJECTIVES[registered("objective", name, OBJECTIVES)].params
             if params is None:
                 raise ValueError(f"objective {name!r} has no config keys")
-            try:
-                out[name] = params.model_validate(keys or {}).model_dump(exclude_defaults=True)
+            try:  # only what differs from the defaults (an empty entry says nothing)
+                if changed := params.model_validate(keys or {}).model_dump(exclude_defaults=True):
+                    out[name] = changed
             except ValidationError as e:  # named in full: the objective's key, not the section's
                 err = e.errors()[0]
                 key = ".".join(str(p) for p in err["loc"])

@@ -170,6 +170,7 @@ def _params(value: Any) -> DistillParams:
 register_objective(NAME, Objective(
     lambda batch, params: distill_loss(batch, _params(params)), frozenset({"reference_logits"}), DistillParams,
     logs_ce=True, doc="CE + weight x KL(reference || student) on the trained tokens",
+    renamed={"train.kd_weight": "weight", "train.kd_temperature": "temperature"},
     suffixes=lambda p: [*([f"w{p.weight:g}"] if p.weight != 1 else []),
                         *([f"T{p.temperature:g}"] if p.temperature != 1 else [])]),
     method=Method(strategy=None, objective=NAME, role="control", compare=("topk", NAME), in_default_grid=True,

@@ -22,9 +22,9 @@ error names the plugin.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, Literal, NamedTuple, TypeVar
 
 from torch import Tensor
@@ -137,7 +137,8 @@ class Objective:
     its final hidden states and head over in `Batch.reference`); params: a pydantic model of the objective's
     config keys (`objectives.<name>.<key>`), None without keys; logs_ce: the logged loss is the mean CE of the
     trained tokens (`SelectiveLoss.loss_selected`), not `loss_sum`, e.g. when the objective adds other terms;
-    suffixes: the run name's suffixes for params away from their defaults (default `<key><value>`)."""
+    suffixes: the run name's suffixes for params away from their defaults (default `<key><value>`); renamed: the
+    dotted keys its params had before (old key -> param), so that an out dir stored by an earlier version loads."""
 
     loss: Callable[[Batch, Any], SelectiveLoss]
     needs: frozenset[str] = frozenset()
@@ -145,6 +146,7 @@ class Objective:
     logs_ce: bool = False
     doc: str = ""
     suffixes: Callable[[Any], list[str]] = default_suffixes
+    renamed: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "needs", _check_needs(self.needs, "an objective"))
