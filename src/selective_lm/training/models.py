@@ -134,6 +134,26 @@ def apply_lora(model: Any, cfg: ModelConfig) -> Any:
     return get_peft_model(model, lora)
 
 
+def student_model(cfg: Config, tokenizer: Any, device: torch.device) -> Any:
+    """The model a run trains, on `device`: the base weights (checked against the tokenizer and block length),
+    gradient checkpointing if asked, then LoRA (`model.lora`) or every weight trainable."""
+    model = load_model(cfg.model, vocab_size=len(tokenizer))
+    check_model(model, tokenizer, cfg.data.block_len)
+    # Compute-matched runs and data-parallel ranks must start from the same LoRA init, whatever the
+    # process drew before; dropout then draws from the same seeded stream (restored on resume).
+    torch.manual_seed(cfg.train.seed)
+    if cfg.train.gradient_checkpointing:  # before LoRA: peft then makes the frozen embeddings' output need grad
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    model = (apply_lora(model, cfg.model) if cfg.model.lora else model).to(device)
+    if not cfg.model.lora:
+        model.requires_grad_(True)
+    return model
+
+
 def _linear_names(model: Any) -> set[str]:
     return {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
 

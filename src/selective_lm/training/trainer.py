@@ -61,15 +61,7 @@ from . import runstats
 from .checkpoint import Checkpoints, rng_state, set_rng_state, trainable
 from .curve import LearningCurve
 from .engine import Engine, free_memory, to_device
-from .models import (
-    apply_lora,
-    check_model,
-    check_store,
-    load_model,
-    load_reference_model,
-    load_tokenizer,
-    tokenizer_fingerprint,
-)
+from .models import check_store, load_reference_model, load_tokenizer, student_model, tokenizer_fingerprint
 from .selfref import SelfReference, extra_bytes
 
 
@@ -149,20 +141,7 @@ class Trainer:
                 self.ref_loss = out.scores(split, self.store, tok_fp, dtype)
         if self.method.oracle and self.store.noise_mask is None:
             raise UserError(f"method {self.t.method} needs a train split with a noise mask (data.noise_rate > 0)")
-        model = load_model(cfg.model, vocab_size=len(self.tokenizer))
-        check_model(model, self.tokenizer, cfg.data.block_len)
-        # Compute-matched runs and data-parallel ranks must start from the same LoRA init, whatever the
-        # process drew before; dropout then draws from the same seeded stream (restored on resume).
-        torch.manual_seed(self.t.seed)
-        if self.t.gradient_checkpointing:  # before LoRA: peft then makes the frozen embeddings' output need grad
-            kwargs = {"use_reentrant": False}
-            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
-                model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-            else:
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-        self.model = (apply_lora(model, cfg.model) if cfg.model.lora else model).to(self.device)
-        if not cfg.model.lora:
-            self.model.requires_grad_(True)
+        self.model = student_model(cfg, self.tokenizer, self.device)
         self.world, self.rank = self.engine.world, self.engine.rank
         self.module = self.engine.wrap(SelectiveLM(self.model))
         self.weights = list(trainable(self.model).values())  # after wrapping: FSDP turns them into shards
