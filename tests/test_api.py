@@ -101,6 +101,21 @@ def test_hidden_states_and_head_give_the_logits_result() -> None:
 # ---------------------------------------------------------------------------- bad input
 
 
+def test_selective_loss_refuses_lists_and_arrays_naming_the_argument() -> None:
+    """A list (a collator that returned lists, a numpy array) is refused with one line, not an AttributeError."""
+    logits, labels = torch.randn(2, 6, 5), torch.randint(0, 5, (2, 6))
+    rule = Selection(method="topk", ratio=0.5, score="loss")
+    with pytest.raises(UserError, match=r"^labels must be a torch.Tensor, got list: convert it with torch.as_tensor"):
+        selective_loss(logits, labels.tolist(), rule=rule)
+    with pytest.raises(UserError, match=r"^logits_or_hidden must be a torch.Tensor, got ndarray"):
+        selective_loss(logits.numpy(), labels, rule=rule)
+    with pytest.raises(UserError, match=r"^ref_loss must be a torch.Tensor, got list"):
+        selective_loss(logits, labels, torch.rand(2, 6).tolist())
+    with pytest.raises(UserError, match=r"^rule must be a selective_lm.Selection, got str"):
+        selective_loss(logits, labels, None, "topk")
+    assert torch.isfinite(selective_loss(logits, labels, rule=rule).mean())  # tensors still work
+
+
 def test_bad_input_raises_the_cli_messages(smoke_out: Path, capsys: pytest.CaptureFixture[str]) -> None:
     for override, kwargs in (("train.ratio=1.5", {"ratio": 1.5}), ("train.scope=rows", {"scope": "rows"}),
                              ("train.rule=threshold", {"rule": "threshold"})):
