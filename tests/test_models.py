@@ -91,6 +91,26 @@ def test_conversion_is_locked_and_runs_once(monkeypatch, tmp_path: Path) -> None
     assert not [p for p in (tmp_path / "models").iterdir() if p.name.endswith(".tmp")]
 
 
+def test_first_conversion_says_so_on_stderr(monkeypatch, tmp_path: Path, capsys) -> None:
+    """The first load converts for up to 2 min: a line on stderr before and after; later loads print nothing."""
+    monkeypatch.setenv("SLM_CACHE", str(tmp_path))
+    monkeypatch.setattr(assets, "gguf_path", lambda key: tmp_path / "fake.gguf")
+    seen: list[str] = []
+
+    def fake_convert(gguf: Path, target: Path) -> None:
+        seen.append(capsys.readouterr().err)  # what the user sees while the conversion runs
+        with assets.atomic_dir(target) as tmp:
+            (tmp / "config.json").write_text("{}")
+
+    monkeypatch.setattr(assets, "_convert_gguf", fake_convert)
+    target = assets.embedded_model_dir("smollm2-135m")
+    captured = capsys.readouterr()
+    assert len(seen) == 1 and "converting the embedded model smollm2-135m" in seen[0] and str(target) in seen[0]
+    assert "once" in seen[0] and "converted smollm2-135m in" in captured.err and captured.out == ""
+    assert assets.embedded_model_dir("smollm2-135m") == target
+    assert capsys.readouterr().err == ""
+
+
 @pytest.mark.slow
 def test_embedded_smollm2_converts_once_then_loads_fast(monkeypatch, tmp_path: Path) -> None:
     """The real GGUF: two processes start at once, both succeed, later loads take < 2 s."""
