@@ -56,7 +56,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from . import __version__
-from .config import SPLITS, Config
+from .config import SPLITS, Config, DataConfig
+from .config.sections import DEFAULT_CAP
 from .data.chat import rendered
 from .data.corpora import CORPORA, Document
 from .data.noise import (
@@ -433,6 +434,7 @@ def prepare(cfg: Config, out: str | Path | OutDir, splits: Sequence[str] | None 
         if split not in plans:
             raise UserError(f"no split {split!r} in data.corpus={data.corpus}{did_you_mean(split, plans)} "
                             f"(available: {', '.join(plans)})")
+    warn_caps_without_split(data, list(plans))
     tokenizer = load_tokenizer(cfg.model)
     if data.format == "chat" and not tokenizer.chat_template:
         raise UserError(f"data.format=chat renders conversations with the tokenizer's chat template, but the "
@@ -462,6 +464,20 @@ def prepare(cfg: Config, out: str | Path | OutDir, splits: Sequence[str] | None 
                                labelled=plans[split].labelled)
             summary[split] = _summary(meta, time.perf_counter() - start, reused=False)
     return summary
+
+
+def warn_caps_without_split(data: DataConfig, splits: Sequence[str]) -> None:
+    """One line on stderr when data.max_tokens names splits the corpus lacks (a preset's CHAMP val_clean cap missing a
+    custom corpus's val); a warning, not an error: presets name their corpus's splits, and work on other corpora."""
+    lacking = [s for s in data.max_tokens if s != DEFAULT_CAP and s not in splits] \
+        if isinstance(data.max_tokens, dict) else []
+    if not lacking:
+        return
+    uncapped = [s for s in splits if data.cap(s) is None]
+    left = f"; {', '.join(uncapped)} {'is' if len(uncapped) == 1 else 'are'} not capped" if uncapped else ""
+    print(f"slm prepare: warning: data.max_tokens caps {', '.join(lacking)}, which data.corpus={data.corpus} does "
+          f"not have (its splits: {', '.join(splits)}){left}; name the corpus's splits, or cap every split not "
+          f"named with the key '{DEFAULT_CAP}'", file=sys.stderr)
 
 
 def _reusable_meta(path: Path, config_fp: str, tokenizer_fp: str, template: dict[str, str]) -> dict[str, Any] | None:

@@ -20,6 +20,7 @@ from ..method.spec import RULES, STOCHASTIC, Selection, SelectionRule
 DEFAULT_PRESET = "champ-smollm2"
 LORA_ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SPLITS = ("reference", "train", "val_clean", "val_noisy")
+DEFAULT_CAP = "default"  # data.max_tokens key: the cap of every split not named
 
 
 # Choices are read from the registries (method/registry.py) when a config is validated, not when this module is
@@ -96,7 +97,9 @@ class DataConfig(Section):
     )
     max_tokens: int | dict[str, int] | None = Field(
         default_factory=lambda: {"reference": 120_000, "train": 300_000, "val_clean": 20_000, "val_noisy": 20_000},
-        description="cap on tokens per split: one number for all, or split -> tokens",
+        description="cap on tokens per split: one number for all, or split -> tokens, where the key 'default' caps "
+        "every split not named (without it those are not capped); `slm prepare` warns about a named split the "
+        "corpus does not have",
     )
     reference_mix: float = Field(
         0.5, ge=0.0, le=1.0, description="share of noise-free model-written text in the reference split"
@@ -188,12 +191,24 @@ class DataConfig(Section):
             out["annotated_share"] = self.annotated_share
         else:
             out.pop("annotated_share", None)
+        if "max_tokens" in out:
+            out["max_tokens"] = self.max_tokens_written_out()
         return out
 
+    def max_tokens_written_out(self) -> int | dict[str, int | None] | None:
+        """data.max_tokens with its `default` entry written out for each split the corpus has (CHAMP's four, a custom
+        corpus's sources): the same caps written either way hash and compare alike (runs, the out dir's config),
+        and configs without a `default` entry hash as they always did."""
+        caps = self.max_tokens
+        splits = list(self.sources) if self.corpus == "custom" else list(SPLITS) if self.corpus == "champ" else None
+        if not isinstance(caps, dict) or DEFAULT_CAP not in caps or splits is None:
+            return caps
+        return {**{s: self.cap(s) for s in splits}, **{k: v for k, v in caps.items() if k != DEFAULT_CAP}}
+
     def cap(self, split: str) -> int | None:
-        """Token cap of one split (None = no cap)."""
+        """Token cap of one split (None = no cap): its own entry, else the `default` entry."""
         if isinstance(self.max_tokens, dict):
-            return self.max_tokens.get(split)
+            return self.max_tokens.get(split, self.max_tokens.get(DEFAULT_CAP))
         return self.max_tokens
 
 
