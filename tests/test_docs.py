@@ -91,3 +91,13 @@ def test_api_snippets_import_what_exists() -> None:
     missing = [f"{module}.{name.strip()}" for module, names in found for name in names.split(",")
                if not hasattr(importlib.import_module(module), name.strip())]
     assert not missing, missing
+
+
+def test_no_page_promises_the_smoke_grid_in_seconds() -> None:
+    """`slm run --preset smoke` takes minutes on a slow CPU (84 s of CPU, 3 min wall on a busy 2-core machine):
+    the pages and the preset say minutes for the grid, seconds only for a stage."""
+    preset = ROOT / "src" / "selective_lm" / "config" / "presets" / "smoke.yaml"
+    for page in [*PAGES, preset]:
+        text = " ".join(page.read_text().split()).lower()
+        assert "grid in seconds" not in text and "seconds, not minutes" not in text, page.name
+    assert "whole grid in minutes" in (ROOT / "docs" / "commands.md").read_text()
