@@ -58,7 +58,7 @@ from tqdm.auto import tqdm
 from . import __version__
 from .config import SPLITS, Config, DataConfig
 from .config.sections import DEFAULT_CAP
-from .data.chat import rendered
+from .data.chat import in_spans, rendered
 from .data.corpora import CORPORA, Document
 from .data.noise import (
     KIND_IDS,
@@ -121,11 +121,7 @@ def _encode(tokenizer: Any, eos: int, texts: list[str], spans: list[list[Span]] 
         mask = np.ones(len(ids), np.bool_)  # the EOS after each document is trained
         for i, (start, n, doc_spans) in enumerate(zip(starts, lens, trained, strict=True)):
             if doc_spans is not None:
-                first = offsets[start:start + n, 0]
-                inside = np.zeros(n, np.bool_)
-                for a, b in doc_spans:
-                    inside |= (first >= a) & (first < b)
-                mask[start + i:start + i + n] = inside
+                mask[start + i:start + i + n] = in_spans(offsets[start:start + n, 0], doc_spans)
     return _Encoded(ids, lens + 1, kinds, mask)
 
 
