@@ -135,10 +135,11 @@ def _alive(pid: int) -> bool:
 @contextlib.contextmanager
 def run_lock(path: Path) -> Iterator[None]:
     """One writer per out dir through the lock file `path`: a second holder fails naming the first;
-    a dead holder's lock is taken over."""
+    a dead holder's lock is taken over. The directories it created go when it ends empty (a check that failed
+    before any write leaves no empty out dir)."""
     out = path.parent
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        created = _make_parents(path)
     except OSError as e:
         raise UserError(f"cannot create output directory {out}: {e.strerror or e}") from None
     while True:
@@ -160,3 +161,4 @@ def run_lock(path: Path) -> Iterator[None]:
         yield
     finally:
         path.unlink(missing_ok=True)
+        _remove_empty(created)
