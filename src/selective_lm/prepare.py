@@ -463,14 +463,16 @@ def prepare(cfg: Config, out: str | Path | OutDir, splits: Sequence[str] | None 
 
 
 def warn_caps_without_split(data: DataConfig, splits: Sequence[str]) -> None:
-    """One line on stderr when data.max_tokens names splits the corpus lacks (a preset's CHAMP val_clean cap missing a
-    custom corpus's val); a warning, not an error: presets name their corpus's splits, and work on other corpora."""
+    """One line on stderr when data.max_tokens names splits the corpus lacks and leaves some of its splits uncapped (a
+    preset's CHAMP val_clean cap missing a custom corpus's val); a warning, not an error: presets name their corpus's
+    splits, and work on other corpora. With every split capped (a `default` entry) a cap on a missing split is quiet:
+    the smoke preset caps `reference`, which a custom corpus may not have."""
     lacking = [s for s in data.max_tokens if s != DEFAULT_CAP and s not in splits] \
         if isinstance(data.max_tokens, dict) else []
-    if not lacking:
-        return
     uncapped = [s for s in splits if data.cap(s) is None]
-    left = f"; {', '.join(uncapped)} {'is' if len(uncapped) == 1 else 'are'} not capped" if uncapped else ""
+    if not lacking or not uncapped:
+        return
+    left = f"; {', '.join(uncapped)} {'is' if len(uncapped) == 1 else 'are'} not capped"
     print(f"slm prepare: warning: data.max_tokens caps {', '.join(lacking)}, which data.corpus={data.corpus} does "
           f"not have (its splits: {', '.join(splits)}){left}; name the corpus's splits, or cap every split not "
           f"named with the key '{DEFAULT_CAP}'", file=sys.stderr)

@@ -98,8 +98,8 @@ class DataConfig(Section):
     max_tokens: int | dict[str, int] | None = Field(
         default_factory=lambda: {"reference": 120_000, "train": 300_000, "val_clean": 20_000, "val_noisy": 20_000},
         description="cap on tokens per split: one number for all, or split -> tokens, where the key 'default' caps "
-        "every split not named (without it those are not capped); `slm prepare` warns about a named split the "
-        "corpus does not have",
+        "every split not named (without it those are not capped); `slm prepare` warns when a cap names a split the "
+        "corpus does not have while one of its splits goes uncapped",
     )
     reference_mix: float = Field(
         0.5, ge=0.0, le=1.0, description="share of noise-free model-written text in the reference split"
