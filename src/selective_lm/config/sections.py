@@ -336,7 +336,11 @@ class TrainConfig(Section):
     seed: int = 0
     checkpoint_every: int = Field(0, ge=0, description="0 = only at the end")
     snapshot_every: int = Field(10, ge=0, description="trajectory snapshots (0 = none)")
-    merge: bool = False
+    merge: bool = Field(
+        False, description="LoRA runs: also save the adapter merged into the base model, a plain Transformers model "
+        "directory with the tokenizer, in runs/<name>/merged/ (the adapter stays in runs/<name>/adapter/, loadable "
+        "with PEFT's AutoPeftModelForCausalLM); a full fine-tuning run's model/ is whole already. Not with "
+        "train.parallel=fsdp")
     gradient_checkpointing: bool = Field(
         False, description="recompute each decoder layer's activations in backward (transformers' "
         "gradient checkpointing): the memory of one layer instead of all, about a third more compute")

@@ -488,7 +488,7 @@ class Trainer:
             for tracker in self.acc.trackers:  # not acc.end_training(): that would end the process group too
                 tracker.finish()
         self.checkpoints.save(self.t.steps, state)
-        self.checkpoints.save_final(self.tokenizer, self.cfg.model.lora, self.t.merge)
+        self.checkpoints.save_final(self.tokenizer, self.cfg.model, self.t.merge)
         if not main:
             return {}
         last = self.run.log()[-1]
