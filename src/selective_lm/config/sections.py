@@ -21,6 +21,9 @@ DEFAULT_PRESET = "champ-smollm2"
 LORA_ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SPLITS = ("reference", "train", "val_clean", "val_noisy")
 DEFAULT_CAP = "default"  # data.max_tokens key: the cap of every split not named
+# train.report_to: the experiment trackers accelerate drives, and the package each needs (pip's name).
+TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "comet_ml": "comet-ml", "aim": "aim",
+            "clearml": "clearml", "dvclive": "dvclive", "swanlab": "swanlab", "trackio": "trackio"}
 
 
 # Choices are read from the registries (method/registry.py) when a config is validated, not when this module is
@@ -296,7 +299,7 @@ class TrainConfig(Section):
     LATER_FIELDS: ClassVar[tuple[str, ...]] = ("rule", "threshold")
     # How a run is computed or stored, not what it learns: outside the run hash (engine.py).
     ENGINE_FIELDS: ClassVar[tuple[str, ...]] = ("checkpoint_every", "merge", "parallel", "gradient_checkpointing",
-                                                "micro_batch_size", "compile")
+                                                "micro_batch_size", "compile", "report_to")
 
     name: str | None = Field(None, description="run name; default derives from method/ratio/seed")
     method: str = Field("clm", description="a registered method (method/registry.py METHODS, plugins included): clm "
@@ -351,6 +354,13 @@ class TrainConfig(Section):
         "auto", description="rows per forward, a multiple k of train.batch_size (the selection unit) with k dividing "
         "train.grad_accum: the same run, fewer and larger forwards. auto = train.batch_size on CPU; on CUDA the "
         "largest such k x batch_size that fits, probed once per device, model and shape")
+    report_to: list[str] = Field(
+        default_factory=lambda: ["tensorboard"], description="experiment trackers that get log.jsonl's per-step "
+        "scalars from the main process, through accelerate: tensorboard (runs/<name>/tb/, the default: local files), "
+        "wandb, mlflow, comet_ml, aim, clearml, dvclive, swanlab, trackio; 'all' = every one installed, 'none' or [] "
+        "= none. Each but tensorboard is an optional install (selective-lm[wandb], selective-lm[mlflow], or the "
+        "tracker's package) set up by its own environment variables (WANDB_MODE=offline, MLFLOW_TRACKING_URI, ...); "
+        "the project / experiment is the out dir's name, the run the run's name")
     compile: bool | Literal["auto"] = Field(
         "auto", description="torch.compile every decoder layer (one static shape, no recompiles per step): auto = "
         "on CUDA only (on CPU inductor's compile costs a minute and the step is no faster)")
@@ -359,6 +369,17 @@ class TrainConfig(Section):
     @classmethod
     def _ratio(cls, v: float) -> float:
         return check_ratio(v)
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _report_to(cls, v: Any) -> list[str]:
+        names = [n.strip() for n in v.split(",")] if isinstance(v, str) else list(v or [])
+        names = [str(n).lower() for n in names if str(n).lower() != "none"]
+        unknown = [n for n in names if n not in TRACKERS and n != "all"]
+        if unknown:
+            raise ValueError(f"unknown tracker {unknown[0]!r}: one or more of {', '.join(TRACKERS)}, 'all' (every one "
+                             f"installed) or 'none'{did_you_mean(unknown[0], [*TRACKERS, 'all'])}")
+        return list(dict.fromkeys(names))
 
     @field_validator("name")
     @classmethod
