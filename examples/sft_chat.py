@@ -5,9 +5,10 @@
         --data chats.jsonl --out out/sft-slm
 
 Each line of the data: {"messages": [{"role": "user", ...}, {"role": "assistant", ...}, ...]}. The
-last assistant turn is the completion and the turns before it the prompt; TRL renders them with the
-tokenizer's chat template and labels the prompt -100, so selection ranks completion tokens only and
-`--ratio` is a share of them. The reference scores each batch online (it must share the tokenizer).
+recipe renders each conversation with the tokenizer's chat template and labels every assistant turn
+(its answer and end-of-turn text), all other tokens -100 (system, user, the template's headers), so
+selection ranks assistant tokens only and `--ratio` is a share of them. The reference scores each
+batch online (it must share the tokenizer).
 """
 
 from __future__ import annotations
@@ -20,11 +21,6 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from selective_lm import Selection, selective_sft_trainer
-
-
-def to_prompt_completion(row: dict[str, Any]) -> dict[str, Any]:
-    """TRL's conversational prompt/completion: everything before the last turn, and the last turn."""
-    return {"prompt": row["messages"][:-1], "completion": row["messages"][-1:]}
 
 
 def run(argv: list[str] | None = None) -> Any:
@@ -41,8 +37,7 @@ def run(argv: list[str] | None = None) -> Any:
     parser.add_argument("--lr", type=float, default=2e-5)
     args = parser.parse_args(argv)
 
-    chats = datasets.load_dataset("json", data_files=args.data, split="train")
-    data = chats.map(to_prompt_completion, remove_columns=chats.column_names)
+    data = datasets.load_dataset("json", data_files=args.data, split="train")  # the messages as they are
     config = SFTConfig(args.out, max_steps=args.steps, per_device_train_batch_size=args.batch_size,
                        learning_rate=args.lr, logging_steps=1, save_strategy="no", report_to=[],
                        use_cpu=not torch.cuda.is_available())  # TRL's default bf16 needs a GPU

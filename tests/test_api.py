@@ -101,6 +101,21 @@ def test_hidden_states_and_head_give_the_logits_result() -> None:
 # ---------------------------------------------------------------------------- bad input
 
 
+def test_selective_loss_refuses_lists_and_arrays_naming_the_argument() -> None:
+    """A list (a collator that returned lists, a numpy array) is refused with one line, not an AttributeError."""
+    logits, labels = torch.randn(2, 6, 5), torch.randint(0, 5, (2, 6))
+    rule = Selection(method="topk", ratio=0.5, score="loss")
+    with pytest.raises(UserError, match=r"^labels must be a torch.Tensor, got list: convert it with torch.as_tensor"):
+        selective_loss(logits, labels.tolist(), rule=rule)
+    with pytest.raises(UserError, match=r"^logits_or_hidden must be a torch.Tensor, got ndarray"):
+        selective_loss(logits.numpy(), labels, rule=rule)
+    with pytest.raises(UserError, match=r"^ref_loss must be a torch.Tensor, got list"):
+        selective_loss(logits, labels, torch.rand(2, 6).tolist())
+    with pytest.raises(UserError, match=r"^rule must be a selective_lm.Selection, got str"):
+        selective_loss(logits, labels, None, "topk")
+    assert torch.isfinite(selective_loss(logits, labels, rule=rule).mean())  # tensors still work
+
+
 def test_bad_input_raises_the_cli_messages(smoke_out: Path, capsys: pytest.CaptureFixture[str]) -> None:
     for override, kwargs in (("train.ratio=1.5", {"ratio": 1.5}), ("train.scope=rows", {"scope": "rows"}),
                              ("train.rule=threshold", {"rule": "threshold"})):
@@ -346,3 +361,69 @@ def test_sft_recipe_selects_completion_tokens_only(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="reference_model"):
         selective_sft_trainer(model=load_model(cfg.model), args=args, train_dataset=datasets.Dataset.from_list(rows),
                               processing_class=tokenizer, selection=Selection(ratio=0.5))
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+
+
+@pytest.mark.slow
+def test_sft_recipe_trains_only_the_assistant_turns_of_conversations(tmp_path: Path) -> None:
+    """`{"messages": [...]}` rows: labels -100 on every token outside the assistant turns (TRL alone trains all of
+    them), counted byte by byte against the rendered template; the ids are TRL's own tokenization of the chat."""
+    pytest.importorskip("trl")
+    import datasets
+    from trl import SFTConfig
+
+    from selective_lm import selective_sft_trainer
+
+    cfg = load_config("smoke")
+    tokenizer = load_tokenizer(cfg.model)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    rows = [{"messages": [{"role": "system", "content": "Réponds brièvement."},
+                          {"role": "user", "content": f"Combien font {i} × 2 ?"},
+                          {"role": "assistant", "content": f"{2 * i}."},
+                          {"role": "user", "content": "Et fois trois ?"},
+                          {"role": "assistant", "content": f"{3 * i}, évidemment."}]} for i in range(8)]
+    args = SFTConfig(output_dir=str(tmp_path / "sft"), per_device_train_batch_size=4, gradient_accumulation_steps=2,
+                     max_steps=1, learning_rate=1e-2, use_cpu=True, report_to=[], save_strategy="no",
+                     logging_steps=1)
+    trainer = selective_sft_trainer(model=apply_lora(load_model(cfg.model), cfg.model), args=args,
+                                    train_dataset=datasets.Dataset.from_list(rows),
+                                    eval_dataset={"val": datasets.Dataset.from_list(rows[:2])},
+                                    processing_class=tokenizer, selection=Selection(method="topk", ratio=0.5,
+                                                                                    score="loss"))
+    prepared = trainer.train_dataset
+    trained = []
+    for row, ids, labels in zip(rows, prepared["input_ids"], prepared["labels"], strict=True):
+        pieces = [(f"<|{m['role']}|>\n", False) for m in row["messages"]]
+        pieces = [p for m, head in zip(row["messages"], pieces, strict=True)
+                  for p in (head, (f"{m['content']}\n", m["role"] == "assistant"))]
+        assert "".join(text for text, _ in pieces) == tokenizer.apply_chat_template(row["messages"], tokenize=False)
+        assert ids == tokenizer.apply_chat_template(row["messages"], tokenize=True, return_dict=True)["input_ids"]
+        expected = [flag for text, flag in pieces for _ in text.encode("utf-8")]  # byte tokenizer: a token per byte
+        assert len(ids) == len(labels) == len(expected)
+        assert labels == [i if flag else -100 for i, flag in zip(ids, expected, strict=True)]
+        trained.append(sum(expected))
+        assert 0 < trained[-1] < len(ids) / 3  # e.g. 20 of 93: what TRL alone would train in full
+    val = trainer.eval_dataset["val"]
+    assert val["labels"] == prepared["labels"][:2]
+    trainer.train()
+    logged = trainer.state.log_history[0]
+    n_valid = [sum(trained[i:i + 4]) for i in (0, 4)]  # position 0 is a header token: never trained anyway
+    assert logged["selected_frac"] == pytest.approx(sum(int(np.floor(n * 0.5 + 0.5)) for n in n_valid)
+                                                    / sum(n_valid))
+    without = [{"messages": [{"role": "user", "content": "hi"}, {"role": "bot", "content": "yo"}]}]
+    with pytest.raises(UserError, match="conversation 0 has no assistant turn to train"):
+        selective_sft_trainer(model=load_model(cfg.model), args=args, processing_class=tokenizer,
+                              train_dataset=datasets.Dataset.from_list(without),
+                              selection=Selection(method="topk", ratio=0.5, score="loss"))
+    with pytest.raises(UserError, match="^SFTConfig.chat_template_path: .* set tokenizer.chat_template"):
+        selective_sft_trainer(model=load_model(cfg.model), processing_class=tokenizer,
+                              args=SFTConfig(output_dir=str(tmp_path / "t"), chat_template_path=str(tmp_path / "t.j2"),
+                                             use_cpu=True, report_to=[]),
+                              train_dataset=datasets.Dataset.from_list(rows),
+                              selection=Selection(method="topk", ratio=0.5, score="loss"))
+    with pytest.raises(UserError, match="pass processing_class="):
+        selective_sft_trainer(model=load_model(cfg.model), args=args, train_dataset=datasets.Dataset.from_list(rows),
+                              selection=Selection(method="topk", ratio=0.5, score="loss"))

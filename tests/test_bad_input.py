@@ -223,3 +223,19 @@ def test_full_disk_is_a_clear_error_and_leaves_no_partial_file(smoke_out: Path, 
     err = capsys.readouterr().err.strip()
     assert code == 2 and "no space left" in err and len(err.splitlines()) == 1, err
     assert _snapshot(smoke_out) == before
+
+
+@pytest.mark.parametrize("existing", [False, True], ids=["new out dir", "empty out dir"])
+def test_a_bad_row_leaves_no_empty_data_dir(tmp_path: Path, existing: bool, capsys) -> None:
+    """prepare stages each split under data/ and fails on the val split's second row: neither data/ nor (when
+    the command made it) the out dir is left behind, as the troubleshooting page promises."""
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps({"text": f"document {i} " * 10}) + "\n" for i in range(5)))
+    (tmp_path / "val.jsonl").write_text('{"text": "fine"}\n{"content": "no text field"}\n')
+    out = tmp_path / "out"
+    if existing:
+        out.mkdir()
+    code = main(["prepare", "--preset", "smoke", "--out", str(out), "data.corpus=custom", "data.noise_rate=0",
+                 f"data.sources={{train: '{tmp_path}/train.jsonl', val: '{tmp_path}/val.jsonl'}}"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "line 2" in err and len(err.splitlines()) == 1, err
+    assert (list(out.iterdir()) == []) if existing else not out.exists()

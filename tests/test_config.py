@@ -47,7 +47,7 @@ def test_overrides_are_typed_and_dotted() -> None:
     cfg = load_config("smoke", overrides=["train.ratio=0.5", "model.lora=false", "data.max_tokens.train=123",
                                          "grid.ratios=[0.7, 0.4]", "train.name=my-run"])
     assert cfg.train.ratio == 0.5 and cfg.model.lora is False
-    assert cfg.data.max_tokens == {"reference": 8000, "train": 123, "val_clean": 4000, "val_noisy": 4000}
+    assert cfg.data.max_tokens == {"reference": 8000, "train": 123, "default": 4000}
     assert cfg.grid.ratios == [0.7, 0.4] and cfg.train.name == "my-run"
 
 

@@ -78,3 +78,26 @@ def test_relative_links_resolve(page: Path) -> None:
         elif anchor and target.suffix == ".md" and anchor not in _anchors(target):
             broken.append(f"{link} (no heading with that anchor in {target.relative_to(ROOT)})")
     assert not broken, f"{page.relative_to(ROOT)}: broken links: {broken}"
+
+
+def test_api_snippets_import_what_exists() -> None:
+    """Every `from selective_lm... import name` of docs/api.md's code blocks names something that exists (the offline
+    snippet's `embedded_model_dir` included), without running the snippets (they need models and data)."""
+    import importlib
+
+    text = (ROOT / "docs" / "api.md").read_text()
+    found = re.findall(r"^from (selective_lm[\w.]*) import ([\w, ]+)$", text, flags=re.MULTILINE)
+    assert ("selective_lm.data.assets", "embedded_model_dir") in found
+    missing = [f"{module}.{name.strip()}" for module, names in found for name in names.split(",")
+               if not hasattr(importlib.import_module(module), name.strip())]
+    assert not missing, missing
+
+
+def test_no_page_promises_the_smoke_grid_in_seconds() -> None:
+    """`slm run --preset smoke` takes minutes on a slow CPU (84 s of CPU, 3 min wall on a busy 2-core machine):
+    the pages and the preset say minutes for the grid, seconds only for a stage."""
+    preset = ROOT / "src" / "selective_lm" / "config" / "presets" / "smoke.yaml"
+    for page in [*PAGES, preset]:
+        text = " ".join(page.read_text().split()).lower()
+        assert "grid in seconds" not in text and "seconds, not minutes" not in text, page.name
+    assert "whole grid in minutes" in (ROOT / "docs" / "commands.md").read_text()

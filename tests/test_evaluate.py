@@ -72,6 +72,34 @@ def test_eval_of_a_run_matches_transformers_labels_loss(smoke_cfg, trained_out: 
         assert results[split]["ppl"] == pytest.approx(math.exp(mean), rel=1e-4)
 
 
+@pytest.mark.slow
+def test_a_run_loads_with_auto_peft_and_gives_its_eval_loss(trained_out: Path, tmp_path: Path, monkeypatch) -> None:
+    """`AutoPeftModelForCausalLM.from_pretrained(run/adapter)` alone (adapter_config.json names the base: the smoke
+    preset's `random:` model, saved once in $SLM_CACHE) gives `slm eval`'s loss; so does `train.merge`'s merged/."""
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.setenv("SLM_CACHE", str(tmp_path / "cache"))
+    for name in ("two-steps", "merged"):
+        overrides = ("train.steps=2", f"train.name={name}", f"train.merge={name == 'merged'}")
+        assert main(["train", "--preset", "smoke", "--out", str(trained_out), *overrides]) == 0
+        assert main(["eval", "--preset", "smoke", "--out", str(trained_out), *overrides]) == 0
+    store = load_store(trained_out / "data" / "val_clean")
+    for name in ("two-steps", "merged"):
+        run = trained_out / "runs" / name
+        base = read_json(run / "adapter" / "adapter_config.json")["base_model_name_or_path"]
+        assert Path(base).parent == tmp_path / "cache" / "models" and Path(base).name.startswith("random-tiny-llama-")
+        loaded = {"adapter": AutoPeftModelForCausalLM.from_pretrained(str(run / "adapter"))}
+        if name == "merged":
+            loaded["merged"] = AutoModelForCausalLM.from_pretrained(str(run / "merged"))
+        assert (run / "merged").is_dir() is (name == "merged")
+        expected = read_json(run / "eval.json")["val_clean"]
+        for what, model in loaded.items():
+            mean, count = hf_mean_loss(model.eval(), store.tokens)
+            assert count == expected["tokens"] and mean == pytest.approx(expected["loss"], rel=1e-4), (name, what)
+    assert len(list((tmp_path / "cache" / "models").glob("random-*"))) == 1  # saved once, for both runs
+
+
 def test_eval_of_reference_and_base(smoke_cfg, trained_out: Path) -> None:
     ref = evaluate(smoke_cfg, trained_out, "reference")
     base = evaluate(smoke_cfg, trained_out, "base")

@@ -81,9 +81,14 @@ def test_trainer_offline_scores(tmp_path: Path, tiny_dir: Path) -> None:
 def test_sft_chat(tmp_path: Path, tiny_dir: Path) -> None:
     pytest.importorskip("trl")
     chats = [{"messages": [{"role": "user", "content": f"What is {i} + {i}?"},
-                           {"role": "assistant", "content": f"{2 * i}."}]} for i in range(8)]
+                           {"role": "assistant", "content": f"{2 * i}."},
+                           {"role": "user", "content": "And times 3?"},
+                           {"role": "assistant", "content": f"{3 * i}."}]} for i in range(8)]
     data = _jsonl(tmp_path / "chats.jsonl", chats)
     trainer = _example("sft_chat").run(["--model", str(tiny_dir), "--reference", str(tiny_dir), "--data", data,
                                         "--out", str(tmp_path / "sft"), "--steps", "1", "--batch-size", "4"])
     logged = trainer.state.log_history[0]
     assert np.isfinite(logged["loss"]) and 0 < logged["selected_frac"] < 1
+    # both assistant turns train ("<answer>.\n", a token per byte), nothing else
+    assert [sum(label != -100 for label in row) for row in trainer.train_dataset["labels"]] == [
+        len(f"{2 * i}.\n{3 * i}.\n") for i in range(8)]

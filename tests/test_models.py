@@ -67,6 +67,28 @@ def test_local_model_directory_loads(smoke_cfg, tmp_path: Path) -> None:
     torch.testing.assert_close(loaded(x).logits, model(x).logits)
 
 
+def test_an_adapter_names_a_base_peft_can_load(smoke_cfg, tmp_path: Path, monkeypatch) -> None:
+    """adapter_config.json's base_model_name_or_path: a Hub id as given, a local directory made absolute (the adapter
+    may be loaded from another directory), a `random:` model saved once in the cache, bit-identical to its draw."""
+    from selective_lm.config import ModelConfig
+    from selective_lm.training.models import base_model_location
+
+    monkeypatch.setenv("SLM_CACHE", str(tmp_path / "cache"))
+    assert base_model_location(ModelConfig(name="HuggingFaceTB/SmolLM2-135M"), 49152) == "HuggingFaceTB/SmolLM2-135M"
+    (tmp_path / "local").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert base_model_location(ModelConfig(name="local"), 257) == str(tmp_path / "local")
+    saved = Path(base_model_location(smoke_cfg.model, 257))
+    assert saved.parent == tmp_path / "cache" / "models" and (saved / "config.json").is_file()
+    mtime = (saved / "config.json").stat().st_mtime_ns
+    assert base_model_location(smoke_cfg.model, 257) == str(saved)
+    assert (saved / "config.json").stat().st_mtime_ns == mtime
+    reloaded, drawn = load_model(smoke_cfg.model, path=str(saved)), load_model(smoke_cfg.model, vocab_size=257)
+    assert all(torch.equal(a, b) for a, b in zip(reloaded.state_dict().values(), drawn.state_dict().values(),
+                                                 strict=True))
+    assert base_model_location(smoke_cfg.model, 300) != str(saved)  # another vocabulary, another model
+
+
 def test_conversion_is_locked_and_runs_once(monkeypatch, tmp_path: Path) -> None:
     """Two concurrent first loads: one converts, the other waits and reuses the result."""
     monkeypatch.setenv("SLM_CACHE", str(tmp_path))
@@ -89,6 +111,26 @@ def test_conversion_is_locked_and_runs_once(monkeypatch, tmp_path: Path) -> None
         t.join()
     assert len(calls) == 1 and len(set(results)) == 1 and (results[0] / "config.json").is_file()
     assert not [p for p in (tmp_path / "models").iterdir() if p.name.endswith(".tmp")]
+
+
+def test_first_conversion_says_so_on_stderr(monkeypatch, tmp_path: Path, capsys) -> None:
+    """The first load converts for up to 2 min: a line on stderr before and after; later loads print nothing."""
+    monkeypatch.setenv("SLM_CACHE", str(tmp_path))
+    monkeypatch.setattr(assets, "gguf_path", lambda key: tmp_path / "fake.gguf")
+    seen: list[str] = []
+
+    def fake_convert(gguf: Path, target: Path) -> None:
+        seen.append(capsys.readouterr().err)  # what the user sees while the conversion runs
+        with assets.atomic_dir(target) as tmp:
+            (tmp / "config.json").write_text("{}")
+
+    monkeypatch.setattr(assets, "_convert_gguf", fake_convert)
+    target = assets.embedded_model_dir("smollm2-135m")
+    captured = capsys.readouterr()
+    assert len(seen) == 1 and "converting the embedded model smollm2-135m" in seen[0] and str(target) in seen[0]
+    assert "once" in seen[0] and "converted smollm2-135m in" in captured.err and captured.out == ""
+    assert assets.embedded_model_dir("smollm2-135m") == target
+    assert capsys.readouterr().err == ""
 
 
 @pytest.mark.slow

@@ -138,7 +138,7 @@ def test_slm_run_checks_splits_and_tasks_before_any_work(tmp_path: Path, capsys,
     out = tmp_path / "out"
     code, err = _slm(capsys, "run", "--preset", "smoke", "--out", str(out), *_custom_corpus(tmp_path, splits), *extra)
     assert code == 2 and needle in err and len(err.splitlines()) == 1, err
-    assert not out.exists() or not any(p.is_file() for p in out.rglob("*"))
+    assert not out.exists()  # not even an empty data/ or out dir (files.atomic_dir)
 
 
 def test_custom_corpus_evaluates_on_the_splits_it_has(tmp_path: Path) -> None:
@@ -260,6 +260,46 @@ def test_custom_corpus_gets_no_noise_unless_asked_and_a_cap_says_what_it_kept(tm
     assert noisy.data.noise_rate == 0.2
 
 
+def test_the_smoke_caps_reach_a_custom_corpus_s_own_split(tmp_path: Path, capsys) -> None:
+    """The smoke preset's `default` cap caps a custom corpus's `val` as CHAMP's val_clean (it went uncapped: 32.5k
+    tokens where a smoke evaluation reads 4k), with no warning; per-split caps and a default are the same settings."""
+    from selective_lm.prepare import prepare
+
+    text = "Document {}: the sum of two odd numbers is even, and here is why, step by step."
+    sources = {s: _jsonl(tmp_path / f"{s}.jsonl", [{"text": text.format(i)} for i in range(n)])
+               for s, n in (("train", 300), ("reference", 150), ("val", 100))}
+    cfg = load_config("smoke", overrides=["data.corpus=custom", *(f"data.sources.{s}={f}" for s, f in sources.items())])
+    assert {s: cfg.data.cap(s) for s in ("train", "reference", "val", "val_clean")} == {
+        "train": 16000, "reference": 8000, "val": 4000, "val_clean": 4000}
+    capsys.readouterr()
+    prepare(cfg, tmp_path / "out")
+    meta = json.loads((tmp_path / "out" / "data" / "val" / "meta.json").read_text())
+    assert meta["max_tokens"] == 4000 and meta["capped"] and meta["n_tokens"] <= 4000 + cfg.data.block_len
+    assert "warning" not in capsys.readouterr().err
+    old_style = load_config("smoke", overrides=["data.max_tokens={reference: 8000, train: 16000, val_clean: 4000, "
+                                                "val_noisy: 4000}"])
+    new_style = load_config("smoke")  # old smoke out dirs still fit it, and their runs keep their hashes:
+    assert old_style.artifact_settings() == new_style.artifact_settings()
+    assert old_style.data.hashed() == new_style.data.hashed() and old_style.data.hashed(mode="json") == \
+        new_style.data.hashed(mode="json")
+
+
+def test_a_cap_naming_a_split_the_corpus_lacks_is_a_warning(tmp_path: Path, capsys) -> None:
+    """One line on stderr naming the cap that applies to nothing and the split left uncapped; prepare goes on."""
+    sources = {s: _jsonl(tmp_path / f"{s}.jsonl", [{"text": f"Document {i} of {s}: the sum is even. " * 3}
+                                                   for i in range(40)]) for s in ("train", "val")}
+    code, err = _slm(capsys, "prepare", "--preset", "smoke", "--out", str(tmp_path / "out"), "data.corpus=custom",
+                     *(f"data.sources.{s}={f}" for s, f in sources.items()),
+                     "data.max_tokens={train: 2000, val_clean: 500}")
+    warnings = [line for line in err.splitlines() if "warning" in line]
+    assert code == 0 and len(warnings) == 1, err
+    assert ("data.max_tokens caps val_clean, which data.corpus=custom does not have (its splits: train, val); "
+            "val is not capped; name the corpus's splits, or cap every split not named with the key 'default'") \
+        in warnings[0]
+    meta = json.loads((tmp_path / "out" / "data" / "val" / "meta.json").read_text())
+    assert meta["max_tokens"] is None and not meta["capped"]
+
+
 # --------------------------------------------------------------------------- 8. a failed prepare leaves nothing
 
 
@@ -270,7 +310,7 @@ def test_failed_prepare_leaves_no_split_behind(tmp_path: Path, capsys) -> None:
     code, err = _slm(capsys, "prepare", "--preset", "smoke", "--out", str(out), "data.corpus=custom",
                      f"data.sources.train={good}", f"data.sources.reference={good}", f"data.sources.val_clean={bad}")
     assert code == 2 and "line 2" in err, err
-    assert not out.exists() or not any(p.is_file() for p in out.rglob("*"))
+    assert not out.exists()  # not even an empty data/ or out dir (files.atomic_dir)
 
 
 def test_task_evaluation_prints_no_git_noise(tmp_path: Path, monkeypatch, capfd) -> None:

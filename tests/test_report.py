@@ -290,3 +290,19 @@ def test_one_document_kind_claims_no_interval() -> None:
     md = wrong_step_section({"topk-r0.5": {}}, [], runs, ["topk-r0.5"])
     assert "-0.6 % [-1.0, -0.1]" in md and "-1.2 % (one document: no interval)" in md
     assert "`after_wrong_step` 200 in 8 documents" in md and "`before_wrong_step` 200 in 1 document" in md
+
+
+@pytest.mark.parametrize(("steps", "averaged"), [(6, False), (40, True)])
+def test_loss_plot_title_says_whether_it_draws_a_moving_average(tmp_path: Path, steps: int, averaged: bool) -> None:
+    """The smoke preset's 6 steps have nothing to average: one line per run, and a title that says so."""
+    from selective_lm.report import plots
+
+    logs = {"clm": [(s, 5.0 - 0.01 * s + 0.1 * (s % 2)) for s in range(1, steps + 1)]}
+    fig = plots.loss_curves(logs, tmp_path / "loss.png")
+    ax = fig.axes[0]
+    assert (tmp_path / "loss.png").is_file()
+    assert ("moving average over 4 steps" in ax.get_title()) is averaged
+    assert ("per optimizer step" in ax.get_title()) is not averaged
+    assert len(ax.get_lines()) == (2 if averaged else 1)
+    bold = np.asarray(ax.get_lines()[-1].get_ydata())
+    assert np.array_equal(bold, [p[1] for p in logs["clm"]]) is not averaged

@@ -633,6 +633,45 @@ def test_metrics_reach_tensorboard(smoke_out: Path) -> None:
         assert [s.value for s in scalars] == pytest.approx([r[key] for r in log], rel=1e-6)
 
 
+def test_metrics_reach_mlflow_and_trackers_are_asked_for(smoke_out: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    """train.report_to=mlflow (a local file store: offline): log.jsonl's scalars per step, in an experiment named
+    after the out dir and a run named after the run, with the run's settings as parameters, and no tb/ (TensorBoard
+    is the default, not added); a tracker that is not installed or does not start is one line before any step."""
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", (tmp_path / "mlruns").as_uri())
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 refuses a file store otherwise
+    assert _train(smoke_out, "train.method=topk", "train.ratio=0.5", "train.report_to=mlflow") == 0
+    run = smoke_out / "runs" / "topk-r0.5"
+    assert not (run / "tb").exists()
+    client = MlflowClient()
+    [tracked] = client.search_runs([client.get_experiment_by_name(smoke_out.resolve().name).experiment_id])
+    assert tracked.info.run_name == "topk-r0.5" and tracked.info.status == "FINISHED"
+    assert tracked.data.params["train.method"] == "topk" and tracked.data.params["train.ratio"] == "0.5"
+    log = _log(run)
+    assert set(tracked.data.metrics) == set(LOG_KEYS - {"step", "selected_by_kind", "kind_counts"}) | {
+        f"selected_by_kind/{k}" for record in log for k in record["selected_by_kind"]}
+    for key in ("loss", "lr", "selected_frac", "tokens_trained"):
+        history = sorted(client.get_metric_history(tracked.info.run_id, key), key=lambda m: m.step)
+        assert [m.step for m in history] == [r["step"] for r in log]
+        assert [m.value for m in history] == pytest.approx([r[key] for r in log], rel=1e-6)
+
+    import accelerate.tracking
+
+    capsys.readouterr()
+    monkeypatch.setattr(accelerate.tracking, "get_available_trackers", lambda: [])
+    assert _train(smoke_out, "train.name=untracked", "train.report_to=[tensorboard,mlflow]") == 2
+    err = capsys.readouterr().err.strip()
+    assert "train.report_to=tensorboard: tensorboard is not installed" in err and len(err.splitlines()) == 1, err
+    monkeypatch.undo()  # MLflow 3 refuses a file store without MLFLOW_ALLOW_FILE_STORE (another: not cached)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", (tmp_path / "refused").as_uri())
+    assert _train(smoke_out, "train.name=refused", "train.report_to=mlflow") == 2
+    err = capsys.readouterr().err.strip()
+    assert "train.report_to=mlflow: a tracker did not start:" in err and len(err.splitlines()) == 1, err
+    assert not (smoke_out / "runs" / "refused" / "log.jsonl").read_text()  # before any step
+
+
 # ----------------------------------------------------------------------------- independent controls
 
 

@@ -97,6 +97,15 @@ def check_ref_loss(ref_loss: Tensor | None, labels: Tensor, needed: bool) -> Non
         raise UserError(f"ref_loss must be a float tensor, got {ref_loss.dtype}")
 
 
+def check_tensors(**arrays: Any) -> None:
+    """UserError naming the first argument that is neither a torch.Tensor nor None (a list, a numpy array):
+    the loss needs tensors on the model's device, and a list would fail deep inside with an AttributeError."""
+    for name, value in arrays.items():
+        if value is not None and not isinstance(value, Tensor):
+            raise UserError(f"{name} must be a torch.Tensor, got {type(value).__name__}: convert it with "
+                            f"torch.as_tensor({name}) (on the model's device)")
+
+
 def logits_token_losses(logits: Tensor, labels: Tensor, valid: Tensor) -> Tensor:
     """Per-token CE `[B, T]` (float32, with grad) of labels[b, t] from logits[b, t - 1]; NaN where not valid."""
     b, t = valid.nonzero(as_tuple=True)
@@ -140,6 +149,9 @@ def selective_loss(
     `SelectiveTrainer` normalise. The count is known before the forward pass for ratio rules:
     `selection.num_selected(n_valid, ratio)` per scope unit.
     """
+    check_tensors(logits_or_hidden=logits_or_hidden, labels=labels, ref_loss=ref_loss)
+    if rule is not None and not isinstance(rule, Selection):
+        raise UserError(f"rule must be a selective_lm.Selection, got {type(rule).__name__}")
     rule = rule or Selection()
     if labels.dim() != 2 or logits_or_hidden.dim() != 3 or logits_or_hidden.shape[:2] != labels.shape:
         raise UserError(f"logits or hidden states {tuple(logits_or_hidden.shape)} must be [B, T, V or H] for labels "

@@ -33,17 +33,34 @@ def _tmp_sibling(path: Path) -> Path:
     return Path(tmp)
 
 
+def _make_parents(path: Path) -> list[Path]:
+    """mkdir -p `path.parent`; the directories it created, deepest first (for `_remove_empty`)."""
+    missing = [d for d in (path.parent, *path.parent.parents) if not d.exists()]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return missing
+
+
+def _remove_empty(created: list[Path]) -> None:
+    """Undo `_make_parents` after a failed write: a bad input leaves no empty `data/` (or out dir) behind.
+    rmdir removes only empty directories, so whatever another writer put there meanwhile stays."""
+    for d in created:
+        with contextlib.suppress(OSError):
+            d.rmdir()
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; rename it over `path` only if the block succeeds."""
+    """Yield a temporary path beside `path`; rename it over `path` only if the block succeeds (on failure the
+    parent directories this call created go too, when empty)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    created = _make_parents(path)
     tmp = _tmp_sibling(path)
     try:
         yield tmp
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
+        _remove_empty(created)
         raise
 
 
@@ -74,9 +91,10 @@ def read_json(path: str | os.PathLike[str]) -> Any:
 
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Build a directory under a temporary name; it replaces `path` only when the block succeeds."""
+    """Build a directory under a temporary name; it replaces `path` only when the block succeeds (on failure the
+    parent directories this call created go too, when empty)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    created = _make_parents(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
@@ -85,6 +103,7 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
         os.replace(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        _remove_empty(created)
         raise
 
 
@@ -116,10 +135,11 @@ def _alive(pid: int) -> bool:
 @contextlib.contextmanager
 def run_lock(path: Path) -> Iterator[None]:
     """One writer per out dir through the lock file `path`: a second holder fails naming the first;
-    a dead holder's lock is taken over."""
+    a dead holder's lock is taken over. The directories it created go when it ends empty (a check that failed
+    before any write leaves no empty out dir)."""
     out = path.parent
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        created = _make_parents(path)
     except OSError as e:
         raise UserError(f"cannot create output directory {out}: {e.strerror or e}") from None
     while True:
@@ -141,3 +161,4 @@ def run_lock(path: Path) -> Iterator[None]:
         yield
     finally:
         path.unlink(missing_ok=True)
+        _remove_empty(created)

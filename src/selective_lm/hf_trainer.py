@@ -22,6 +22,7 @@ position) as `slm train` keys them with `train.common_random=true`.
 from __future__ import annotations
 
 import functools
+import inspect
 from dataclasses import dataclass
 from typing import Any
 
@@ -237,9 +238,12 @@ def selective_sft_trainer(*args: Any, selection: Selection | None = None, refere
                           **kwargs: Any) -> Any:
     """TRL's `SFTTrainer` with SLM: same arguments, plus `selection` and `reference_model`.
 
-    TRL tokenizes prompt/completion (or chat) data itself and, with its default
-    `completion_only_loss`, labels prompt tokens -100: selection then ranks completion tokens only,
-    and the ratio is a share of them. The reference scores each micro-batch online, since TRL
+    TRL tokenizes prompt/completion data itself and, with its default `completion_only_loss`,
+    labels prompt tokens -100. Conversational `{"messages": [...]}` rows TRL would train whole
+    (its `assistant_only_loss` needs a template with generation markers, which SmolLM2's lacks):
+    the recipe labels them itself (`assistant_only`), every assistant turn trained and every other
+    token -100, as `slm prepare`'s chat format. Selection then ranks completion / assistant tokens
+    only, and the ratio is a share of them. The reference scores each micro-batch online, since TRL
     builds the tokens after any column could be added; score kinds without a reference (`loss`,
     random) need none. TRL is an optional extra (`pip install 'selective-lm[trl]'`).
     """
@@ -247,4 +251,55 @@ def selective_sft_trainer(*args: Any, selection: Selection | None = None, refere
     if selection.needs_reference and reference_model is None:
         raise UserError(f"score {selection.score!r} reads reference losses: pass reference_model= (the SFT recipe "
                         "scores online) or use score='loss'")
-    return _selective_sft_trainer()(*args, selection=selection, reference_model=reference_model, **kwargs)
+    cls = _selective_sft_trainer()
+    from trl import SFTTrainer
+
+    given = inspect.signature(SFTTrainer.__init__).bind(None, *args, **kwargs).arguments
+    del given["self"]
+    config = given.get("args")
+    if not (getattr(config, "assistant_only_loss", False) or given.get("formatting_func") is not None
+            or (getattr(config, "dataset_kwargs", None) or {}).get("skip_prepare_dataset")):
+        for name in ("train_dataset", "eval_dataset"):
+            if given.get(name) is not None:
+                given[name] = assistant_only(given[name], given.get("processing_class"),
+                                             getattr(config, "chat_template_path", None))
+    return cls(selection=selection, reference_model=reference_model, **given)
+
+
+def assistant_only(dataset: Any, tokenizer: Any, chat_template_path: str | None = None) -> Any:
+    """Conversational language-modeling data (a `messages` column of role/content dicts, or ShareGPT's
+    `conversations`) as `input_ids` + `labels`: the assistant turns' tokens labelled, all others -100
+    (`chat.chat_labels`: the spans `slm prepare` trains). Other datasets, and dicts of them, as they are.
+    `chat_template_path` (SFTConfig's) is refused for such data: TRL would apply it after the labelling."""
+    if isinstance(dataset, dict):
+        return type(dataset)({k: assistant_only(v, tokenizer, chat_template_path) for k, v in dataset.items()})
+    from trl.data_utils import is_conversational, is_conversational_from_value, maybe_convert_to_chatml
+
+    first = next(iter(dataset), None)
+    if first is None or "input_ids" in first or not (is_conversational_from_value(first) or (
+            "messages" in first and "prompt" not in first and is_conversational(first))):
+        return dataset
+    if tokenizer is None:
+        raise UserError("conversational data is labelled with the tokenizer's chat template: pass processing_class= "
+                        "(the tokenizer)")
+    if chat_template_path is not None:
+        raise UserError("SFTConfig.chat_template_path: the recipe labels conversations with the tokenizer's own chat "
+                        "template; set tokenizer.chat_template to the template instead")
+    extra = sorted({"tools", "chat_template_kwargs"} & set(first))
+    if extra:
+        raise UserError(f"conversational rows with {', '.join(extra)}: the recipe renders the messages alone; "
+                        "tokenize them yourself into input_ids + labels (-100 outside the assistant turns)")
+    from .data.chat import chat_labels
+
+    advice = ("the dataset's messages", "convert the rows to prompt/completion (the last assistant turn trains)")
+
+    def label(row: dict[str, Any], index: int) -> dict[str, list[int]]:
+        messages = maybe_convert_to_chatml(dict(row))["messages"]
+        out = chat_labels(tokenizer, messages, advice)
+        if all(label == -100 for label in out["labels"]):
+            roles = sorted({str(m.get("role")) for m in messages})
+            raise UserError(f"conversation {index} has no assistant turn to train (roles: {', '.join(roles)}): "
+                            "the recipe trains the messages of role 'assistant'")
+        return out
+
+    return dataset.map(label, with_indices=True, remove_columns=list(first))

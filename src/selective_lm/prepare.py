@@ -56,8 +56,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from . import __version__
-from .config import SPLITS, Config
-from .data.chat import rendered
+from .config import SPLITS, Config, DataConfig
+from .config.sections import DEFAULT_CAP
+from .data.chat import in_spans, rendered
 from .data.corpora import CORPORA, Document
 from .data.noise import (
     KIND_IDS,
@@ -120,11 +121,7 @@ def _encode(tokenizer: Any, eos: int, texts: list[str], spans: list[list[Span]] 
         mask = np.ones(len(ids), np.bool_)  # the EOS after each document is trained
         for i, (start, n, doc_spans) in enumerate(zip(starts, lens, trained, strict=True)):
             if doc_spans is not None:
-                first = offsets[start:start + n, 0]
-                inside = np.zeros(n, np.bool_)
-                for a, b in doc_spans:
-                    inside |= (first >= a) & (first < b)
-                mask[start + i:start + i + n] = inside
+                mask[start + i:start + i + n] = in_spans(offsets[start:start + n, 0], doc_spans)
     return _Encoded(ids, lens + 1, kinds, mask)
 
 
@@ -433,6 +430,7 @@ def prepare(cfg: Config, out: str | Path | OutDir, splits: Sequence[str] | None 
         if split not in plans:
             raise UserError(f"no split {split!r} in data.corpus={data.corpus}{did_you_mean(split, plans)} "
                             f"(available: {', '.join(plans)})")
+    warn_caps_without_split(data, list(plans))
     tokenizer = load_tokenizer(cfg.model)
     if data.format == "chat" and not tokenizer.chat_template:
         raise UserError(f"data.format=chat renders conversations with the tokenizer's chat template, but the "
@@ -462,6 +460,22 @@ def prepare(cfg: Config, out: str | Path | OutDir, splits: Sequence[str] | None 
                                labelled=plans[split].labelled)
             summary[split] = _summary(meta, time.perf_counter() - start, reused=False)
     return summary
+
+
+def warn_caps_without_split(data: DataConfig, splits: Sequence[str]) -> None:
+    """One line on stderr when data.max_tokens names splits the corpus lacks and leaves some of its splits uncapped (a
+    preset's CHAMP val_clean cap missing a custom corpus's val); a warning, not an error: presets name their corpus's
+    splits, and work on other corpora. With every split capped (a `default` entry) a cap on a missing split is quiet:
+    the smoke preset caps `reference`, which a custom corpus may not have."""
+    lacking = [s for s in data.max_tokens if s != DEFAULT_CAP and s not in splits] \
+        if isinstance(data.max_tokens, dict) else []
+    uncapped = [s for s in splits if data.cap(s) is None]
+    if not lacking or not uncapped:
+        return
+    left = f"; {', '.join(uncapped)} {'is' if len(uncapped) == 1 else 'are'} not capped"
+    print(f"slm prepare: warning: data.max_tokens caps {', '.join(lacking)}, which data.corpus={data.corpus} does "
+          f"not have (its splits: {', '.join(splits)}){left}; name the corpus's splits, or cap every split not "
+          f"named with the key '{DEFAULT_CAP}'", file=sys.stderr)
 
 
 def _reusable_meta(path: Path, config_fp: str, tokenizer_fp: str, template: dict[str, str]) -> dict[str, Any] | None:

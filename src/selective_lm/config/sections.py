@@ -20,6 +20,10 @@ from ..method.spec import RULES, STOCHASTIC, Selection, SelectionRule
 DEFAULT_PRESET = "champ-smollm2"
 LORA_ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SPLITS = ("reference", "train", "val_clean", "val_noisy")
+DEFAULT_CAP = "default"  # data.max_tokens key: the cap of every split not named
+# train.report_to: the experiment trackers accelerate drives, and the package each needs (pip's name).
+TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "comet_ml": "comet-ml", "aim": "aim",
+            "clearml": "clearml", "dvclive": "dvclive", "swanlab": "swanlab", "trackio": "trackio"}
 
 
 # Choices are read from the registries (method/registry.py) when a config is validated, not when this module is
@@ -96,7 +100,9 @@ class DataConfig(Section):
     )
     max_tokens: int | dict[str, int] | None = Field(
         default_factory=lambda: {"reference": 120_000, "train": 300_000, "val_clean": 20_000, "val_noisy": 20_000},
-        description="cap on tokens per split: one number for all, or split -> tokens",
+        description="cap on tokens per split: one number for all, or split -> tokens, where the key 'default' caps "
+        "every split not named (without it those are not capped); `slm prepare` warns when a cap names a split the "
+        "corpus does not have while one of its splits goes uncapped",
     )
     reference_mix: float = Field(
         0.5, ge=0.0, le=1.0, description="share of noise-free model-written text in the reference split"
@@ -188,12 +194,24 @@ class DataConfig(Section):
             out["annotated_share"] = self.annotated_share
         else:
             out.pop("annotated_share", None)
+        if "max_tokens" in out:
+            out["max_tokens"] = self.max_tokens_written_out()
         return out
 
+    def max_tokens_written_out(self) -> int | dict[str, int | None] | None:
+        """data.max_tokens with its `default` entry written out for each split the corpus has (CHAMP's four, a custom
+        corpus's sources): the same caps written either way hash and compare alike (runs, the out dir's config),
+        and configs without a `default` entry hash as they always did."""
+        caps = self.max_tokens
+        splits = list(self.sources) if self.corpus == "custom" else list(SPLITS) if self.corpus == "champ" else None
+        if not isinstance(caps, dict) or DEFAULT_CAP not in caps or splits is None:
+            return caps
+        return {**{s: self.cap(s) for s in splits}, **{k: v for k, v in caps.items() if k != DEFAULT_CAP}}
+
     def cap(self, split: str) -> int | None:
-        """Token cap of one split (None = no cap)."""
+        """Token cap of one split (None = no cap): its own entry, else the `default` entry."""
         if isinstance(self.max_tokens, dict):
-            return self.max_tokens.get(split)
+            return self.max_tokens.get(split, self.max_tokens.get(DEFAULT_CAP))
         return self.max_tokens
 
 
@@ -281,7 +299,7 @@ class TrainConfig(Section):
     LATER_FIELDS: ClassVar[tuple[str, ...]] = ("rule", "threshold")
     # How a run is computed or stored, not what it learns: outside the run hash (engine.py).
     ENGINE_FIELDS: ClassVar[tuple[str, ...]] = ("checkpoint_every", "merge", "parallel", "gradient_checkpointing",
-                                                "micro_batch_size", "compile")
+                                                "micro_batch_size", "compile", "report_to")
 
     name: str | None = Field(None, description="run name; default derives from method/ratio/seed")
     method: str = Field("clm", description="a registered method (method/registry.py METHODS, plugins included): clm "
@@ -321,7 +339,11 @@ class TrainConfig(Section):
     seed: int = 0
     checkpoint_every: int = Field(0, ge=0, description="0 = only at the end")
     snapshot_every: int = Field(10, ge=0, description="trajectory snapshots (0 = none)")
-    merge: bool = False
+    merge: bool = Field(
+        False, description="LoRA runs: also save the adapter merged into the base model, a plain Transformers model "
+        "directory with the tokenizer, in runs/<name>/merged/ (the adapter stays in runs/<name>/adapter/, loadable "
+        "with PEFT's AutoPeftModelForCausalLM); a full fine-tuning run's model/ is whole already. Not with "
+        "train.parallel=fsdp")
     gradient_checkpointing: bool = Field(
         False, description="recompute each decoder layer's activations in backward (transformers' "
         "gradient checkpointing): the memory of one layer instead of all, about a third more compute")
@@ -332,6 +354,13 @@ class TrainConfig(Section):
         "auto", description="rows per forward, a multiple k of train.batch_size (the selection unit) with k dividing "
         "train.grad_accum: the same run, fewer and larger forwards. auto = train.batch_size on CPU; on CUDA the "
         "largest such k x batch_size that fits, probed once per device, model and shape")
+    report_to: list[str] = Field(
+        default_factory=lambda: ["tensorboard"], description="experiment trackers that get log.jsonl's per-step "
+        "scalars from the main process, through accelerate: tensorboard (runs/<name>/tb/, the default: local files), "
+        "wandb, mlflow, comet_ml, aim, clearml, dvclive, swanlab, trackio; 'all' = every one installed, 'none' or [] "
+        "= none. Each but tensorboard is an optional install (selective-lm[wandb], selective-lm[mlflow], or the "
+        "tracker's package) set up by its own environment variables (WANDB_MODE=offline, MLFLOW_TRACKING_URI, ...); "
+        "the project / experiment is the out dir's name, the run the run's name")
     compile: bool | Literal["auto"] = Field(
         "auto", description="torch.compile every decoder layer (one static shape, no recompiles per step): auto = "
         "on CUDA only (on CPU inductor's compile costs a minute and the step is no faster)")
@@ -340,6 +369,17 @@ class TrainConfig(Section):
     @classmethod
     def _ratio(cls, v: float) -> float:
         return check_ratio(v)
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _report_to(cls, v: Any) -> list[str]:
+        names = [n.strip() for n in v.split(",")] if isinstance(v, str) else list(v or [])
+        names = [str(n).lower() for n in names if str(n).lower() != "none"]
+        unknown = [n for n in names if n not in TRACKERS and n != "all"]
+        if unknown:
+            raise ValueError(f"unknown tracker {unknown[0]!r}: one or more of {', '.join(TRACKERS)}, 'all' (every one "
+                             f"installed) or 'none'{did_you_mean(unknown[0], [*TRACKERS, 'all'])}")
+        return list(dict.fromkeys(names))
 
     @field_validator("name")
     @classmethod

@@ -290,6 +290,7 @@ class Config(Section):
         reference is a stored one. Runs are told apart by their names and config hashes instead, and engine
         settings (train.*) never count: `outconfig` compares these with the out dir's stored config."""
         flat = {f"data.{k}": v for k, v in self.data.model_dump(mode="json").items()}
+        flat["data.max_tokens"] = self.data.max_tokens_written_out()
         flat |= {f"model.{k}": v for k, v in self.model.model_dump(mode="json").items()}
         if not self.reference.is_self:
             r = self.reference.model_dump(mode="json", include={"mode", *REFERENCE_KEYS_READ[self.reference.mode]})

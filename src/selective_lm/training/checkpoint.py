@@ -16,9 +16,11 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..config import ModelConfig
 from ..errors import UserError
 from ..files import atomic_dir, atomic_path, write_json
 from ..store.layout import RunDir
+from .models import base_model_location
 from .selfref import SelfReference
 
 
@@ -119,12 +121,19 @@ class Checkpoints:
             else:
                 tmp.unlink(missing_ok=True)
 
-    def save_final(self, tokenizer: Any, lora: bool, merge: bool) -> None:
-        """The adapter (PEFT format, and merged if asked) or the whole model (HF format)."""
+    def save_final(self, tokenizer: Any, model_cfg: ModelConfig, merge: bool) -> None:
+        """The adapter (PEFT format, and merged into `merged/` if asked) or the whole model (HF format).
+
+        The adapter's config names the base model's id or directory and revision (PEFT writes null for a model it
+        cannot name, a `random:` one), so that `AutoPeftModelForCausalLM` loads the adapter alone.
+        """
         weights = self.trainable_state()
         if not self.main:
             return
-        if lora:
+        if model_cfg.lora:
+            config = self.model.peft_config["default"]
+            config.base_model_name_or_path = base_model_location(model_cfg, self.model.config.vocab_size)
+            config.revision = model_cfg.revision
             with atomic_dir(self.run.adapter_dir) as tmp:
                 self.model.save_pretrained(tmp, state_dict=weights)
             if merge:  # never sharded: the config refuses merge with fsdp

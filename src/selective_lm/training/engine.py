@@ -34,7 +34,8 @@ import numpy as np
 import torch
 
 from ..config import TrainConfig
-from ..errors import UserError
+from ..config.sections import TRACKERS
+from ..errors import UserError, first_line
 from ..files import write_json
 
 
@@ -103,27 +104,63 @@ def free_memory(device: torch.device) -> int:
     return psutil.virtual_memory().available
 
 
+def installed_trackers(names: Sequence[str]) -> list[str]:
+    """`train.report_to`'s trackers, 'all' as every installed one; one not installed is refused naming its package
+    (accelerate would drop it with a debug message: a run would go untracked unnoticed)."""
+    import accelerate
+    from accelerate.tracking import get_available_trackers
+
+    installed = [n for n in TRACKERS if n in {str(t) for t in get_available_trackers()}]
+    if "all" in names:
+        return installed
+    for name in names:
+        if name not in installed:
+            raise UserError(f"train.report_to={name}: {TRACKERS[name]} is not installed (or accelerate "
+                            f"{accelerate.__version__} does not drive it): pip install {TRACKERS[name]}, or drop it "
+                            "from train.report_to")
+    return list(names)
+
+
 class Engine:
     """One run's processes and engine settings; the trainer asks it to wrap, sync, scale and size."""
 
     def __init__(self, t: TrainConfig, project_dir: str) -> None:
         from accelerate import Accelerator
-        from accelerate.utils import is_tensorboard_available
 
         check_launch()
         cuda = torch.cuda.is_available()
-        self.t = t
+        self.t, self.project_dir = t, project_dir
         self.bf16 = uses_bf16(t.mixed_precision, torch.device("cuda" if cuda else "cpu"))
+        self.trackers = installed_trackers(t.report_to)
         # Precision is ours (autocast()), not accelerate's: its state is one per process and refuses a second
         # setting, while one process may train runs of both (a float32 smoke run, then a bf16 study).
-        self.acc = Accelerator(  # creates nothing on disk: the tracker starts in fit(), after validation
+        self.acc = Accelerator(  # creates nothing on disk: the trackers start in fit(), after validation
             cpu=not cuda, mixed_precision="no",
-            log_with="tensorboard" if is_tensorboard_available() else None, project_dir=project_dir,
+            log_with=[n for n in self.trackers if n != "tensorboard"] or None, project_dir=project_dir,
         )
         self.device = self.acc.device
         self.world, self.rank = self.acc.num_processes, self.acc.process_index
         self.module: torch.nn.Module | None = None  # the wrapped SelectiveLM, after wrap()
         self.compiled = 0  # decoder layers compiled
+
+    def start_trackers(self, project: str, run: str, first_step: int, params: dict[str, Any]) -> None:
+        """Start `train.report_to`'s trackers (they log from the main process only): TensorBoard in `<run dir>/tb/`,
+        hiding the events a killed run logged from `first_step` on (purge_step); the others under `project` (the out
+        dir's name), W&B and MLflow naming the run, each given the run's settings as parameters. A tracker that
+        cannot start (no server, no login) is one line, before the first step."""
+        from accelerate.tracking import TensorBoardTracker
+
+        if "tensorboard" in self.trackers:
+            self.acc.log_with.append(TensorBoardTracker("tb", self.project_dir, purge_step=first_step))
+        kwargs = {"wandb": {"name": run, "dir": self.project_dir}, "mlflow": {"run_name": run}}
+        try:
+            self.acc.init_trackers(project, init_kwargs=kwargs)
+            for tracker in self.acc.trackers:
+                if tracker.name != "tensorboard":  # TensorBoard's hparams would add a directory per start under tb/
+                    tracker.store_init_configuration(params)
+        except Exception as e:  # the trackers' own errors: a missing login, an unreachable server, a bad URI
+            raise UserError(f"train.report_to={','.join(self.trackers)}: a tracker did not start: "
+                            f"{first_line(e)}") from None
 
     @property
     def main(self) -> bool:

@@ -15,9 +15,9 @@ from typing import Any
 import torch
 
 from ..config import Config, ModelConfig
-from ..data.assets import byte_tokenizer, embedded_model_dir
+from ..data.assets import byte_tokenizer, cache_dir, embedded_model_dir, file_lock
 from ..errors import UserError, first_line
-from ..files import read_json
+from ..files import atomic_dir, fingerprint, read_json
 from ..store.layout import OutDir, TokenStore, store_config_fingerprint
 
 RANDOM_MODELS = {
@@ -108,6 +108,30 @@ def load_model(cfg: ModelConfig, vocab_size: int | None = None, path: str | None
         )
     except (OSError, ValueError) as e:
         raise hub_error(name, e) from None
+
+
+def base_model_location(cfg: ModelConfig, vocab_size: int) -> str:
+    """What a run's `adapter_config.json` names as its base (`base_model_name_or_path`), so that PEFT's
+    `AutoPeftModelForCausalLM.from_pretrained(run/adapter)` loads the run on its own: a Hub id as given, a local or
+    embedded model's absolute directory (the adapter may be loaded from anywhere), and a `random:` model, which has
+    no files, saved once under `$SLM_CACHE/models/random-<key>-<hash>` (the same seeded weights every run starts
+    from, written atomically under a lock as the embedded model's conversion; the hash covers the shape, the
+    vocabulary and the torch and transformers versions, whose init code draws the weights)."""
+    if not cfg.name.startswith("random:"):
+        source = model_source(cfg)
+        local = Path(source).expanduser()
+        return str(local.resolve()) if local.is_dir() else source
+    import transformers
+
+    key = cfg.name.split(":", 1)[1]
+    drawn = fingerprint(cfg.name, vocab_size, RANDOM_MODELS.get(key), torch.__version__, transformers.__version__)
+    target = cache_dir() / "models" / f"random-{key}-{drawn}"
+    if not (target / "config.json").is_file():
+        with file_lock(target.with_name(f".{target.name}.lock")):
+            if not (target / "config.json").is_file():
+                with atomic_dir(target) as tmp:
+                    load_model(cfg, vocab_size=vocab_size).save_pretrained(tmp)
+    return str(target.resolve())
 
 
 def load_trained(cfg: ModelConfig, path: Path, vocab_size: int | None = None) -> Any:

@@ -27,7 +27,7 @@ the gradient norm come back in one transfer (the step's one host sync: the loss 
 and the model is put back in train mode only after a learning-curve point or a self-reference pass.
 
 `slm train` and `slm reference` both run it; it imports no stage. Metrics: `log.jsonl` on rank 0,
-and the same scalars through accelerate's TensorBoard tracker under `runs/<name>/tb/`.
+and the same scalars through accelerate's trackers (`train.report_to`: TensorBoard under `runs/<name>/tb/`).
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from ..analysis import selection as diag
-from ..config import Config, TrainConfig
+from ..config import Config, TrainConfig, leaves
 from ..errors import UserError
 from ..files import fingerprint, read_json, write_json, write_text
 from ..method.loss import SelectiveLM, SelectiveLoss, forward_hidden
@@ -425,8 +425,8 @@ class Trainer:
                 write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
             if first_point is not None:
                 write_text(curve_path, json.dumps(first_point) + "\n")
-        # TensorBoard hides the events a killed run logged past the checkpoint (purge_step).
-        self.acc.init_trackers("tb", init_kwargs={"tensorboard": {"purge_step": state["step"] + 1}})
+        self.engine.start_trackers(self.out.root.resolve().name, self.name, state["step"] + 1,
+                                   leaves(self.cfg.model_dump(mode="json")))
         bar = tqdm(total=self.t.steps, initial=state["step"], desc=f"train {self.name}", disable=not main,
                    unit="step", dynamic_ncols=True)
         try:
@@ -466,7 +466,7 @@ class Trainer:
             for tracker in self.acc.trackers:  # not acc.end_training(): that would end the process group too
                 tracker.finish()
         self.checkpoints.save(self.t.steps, self.doc_totals.into(state, self.engine.reduce))
-        self.checkpoints.save_final(self.tokenizer, self.cfg.model.lora, self.t.merge)
+        self.checkpoints.save_final(self.tokenizer, self.cfg.model, self.t.merge)
         if not main:
             return {}
         self.doc_totals.save(self.run.doc_selection, state)
