@@ -618,7 +618,7 @@ def test_metrics_reach_tensorboard(smoke_out: Path) -> None:
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    assert _train(smoke_out, "train.method=topk", "train.ratio=0.5") == 0
+    assert _train(smoke_out, "train.method=topk", "train.ratio=0.5", "train.report_to=tensorboard") == 0
     run = smoke_out / "runs" / "topk-r0.5"
     events = EventAccumulator(str(run / "tb"))
     events.Reload()

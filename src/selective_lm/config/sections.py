@@ -355,8 +355,9 @@ class TrainConfig(Section):
         "train.grad_accum: the same run, fewer and larger forwards. auto = train.batch_size on CPU; on CUDA the "
         "largest such k x batch_size that fits, probed once per device, model and shape")
     report_to: list[str] = Field(
-        default_factory=lambda: ["tensorboard"], description="experiment trackers that get log.jsonl's per-step "
-        "scalars from the main process, through accelerate: tensorboard (runs/<name>/tb/, the default: local files), "
+        default_factory=list, description="experiment trackers that get log.jsonl's per-step "
+        "scalars from the main process, through accelerate (none by default: log.jsonl holds them): tensorboard "
+        "(runs/<name>/tb/, local files), "
         "wandb, mlflow, comet_ml, aim, clearml, dvclive, swanlab, trackio; 'all' = every one installed, 'none' or [] "
         "= none. Each but tensorboard is an optional install (selective-lm[wandb], selective-lm[mlflow], or the "
         "tracker's package) set up by its own environment variables (WANDB_MODE=offline, MLFLOW_TRACKING_URI, ...); "

@@ -27,7 +27,7 @@ the gradient norm come back in one transfer (the step's one host sync: the loss 
 and the model is put back in train mode only after a learning-curve point or a self-reference pass.
 
 `slm train` and `slm reference` both run it; it imports no stage. Metrics: `log.jsonl` on rank 0,
-and the same scalars through accelerate's trackers (`train.report_to`: TensorBoard under `runs/<name>/tb/`).
+and the same scalars through accelerate's trackers when `train.report_to` names any (TensorBoard: `runs/<name>/tb/`).
 """
 
 from __future__ import annotations
