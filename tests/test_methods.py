@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from peft import LoraConfig, get_peft_model
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -24,11 +25,17 @@ from selective_lm.method.weighting import WeightedParams, excess_weights
 VOCAB = 64
 
 
-def tiny_llama(seed: int = 0) -> nn.Module:
+def tiny_llama(seed: int = 0, lora: bool = False) -> nn.Module:
+    """A float64 Llama; with `lora`, LoRA on two projections (random B, so the adapters get gradients) and the
+    head frozen: the loss path's frozen-linear branch (row gradients made in the forward)."""
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                          num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False)
-    return LlamaForCausalLM(config).to(torch.float64)
+    model = LlamaForCausalLM(config).to(torch.float64)
+    if lora:
+        model = get_peft_model(model, LoraConfig(r=2, lora_alpha=4, init_lora_weights=False,
+                                                 target_modules=["q_proj", "v_proj"]))
+    return model
 
 
 def tokens(rows: int = 2, width: int = 11, pad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -241,10 +248,11 @@ def _distill(student: nn.Module, ref: nn.Module, ids: torch.Tensor, valid: torch
     return {"loss_sum": out.loss_sum, "weights": out.weights, "n_selected": out.n_selected}
 
 
-def test_topk_distill_trains_distillation_on_the_selected_tokens_only() -> None:
+@pytest.mark.parametrize("lora", [False, True])
+def test_topk_distill_trains_distillation_on_the_selected_tokens_only(lora: bool) -> None:
     """Top-k by excess (own - reference loss) at 0.5 by hand, CE + KL summed there; bottom-k distills the rest
     (30 valid targets: the two halves are complements), and the two add up to distillation on every token."""
-    student, ref = tiny_llama(0), tiny_llama(1)
+    student, ref = tiny_llama(0, lora), tiny_llama(1)
     ids, valid = tokens(rows=3)
     per_token = _distill_by_hand(student, ref, ids, valid)
     ref_loss = by_hand(ref, ids, valid)["ce"].detach()
@@ -265,9 +273,10 @@ def test_topk_distill_trains_distillation_on_the_selected_tokens_only() -> None:
         torch.testing.assert_close(g, want)
 
 
-def test_soft_topk_distill_weighs_each_token() -> None:
+@pytest.mark.parametrize("lora", [False, True])
+def test_soft_topk_distill_weighs_each_token(lora: bool) -> None:
     """train.soft: the weights k x softmax(excess) of every valid token multiply its CE + KL (not a hard mask)."""
-    student, ref = tiny_llama(0), tiny_llama(1)
+    student, ref = tiny_llama(0, lora), tiny_llama(1)
     ids, valid = tokens(rows=3)
     per_token = _distill_by_hand(student, ref, ids, valid)
     ref_loss = by_hand(ref, ids, valid)["ce"].detach()
@@ -278,6 +287,8 @@ def test_soft_topk_distill_weighs_each_token() -> None:
     torch.testing.assert_close(flat(out["weights"], valid), w)
     torch.testing.assert_close(out["loss_sum"], (w * per_token).sum())
     torch.testing.assert_close(out["n_selected"], w.sum())
+    for g, want in zip(grads(out["loss_sum"], student), grads((w * per_token).sum(), student), strict=True):
+        torch.testing.assert_close(g, want)
 
 
 def test_ce_of_the_losses_path_matches_f_cross_entropy() -> None:
