@@ -34,7 +34,8 @@ from tqdm.auto import tqdm
 from .config import Config
 from .errors import UserError
 from .files import atomic_dir, atomic_path
-from .method.loss import forward_hidden, token_losses
+from .method.loss import forward_hidden, token_entropies, token_losses
+from .method.registry import SCORE_KINDS
 from .method.selection import scores, select, trainable_mask
 from .store.blocks import decode_scores
 from .store.layout import OutDir, TokenStore
@@ -141,7 +142,10 @@ def export_selected(cfg: Config, out: str | Path | OutDir) -> dict[str, Any]:
             hidden, head = forward_hidden(model, ids)
             own = token_losses(hidden, head, ids, valid, chunk_size=cfg.scoring.chunk_size)
             ref_rows = torch.from_numpy(np.array(ref[batch])) if ref is not None else None
-            s = scores(rule.score, own, ref_rows)
+            # A score kind of the student's own distribution (entropy) reads the trained model's, as it selects.
+            entropy = token_entropies(hidden, head, ids, valid, chunk_size=cfg.scoring.chunk_size) \
+                if "student_logits" in SCORE_KINDS[rule.score].needs else None
+            s = scores(rule.score, own, ref_rows, entropy=entropy)
             chosen = select(s, rule.ratio, rule.strategy, "sequence", valid, gen, temperature=cfg.train.temperature,
                             threshold=rule.threshold)
             keep[batch], score_arr[batch] = chosen.numpy(), torch.where(valid, s, torch.nan).numpy()

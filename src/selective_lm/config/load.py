@@ -263,6 +263,15 @@ def _ignored(cfg: Config, explicit: set[str]) -> None:
             users = [m for m, e in METHODS.items() if e.objective == objective]
             raise no_effect(key, f"with train.method={t.method}: it is read by the objective {objective} only "
                             f"(train.method or grid.methods with {' or '.join(users)})")
+    method = METHODS[t.method]
+    if "train.ratio" in explicit and method.ratio is not None:
+        raise UserError(f"train.ratio has no effect with train.method={t.method}: it always selects its paper's share, "
+                        f"{method.ratio:g} (train.method=topk train.score={method.score or t.score} selects any share)")
+    if "train.ratio" in explicit and t.ratio < 1 and not method.selects and method.role == "method":
+        raise no_effect("train.ratio", f"with train.method={t.method}: it trains every token (it weighs tokens, it "
+                        "selects none)")
+    if "train.score" in explicit and method.score is not None and t.score != method.score:
+        raise no_effect("train.score", f"with train.method={t.method}: it always selects by score kind {method.score}")
     if "train.ratio" in explicit and t.rule != "topk":
         raise no_effect("train.ratio", f"with train.rule={t.rule}: the rule's threshold sets how many tokens train "
                         "(train.rule=topk reads the ratio)")

@@ -397,6 +397,17 @@ class TrainConfig(Section):
     def _score(cls, v: str) -> str:
         return registered("score kind", v, SCORE_KINDS)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _fixed_ratio(cls, data: Any) -> Any:
+        """A method that always selects one share (its paper's, `registry.Method.ratio`) runs at it, so that its
+        name and hash say so whatever train.ratio was (setting train.ratio with it is refused: `load.py`)."""
+        if isinstance(data, dict) and isinstance(data.get("method"), str):
+            method = METHODS.get(data["method"])
+            if method is not None and method.ratio is not None:
+                return {**data, "ratio": method.ratio}
+        return data
+
     @model_validator(mode="after")
     def _selects_by_something(self) -> TrainConfig:
         self.selection()  # the Selection's own checks (method/spec.py), with the config's messages

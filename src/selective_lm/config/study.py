@@ -138,9 +138,10 @@ class GridConfig(Section):
     methods: list[str] = Field(
         default_factory=lambda: [n for n, m in METHODS.items() if m.in_default_grid], description="the grid's "
         "methods besides CLM and the oracle (registered methods, plugins included): a selecting method runs at "
-        "every ratio of grid.ratios, a method that trains every token (an objective's control) once. The default "
-        "is the full grid of the built-in methods and controls; the default study's preset (champ-smollm2) keeps "
-        "four of them at ratio 0.5 for its CPU budget")
+        "every ratio of grid.ratios (one with a fixed ratio, as entropy_topk's 0.2, at it only), a method that "
+        "trains every token (an objective's control, a weighting) once. The default is the full grid of the "
+        "built-in methods and controls; the default study's preset (champ-smollm2) keeps four of them at ratio 0.5 "
+        "for its CPU budget")
     ratios: list[float] = Field(default_factory=lambda: [0.5, 0.3])
     rules: list[Literal[RULES]] = Field(  # type: ignore[valid-type]
         default_factory=lambda: ["topk"], description="train.rule of the grid's runs: topk runs every method x "
@@ -165,6 +166,12 @@ def _from(registry: Registry[Any], name: str) -> str:
     """` (from plugin X)` for an entry a plugin registered, so that an error names the file to look at."""
     origin = registry.origins.get(name, "")
     return f" (from {origin})" if origin.startswith("plugin") else ""
+
+
+def _ratios(method: str, ratios: list[float], rule: str) -> list[float]:
+    """The ratios a grid runs a selecting method at: its own fixed one (`registry.Method.ratio`), else the grid's."""
+    fixed = METHODS[method].ratio
+    return [fixed] if fixed is not None and rule == "topk" else ratios
 
 
 class Config(Section):
@@ -261,7 +268,7 @@ class Config(Section):
             threshold = self.train.threshold if rule == "threshold" else None
             ratios = self.grid.ratios if rule == "topk" else [1.0]  # the threshold sets the count
             specs += [{"method": m, "ratio": r, "rule": rule, "threshold": threshold}
-                      for m in selecting for r in ratios]
+                      for m in selecting for r in _ratios(m, ratios, rule)]
         runs: dict[str, Config] = {}
         for seed in range(self.train.seed, self.train.seed + self.grid.seeds):
             for spec in specs:

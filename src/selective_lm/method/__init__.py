@@ -56,4 +56,6 @@ register_method("bottomk", Method(strategy="bottomk", role="control", compare=("
                                   "scores must lose to random at the same count",
                                   doc="the lowest scores (the sign check)"))
 
-from . import distill  # noqa: E402, F401  (the distillation objective and its control, after the methods above)
+# After the methods above: the distillation objective and its methods, the field's methods
+# (docs/methods-side-by-side.md).
+from . import distill, online, weighting  # noqa: E402, F401

@@ -3,15 +3,18 @@ or transfer of what the reference knows? Every token is trained with its CE plus
 `objectives.distill.weight` x KL(reference || student) on the next-token distribution (at
 `objectives.distill.temperature`). The reference's logits are computed online, in the step, from the reference
 model's hidden states (the simplest choice: no cache of top-k probabilities beside the scores, at the cost of
-one reference forward per micro-batch, as `scoring.mode=online`). A method that selects (`topk_distill`) trains
-the tokens its selection keeps instead of every token. With a frozen
-linear student head (LoRA) the row gradients come out of the forward, as CLM's (`head.FrozenLinearCE`): each
-chunk's logits are made once, never recomputed in backward.
+one reference forward per micro-batch, as `scoring.mode=online`). A method that selects trains the tokens its
+selection keeps instead of every token (weighted by them with `train.soft`): `topk_distill`, distillation's CE and
+KL on the tokens top-k keeps, and its reverse control `bottomk_distill`, the lowest scores (at ratio r bottom-k is
+exactly the complement of top-k at 1 - r wherever r x n is not a half-integer, `selection.py`; at the study's 0.5,
+with an even count of valid tokens per unit, of top-k at 0.5). With a frozen linear student head (LoRA) the row
+gradients come out of the forward, as CLM's (`head.FrozenLinearCE`): each chunk's logits are made once, never
+recomputed in backward.
 
 Registered here, in one file: the objective `distill` (it needs the reference's logits, so the trainer runs
-the reference online and hands its hidden states over in `Batch.reference`), its config keys, and the method of
-the same name, a control compared with top-k (selection or transfer?). `SelectiveLM` calls it in its forward,
-so the engines see an ordinary forward/backward.
+the reference online and hands its hidden states over in `Batch.reference`), its config keys, the method of the
+same name (a control compared with top-k: selection or transfer?), and the selecting methods under it.
+`SelectiveLM` calls it in its forward, so the engines see an ordinary forward/backward.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .head import chunk_rows, fp32_logits, frozen_linear
 from .loss import Batch, SelectiveLoss, check_valid, selection_result, shifted_rows, token_losses
-from .registry import Method, Objective, register_objective
+from .registry import Method, Objective, register_method, register_objective
 
 __all__ = ["DistillParams", "distill_loss", "distill_token_losses"]
 
@@ -66,15 +69,17 @@ def distill_token_losses(logits: Tensor, ref_logits: Tensor, targets: Tensor,
 
 def _distill_chunk(head: nn.Module, rows: Tensor, ref_head: nn.Module, ref_rows: Tensor, targets: Tensor,
                    trained: Tensor, weight: float, temperature: float) -> tuple[Tensor, Tensor]:
-    """Σ (CE + weight x KL) of a chunk's `trained` rows (with grad), and its CE per row (no grad)."""
+    """Σ trained x (CE + weight x KL) of a chunk's rows (with grad; `trained`: 0/1 or soft weights), and its CE
+    per row (no grad)."""
     with torch.no_grad():
         ref = fp32_logits(ref_head, ref_rows)
     ce, kl = distill_token_losses(fp32_logits(head, rows), ref, targets, temperature)
-    return torch.where(trained, ce + weight * kl, 0).sum(), ce.detach()
+    return torch.where(trained != 0, (ce + weight * kl) * trained.to(ce.dtype), 0).sum(), ce.detach()
 
 
 class _FrozenLinearDistill(torch.autograd.Function):
-    """(CE + weight x KL) `[N]` of rows `[N, H]` through a frozen linear student head, 0 where not `trained`, with
+    """trained x (CE + weight x KL) `[N]` of rows `[N, H]` through a frozen linear student head (`trained`: 0/1 or
+    soft weights), with
     the row gradients computed in the forward: d/dz = softmax(z) - onehot + weight x T x (softmax(z / T) -
     softmax(r / T)), times the head's weight. Also returns the CE `[N]` (not differentiable)."""
 
@@ -96,9 +101,9 @@ class _FrozenLinearDistill(torch.autograd.Function):
             grad = log_pt.exp().sub_(q).mul_(weight * temperature)
             grad += log_p1.exp_()
             grad[picked, y] -= 1
-            keep = trained[i:i + chunk]
+            keep = trained[i:i + chunk].to(grad.dtype)
             grad.mul_(keep.unsqueeze(1))
-            totals.append(torch.where(keep, ce + weight * kl, 0))
+            totals.append(torch.where(keep != 0, (ce + weight * kl) * keep, 0))
             ces.append(ce)
             grads.append((grad.to(head.weight.dtype) @ head.weight).to(rows.dtype))
         ctx.save_for_backward(torch.cat(grads))
@@ -115,7 +120,8 @@ class _FrozenLinearDistill(torch.autograd.Function):
 def distill_loss(batch: Batch, params: DistillParams | None = None) -> SelectiveLoss:
     """The `distill` objective on one micro-batch: every trained token's CE plus `params.weight` x
     KL(reference || student) on the next-token distribution (`distill_token_losses`); the trained tokens are
-    the valid ones, or those the selection keeps when the method selects (a no-grad pass scores them first).
+    the valid ones, or those the selection keeps when the method selects (a no-grad pass scores them first),
+    each weighted by its soft weight with `train.soft`.
 
     As a `SelectiveLoss`: loss_sum is the summed objective (with grad), loss_selected the mean CE (the figure
     comparable with CLM's loss). Rows go through both heads a chunk at a time (`MAX_CHUNK_LOGITS`), so the two
@@ -137,7 +143,7 @@ def distill_loss(batch: Batch, params: DistillParams | None = None) -> Selective
         with torch.no_grad():
             own = token_losses(hidden.detach(), head, ids, valid, chunk_size=batch.chunk_size)
         s = batch.score(own, hidden, head)
-        chosen = batch.select(s) != 0
+        chosen = batch.select(s)
     rows, targets = shifted_rows(hidden, ids, valid)  # every position t >= 1: no host sync
     ref_rows = shifted_rows(ref_hidden.detach(), ids, valid)[0]
     trained = chosen[:, 1:].flatten()
@@ -178,3 +184,13 @@ register_objective(NAME, Objective(
                   "distillation (every token, CLM + KL towards the reference) would match or beat top-k at equal "
                   "tokens seen",
                   doc="every token: CLM + objectives.distill.weight x KL towards the reference's distribution"))
+
+register_method("topk_distill", Method(
+    strategy="topk", objective=NAME,
+    doc="the tokens top-k keeps, trained with CE + objectives.distill.weight x KL towards the reference: "
+    "selection and transfer together"))
+register_method("bottomk_distill", Method(
+    strategy="bottomk", objective=NAME, role="control", compare=("bottomk_distill", "topk_distill"),
+    question="Does the score pick where transfer helps? Distilling on the lowest scores must lose to distilling on "
+    "the highest at the same count (at ratio 0.5 they are each other's complement)",
+    doc="the lowest scores, trained with CE + KL towards the reference (topk_distill's reverse control)"))

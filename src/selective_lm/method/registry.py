@@ -160,11 +160,13 @@ class Method:
     (and same ratio and rule when both select; None: the report's main table pairs it by count); question: what
     that comparison asks, for the report; oracle: every token but the injected noise; in_default_grid: in
     `grid.methods`'s default (the full grid); score: the score kind the method always selects by (a SCORE_KINDS
-    key, e.g. the student's entropy for the 80/20 rule), None for `train.score`'s."""
+    key, e.g. the student's entropy for the 80/20 rule), None for `train.score`'s; ratio: the share the method
+    always selects (its paper's, e.g. the 80/20 rule's 0.2; a grid runs it once, at it), None for `train.ratio`'s."""
 
     strategy: str | None
     objective: str = "ce"
     score: str | None = None
+    ratio: float | None = None
     role: Literal["baseline", "method", "control"] = "method"
     compare: tuple[str, str] | None = None
     question: str = ""
@@ -179,6 +181,8 @@ class Method:
             raise ValueError("only a control names a pair it is compared on (compare=(a, b))")
         if self.score is not None and self.strategy is None:
             raise ValueError("a method that trains every token selects by no score (score=None)")
+        if self.ratio is not None and (self.strategy is None or not 0.0 < self.ratio <= 1.0):
+            raise ValueError(f"a method's fixed ratio applies to a strategy and must be in (0, 1], got {self.ratio}")
 
     @property
     def needs(self) -> frozenset[str]:

@@ -5,7 +5,7 @@ Its fields are the `train.*` keys that choose the tokens (method, score kind, ru
 temperature, soft, stochastic); `rule_used` resolves them to what is applied: a method that trains every token
 (CLM, the oracle, an objective of its own) selects every valid token, a strategy that ignores scores runs with
 score kind `none` (unless a threshold rule counts its tokens by their scores), a threshold rule selects at ratio 1
-(its count is the threshold's).
+(its count is the threshold's), a method with a fixed score kind or ratio (`registry.Method`) uses them.
 """
 
 from __future__ import annotations
@@ -102,7 +102,11 @@ class Selection:
         threshold = {"topk": None, "positive": 0.0, "threshold": self.threshold}[self.rule]
         score = self.method_entry.score or self.score
         score = score if STRATEGIES[strategy].uses_scores or threshold is not None else "none"
-        return SelectionRule(strategy, score, self.ratio if threshold is None else 1.0, threshold)
+        # A method's fixed ratio (its paper's) replaces any below 1; at ratio 1 every method trains every token
+        # (`every_token`, a self-reference's warm-up).
+        fixed = self.method_entry.ratio
+        ratio = fixed if fixed is not None and self.ratio < 1 else self.ratio
+        return SelectionRule(strategy, score, ratio if threshold is None else 1.0, threshold)
 
     @property
     def objective(self) -> str:
@@ -115,8 +119,9 @@ class Selection:
 
     @property
     def needs_reference(self) -> bool:
-        """Whether the score kind reads reference losses (stored scores, an online or a self-reference)."""
-        return "reference_loss" in SCORE_KINDS[self.rule_used.score].needs
+        """Whether the run reads reference losses (stored scores, an online or a self-reference): its score kind
+        does, or its objective (one that weighs every token by its excess loss)."""
+        return "reference_loss" in self.needs
 
     def every_token(self) -> Selection:
         """The same run training every valid token (a self-reference's warm-up): any strategy at ratio 1 keeps
