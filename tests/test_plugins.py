@@ -193,3 +193,14 @@ def test_renamed_keys_of_an_objective(tmp_path: Path, capsys: pytest.CaptureFixt
     assert stored["objectives"] == {"distill": {"weight": 0.5}} and "kd_weight" not in stored["train"]
     assert main(["config", "--preset", "smoke", "train.kd_temperature=2"]) == 2
     assert capsys.readouterr().err.strip().endswith("is now 'objectives.distill.temperature'")
+
+
+def test_plugins_flag_takes_a_list_and_repeats(tmp_path: Path, registries: None,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    a, b, c = (tmp_path / f"{n}.py" for n in "abc")
+    for path in (a, b, c):
+        path.write_text(_PLUGIN_KIND.format(name=f"kind_{path.stem}", needs="student_logits"))
+    assert main(["config", "--preset", "smoke", "--plugins", f"{a},{b}", "--plugins", str(c),
+                 "train.score=kind_c"]) == 0
+    assert {"kind_a", "kind_b", "kind_c"} <= set(reg.SCORE_KINDS)
+    assert str(c.resolve()) in capsys.readouterr().out  # the printed config names every plugin
