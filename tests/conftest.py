@@ -10,10 +10,20 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import testenv
+
 # Never wait on the Hub's retries in tests: an unreachable hub id must fail at once.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+# Another float order on demand (helpers/testenv.py): oneDNN off here and in the children that apply it.
+testenv.apply()
+# pytest-xdist runs one worker per core (`make test`): a worker's torch, and the processes it starts, take one
+# thread each, so that the workers do not oversubscribe the cores.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", str(testenv.threads()))
+    torch.set_num_threads(testenv.threads())
 
 # The suite checks exact identities (resume bit for bit, two processes equal one, our loss equal to
 # transformers'), often between a child process and the test's own, in float32: on a GPU machine both
@@ -66,9 +76,10 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 @pytest.fixture(scope="module")
 def one_thread():
-    """The tiny model is no faster on two threads, and one thread cannot spin-wait on a busy CI machine."""
+    """The tiny model is no faster on two threads, and one thread cannot spin-wait on a busy CI machine.
+    `SLM_TEST_THREADS` sets another count (helpers/testenv.py)."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(testenv.threads())
     yield
     torch.set_num_threads(threads)
 

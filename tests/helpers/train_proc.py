@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+import testenv
+
 from selective_lm import cli
 from selective_lm.training.trainer import Trainer
 
@@ -29,4 +31,5 @@ def main(pause_at: int, marker: str, argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
+    testenv.apply()
     sys.exit(main(int(sys.argv[1]), sys.argv[2], sys.argv[3:]))
