@@ -69,8 +69,8 @@ def test_no_recompile_per_step(smoke_out: Path) -> None:
     trainer = Trainer(cfg, OutDir(smoke_out), OutDir(smoke_out).run("compiled"))
     trainer._size_micro_batches()
     trainer.model.train()
-    trainer._step(0)  # warm-up (every token): the training graphs
-    trainer._step(1)  # the self-reference's first pass: its eval-mode, no-grad graph
+    trainer.step(0)  # warm-up (every token): the training graphs
+    trainer.step(1)  # the self-reference's first pass: its eval-mode, no-grad graph
     trainer.curve.point(trainer.engine, trainer.module, trainer.model, 2, 0)  # 8 blocks per split: 3 + 3 + 2 rows
     graphs = counters["stats"]["unique_graphs"]
     # LoRA: layer 0's input needs no grad (frozen embeddings), the others' do (2); the swap's pass (1); the
@@ -79,7 +79,7 @@ def test_no_recompile_per_step(smoke_out: Path) -> None:
     per_epoch = trainer.store.tokens.shape[0] // cfg.train.batch_size
     with torch.compiler.set_stance("fail_on_recompile"):
         for step in (2, 3, per_epoch - 1, per_epoch):  # an epoch's last full step, then one across two epochs
-            trainer._step(step)
+            trainer.step(step)
         trainer.curve.point(trainer.engine, trainer.module, trainer.model, 4, 0)
-        trainer._step(4)
+        trainer.step(4)
     assert counters["stats"]["unique_graphs"] == graphs

@@ -149,9 +149,9 @@ def test_more_micro_batches_add_no_host_sync_but_the_models_own(smoke_out: Path,
         trainer = Trainer(cfg, OutDir(smoke_out), OutDir(smoke_out).run(f"accum{accum}"))
         trainer.model.train()
         with torch.no_grad(), count_host_syncs() as model_own:
-            forward_hidden(trainer.model, next(trainer._micro_batches(1)).ids)
+            forward_hidden(trainer.model, next(trainer.micro_batches(1)).ids)
         with count_host_syncs() as counts:
-            trainer._step(1)
+            trainer.step(1)
         assert counts["tolist"] == 1
         totals.append(sum(counts.values()) - accum * sum(model_own.values()))
     assert totals[0] == totals[1]

@@ -18,7 +18,7 @@ from selective_lm.training.trainer import Trainer
 
 
 def main(pause_at: int, marker: str, argv: list[str]) -> int:
-    step_fn = Trainer._step
+    step_fn = Trainer.step
 
     def pausing_step(self: Trainer, step: int) -> dict[str, float]:
         if step == pause_at:
@@ -26,7 +26,7 @@ def main(pause_at: int, marker: str, argv: list[str]) -> int:
             time.sleep(600)  # killed long before this ends
         return step_fn(self, step)
 
-    Trainer._step = pausing_step  # type: ignore[method-assign]
+    Trainer.step = pausing_step  # type: ignore[method-assign]
     return cli.main(argv)
 
 
