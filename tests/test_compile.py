@@ -38,8 +38,8 @@ SELECTING = ("train.method=topk", "train.ratio=0.5")
     ("train.method=distill",),
 ], ids=["lora", "full", "checkpointing", "full-checkpointing", "online", "ema", "full-checkpoint-ref", "distill"])
 def test_compiled_layers_equal_eager_on_cpu(smoke_out: Path, extra: tuple[str, ...]) -> None:
-    """The same losses and gradient norms within float noise (1e-4), selections and weights within the bounds of
-    helpers/runs.py; the compiled run compiled its layers whole (a graph break would run part of a layer eager,
+    """The same logs, first selection and updates within the float noise of another order of sums
+    (helpers/runs.py); the compiled run compiled its layers whole (a graph break would run part of a layer eager,
     and equal eager trivially)."""
     from torch._dynamo.utils import counters
 
@@ -52,7 +52,7 @@ def test_compiled_layers_equal_eager_on_cpu(smoke_out: Path, extra: tuple[str, .
         summary = train(cfg, smoke_out, name, reference_model=load_reference_model(cfg, smoke_out) if online else None)
         assert summary["engine"]["compiled_layers"] == (2 if compile_ == "true" else 0)
     assert counters["stats"]["unique_graphs"] > 0 and not counters["graph_break"], dict(counters["graph_break"])
-    assert_same_run(smoke_out, "eager", "compiled", 1e-4, cfg)
+    assert_same_run(smoke_out, "eager", "compiled", cfg)
 
 
 @pytest.mark.slow
