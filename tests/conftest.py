@@ -17,13 +17,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
-# Another float order on demand (helpers/testenv.py): oneDNN off here and in the children that apply it.
+# Another float order on demand (SLM_TEST_THREADS, SLM_TEST_ONEDNN: helpers/testenv.py), here and in the children
+# (their entry points apply it too); one thread per pytest-xdist worker.
 testenv.apply()
-# pytest-xdist runs one worker per core (`make test`): a worker's torch, and the processes it starts, take one
-# thread each, so that the workers do not oversubscribe the cores.
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    os.environ.setdefault("OMP_NUM_THREADS", str(testenv.threads()))
-    torch.set_num_threads(testenv.threads())
 
 # The suite checks exact identities (resume bit for bit, two processes equal one, our loss equal to
 # transformers'), often between a child process and the test's own, in float32: on a GPU machine both

@@ -1,7 +1,8 @@
-"""The suite's switches for another float order, read by the test process and by the children it starts.
+"""The suite's switches for another float order, applied by the test process and by the children it starts.
 
-`SLM_TEST_THREADS=N`: torch threads where a test pins them (the `one_thread` fixture, launched ranks; 1 by
-default). `SLM_TEST_MKLDNN=0`: oneDNN off. With `ATEN_CPU_CAPABILITY=avx2` (torch's own switch) these give the
+`SLM_TEST_THREADS=N`: torch threads in the test process and in every child (OMP_NUM_THREADS); 1 by default
+where a test pins them (the `one_thread` fixture, launched ranks) and under pytest-xdist. `SLM_TEST_ONEDNN=0`:
+oneDNN off. With `ATEN_CPU_CAPABILITY=avx2` (torch's own switch, inherited by the children) these give the
 reductions of another CPU, to check that the suite's tolerances hold there (docs/tests.md).
 """
 
@@ -16,8 +17,13 @@ def threads() -> int:
 
 
 def apply() -> None:
-    """Apply `SLM_TEST_MKLDNN` to this process (call before the first torch op)."""
+    """Apply the switches to this process (before its first torch op) and, through the environment, its children."""
     import torch
 
-    if os.environ.get("SLM_TEST_MKLDNN") == "0":
+    if os.environ.get("SLM_TEST_ONEDNN") == "0":
         torch.backends.mkldnn.enabled = False
+    if os.environ.get("SLM_TEST_THREADS") or os.environ.get("PYTEST_XDIST_WORKER"):
+        # pytest-xdist runs one worker per core: a worker's torch, and the processes it starts, take one thread
+        # each, so that the workers do not oversubscribe the cores.
+        os.environ["OMP_NUM_THREADS"] = str(threads())
+        torch.set_num_threads(threads())
