@@ -17,8 +17,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
-# Another float order on demand (SLM_TEST_THREADS, SLM_TEST_ONEDNN: helpers/testenv.py), here and in the children
-# (their entry points apply it too); one thread per pytest-xdist worker.
+# One torch thread, or another float order on demand (SLM_TEST_THREADS, SLM_TEST_ONEDNN: helpers/testenv.py), here
+# and in the children (through the environment; the helpers' entry points apply it too).
 testenv.apply()
 
 # The suite checks exact identities (resume bit for bit, two processes equal one, our loss equal to
@@ -72,8 +72,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 @pytest.fixture(scope="module")
 def one_thread():
-    """The tiny model is no faster on two threads, and one thread cannot spin-wait on a busy CI machine.
-    `SLM_TEST_THREADS` sets another count (helpers/testenv.py)."""
+    """The suite's thread count (helpers/testenv.py) through a module, whatever its code sets, and back after it."""
     threads = torch.get_num_threads()
     torch.set_num_threads(testenv.threads())
     yield

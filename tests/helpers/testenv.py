@@ -1,9 +1,10 @@
 """The suite's switches for another float order, applied by the test process and by the children it starts.
 
-`SLM_TEST_THREADS=N`: torch threads in the test process and in every child (OMP_NUM_THREADS); 1 by default
-where a test pins them (the `one_thread` fixture, launched ranks) and under pytest-xdist. `SLM_TEST_ONEDNN=0`:
-oneDNN off. With `ATEN_CPU_CAPABILITY=avx2` (torch's own switch, inherited by the children) these give the
-reductions of another CPU, to check that the suite's tolerances hold there (docs/tests.md).
+`SLM_TEST_THREADS=N`: torch threads in the test process and in every child (OMP_NUM_THREADS), 1 by default:
+the tiny models gain nothing from a second thread, pytest-xdist runs a worker per core (`make test`), and a
+thread that waits on another cannot spin on a busy machine. `SLM_TEST_ONEDNN=0`: oneDNN off. With
+`ATEN_CPU_CAPABILITY=avx2` (torch's own switch, inherited by the children) these give the reductions of another
+CPU, to check that the suite's tolerances hold there (docs/tests.md).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import os
 
 
 def threads() -> int:
-    """Torch threads for a test that pins them: `SLM_TEST_THREADS`, 1 by default."""
+    """Torch threads of the suite's processes: `SLM_TEST_THREADS`, 1 by default."""
     return int(os.environ.get("SLM_TEST_THREADS") or 1)
 
 
@@ -22,8 +23,5 @@ def apply() -> None:
 
     if os.environ.get("SLM_TEST_ONEDNN") == "0":
         torch.backends.mkldnn.enabled = False
-    if os.environ.get("SLM_TEST_THREADS") or os.environ.get("PYTEST_XDIST_WORKER"):
-        # pytest-xdist runs one worker per core: a worker's torch, and the processes it starts, take one thread
-        # each, so that the workers do not oversubscribe the cores.
-        os.environ["OMP_NUM_THREADS"] = str(threads())
-        torch.set_num_threads(threads())
+    os.environ["OMP_NUM_THREADS"] = str(threads())
+    torch.set_num_threads(threads())
