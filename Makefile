@@ -24,8 +24,9 @@ setup: $(STAMP)
 run: setup
 	$(VENV)/bin/slm run --out $(OUT)
 
+# A worker per core (pytest-xdist); the tests that share a costly module fixture stay on one (their xdist_group).
 test: setup
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m pytest -q -n auto --dist loadgroup
 
 lint: setup
 	$(VENV)/bin/ruff check src tests examples

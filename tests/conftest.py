@@ -10,10 +10,16 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import testenv
+
 # Never wait on the Hub's retries in tests: an unreachable hub id must fail at once.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+# One torch thread, or another float order on demand (SLM_TEST_THREADS, SLM_TEST_ONEDNN: helpers/testenv.py), here
+# and in the children (through the environment; the helpers' entry points apply it too).
+testenv.apply()
 
 # The suite checks exact identities (resume bit for bit, two processes equal one, our loss equal to
 # transformers'), often between a child process and the test's own, in float32: on a GPU machine both
@@ -66,9 +72,9 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 @pytest.fixture(scope="module")
 def one_thread():
-    """The tiny model is no faster on two threads, and one thread cannot spin-wait on a busy CI machine."""
+    """The suite's thread count (helpers/testenv.py) through a module, whatever its code sets, and back after it."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(testenv.threads())
     yield
     torch.set_num_threads(threads)
 

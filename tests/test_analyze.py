@@ -168,5 +168,6 @@ def test_controls_and_wrong_step_figures_reach_results_and_report(analyzed: dict
         "after_wrong_step"]["delta_vs_clm"] is None
     assert slm("report", out, *grid) == 0
     md = (out / "report.md").read_text()
-    assert "## Controls: selection or transfer" in md and "`topk-r0.5` vs `distill`" in md
+    assert "## Controls: what could refute the method" in md and "Selection or transfer?" in md
+    assert "`topk-r0.5` vs `distill`" in md
     assert "## Natural wrong reasoning" in md and "Perplexity on val_noisy's tokens of each kind" in md

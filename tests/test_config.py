@@ -151,14 +151,18 @@ def test_grid_controls_distill_and_bottomk() -> None:
     assert runs["distill"].train.selection_rule() == ("topk", "none", 1.0, None)
     assert runs["bottomk-r0.3"].train.selection_rule() == ("bottomk", "excess", 0.3, None)
     assert runs["distill"].train.needs_reference() is False  # it reads the reference model, not the scores
-    named = load_config("smoke", overrides=["grid.methods=[distill]", "train.kd_weight=0.5",
-                                            "train.kd_temperature=2"]).grid_runs(has_noise=False)
+    named = load_config("smoke", overrides=["grid.methods=[distill]", "objectives.distill.weight=0.5",
+                                            "objectives.distill.temperature=2"]).grid_runs(has_noise=False)
     assert list(named) == ["clm", "distill-w0.5-T2"]
-    assert "kd_weight" in named["distill-w0.5-T2"].train.hashed() and "kd_weight" not in named["clm"].train.hashed()
-    assert load_config("smoke").train.hashed() == load_config("smoke", overrides=["train.kd_weight=1"]).train.hashed()
+    # The run hash holds the objective's keys away from their defaults (Trainer._config_hash): distill's only.
+    assert named["distill-w0.5-T2"].objective_params().model_dump(exclude_defaults=True) == {
+        "weight": 0.5, "temperature": 2.0}
+    assert named["clm"].objective_params() is None
+    at_default = load_config("smoke", overrides=["train.method=distill", "objectives.distill.weight=1"])
+    assert at_default.objectives == {"distill": {}}  # the default weight: no key, the hash of before
     with pytest.raises(UserError, match="grid run bottomk .positive.*takes a ratio"):
         load_config("smoke", overrides=["grid.methods=[bottomk]", "grid.rules=[positive]"]).grid_runs(True)
-    with pytest.raises(UserError, match="distill distills a reference model"):
+    with pytest.raises(UserError, match="distill needs a reference model.s next-token distribution"):
         load_config("smoke", overrides=["grid.methods=[distill]", "reference.mode=checkpoint"])
 
 
@@ -166,7 +170,7 @@ def test_fields_added_later_keep_old_fingerprints() -> None:
     """New fields at their defaults are left out of `hashed()`: stores and runs made before them stay valid."""
     cfg = load_config("smoke")
     assert "rule" not in cfg.train.hashed() and "threshold" not in cfg.train.hashed()
-    assert cfg.train.hashed() == cfg.train.model_dump(exclude={"rule", "threshold", "kd_weight", "kd_temperature"})
+    assert cfg.train.hashed() == cfg.train.model_dump(exclude={"rule", "threshold"})
     changed = load_config("smoke", overrides=["train.method=topk", "train.rule=positive"]).train.hashed()
     assert changed["rule"] == "positive"
     for section in ("data", "reference"):
@@ -180,22 +184,23 @@ def test_fields_added_later_keep_old_fingerprints() -> None:
 
 
 def test_choices_are_the_registries() -> None:
-    """train.method/score/scope and grid.methods accept what selection.py registers, and nothing else."""
+    """train.method/score/scope and grid.methods accept what the registries hold (method/registry.py), and
+    nothing else: a method or score kind registered later (a plugin's) needs no change in the config."""
     from typing import get_args
 
-    from selective_lm.config import GridConfig, TrainConfig
-    from selective_lm.method.selection import SCOPES, SCORE_KINDS, STRATEGIES
+    from selective_lm.config import TrainConfig
+    from selective_lm.method.registry import METHODS, SCORE_KINDS
+    from selective_lm.method.selection import SCOPES
 
-    fields = TrainConfig.model_fields
-    assert get_args(fields["method"].annotation) == ("clm", "oracle", "distill", *STRATEGIES)
-    assert get_args(fields["score"].annotation) == tuple(SCORE_KINDS)
-    assert get_args(fields["scope"].annotation) == SCOPES
-    (item,) = get_args(GridConfig.model_fields["methods"].annotation)  # list[Literal[...]]
-    assert get_args(item) == (*STRATEGIES, "distill")
-    for name in STRATEGIES:
-        assert load_config("smoke", overrides=[f"train.method={name}", "train.ratio=0.5"]).train.method == name
-    with pytest.raises(UserError, match="train.method"):
-        load_config("smoke", overrides=["train.method=nope"])
+    assert get_args(TrainConfig.model_fields["scope"].annotation) == SCOPES
+    for name in METHODS:
+        cfg = load_config("smoke", overrides=[f"train.method={name}", "train.ratio=0.5", f"grid.methods=[{name}]"])
+        assert cfg.train.method == name and cfg.grid.methods == [name]
+    for kind in set(SCORE_KINDS) - {"none"}:  # none with topk would select by position (refused elsewhere)
+        assert load_config("smoke", overrides=["train.method=topk", f"train.score={kind}"]).train.score == kind
+    for key in ("train.method", "train.score", "grid.methods"):
+        with pytest.raises(UserError, match=key):
+            load_config("smoke", overrides=[f"{key}={'[nope]' if key == 'grid.methods' else 'nope'}"])
 
 
 def test_unknown_corpus_names_the_registered_ones() -> None:

@@ -8,8 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from selective_lm.method.distill import Distill, distill_lm_loss, distill_token_losses
-from selective_lm.method.loss import SelectiveLM, forward_hidden, valid_mask
+from selective_lm.method.distill import DistillParams, distill_loss, distill_token_losses
+from selective_lm.method.loss import Batch, SelectiveLM, SelectiveLoss, forward_hidden, valid_mask
+from selective_lm.method.spec import Selection
 from test_loss import VOCAB, batch, tiny_llama
 
 
@@ -37,6 +38,13 @@ def _by_hand(student, ref, ids, valid, weight: float, temperature: float) -> tup
     return (ce + weight * kl).sum(), ce.mean()
 
 
+def _distill(student, ids, valid, reference: tuple[torch.Tensor, torch.nn.Module], params: DistillParams,
+             chunk: int = 1024) -> SelectiveLoss:
+    """The `distill` objective on one micro-batch, as the trainer's module calls it."""
+    return distill_loss(Batch(student, ids, valid, selection=Selection(method="distill"), chunk_size=chunk,
+                              reference=reference), params)
+
+
 @pytest.mark.parametrize(("weight", "temperature", "chunk"), [(1.0, 1.0, 1024), (0.5, 2.0, 7), (0.0, 1.0, 7)])
 @pytest.mark.parametrize("lora", [False, True])
 def test_distill_loss_equals_ce_plus_weighted_kl_by_hand(weight, temperature, chunk, lora) -> None:
@@ -49,7 +57,8 @@ def test_distill_loss_equals_ce_plus_weighted_kl_by_hand(weight, temperature, ch
     want = torch.autograd.grad(expected, params)
     with torch.no_grad():
         ref_hidden, ref_head = forward_hidden(ref, ids)
-    out = distill_lm_loss(student, ids, valid, Distill(ref_hidden, ref_head, weight, temperature), chunk_size=chunk)
+    out = _distill(student, ids, valid, (ref_hidden, ref_head), DistillParams(weight=weight, temperature=temperature),
+                   chunk)
     torch.testing.assert_close(out.loss_sum, expected)
     torch.testing.assert_close(out.loss_selected, mean_ce)
     assert out.n_selected == out.n_valid == valid[:, 1:].sum() and out.n_unselected == 0
@@ -59,13 +68,15 @@ def test_distill_loss_equals_ce_plus_weighted_kl_by_hand(weight, temperature, ch
 
 
 def test_selective_lm_computes_the_objective_in_its_forward() -> None:
-    """The module the engines wrap: `objective=Distill(...)` replaces the selective loss."""
+    """The module the engines wrap: the distill method's objective replaces the selective loss (its ratio and
+    strategy are not applied: every valid token trains)."""
     ids, _, valid = batch()
     ref = _reference()
     student = tiny_llama(tied=False)
     with torch.no_grad():
-        d = Distill(*forward_hidden(ref, ids), 0.3, 1.5)
-    out = SelectiveLM(student)(ids, valid, objective=d, score_kind="none", ratio=0.5, strategy="random")
+        reference = forward_hidden(ref, ids)
+    out = SelectiveLM(student)(ids, valid, selection=Selection(method="distill", ratio=0.5), reference=reference,
+                               params=DistillParams(weight=0.3, temperature=1.5))
     torch.testing.assert_close(out["loss_sum"], _by_hand(student, ref, ids, valid, 0.3, 1.5)[0])
 
 
@@ -93,11 +104,12 @@ def test_valid_mask_is_respected() -> None:
     ref = _reference()
     student = tiny_llama(tied=False)
     with torch.no_grad():
-        d = Distill(*forward_hidden(ref, ids), 1.0, 1.0)
-    full = distill_lm_loss(student, ids, valid, d)
+        reference = forward_hidden(ref, ids)
+    params = DistillParams()
+    full = _distill(student, ids, valid, reference, params)
     half = valid.clone()
     half[0] = False
-    part = distill_lm_loss(student, ids, half, d)
+    part = _distill(student, ids, half, reference, params)
     first = valid.clone()
     first[1:] = False
-    torch.testing.assert_close(full.loss_sum, part.loss_sum + distill_lm_loss(student, ids, first, d).loss_sum)
+    torch.testing.assert_close(full.loss_sum, part.loss_sum + _distill(student, ids, first, reference, params).loss_sum)

@@ -54,7 +54,7 @@ def test_interrupted_bf16_run_with_dropout_resumes_exactly_on_cuda(smoke_out: Pa
     """Dropout draws from the CUDA generator: the checkpoint restores it, so the resumed log equals a straight run."""
     args = (*COMMON, "train.steps=6", "model.lora_dropout=0.1", "train.mixed_precision=bf16")
     assert _train(smoke_out, *args, "train.name=straight") == 0
-    step_fn = Trainer._step
+    step_fn = Trainer.step
 
     def interrupted(self: Trainer, step: int) -> dict[str, float]:
         if step == 3:
@@ -62,9 +62,9 @@ def test_interrupted_bf16_run_with_dropout_resumes_exactly_on_cuda(smoke_out: Pa
             raise KeyboardInterrupt
         return step_fn(self, step)
 
-    monkeypatch.setattr(Trainer, "_step", interrupted)
+    monkeypatch.setattr(Trainer, "step", interrupted)
     assert _train(smoke_out, *args, "train.name=resumed") == 130
-    monkeypatch.setattr(Trainer, "_step", step_fn)
+    monkeypatch.setattr(Trainer, "step", step_fn)
     assert _train(smoke_out, *args, "train.name=resumed") == 0
     assert _log(smoke_out, "straight") == _log(smoke_out, "resumed")
 

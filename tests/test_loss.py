@@ -23,8 +23,18 @@ from selective_lm.method.loss import (
     valid_mask,
 )
 from selective_lm.method.selection import select
+from selective_lm.method.spec import Selection
 
 VOCAB = 300
+# A selection strategy's method and its `train.stochastic` (stochastic_positive is the stochastic method's other draw).
+METHOD_OF = {"topk": ("topk", "softmax"), "random": ("random", "softmax"), "bottomk": ("bottomk", "softmax"),
+             "stochastic": ("stochastic", "softmax"), "stochastic_positive": ("stochastic", "positive")}
+
+
+def selection(strategy: str = "topk", score: str = "excess", ratio: float = 0.6, **fields: object) -> Selection:
+    """The `Selection` whose rule applies this strategy (the loss takes one value, not its fields)."""
+    method, stochastic = METHOD_OF[strategy]
+    return Selection(method=method, score=score, ratio=ratio, stochastic=stochastic, **fields)
 
 
 def tiny_llama(tied: bool, lora: bool = False, dtype: torch.dtype = torch.float64) -> nn.Module:
@@ -163,9 +173,7 @@ def test_efficient_loss_and_gradients_equal_the_naive_implementation(
         ids,
         valid,
         ref_loss,
-        ratio=ratio,
-        strategy=strategy,
-        soft=soft,
+        selection(strategy, ratio=ratio, soft=soft),
         generator=torch.Generator().manual_seed(3),
         attention_mask=attention,
         chunk_size=4,
@@ -226,18 +234,17 @@ def test_the_loss_path_reads_nothing_on_the_host(lora, strategy, score_kind, rat
     ids, attention, valid = batch()
     ref_loss = torch.rand(ids.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64) * 5
     gens = [torch.Generator().manual_seed(m) for m in range(units)]
+    rule = selection(strategy, score_kind, ratio, scope=scope, soft=soft)
     with torch.no_grad(), count_host_syncs() as model_own:
         forward_hidden(model, ids, attention)
     with count_host_syncs() as counts:
-        out = selective_lm_loss(model, ids, valid, ref_loss, score_kind=score_kind, ratio=ratio, strategy=strategy,
-                                scope=scope, soft=soft, generator=gens, units=units, attention_mask=attention,
-                                chunk_size=4)
+        out = selective_lm_loss(model, ids, valid, ref_loss, rule, generator=gens, units=units,
+                                attention_mask=attention, chunk_size=4)
         out.loss_sum.backward()
     assert counts == model_own
     with count_host_syncs() as counts:
         losses = torch.rand(ids.shape, dtype=torch.float64, requires_grad=True)
-        selective_loss_of_losses(torch.where(valid, losses, torch.nan), valid, ref_loss, score_kind=score_kind,
-                                 ratio=ratio, strategy=strategy, scope=scope, soft=soft, generator=gens,
+        selective_loss_of_losses(torch.where(valid, losses, torch.nan), valid, ref_loss, rule, generator=gens,
                                  units=units).loss_sum.backward()
     assert not counts
 
@@ -249,16 +256,17 @@ def test_non_finite_scores_make_the_loss_nan_or_with_check_finite_raise() -> Non
     ref_loss = torch.zeros(ids.shape, dtype=torch.float64)
     ref_loss[0, 3] = torch.nan  # a valid position
     for ratio in (1.0, 0.3):
-        out = selective_lm_loss(model, ids, valid, ref_loss, ratio=ratio, attention_mask=attention)
+        out = selective_lm_loss(model, ids, valid, ref_loss, selection(ratio=ratio), attention_mask=attention)
         assert torch.isnan(out.loss_sum) and out.n_selected > 0
     ref_loss[0, 3] = 0.0
     ref_loss[0, 0] = ref_loss[2, 10] = torch.nan  # not valid: position 0 and padding
-    assert torch.isfinite(selective_lm_loss(model, ids, valid, ref_loss, ratio=0.3, attention_mask=attention).loss_sum)
+    out = selective_lm_loss(model, ids, valid, ref_loss, selection(ratio=0.3), attention_mask=attention)
+    assert torch.isfinite(out.loss_sum)
     losses = token_losses(*forward_hidden(model, ids, attention), ids, valid)
     ref_loss[0, 3] = torch.inf
     with pytest.raises(ValueError, match="finite"):
-        selective_loss_of_losses(losses, valid, ref_loss, ratio=0.5, check_finite=True)
-    assert torch.isnan(selective_loss_of_losses(losses, valid, ref_loss, ratio=0.5).loss_sum)
+        selective_loss_of_losses(losses, valid, ref_loss, selection(ratio=0.5), check_finite=True)
+    assert torch.isnan(selective_loss_of_losses(losses, valid, ref_loss, selection(ratio=0.5)).loss_sum)
 
 
 def test_selected_loss_sum_of_a_gather_too_small_for_the_weights_is_refused() -> None:
@@ -277,7 +285,7 @@ def test_statistics_of_a_topk_selection() -> None:
     model = tiny_llama(tied=False)
     ids, attention, valid = batch()
     ref_loss = torch.zeros(ids.shape, dtype=torch.float64)
-    out = selective_lm_loss(model, ids, valid, ref_loss, ratio=0.5, attention_mask=attention)
+    out = selective_lm_loss(model, ids, valid, ref_loss, selection(ratio=0.5), attention_mask=attention)
     assert out.n_valid == valid.sum() and out.n_selected == round(0.5 * int(valid.sum()) + 1e-9)
     assert out.n_unselected == out.n_valid - out.n_selected
     assert out.score_selected > out.score_unselected  # excess = own loss here: the hardest half
@@ -289,7 +297,7 @@ def test_nothing_valid_gives_zero_loss_that_still_backpropagates() -> None:
     model = tiny_llama(tied=True)
     ids = batch()[0]
     valid = torch.zeros(ids.shape, dtype=torch.bool)
-    out = selective_lm_loss(model, ids, valid, score_kind="loss", ratio=0.5)
+    out = selective_lm_loss(model, ids, valid, selection=selection(score="loss", ratio=0.5))
     out.mean().backward()
     assert out.mean() == 0 and out.n_selected == 0 and torch.isnan(out.score_selected)
     assert all(p.grad is not None and not p.grad.any() for p in model.parameters())
@@ -322,9 +330,9 @@ def test_selective_lm_loss_bad_input() -> None:
     model = tiny_llama(tied=True)
     ids = batch()[0]
     with pytest.raises(ValueError, match="position 0"):
-        selective_lm_loss(model, ids, torch.ones(ids.shape, dtype=torch.bool), score_kind="loss")
+        selective_lm_loss(model, ids, torch.ones(ids.shape, dtype=torch.bool), selection=selection(score="loss"))
     with pytest.raises(ValueError, match="by position"):
-        selective_lm_loss(model, ids, valid_mask(ids), score_kind="none", ratio=0.5)
+        selective_lm_loss(model, ids, valid_mask(ids), selection(score="none", ratio=0.5))  # refused when made
     with pytest.raises(ValueError, match="chunk_size"):
         token_losses(torch.zeros(1, 3, 4), nn.Linear(4, 5), torch.zeros(1, 3, dtype=torch.long), chunk_size=0)
 

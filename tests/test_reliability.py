@@ -13,6 +13,8 @@ import pytest
 
 KILLER = Path(__file__).parent / "helpers" / "killer.py"
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+# Under pytest-xdist (`make test`) this module's tests run on one worker: the module fixture's `slm run` once.
+pytestmark = pytest.mark.xdist_group("test_reliability")
 
 
 def _slm_run(out: Path, *prefix: str) -> subprocess.CompletedProcess:

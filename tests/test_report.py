@@ -270,9 +270,10 @@ def test_within_noise_reads_the_same_everywhere_and_controls_and_kinds_show_inte
     assert "0.82 [0.70, 0.95]" in md and "| 21 |" in md and "2,100 / 900" in md
     assert "-1.0 % [-2.5, +0.4]" in md and "`after_wrong_step` 900" in md
     assert "-2.0 % [-2.9, -1.1]" in md
-    assert "`topk-r0.5` beats distillation on val_clean; is within noise of distillation on val_noisy." in md
-    assert ("`bottomk-r0.5` (bottom-k) loses to random on val_clean; loses to random on val_noisy: the score carries "
-            "signal there.") in md
+    assert "`topk-r0.5` beats `distill` on val_clean; is within noise of `distill` on val_noisy." in md
+    assert "`bottomk-r0.5` loses to `random-r0.5` on val_clean; loses to `random-r0.5` on val_noisy." in md
+    # each control's question (its registry entry's) is asked above the readings
+    assert "Selection or transfer?" in md and "The score's sign: if the score carries signal" in md
     # the controls are compared in their own section, not as SLM settings beside CLM
     assert "### `distill`" not in md and "### `bottomk-r0.5`" not in md
 

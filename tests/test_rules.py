@@ -190,16 +190,16 @@ def test_ema_reference_is_the_average_of_the_weights_and_resumes(smoke_out: Path
     for n in ema:
         torch.testing.assert_close(final_ref[n], ema[n], rtol=1e-5, atol=1e-7)
     # Interrupted in step 4 and resumed: the EMA comes back from checkpoint 3, the run is the same.
-    step_fn = Trainer._step
+    step_fn = Trainer.step
 
     def interrupted(self: Trainer, step: int) -> dict[str, float]:
         if step == 3:
             raise KeyboardInterrupt
         return step_fn(self, step)
 
-    monkeypatch.setattr(Trainer, "_step", interrupted)
+    monkeypatch.setattr(Trainer, "step", interrupted)
     assert _train(smoke_out, *args, "train.name=resumed") == 130
-    monkeypatch.setattr(Trainer, "_step", step_fn)
+    monkeypatch.setattr(Trainer, "step", step_fn)
     assert _train(smoke_out, *args, "train.name=resumed") == 0
     strip = [{k: v for k, v in r.items() if k != "step_s"} for r in _log(smoke_out, "resumed")]
     assert strip == [{k: v for k, v in r.items() if k != "step_s"} for r in _log(smoke_out, "straight")]

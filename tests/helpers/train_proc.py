@@ -11,12 +11,14 @@ import sys
 import time
 from pathlib import Path
 
+import testenv
+
 from selective_lm import cli
 from selective_lm.training.trainer import Trainer
 
 
 def main(pause_at: int, marker: str, argv: list[str]) -> int:
-    step_fn = Trainer._step
+    step_fn = Trainer.step
 
     def pausing_step(self: Trainer, step: int) -> dict[str, float]:
         if step == pause_at:
@@ -24,9 +26,10 @@ def main(pause_at: int, marker: str, argv: list[str]) -> int:
             time.sleep(600)  # killed long before this ends
         return step_fn(self, step)
 
-    Trainer._step = pausing_step  # type: ignore[method-assign]
+    Trainer.step = pausing_step  # type: ignore[method-assign]
     return cli.main(argv)
 
 
 if __name__ == "__main__":
+    testenv.apply()
     sys.exit(main(int(sys.argv[1]), sys.argv[2], sys.argv[3:]))
