@@ -159,7 +159,7 @@ def test_grid_controls_distill_and_bottomk() -> None:
         "weight": 0.5, "temperature": 2.0}
     assert named["clm"].objective_params() is None
     at_default = load_config("smoke", overrides=["train.method=distill", "objectives.distill.weight=1"])
-    assert at_default.objectives == {"distill": {}}  # the default weight: no key, the hash of before
+    assert at_default.objectives == {}  # the default weight: no key, the hash of before
     with pytest.raises(UserError, match="grid run bottomk .positive.*takes a ratio"):
         load_config("smoke", overrides=["grid.methods=[bottomk]", "grid.rules=[positive]"]).grid_runs(True)
     with pytest.raises(UserError, match="distill needs a reference model.s next-token distribution"):
@@ -193,8 +193,9 @@ def test_choices_are_the_registries() -> None:
     from selective_lm.method.selection import SCOPES
 
     assert get_args(TrainConfig.model_fields["scope"].annotation) == SCOPES
-    for name in METHODS:
-        cfg = load_config("smoke", overrides=[f"train.method={name}", "train.ratio=0.5", f"grid.methods=[{name}]"])
+    for name, method in METHODS.items():  # a ratio where the method takes one (not a fixed share, not every token)
+        ratio = ["train.ratio=0.5"] if method.selects and method.ratio is None else []
+        cfg = load_config("smoke", overrides=[f"train.method={name}", *ratio, f"grid.methods=[{name}]"])
         assert cfg.train.method == name and cfg.grid.methods == [name]
     for kind in set(SCORE_KINDS) - {"none"}:  # none with topk would select by position (refused elsewhere)
         assert load_config("smoke", overrides=["train.method=topk", f"train.score={kind}"]).train.score == kind

@@ -510,9 +510,7 @@ def _expect_bad_input(out: Path, capsys, *overrides: str, match: str) -> None:
     (("train.method=topk", "train.ratio=0.5", "train.score=none"), "train.score=none"),
     (("train.method=topk", "train.ratio=0.5", "scoring.mode=online"), "scoring.mode=online"),
     (("train.parallel=fsdp", "train.merge=true"), "train.parallel=ddp"),
-    pytest.param(("train.method=distill", "objectives.distill.weight=-1"), "objectives.distill.weight",
-                 marks=pytest.mark.xfail(strict=True, reason="src bug: the error names objectives.weight, not "
-                                         "objectives.distill.weight (config.describe_error drops the objective)")),
+    (("train.method=distill", "objectives.distill.weight=-1"), "invalid value for objectives.distill.weight"),
     (("train.method=distill", "reference.mode=ema"), "reference.mode=ema is the student's own weights"),
     (("train.method=bottomk", "train.rule=positive"), "bottomk (the lowest scores) takes a ratio"),
     (("train.method=topk", "train.ratio=0.5", "objectives.distill.weight=2"),

@@ -475,4 +475,6 @@ def describe_error(err: ValidationError, tree: dict[str, Any]) -> str:
     for p in e["loc"]:
         node = node.get(p) if isinstance(node, dict) else None
     got = f" (got {node!r})" if node is not None and not isinstance(node, dict) and "got" not in msg else ""
+    if key and msg.startswith(f"{key}."):  # a nested key named by its validator (objectives.<name>.<key>)
+        return f"invalid value for {msg}"
     return f"invalid value for {key}: {msg}{got}" if key else f"{msg}{got}"

@@ -209,7 +209,7 @@ class Config(Section):
             except ValidationError as e:  # named in full: the objective's key, not the section's
                 err = e.errors()[0]
                 key = ".".join(str(p) for p in err["loc"])
-                raise ValueError(f"{name}.{key}: {err['msg']} (got {err.get('input')!r})") from None
+                raise ValueError(f"objectives.{name}.{key}: {err['msg']} (got {err.get('input')!r})") from None
         return out
 
     @model_validator(mode="after")
