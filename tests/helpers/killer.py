@@ -11,6 +11,8 @@ import signal
 import sys
 from typing import Any
 
+import testenv
+
 
 def _die_on_call(module: Any, name: str, n: int, before: bool = False) -> None:
     """Wrap module.name: on its n-th call, die (before the call, or after it returned)."""
@@ -50,6 +52,7 @@ def main() -> int:
     point, n, sep, *argv = sys.argv[1:]
     assert sep == "--"
     n = int(n)
+    testenv.apply()  # the suite's float switches, as in the uninterrupted run
     from selective_lm.report import plots
     from selective_lm.training import checkpoint, trainer
 

@@ -9,7 +9,9 @@ CPU, to check that the suite's tolerances hold there (docs/tests.md).
 
 from __future__ import annotations
 
+import getpass
 import os
+import tempfile
 
 
 def threads() -> int:
@@ -21,6 +23,12 @@ def apply() -> None:
     """Apply the switches to this process (before its first torch op) and, through the environment, its children."""
     import torch
 
+    capability = os.environ.get("ATEN_CPU_CAPABILITY")
+    if capability:
+        # Inductor's on-disk cache does not tell apart the kernels it built under another capability: loading an
+        # earlier default run's kernels under avx2 gave NaN losses (torch 2.13). One cache per capability.
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR",
+                              os.path.join(tempfile.gettempdir(), f"torchinductor-{getpass.getuser()}-{capability}"))
     if os.environ.get("SLM_TEST_ONEDNN") == "0":
         torch.backends.mkldnn.enabled = False
     os.environ["OMP_NUM_THREADS"] = str(threads())
