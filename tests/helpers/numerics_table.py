@@ -47,4 +47,4 @@ def table(logs: dict[str, Path]) -> str:
 
 
 if __name__ == "__main__":
-    print(table({arg.split("=", 1)[0]: Path(arg.split("=", 1)[1]) for arg in sys.argv[1:]}))
+    print(table({label: Path(log) for label, log in (arg.rsplit("=", 1) for arg in sys.argv[1:])}))
