@@ -16,15 +16,13 @@ Supervised fine-tuning data (`data.format` prompt_response or chat, custom corpo
 documents carry the character spans that are trained (the response, the assistant turns; a
 chat conversation is rendered with the tokenizer's chat template, `chat.render_chat`), and
 `loss_mask.npy` (bool, the blocks' shape) is True on the tokens whose first character lies in
-such a span, and on each document's EOS (the model learns to stop); False on the prompt. A token
-that straddles the boundary counts where it starts. Training, selection and evaluation only see
-the masked-in positions (`TokenStore.targets`), so `train.ratio` applies to the response tokens.
-meta.json then holds `sft` (the format and the trained token count and share); text stores are
-written exactly as before (no loss_mask.npy, the same bytes and fingerprint).
+such a span, and on each document's EOS (the model learns to stop); False on the prompt (a token
+straddling the boundary counts where it starts). Training, selection and evaluation see only the
+masked-in positions (`TokenStore.targets`): `train.ratio` applies to the response tokens. meta.json
+holds `sft` (format, trained token count and share); text stores have no loss_mask.npy.
 
-A store is written streaming — blocks are appended to .npy files whose header is rewritten
-in place at the end (`layout.BlockFile`) — so memory stays bounded whatever the corpus size,
-and atomically (`files.atomic_dir`), so a killed prepare never leaves a half store behind.
+A store is written streaming (`blocks.BlockFile`: memory bounded whatever the corpus size) and
+atomically (`files.atomic_dir`: a killed prepare never leaves a half store behind).
 
 Parallelism (`data.num_proc`): documents go in batches of BATCH_DOCS to `num_proc` worker
 processes, each holding the tokenizer once (num_proc=1 tokenizes in this process, no pool).
