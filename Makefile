@@ -24,9 +24,9 @@ setup: $(STAMP)
 run: setup
 	$(VENV)/bin/slm run --out $(OUT)
 
-# A worker per core (pytest-xdist); the tests that share a costly module fixture stay on one (their xdist_group).
+# A worker per core (pytest-xdist): each worker makes the session's and a module's fixtures it needs itself.
 test: setup
-	$(VENV)/bin/python -m pytest -q -n auto --dist loadgroup
+	$(VENV)/bin/python -m pytest -q -n auto
 
 lint: setup
 	$(VENV)/bin/ruff check src tests examples

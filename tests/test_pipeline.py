@@ -16,8 +16,6 @@ from selective_lm.config import load_config
 RUN_KEYS = {"method", "ratio", "seed", "steps", "tokens_seen", "tokens_trained", "train_loss_final", "val",
             "delta_vs_clm", "tokens_to_clm_final"}
 BUCKETS = {"H->H", "H->L", "L->H", "L->L"}
-# Under pytest-xdist (`make test`) this module's tests run on one worker: the module fixture's `slm run` once.
-pytestmark = pytest.mark.xdist_group("test_pipeline")
 
 
 @pytest.fixture(scope="module")
