@@ -200,3 +200,11 @@ def test_champ_answer_runs_on_the_tiny_model(smoke_out: Path, one_thread) -> Non
     assert set(result["tasks"]["champ_answer"]) == {"acc", "acc_stderr"}
     stored = read_json(smoke_out / "reference" / "tasks.json")["tasks"]["champ_answer"]
     assert stored["samples"] == {"champ_answer": 2} and stored["n_shot"] == {"champ_answer": 4}
+
+
+def test_champ_answer_targets_stay_text() -> None:
+    """An answer that looks like a Python list ("[-1, 1]") stays the answer's text: lm-eval literal_evals a
+    rendered template that does, and a few-shot prompt holding the resulting list of ints raised."""
+    task = _champ_task(load_config("champ-smollm2").data.model_dump(mode="json"))
+    doc = {**task.eval_docs[0], "answer": "[-1, 1]"}
+    assert task.doc_to_target(doc) == "[-1, 1]"
