@@ -135,6 +135,10 @@ def test_registries_refuse_collisions_and_suggest_names(registries: None) -> Non
         Method(strategy="topk", compare=("topk", "random"))
     with pytest.raises(ValueError, match="selects by no score"):
         Method(strategy=None, score="loss")
+    with pytest.raises(ValueError, match="conclusions: a control's outcomes"):
+        Method(strategy="topk", role="control", compare=("topk", "random"), conclusions={"wins": "?"})
+    with pytest.raises(ValueError, match="conclusions: a control's outcomes"):
+        Method(strategy="topk", conclusions={"beats": "no pair to beat"})
     with pytest.raises(ValueError, match="unknown objective"):
         reg.register_method("no_objective", Method(strategy="topk", objective="nope"))
     assert "no_objective" not in reg.METHODS  # a refused registration leaves nothing behind

@@ -515,6 +515,8 @@ def _expect_bad_input(out: Path, capsys, *overrides: str, match: str) -> None:
     (("train.method=bottomk", "train.rule=positive"), "bottomk (the lowest scores) takes a ratio"),
     (("train.method=topk", "train.ratio=0.5", "objectives.distill.weight=2"),
      "objectives.distill.weight=2.0 has no effect"),
+    (("train.method=topk", "train.ratio=0.5", "objectives.distill.weight=1"),  # its default: not in the dump
+     "objectives.distill.weight=1 has no effect"),
 ])
 def test_bad_config_fails_before_writing(smoke_out: Path, capsys, overrides: tuple[str, ...], match: str) -> None:
     _expect_bad_input(smoke_out, capsys, *overrides, match=match)

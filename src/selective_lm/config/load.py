@@ -193,7 +193,7 @@ def load_config(
     except ValidationError as e:
         raise UserError(describe_error(e, tree)) from None
     before = leaves(lower)
-    _ignored(cfg, {k for k, v in leaves(tree).items() if k in user and v != before.get(k)})
+    _ignored(cfg, {k: v for k, v in leaves(tree).items() if k in user and v != before.get(k)})
     return cfg
 
 
@@ -244,13 +244,14 @@ FORMAT_FIELDS = {"text_field": "text", "prompt_field": "prompt_response", "respo
                  "separator": "prompt_response", "messages_field": "chat"}
 
 
-def _ignored(cfg: Config, explicit: set[str]) -> None:
-    """UserError for the first of the options set by the user (`explicit`: set by the config file or the overrides,
-    to another value than the preset's) that would have no effect, naming what it would need."""
+def _ignored(cfg: Config, explicit: dict[str, Any]) -> None:
+    """UserError for the first of the options set by the user (`explicit`: key -> value set by the config file or the
+    overrides, to another value than the preset's) that would have no effect, naming what it would need."""
     t, r, d = cfg.train, cfg.reference, cfg.data
 
     def no_effect(key: str, why: str) -> UserError:
-        value = leaves(cfg.to_dict()).get(key)
+        value = leaves(cfg.to_dict()).get(key)  # validated; a value at its default is left out of the dump
+        value = explicit.get(key) if value is None else value
         return UserError(f"{key}={value} has no effect {why}")
 
     if "train.threshold" in explicit and "threshold" not in {t.rule, *cfg.grid.rules}:

@@ -54,6 +54,10 @@ register_method("bottomk", Method(strategy="bottomk", role="control", compare=("
                                   in_default_grid=True,
                                   question="The score's sign: if the score carries signal, training on the lowest "
                                   "scores must lose to random at the same count",
+                                  conclusions={"loses to": "the score carries signal there, in the direction the "
+                                               "method assumes",
+                                               "beats": "the lowest scores train better than chance: the score "
+                                               "points the wrong way there"},
                                   doc="the lowest scores (the sign check)"))
 
 # After the methods above: the distillation objective and its methods, the field's methods

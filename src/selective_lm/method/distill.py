@@ -183,6 +183,8 @@ register_objective(NAME, Objective(
                   question="Selection or transfer? If top-k's gain were only transfer of what the reference knows, "
                   "distillation (every token, CLM + KL towards the reference) would match or beat top-k at equal "
                   "tokens seen",
+                  conclusions={"loses to": "transfer alone does more than selection here",
+                               "beats": "selection does more than transfer alone here"},
                   doc="every token: CLM + objectives.distill.weight x KL towards the reference's distribution"))
 
 register_method("topk_distill", Method(
@@ -193,4 +195,7 @@ register_method("bottomk_distill", Method(
     strategy="bottomk", objective=NAME, role="control", compare=("bottomk_distill", "topk_distill"),
     question="Does the score pick where transfer helps? Distilling on the lowest scores must lose to distilling on "
     "the highest at the same count (at ratio 0.5 they are each other's complement)",
+    conclusions={"loses to": "excess loss picks the tokens where transfer helps",
+                 "beats": "distilling the lowest scores does better: the score points away from where transfer "
+                 "helps"},
     doc="the lowest scores, trained with CE + KL towards the reference (topk_distill's reverse control)"))

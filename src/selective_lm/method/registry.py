@@ -50,6 +50,7 @@ Noise = Callable[[], Tensor]
 # history: the student's own earlier weights (reference.mode ema, checkpoint or self).
 NEEDS = ("reference_loss", "student_logits", "reference_logits", "history")
 ROLES = ("baseline", "method", "control")
+OUTCOMES = ("beats", "loses to")  # a control's run vs its pair, on every validation split
 
 
 def lookup(what: str, name: str, registry: dict[str, V]) -> V:
@@ -158,10 +159,12 @@ class Method:
     objective: an OBJECTIVES key; role: baseline (CLM, the oracle), method, or control (a run that could refute a
     method); compare: for a control, the (a, b) methods whose paired Δ of a vs b `slm analyze` computes, same seed
     (and same ratio and rule when both select; None: the report's main table pairs it by count); question: what
-    that comparison asks, for the report; oracle: every token but the injected noise; in_default_grid: in
-    `grid.methods`'s default (the full grid); score: the score kind the method always selects by (a SCORE_KINDS
-    key, e.g. the student's entropy for the 80/20 rule), None for `train.score`'s; ratio: the share the method
-    always selects (its paper's, e.g. the 80/20 rule's 0.2; a grid runs it once, at it), None for `train.ratio`'s."""
+    that comparison asks, for the report; conclusions: what it means when a `beats` or `loses to` b on every
+    validation split (the report adds it; other outcomes get none); oracle: every token but the injected noise;
+    in_default_grid: in `grid.methods`'s default (the full grid); score: the score kind the method always selects
+    by (a SCORE_KINDS key, e.g. the student's entropy for the 80/20 rule), None for `train.score`'s; ratio: the
+    share the method always selects (its paper's, e.g. the 80/20 rule's 0.2; a grid runs it once, at it), None
+    for `train.ratio`'s."""
 
     strategy: str | None
     objective: str = "ce"
@@ -170,6 +173,7 @@ class Method:
     role: Literal["baseline", "method", "control"] = "method"
     compare: tuple[str, str] | None = None
     question: str = ""
+    conclusions: Mapping[str, str] = field(default_factory=dict)
     oracle: bool = False
     in_default_grid: bool = False
     doc: str = ""
@@ -179,6 +183,8 @@ class Method:
             raise ValueError(f"a method's role must be one of {', '.join(ROLES)}, got {self.role!r}")
         if self.compare is not None and self.role != "control":
             raise ValueError("only a control names a pair it is compared on (compare=(a, b))")
+        if set(self.conclusions) - set(OUTCOMES) or (self.conclusions and self.compare is None):
+            raise ValueError(f"conclusions: a control's outcomes ({', '.join(OUTCOMES)}) -> what each means")
         if self.score is not None and self.strategy is None:
             raise ValueError("a method that trains every token selects by no score (score=None)")
         if self.ratio is not None and (self.strategy is None or not 0.0 < self.ratio <= 1.0):

@@ -9,8 +9,6 @@ about them are computed from the inputs.
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +21,8 @@ from ..method.registry import METHODS, STRATEGIES
 from ..store.layout import OutDir
 from . import page, plots
 from .documents import documents_section, main_run
+from .groups import Group, budget, delta_cell, groups, pct_change, run_key
+from .methods import methods_section
 from .selection import (
     NA,
     controls_section,
@@ -34,8 +34,6 @@ from .selection import (
     wrong_step_section,
 )
 from .tables import buckets_section, cosine_section, speed_section, tasks_section
-
-BASELINES = ("base", "reference", "clm", "oracle")
 
 
 def _selects_by_score(method: str | None) -> bool:
@@ -68,7 +66,7 @@ def write_report(out: str | Path | OutDir, tokenizer: Any = None) -> dict[str, A
     if not isinstance(results, dict):
         raise UserError(f"{out.results} is not a JSON object")
     runs: dict[str, dict[str, Any]] = results.get("runs") or {}
-    order = sorted(runs, key=lambda n: _run_key(n, runs[n]))
+    order = sorted(runs, key=lambda n: run_key(n, runs[n]))
     splits = _splits(runs)
     written: dict[str, Any] = {"plots": {}, "skipped": {}}
 
@@ -78,7 +76,7 @@ def write_report(out: str | Path | OutDir, tokenizer: Any = None) -> dict[str, A
     curves = {n: pts for n, pts in curves.items() if pts}
     cos_names, cos_matrix = _cosine_matrix(results.get("cosine") or {}, order)
     bucket_panels = {
-        title: {n: table[n] for n in sorted(table, key=lambda n: _run_key(n, runs.get(n, {})))}
+        title: {n: table[n] for n in sorted(table, key=lambda n: run_key(n, runs.get(n, {})))}
         for title, table in (
             ("quantile method", results.get("buckets") or {}),
             ("trajectory method", results.get("buckets_trajectory") or {}),
@@ -86,7 +84,7 @@ def write_report(out: str | Path | OutDir, tokenizer: Any = None) -> dict[str, A
         if table
     }
     selection = results.get("selection") or {}
-    sel_runs = sorted(selection, key=lambda n: _run_key(n, runs.get(n, {})))
+    sel_runs = sorted(selection, key=lambda n: run_key(n, runs.get(n, {})))
     ppl = {s: [_ppl(runs[n], s) for n in order] for s in splits}
     figures = {
         "loss_curves": (logs, lambda p: plots.loss_curves(logs, p), "no runs/*/log.jsonl"),
@@ -135,6 +133,7 @@ def write_report(out: str | Path | OutDir, tokenizer: Any = None) -> dict[str, A
     sections = [
         f"# Selective LM report — preset `{results.get('preset', '?')}`, selective-lm {results.get('version', '?')}",
         _runs_section(runs, order, splits, results.get("other_runs") or []),
+        methods_section(out, runs, order, splits, selection),
         _comparison_section(runs, order, splits),
         tasks_section(runs, order),
         speed_section(runs, order),
@@ -153,13 +152,6 @@ def write_report(out: str | Path | OutDir, tokenizer: Any = None) -> dict[str, A
 
 
 # ---------------------------------------------------------------- reading
-
-
-def _run_key(name: str, run: dict[str, Any]) -> tuple[Any, ...]:
-    """Baselines first (base, reference, clm, oracle), then by method, ratio, seed."""
-    method = run.get("method", name)
-    rank = BASELINES.index(method) if method in BASELINES else len(BASELINES)
-    return (rank, method, -float(run.get("ratio", 0) or 0), run.get("seed", 0) or 0, name)
 
 
 def _splits(runs: dict[str, dict[str, Any]]) -> list[str]:
@@ -210,14 +202,6 @@ def _cosine_matrix(pairs: dict[str, float], order: list[str]) -> tuple[list[str]
 # ---------------------------------------------------------------- formatting
 
 
-def _pct_change(value: float, base: float) -> float:
-    return 100.0 * (value - base) / base
-
-
-def _signed(pct: float) -> str:
-    return NA if not np.isfinite(pct) else f"{pct:+.1f} %"
-
-
 # ---------------------------------------------------------------- sections
 
 
@@ -235,7 +219,7 @@ def _runs_section(runs: dict[str, dict[str, Any]], order: list[str], splits: lis
             [
                 f"`{n}`",
                 str(r.get("method", NA)),
-                _budget(r),
+                budget(r),
                 fmt(r.get("seed"), "d"),
                 fmt(r.get("steps"), ","),
                 fmt(r.get("tokens_trained"), ","),
@@ -249,7 +233,7 @@ def _runs_section(runs: dict[str, dict[str, Any]], order: list[str], splits: lis
             "(rules positive and threshold; random controls then draw as many). *Trained share*: tokens trained / "
             "tokens that could train, over the whole run (`log.jsonl` has it per step as `selected_frac`).\n\n")
     text += md_table(header, rows)
-    multi = [g for g in _groups(runs, order).values() if len(g.names) > 1]
+    multi = [g for g in groups(runs, order).values() if len(g.names) > 1]
     if multi:
         rows = [
             [f"`{g.label}`", g.method, g.budget, str(len(g.names))] + [_mean_std(g.ppl[s]) for s in splits]
@@ -260,14 +244,6 @@ def _runs_section(runs: dict[str, dict[str, Any]], order: list[str], splits: lis
     return text + note
 
 
-def _budget(run: dict[str, Any]) -> str:
-    """How many tokens a run selects: 'ratio 0.5', or 'score > 0' for the threshold rules (positive, threshold)."""
-    rule = run.get("rule", "topk")
-    if rule == "topk" or run.get("method") in BASELINES:
-        return f"ratio {fmt(run.get('ratio'), 'g')}"
-    return f"score > {fmt(run.get('threshold') or 0.0, 'g')}"
-
-
 def _mean_std(values: list[float]) -> str:
     v = np.array([x for x in values if np.isfinite(x)])
     if v.size == 0:
@@ -275,61 +251,16 @@ def _mean_std(values: list[float]) -> str:
     return f"{v.mean():.2f} ± {v.std(ddof=1):.2f}" if v.size > 1 else f"{v[0]:.2f}"
 
 
-@dataclass
-class _Group:
-    """Runs that differ only in seed; comparisons use their mean perplexity."""
-
-    label: str
-    method: str
-    budget: str  # how many tokens it selects (`_budget`): a random control must match it
-    names: list[str] = field(default_factory=list)
-    ppl: dict[str, list[float]] = field(default_factory=dict)
-    deltas: dict[str, list[dict[str, float]]] = field(default_factory=dict)  # split -> each seed's Δ vs CLM
-
-    def interval(self, split: str) -> tuple[float, float] | None:
-        """The paired bootstrap 95 % interval of Δ vs CLM in % (over seeds: the envelope of theirs)."""
-        d = self.deltas.get(split, [])
-        if not d or len(d) < len(self.names):
-            return None
-        return min(x["lo"] for x in d), max(x["hi"] for x in d)
-
-    def within_noise(self, split: str) -> bool:
-        iv = self.interval(split)
-        return iv is not None and iv[0] <= 0 <= iv[1]
-
-    def mean(self, split: str) -> float:
-        v = [x for x in self.ppl.get(split, []) if np.isfinite(x)]
-        return float(np.mean(v)) if v else np.nan
-
-    def std(self, split: str) -> float:
-        v = [x for x in self.ppl.get(split, []) if np.isfinite(x)]
-        return float(np.std(v, ddof=1)) if len(v) > 1 else np.nan
-
-
-def _groups(runs: dict[str, dict[str, Any]], order: list[str]) -> dict[str, _Group]:
-    groups: dict[str, _Group] = {}
-    for n in order:
-        r = runs[n]
-        label = re.sub(r"-s\d+$", "", n)
-        g = groups.setdefault(label, _Group(label, str(r.get("method", label)), _budget(r)))
-        g.names.append(n)
-        for s, v in (r.get("val") or {}).items():
-            g.ppl.setdefault(s, []).append(float(v.get("ppl", np.nan)))
-        for s, d in (r.get("delta_vs_clm") or {}).items():
-            g.deltas.setdefault(s, []).append(d)
-    return groups
-
-
 def _comparison_section(runs: dict[str, dict[str, Any]], order: list[str], splits: list[str]) -> str:
     title = "## SLM vs the baselines"
-    groups = _groups(runs, order)
+    found = groups(runs, order)
     # The methods under test (`registry.Method.role`): not the baselines, not the controls.
-    slm = [g for g in groups.values() if g.method in METHODS and METHODS[g.method].role == "method"]
+    slm = [g for g in found.values() if g.method in METHODS and METHODS[g.method].role == "method"]
     if not slm or not splits:
         return f"{title}\n\nNo SLM run with validation results: nothing to compare."
-    by_method = {g.method: g for g in groups.values() if g.method in ("clm", "oracle", "reference")}
+    by_method = {g.method: g for g in found.values() if g.method in ("clm", "oracle", "reference")}
     clm = by_method.get("clm")
-    randoms = {g.budget: g for g in groups.values() if g.method == "random"}
+    randoms = {g.budget: g for g in found.values() if g.method == "random"}
     lines = [
         title,
         "Each SLM setting beside the random-selection control of the same count (ratio or threshold), the oracle (CLM "
@@ -346,10 +277,7 @@ def _comparison_section(runs: dict[str, dict[str, Any]], order: list[str], split
         for x in rows_of:
             row = [f"`{x.label}`" + (f" ({len(x.names)} seeds)" if len(x.names) > 1 else "")]
             for s in splits:
-                base = clm.mean(s) if clm else np.nan
-                iv = x.interval(s)
-                ci = f" [{iv[0]:+.1f}, {iv[1]:+.1f}]" if iv and x is not clm else ""
-                row += [fmt(x.mean(s), ".2f"), _signed(_pct_change(x.mean(s), base)) + ci if clm else NA]
+                row += [fmt(x.mean(s), ".2f"), delta_cell(x, clm, s)]
             rows.append(row)
         lines += [
             f"### `{g.label}`",
@@ -359,13 +287,13 @@ def _comparison_section(runs: dict[str, dict[str, Any]], order: list[str], split
     return "\n\n".join(lines)
 
 
-def _versus(g: _Group, other: _Group, splits: list[str], name: str, noise: tuple[str, ...] = ()) -> str:
+def _versus(g: Group, other: Group, splits: list[str], name: str, noise: tuple[str, ...] = ()) -> str:
     """'3.1 % better than CLM on val_clean but 2.0 % worse on val_noisy'; a split of `noise` (the difference's
     interval covers 0) reads 'within noise', whatever the point estimate, as everywhere else in the report."""
     parts: list[str] = []
     last = None
     for s in splits:
-        pct = _pct_change(g.mean(s), other.mean(s))
+        pct = pct_change(g.mean(s), other.mean(s))
         if not np.isfinite(pct):
             continue
         word = "within noise" if s in noise else "on par" if abs(pct) < PAR_PCT else ("better" if pct < 0 else "worse")
@@ -379,7 +307,7 @@ def _versus(g: _Group, other: _Group, splits: list[str], name: str, noise: tuple
     return "".join(parts) or "not comparable (perplexities missing)"
 
 
-def _verdict(g: _Group, clm: _Group | None, rnd: _Group | None, oracle: _Group | None, splits: list[str]) -> str:
+def _verdict(g: Group, clm: Group | None, rnd: Group | None, oracle: Group | None, splits: list[str]) -> str:
     """The comparison in words, every claim derived from the group means."""
     out: list[str] = []
     seeds = f" (mean of {len(g.names)} seeds)" if len(g.names) > 1 else ""
@@ -390,7 +318,7 @@ def _verdict(g: _Group, clm: _Group | None, rnd: _Group | None, oracle: _Group |
     else:
         noise = [s for s in splits if g.within_noise(s)]
         out.append(f"`{g.label}`{seeds} is {_versus(g, clm, splits, 'CLM', tuple(noise))}.")
-        deltas = {s: _pct_change(g.mean(s), clm.mean(s)) for s in splits}
+        deltas = {s: pct_change(g.mean(s), clm.mean(s)) for s in splits}
         if noise:
             out.append(f"On {', '.join(noise)} the difference is within noise (its 95 % interval covers 0): neither "
                        "a gain nor a loss.")
@@ -399,7 +327,10 @@ def _verdict(g: _Group, clm: _Group | None, rnd: _Group | None, oracle: _Group |
         noisy_seed = [s for s in splits if abs(g.mean(s) - clm.mean(s)) < g.std(s)]
         if noisy_seed:
             out.append(f"On {', '.join(noisy_seed)} the difference is smaller than the spread across seeds.")
-    if rnd is None:
+    entry = METHODS.get(g.method)
+    if entry is not None and not entry.selects:
+        out.append("It trains every token (a weighting, not a selection): no random control applies.")
+    elif rnd is None:
         out.append(f"There is no random-selection control that selects {g.budget}.")
     else:
         wins = [s for s in splits if g.mean(s) < rnd.mean(s)]
@@ -421,7 +352,7 @@ def _verdict(g: _Group, clm: _Group | None, rnd: _Group | None, oracle: _Group |
         clean = [s for s in better if "clean" in s]
         noisy = [s for s in worse if "noisy" in s]
         if not better:
-            out.append(f"**SLM does not win here:** `{g.label}` is not better than CLM on any validation split.")
+            out.append(f"**No gain here:** `{g.label}` is not better than CLM on any validation split.")
         elif clean and noisy:
             out.append(
                 f"**Its gain on {clean[0]} comes with a loss on {noisy[0]}**, which suggests it imitates "

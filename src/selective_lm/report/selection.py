@@ -107,10 +107,9 @@ def _interval(d: dict[str, float | None] | None) -> str:
     return f"{d['pct']:+.1f} % [{d['lo']:+.1f}, {d['hi']:+.1f}]"
 
 
-def _reading(d: dict[str, float], what: str, split: str) -> str:
-    """'beats X on S', 'loses to X on S', or 'is within noise of X on S' (the interval covers 0)."""
-    word = "beats" if d["hi"] < 0 else "loses to" if d["lo"] > 0 else "is within noise of"
-    return f"{word} {what} on {split}"
+def _outcome(d: dict[str, float]) -> str:
+    """'beats', 'loses to', or 'is within noise of' (the interval covers 0)."""
+    return "beats" if d["hi"] < 0 else "loses to" if d["lo"] > 0 else "is within noise of"
 
 
 def controls_section(comparisons: dict[str, dict[str, dict[str, float]]], splits: list[str],
@@ -130,8 +129,11 @@ def controls_section(comparisons: dict[str, dict[str, dict[str, float]]], splits
         if control is not None:
             asked[control.question] = None
         rows.append([f"`{a}` vs `{b}`"] + [_interval(by_split.get(s)) for s in splits])
-        said = "; ".join(_reading(by_split[s], f"`{b}`", s) for s in splits if s in by_split)
-        lines.append(f"`{a}` {said}.")
+        outcomes = {s: _outcome(by_split[s]) for s in splits if s in by_split}
+        said = "; ".join(f"{word} `{b}` on {s}" for s, word in outcomes.items())
+        same = set(outcomes.values())
+        concluded = control.conclusions.get(same.pop()) if control is not None and len(same) == 1 else None
+        lines.append(f"`{a}` {said}" + (f": {concluded}." if concluded else "."))
     about = ("Δ perplexity of the first run vs the second (negative = the first is better), with the paired "
              "bootstrap 95 % interval over validation documents; an interval covering 0 reads within noise. "
              + " ".join(f"{q}." if not q.endswith(".") else q for q in asked))
