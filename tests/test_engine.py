@@ -40,7 +40,7 @@ def test_every_micro_batch_split_is_the_same_run(smoke_out: Path, extra: tuple[s
     cfg = load_config("smoke", overrides=list(common))
     trainer = Trainer(cfg, OutDir(smoke_out), OutDir(smoke_out).run("m4"))
     for other in ("m8", "m16"):
-        assert_same_run(smoke_out, "m4", other, cfg, generator=lambda: trainer._generator(0, 0))
+        assert_same_run(smoke_out, "m4", other, cfg, generator=lambda: trainer.generator(0, 0))
 
 
 @pytest.mark.parametrize("rows", ["3", "12"])

@@ -28,8 +28,9 @@ def test_the_preset_is_the_default_study_with_every_method_three_seeds_and_nine_
     assert {"topk", "random", "distill", *NEW} <= set(study.grid.methods) and study.grid.ratios == [0.5]
     assert study.grid.seeds == 3
     # The learning curve: step 0, every eval.every steps, the end.
-    points = len({0, *range(study.eval.every, study.train.steps, study.eval.every), study.train.steps})
-    assert points >= 9
+    for cfg in (study, default):  # the default study's curves too (issue 30)
+        points = len({0, *range(cfg.eval.every, cfg.train.steps, cfg.eval.every), cfg.train.steps})
+        assert points >= 9, cfg.preset
     names = {n.rsplit("-s", 1)[0] for n in study.grid_runs(has_noise=True)}
     assert names == {"clm", "topk-r0.5", "random-r0.5", "distill", *RUN_NAMES.values()}
     assert len(study.grid_runs(has_noise=True)) == 3 * len(names)

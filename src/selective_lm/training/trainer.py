@@ -261,7 +261,7 @@ class Trainer:
         then backward. Returns the loss's counts and the reference losses it selected by."""
         ref = self.reference_losses(mb, selection)
         valid = trainable_mask(mb.valid, mb.noise, oracle=self.method.oracle)
-        generators = [self._generator(step, m) for m in mb.units]
+        generators = [self.generator(step, m) for m in mb.units]
         # Non-finite losses make loss_sum NaN (no host sync here): `step` stops at its one read of the sums.
         with self.engine.grad_sync(sync), self.engine.autocast():
             out = SelectiveLoss(**self.module(
@@ -305,7 +305,7 @@ class Trainer:
         result["step_s"] = time.perf_counter() - start
         return result
 
-    def _generator(self, step: int, m: int) -> torch.Generator:
+    def generator(self, step: int, m: int) -> torch.Generator:
         """The selection's random draws for selection unit `m` of `step`.
 
         Keyed by the run's identity (method, ratio, seed), so that random and stochastic runs, or two
