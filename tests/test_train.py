@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from conftest import private_copy
 from helpers import testenv
 from helpers.compare import SCORE_ATOL, assert_selection_within_noise
 from helpers.runs import (
@@ -331,76 +332,84 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(out: Path, *args: str, script: tuple[str, ...] = (str(TESTS / "helpers" / "slm_proc.py"),)) -> list[str]:
+def _accelerate(*argv: str) -> list[str]:
+    """`accelerate launch` of two CPU processes (gloo): `--cpu` with 2 processes would start only one."""
     accelerate = Path(sys.executable).with_name("accelerate")
     return [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
-            *script, "train", "--preset", "smoke", "--out", str(out), *args]
+            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()), *argv]
+
+
+def _launch(out: Path, *args: str, script: tuple[str, ...] = (str(TESTS / "helpers" / "slm_proc.py"),)) -> list[str]:
+    return _accelerate(*script, "train", "--preset", "smoke", "--out", str(out), *args)
 
 
 DIST_ENV = {"HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": str(testenv.threads())}
 
-
-@pytest.mark.slow
-@pytest.mark.parametrize(("extra", "single"), [
-    (("train.method=clm",), ("train.batch_size=4",)),
-    (("train.method=topk", "train.ratio=0.5", "train.scope=global"), ("train.batch_size=4",)),
+# case -> (the two-process run's settings, the one-process run's own: the same global batch)
+TOPK_GLOBAL = ("train.method=topk", "train.ratio=0.5", "train.scope=global")
+FSDP_FULL = ("train.parallel=fsdp", "model.lora=false")
+EMA = ("reference.mode=ema", "reference.start_step=2")
+CHECKPOINT = ("reference.mode=checkpoint", "reference.checkpoint_step=1", "reference.start_step=2")
+ONE = ("train.batch_size=4",)
+TWO_PROCESS_CASES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "clm": (("train.method=clm",), ONE),
+    "topk-global": (TOPK_GLOBAL, ONE),
     # Random draws follow the global batch position: the gathered batch draws as one process's batch,
-    (("train.method=random", "train.ratio=0.5", "train.scope=global"), ("train.batch_size=4",)),
-    (("train.method=stochastic", "train.ratio=0.3", "train.scope=global"), ("train.batch_size=4",)),
+    "random-global": (("train.method=random", "train.ratio=0.5", "train.scope=global"), ONE),
+    "stochastic-global": (("train.method=stochastic", "train.ratio=0.3", "train.scope=global"), ONE),
     # and each rank's micro-batch draws as the same micro-batch of one process with accumulation.
-    (("train.method=random", "train.ratio=0.5"), ("train.batch_size=2", "train.grad_accum=2")),
+    "random-batch": (("train.method=random", "train.ratio=0.5"), ("train.batch_size=2", "train.grad_accum=2")),
     # Accumulation: gradients are reduced once, at the step's last micro-batch (DDP's no_sync).
-    (("train.method=topk", "train.ratio=0.5", "train.scope=global", "train.grad_accum=2"),
-     ("train.batch_size=4", "train.grad_accum=2")),
+    "topk-accum": ((*TOPK_GLOBAL, "train.grad_accum=2"), (*ONE, "train.grad_accum=2")),
     # FSDP2 (gloo): LoRA, and full fine-tuning with a trainable head on the selected-rows path (ratio < 0.5).
-    (("train.method=clm", "train.parallel=fsdp"), ("train.batch_size=4",)),
-    (("train.method=topk", "train.ratio=0.5", "train.scope=global", "train.parallel=fsdp", "train.grad_accum=2"),
-     ("train.batch_size=4", "train.grad_accum=2")),
-    (("train.method=topk", "train.ratio=0.3", "train.scope=global", "train.parallel=fsdp", "model.lora=false"),
-     ("train.batch_size=4", "model.lora=false")),
+    "fsdp-clm": (("train.method=clm", "train.parallel=fsdp"), ONE),
+    "fsdp-topk-accum": ((*TOPK_GLOBAL, "train.parallel=fsdp", "train.grad_accum=2"), (*ONE, "train.grad_accum=2")),
+    "fsdp-full-topk0.3": (("train.method=topk", "train.ratio=0.3", "train.scope=global", *FSDP_FULL),
+                          (*ONE, "model.lora=false")),
     # A self-reference swaps its copy into the (sharded) weights: the EMA of LoRA under DDP; under FSDP the
     # root's weights too (full fine-tuning), which FSDP must gather anew after each swap.
-    (("train.method=topk", "train.ratio=0.5", "train.scope=global", "reference.mode=ema", "reference.start_step=2"),
-     ("train.batch_size=4", "reference.mode=ema", "reference.start_step=2")),
-    (("train.method=topk", "train.ratio=0.5", "train.scope=global", "train.parallel=fsdp", "model.lora=false",
-      "reference.mode=checkpoint", "reference.checkpoint_step=1", "reference.start_step=2"),
-     ("train.batch_size=4", "model.lora=false", "reference.mode=checkpoint", "reference.checkpoint_step=1",
-      "reference.start_step=2")),
+    "ddp-ema": ((*TOPK_GLOBAL, *EMA), (*ONE, *EMA)),
+    "fsdp-full-checkpoint": ((*TOPK_GLOBAL, *FSDP_FULL, *CHECKPOINT), (*ONE, "model.lora=false", *CHECKPOINT)),
     # Compiled decoder layers (CPU inductor) against one eager process: under DDP with the EMA swap; under FSDP2
     # with full fine-tuning, gradient checkpointing and the checkpoint swap (tests/test_compile.py: one process).
-    (("train.method=topk", "train.ratio=0.5", "train.scope=global", "train.compile=true", "reference.mode=ema",
-      "reference.start_step=2"),
-     ("train.batch_size=4", "reference.mode=ema", "reference.start_step=2")),
-    (("train.method=topk", "train.ratio=0.5", "train.scope=global", "train.parallel=fsdp", "model.lora=false",
-      "train.compile=true", "train.gradient_checkpointing=true", "reference.mode=checkpoint",
-      "reference.checkpoint_step=1", "reference.start_step=2"),
-     ("train.batch_size=4", "model.lora=false", "reference.mode=checkpoint", "reference.checkpoint_step=1",
-      "reference.start_step=2")),
-], ids=["clm", "topk-global", "random-global", "stochastic-global", "random-batch", "topk-accum",
-        "fsdp-clm", "fsdp-topk-accum", "fsdp-full-topk0.3", "ddp-ema", "fsdp-full-checkpoint",
-        "ddp-compile-ema", "fsdp-compile-full-checkpointing"])
-def test_two_processes_equal_one_with_the_same_global_batch(smoke_out: Path, extra: tuple[str, ...],
-                                                            single: tuple[str, ...]) -> None:
-    """`accelerate launch --multi_gpu` on CPU (gloo): `--cpu` with 2 processes would start only one.
+    "ddp-compile-ema": ((*TOPK_GLOBAL, "train.compile=true", *EMA), (*ONE, *EMA)),
+    "fsdp-compile-full-checkpointing": (
+        (*TOPK_GLOBAL, *FSDP_FULL, "train.compile=true", "train.gradient_checkpointing=true", *CHECKPOINT),
+        (*ONE, "model.lora=false", *CHECKPOINT)),
+}
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_with_the_same_global_batch(smoke_out: Path, _smoke_template: Path, tmp_path: Path,
+                                                            subtests) -> None:
+    """Every case's two-process run in one launch (helpers/slm_proc.py --many: the processes start once), then each
+    case's one-process run beside it, a subtest per case.
 
     The run's outputs, written by the main process from weights gathered over the ranks, are
     those of one process: the log, and the checkpoint's updates (helpers/compare.py); each run's final adapter or
-    model is its last checkpoint.
+    model is its last checkpoint. No compiled case may break its graph (a break would run part of a layer eager).
+    Full fine-tuning has an out dir of its own (an out dir keeps the model settings it was made with).
     """
-    compiled = "train.compile=true" in extra
-    logs = {"TORCH_LOGS": "graph_breaks"} if compiled else {}  # a graph break would run part of a layer eager
-    done = subprocess.run(_launch(smoke_out, *extra, "train.name=ddp", "train.batch_size=2"),
-                          env={**os.environ, **DIST_ENV, **logs}, capture_output=True, text=True, timeout=300)
+    full = private_copy(_smoke_template, tmp_path / "full")
+    out = {case: full if "model.lora=false" in extra else smoke_out for case, (extra, _) in TWO_PROCESS_CASES.items()}
+    commands = [["train", "--preset", "smoke", "--out", str(out[case]), *extra, f"train.name=ddp-{case}",
+                 "train.batch_size=2"] for case, (extra, _) in TWO_PROCESS_CASES.items()]
+    many = tmp_path / "commands.json"
+    many.write_text(json.dumps(commands))
+    done = subprocess.run(_accelerate(str(TESTS / "helpers" / "slm_proc.py"), "--many", str(many)),
+                          env={**os.environ, **DIST_ENV, "TORCH_LOGS": "graph_breaks"}, capture_output=True, text=True,
+                          timeout=1200)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "__graph_breaks" not in done.stderr, done.stderr[-3000:]
-    assert _train(smoke_out, *extra, "train.name=single", *single) == 0
-    ddp, single = _log(smoke_out / "runs" / "ddp"), _log(smoke_out / "runs" / "single")
-    assert len(ddp) == len(single) == 6  # rank 0 alone writes the log
-    assert_same_logs(ddp, single)  # within float noise (helpers/runs.py): the ranks sum in another order
-    assert_same_training(smoke_out / "runs" / "ddp", smoke_out / "runs" / "single")
-    for name in ("ddp", "single"):
-        assert_final_is_last_checkpoint(smoke_out / "runs" / name)
+    for case, (extra, single) in TWO_PROCESS_CASES.items():
+        with subtests.test(case=case):
+            assert _train(out[case], *extra, f"train.name=single-{case}", *single) == 0
+            ddp, one = out[case] / "runs" / f"ddp-{case}", out[case] / "runs" / f"single-{case}"
+            assert len(_log(ddp)) == len(_log(one)) == 6  # rank 0 alone writes the log
+            assert_same_logs(_log(ddp), _log(one))  # within float noise (helpers/runs.py): the ranks sum otherwise
+            assert_same_training(ddp, one)
+            for run in (ddp, one):
+                assert_final_is_last_checkpoint(run)
 
 
 @pytest.mark.slow
