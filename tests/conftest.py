@@ -63,11 +63,15 @@ def _accelerate_state_as_found() -> Iterator[None]:
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Without a CUDA device the tests marked `gpu` are skipped, with the reason."""
+    """Without a CUDA device the tests marked `gpu` are skipped, with the reason. The modules that hold `slow`
+    tests come first, each still in one piece (its module fixtures made once): pytest-xdist hands tests out in
+    this order, so the quick ones fill the workers' last minutes instead of a long test running alone."""
     if not CUDA:
         for item in items:
             if item.get_closest_marker("gpu") is not None:
                 item.add_marker(pytest.mark.skip(reason="needs a CUDA device"))
+    slow = {item.path for item in items if item.get_closest_marker("slow") is not None}
+    items.sort(key=lambda item: item.path not in slow)  # stable: the order within each group is kept
 
 
 @pytest.fixture(scope="module")

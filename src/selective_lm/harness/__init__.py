@@ -19,7 +19,9 @@ Metric names are lm-eval's, its filter appended after a comma unless it is `none
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
+import json
 import logging
 import time
 from collections.abc import Iterator
@@ -112,6 +114,17 @@ def task_results(run: RunDir, digest: str) -> dict[str, Metrics]:
     return {task: metrics for entry in _stored(run, digest).values() for task, metrics in entry["results"].items()}
 
 
+@functools.lru_cache(maxsize=4)
+def _with_lm_eval_tasks(paths: tuple[Path, ...], digests: tuple[str, ...], meta: str) -> Any:
+    """A TaskManager that indexes lm-eval's own tasks too: its ~15k YAML files take seconds, so once per process
+    for the same task folders (`digests`: their files, so that an edited folder is indexed again) and metadata
+    (`slm run` checks the tasks, then loads them for each model it evaluates)."""
+    from lm_eval.tasks import TaskManager
+
+    with _quiet():
+        return TaskManager(include_path=list(paths), metadata=json.loads(meta))
+
+
 def _task_manager(cfg: Config, names: list[str], meta: dict[str, Any]) -> Any:
     """lm-eval's TaskManager over the package's tasks and eval.task_paths (and, when a name is not among those,
     lm-eval's own tasks); UserError naming the closest tasks for a name it does not know."""
@@ -120,9 +133,9 @@ def _task_manager(cfg: Config, names: list[str], meta: dict[str, Any]) -> Any:
     paths = _include_paths(cfg)
     with _quiet():
         manager = TaskManager(include_path=paths, include_defaults=False, metadata=meta)
-    if any(n not in manager.all_tasks for n in names):
-        with _quiet():  # lm-eval's own tasks: indexing its ~15k YAML files takes seconds, so only when needed
-            manager = TaskManager(include_path=paths, metadata=meta)
+    if any(n not in manager.all_tasks for n in names):  # only then: lm-eval's own tasks
+        manager = _with_lm_eval_tasks(tuple(paths), tuple(_files_digest(p) for p in paths),
+                                      json.dumps(meta, sort_keys=True))
     for name in names:
         if name not in manager.all_tasks:
             package = sorted(n for n, e in manager.task_index.items()
