@@ -113,6 +113,8 @@ def test_online_scoring_is_inside_the_step(tmp_path: Path) -> None:
 def test_which_runs_read_the_score_store(method: str, score: str, reads: bool) -> None:
     assert reads_offline_scores({"method": method, "score": score}, "offline") is reads
     assert not reads_offline_scores({"method": method, "score": score}, "online")
+    for self_reference in ("ema", "checkpoint"):  # the student's history scores inside the step
+        assert not reads_offline_scores({"method": method, "score": score}, "offline", self_reference)
 
 
 def test_weighting_methods_get_no_random_control_sentence(tmp_path: Path) -> None:

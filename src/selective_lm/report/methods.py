@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import yaml
 
+from ..config.sections import SELF_REFERENCE_MODES
 from ..files import read_json
 from ..method.registry import METHODS, SCORE_KINDS, STRATEGIES
 from ..store.layout import OutDir
@@ -23,11 +24,12 @@ from .selection import NA, fmt, md_table, relative
 KINDS = ("web", "header", "after_wrong_step", "before_wrong_step")  # a kind the grid's runs lack shows NA
 
 
-def reads_offline_scores(run: dict[str, Any], scoring_mode: str) -> bool:
+def reads_offline_scores(run: dict[str, Any], scoring_mode: str, reference_mode: str = "trained") -> bool:
     """Whether the run's selection or objective read the reference's losses from the score store (`slm score`),
-    whose cost is then the run's too; with `scoring.mode=online` the step computes them and `step_s` has them."""
+    whose cost is then the run's too; with `scoring.mode=online` or a self-reference (`reference.mode` ema or
+    checkpoint) the step computes them and `step_s` has them."""
     entry = METHODS.get(run.get("method") or "")
-    if entry is None or scoring_mode != "offline":
+    if entry is None or scoring_mode != "offline" or reference_mode in SELF_REFERENCE_MODES:
         return False
     kind = SCORE_KINDS.get(run.get("score") or "")
     by_score = entry.selects and STRATEGIES[entry.strategy].uses_scores and kind is not None \
@@ -35,10 +37,12 @@ def reads_offline_scores(run: dict[str, Any], scoring_mode: str) -> bool:
     return by_score or "reference_loss" in entry.needs
 
 
-def _scoring_mode(out: OutDir, name: str) -> str:
+def _modes(out: OutDir, name: str) -> tuple[str, str]:
+    """The run's stored `scoring.mode` and `reference.mode` (their defaults when it stored none)."""
     path = out.run(name).config_path
-    cfg = yaml.safe_load(path.read_text()) if path.is_file() else None
-    return str(((cfg or {}).get("scoring") or {}).get("mode", "offline"))
+    cfg = (yaml.safe_load(path.read_text()) if path.is_file() else None) or {}
+    return (str((cfg.get("scoring") or {}).get("mode", "offline")),
+            str((cfg.get("reference") or {}).get("mode", "trained")))
 
 
 def step_cost(out: OutDir, name: str, run: dict[str, Any], tokens_per_s: float | None) -> tuple[float, float]:
@@ -46,7 +50,7 @@ def step_cost(out: OutDir, name: str, run: dict[str, Any], tokens_per_s: float |
     run read: its tokens per step ÷ the scorer's tokens per second); NaN where unknown."""
     times = [float(r["step_s"]) for r in out.run(name).log() if isinstance(r.get("step_s"), (int, float))]
     step = float(np.median(times)) if times else math.nan
-    if not reads_offline_scores(run, _scoring_mode(out, name)):
+    if not reads_offline_scores(run, *_modes(out, name)):
         return step, 0.0
     steps = run.get("steps") or 0
     if not tokens_per_s or not steps:
