@@ -118,8 +118,8 @@ def methods_section(out: OutDir, runs: dict[str, dict[str, Any]], order: list[st
     spend = [[f"`{g.label}`", fmt(_mean([runs[n].get("tokens_trained") for n in g.names]), ",.0f"),
               fmt(_mean([cost[n][0] for n in g.names]), ".2f"), fmt(_mean([cost[n][1] for n in g.names]), ".2f"),
               ratio(g)] + [kind(g, k) for k in KINDS] for g in found.values()]
-    ref_s = sum(float(r.get("step_s", 0.0)) for r in out.reference.log())
-    ref_steps = len(out.reference.log())
+    ref_log = out.reference.log()
+    ref_s, ref_steps = sum(float(r.get("step_s", 0.0)) for r in ref_log), len(ref_log)
     return "\n\n".join([
         title,
         "Every method of the grid in one row (seeds merged: the Δ of the mean perplexity vs CLM's, the envelope of "
