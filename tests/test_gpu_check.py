@@ -28,7 +28,7 @@ def test_dry_run_runs_each_section_and_writes_every_figure(gpu_check, tmp_path: 
     sections = report["sections"]
     assert list(sections) == only.split(",") and not [s for s in sections.values() if "error" in s], sections
     assert sections["default_study"]["skipped"] == sections["pytest_gpu"]["skipped"] == "dry run (--cpu)"
-    assert sections["gpu_preset"]["runs"] == 11  # the preset's full grid, one seed in the dry run
+    assert sections["gpu_preset"]["runs"] == 3  # CLM, the oracle and top-k: the dry run's part of the grid
     assert sections["bench_small"]["clm"]["profile"]["top_host_ops"]  # profiled (on the CPU: host ops only)
     figures = report["figures"]
     # The gpu bench figures come from the compiled section only (not run here: inductor on the CPU is slow).

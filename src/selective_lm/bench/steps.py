@@ -55,8 +55,8 @@ def tensor_peak_bytes(fn: Callable[[], Any]) -> int:
 
 def peak_mb(fn: Callable[[], Any], device: torch.device) -> float:
     """Memory allocated by `fn` above what was allocated before it, at its peak, in MB."""
-    gc.collect()
     if device.type == "cuda":
+        gc.collect()  # garbage freed inside `fn` would offset its peak (the CPU's count starts at 0 with `fn`)
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
