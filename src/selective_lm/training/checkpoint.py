@@ -57,9 +57,14 @@ class Checkpoints:
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """The trainable weights under the model's own names, in full on the main process (a collective)."""
         from torch.distributed.checkpoint.state_dict import get_model_state_dict
+        from torch.distributed.tensor import DTensor
 
-        state = get_model_state_dict(self.engine, options=_state_options(cpu_offload=True, ignore_frozen_params=True))
         names = trainable(self.model)
+        if not any(isinstance(p, DTensor) for p in names.values()):
+            # Whole on every process (one process, DDP): a copy, without the state-dict API's walk over every
+            # module for each parameter (14 ms a call on the smoke model, more than its training step).
+            return {k: p.detach().to("cpu", copy=True).contiguous() for k, p in names.items()}
+        state = get_model_state_dict(self.engine, options=_state_options(cpu_offload=True, ignore_frozen_params=True))
         return {k: v.contiguous() for k, v in ((k.removeprefix("model."), v) for k, v in state.items()) if k in names}
 
     def save(self, step: int, state: dict[str, Any]) -> None:

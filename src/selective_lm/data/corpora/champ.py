@@ -32,6 +32,7 @@ until they run out (the order within each group stays the seeded shuffle; 0 = th
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 from collections.abc import Iterator
@@ -49,8 +50,11 @@ CHAMP_FILE = "dataset_files/v0.json"
 RESERVED_SHARE = 0.25  # of each training problem's conversations, kept out of train for the reference
 
 
+@functools.lru_cache(maxsize=1)
 def load_champ() -> dict[str, Any]:
-    """The CHAMP JSON (problems, concepts, hints) from the champ-dataset package."""
+    """The CHAMP JSON (problems, concepts, hints) from the champ-dataset package, read once per process (72 MB of
+    JSON, ~0.3 s to parse; `slm run` reads it to check the splits, to prepare and for champ_answer): shared, so
+    read it, never change it."""
     try:
         file = resources.files("champ_dataset") / CHAMP_FILE
         return json.loads(file.read_text())
