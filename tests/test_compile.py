@@ -3,7 +3,7 @@
 Each combination the issue names is trained eager and compiled on the smoke model and compared
 within float noise (compiled kernels sum in another order): LoRA, full fine-tuning, gradient
 checkpointing, the online reference, both self-reference swaps and distillation here; DDP and
-FSDP2 in tests/test_train.py's two-process tests. The last test counts compiles: none per step.
+FSDP2 in tests/test_parallel.py's two-process tests. The last test counts compiles: none per step.
 """
 
 from __future__ import annotations

@@ -13,17 +13,12 @@ from typing import Any
 import pytest
 import torch
 
-from helpers.runs import assert_same_run
-from selective_lm.cli import main
+from helpers.runs import assert_same_run, smoke_train
 from selective_lm.config import load_config
 from selective_lm.store.layout import OutDir
 from selective_lm.training.trainer import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _train(out: Path, *overrides: str) -> int:
-    return main(["train", "--preset", "smoke", "--out", str(out), *overrides])
 
 
 @pytest.mark.slow
@@ -34,7 +29,7 @@ def test_every_micro_batch_split_is_the_same_run(smoke_out: Path, extra: tuple[s
     the float noise of forwards of 4, 8 or 16 rows: helpers/runs.py)."""
     common = ("train.ratio=0.5", "train.grad_accum=4", "train.steps=3", "eval.every=0", *extra)
     for rows in (4, 8, 16):
-        assert _train(smoke_out, *common, f"train.micro_batch_size={rows}", f"train.name=m{rows}") == 0
+        assert smoke_train(smoke_out, *common, f"train.micro_batch_size={rows}", f"train.name=m{rows}") == 0
         summary = json.loads((smoke_out / "runs" / f"m{rows}" / "train.json").read_text())
         assert summary["engine"] == {"device": "cpu", "bf16": False, "compiled_layers": 0, "micro_batch_size": rows}
     cfg = load_config("smoke", overrides=list(common))
@@ -47,7 +42,7 @@ def test_every_micro_batch_split_is_the_same_run(smoke_out: Path, extra: tuple[s
 def test_a_micro_batch_of_partial_units_is_refused(smoke_out: Path, capsys, rows: str) -> None:
     """3 is no multiple of the 4-row selection unit; 12 = 3 units does not divide the 4 of the step."""
     capsys.readouterr()
-    assert _train(smoke_out, "train.grad_accum=4", f"train.micro_batch_size={rows}") == 2
+    assert smoke_train(smoke_out, "train.grad_accum=4", f"train.micro_batch_size={rows}") == 2
     err = capsys.readouterr().err
     assert "train.micro_batch_size" in err and "Traceback" not in err and not (smoke_out / "runs").exists()
 
@@ -55,10 +50,10 @@ def test_a_micro_batch_of_partial_units_is_refused(smoke_out: Path, capsys, rows
 def test_engine_settings_stay_out_of_the_run_hash(smoke_out: Path) -> None:
     """A finished run is found done under another micro-batch size or compile setting (they change no result)."""
     common = ("train.grad_accum=2", "train.steps=2", "eval.every=0")
-    assert _train(smoke_out, *common, "train.micro_batch_size=4") == 0
+    assert smoke_train(smoke_out, *common, "train.micro_batch_size=4") == 0
     log = smoke_out / "runs" / "clm" / "log.jsonl"
     before = log.stat().st_mtime_ns
-    assert _train(smoke_out, *common, "train.micro_batch_size=8", "train.compile=true") == 0
+    assert smoke_train(smoke_out, *common, "train.micro_batch_size=8", "train.compile=true") == 0
     assert log.stat().st_mtime_ns == before
 
 
@@ -163,6 +158,6 @@ def test_a_cpu_launch_that_started_one_of_several_processes_is_refused(smoke_out
         monkeypatch.setenv(key, value)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     capsys.readouterr()
-    assert _train(smoke_out) == 2
+    assert smoke_train(smoke_out) == 2
     err = capsys.readouterr().err
     assert "--multi_gpu --num_processes N" in err and "Traceback" not in err and not (smoke_out / "runs").exists()

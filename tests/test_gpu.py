@@ -6,27 +6,17 @@ float32 and eager; these tests run on the GPU, turn its defaults back on and bou
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
 import torch
 
+from helpers.runs import read_log, smoke_train
 from selective_lm.cli import main
 from selective_lm.training.trainer import Trainer
 
 pytestmark = pytest.mark.gpu  # skipped without a CUDA device (conftest.py)
-
-
-def _train(out: Path, *overrides: str) -> int:
-    return main(["train", "--preset", "smoke", "--out", str(out), *overrides])
-
-
-def _log(out: Path, name: str) -> list[dict[str, Any]]:
-    lines = (out / "runs" / name / "log.jsonl").read_text().splitlines()
-    return [{k: v for k, v in json.loads(line).items() if k != "step_s"} for line in lines]
 
 
 COMMON = ("train.method=topk", "train.ratio=0.5", "train.steps=4", "eval.every=0", "train.snapshot_every=0")
@@ -34,17 +24,17 @@ COMMON = ("train.method=topk", "train.ratio=0.5", "train.steps=4", "eval.every=0
 
 def test_bf16_training_agrees_with_float32(smoke_out: Path) -> None:
     """bf16 autocast changes the losses by rounding only (the tiny model's early losses agree to 2 %)."""
-    assert _train(smoke_out, *COMMON, "train.name=fp32") == 0
-    assert _train(smoke_out, *COMMON, "train.name=bf16", "train.mixed_precision=bf16") == 0
-    for a, b in zip(_log(smoke_out, "fp32"), _log(smoke_out, "bf16"), strict=True):
+    assert smoke_train(smoke_out, *COMMON, "train.name=fp32") == 0
+    assert smoke_train(smoke_out, *COMMON, "train.name=bf16", "train.mixed_precision=bf16") == 0
+    for a, b in zip(read_log(smoke_out / "runs" / "fp32"), read_log(smoke_out / "runs" / "bf16"), strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=2e-2), (a, b)
 
 
 def test_compile_equals_eager_on_cuda(smoke_out: Path) -> None:
-    assert _train(smoke_out, *COMMON, "train.name=eager") == 0
+    assert smoke_train(smoke_out, *COMMON, "train.name=eager") == 0
     torch._dynamo.reset()
-    assert _train(smoke_out, *COMMON, "train.name=compiled", "train.compile=true") == 0
-    for a, b in zip(_log(smoke_out, "eager"), _log(smoke_out, "compiled"), strict=True):
+    assert smoke_train(smoke_out, *COMMON, "train.name=compiled", "train.compile=true") == 0
+    for a, b in zip(read_log(smoke_out / "runs" / "eager"), read_log(smoke_out / "runs" / "compiled"), strict=True):
         assert a["tokens_trained"] == b["tokens_trained"]
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4) and a["grad_norm"] == pytest.approx(b["grad_norm"],
                                                                                                     rel=1e-3)
@@ -53,7 +43,7 @@ def test_compile_equals_eager_on_cuda(smoke_out: Path) -> None:
 def test_interrupted_bf16_run_with_dropout_resumes_exactly_on_cuda(smoke_out: Path, monkeypatch) -> None:
     """Dropout draws from the CUDA generator: the checkpoint restores it, so the resumed log equals a straight run."""
     args = (*COMMON, "train.steps=6", "model.lora_dropout=0.1", "train.mixed_precision=bf16")
-    assert _train(smoke_out, *args, "train.name=straight") == 0
+    assert smoke_train(smoke_out, *args, "train.name=straight") == 0
     step_fn = Trainer.step
 
     def interrupted(self: Trainer, step: int) -> dict[str, float]:
@@ -63,10 +53,10 @@ def test_interrupted_bf16_run_with_dropout_resumes_exactly_on_cuda(smoke_out: Pa
         return step_fn(self, step)
 
     monkeypatch.setattr(Trainer, "step", interrupted)
-    assert _train(smoke_out, *args, "train.name=resumed") == 130
+    assert smoke_train(smoke_out, *args, "train.name=resumed") == 130
     monkeypatch.setattr(Trainer, "step", step_fn)
-    assert _train(smoke_out, *args, "train.name=resumed") == 0
-    assert _log(smoke_out, "straight") == _log(smoke_out, "resumed")
+    assert smoke_train(smoke_out, *args, "train.name=resumed") == 0
+    assert read_log(smoke_out / "runs" / "straight") == read_log(smoke_out / "runs" / "resumed")
 
 
 def test_bf16_scores_select_what_float32_scores_select(smoke_out: Path) -> None:

@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from helpers.runs import read_log, smoke_train
 from selective_lm.cli import main
 from selective_lm.config import load_config
 from selective_lm.method.loss import valid_mask
@@ -22,14 +23,6 @@ from selective_lm.training.models import apply_lora, load_model, load_tokenizer
 from selective_lm.training.selfref import SelfReference
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _train(out: Path, *overrides: str) -> int:
-    return main(["train", "--preset", "smoke", "--out", str(out), *overrides])
-
-
-def _log(out: Path, name: str) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in (out / "runs" / name / "log.jsonl").read_text().splitlines()]
 
 
 def _student(cfg: Any, weights: dict[str, torch.Tensor] | None = None) -> Any:
@@ -58,8 +51,8 @@ def _batch(out: Path, cfg: Any, step: int) -> tuple[np.ndarray, torch.Tensor, to
 @pytest.mark.parametrize(("rule", "threshold"), [("positive", 0.0), ("threshold", 0.3)])
 def test_threshold_rules_train_exactly_the_tokens_scoring_above(smoke_out: Path, rule: str, threshold: float) -> None:
     extra = [f"train.threshold={threshold}"] if rule == "threshold" else []
-    assert _train(smoke_out, "train.method=topk", f"train.rule={rule}", *extra) == 0
-    assert _train(smoke_out, "train.method=random", f"train.rule={rule}", *extra) == 0
+    assert smoke_train(smoke_out, "train.method=topk", f"train.rule={rule}", *extra) == 0
+    assert smoke_train(smoke_out, "train.method=random", f"train.rule={rule}", *extra) == 0
     name = "topk-pos" if rule == "positive" else f"topk-t{threshold:g}"
     cfg = load_config("smoke", overrides=["train.method=topk", f"train.rule={rule}", *extra])
     rows, ids, valid = _batch(smoke_out, cfg, 0)
@@ -75,9 +68,10 @@ def test_threshold_rules_train_exactly_the_tokens_scoring_above(smoke_out: Path,
     control = "random-pos" if rule == "positive" else f"random-t{threshold:g}"
     rnd = np.load(smoke_out / "runs" / control / "selection_sample.npz")["weights"] > 0
     assert rnd.sum() == above.sum() and not np.array_equal(rnd, above)
-    assert _log(smoke_out, control)[0]["tokens_trained"] == _log(smoke_out, name)[0]["tokens_trained"]
+    runs = smoke_out / "runs"
+    assert read_log(runs / control)[0]["tokens_trained"] == read_log(runs / name)[0]["tokens_trained"]
     # The realised share: per step in the log, over the run in train.json.
-    log = _log(smoke_out, name)
+    log = read_log(smoke_out / "runs" / name)
     assert log[0]["selected_frac"] == pytest.approx(above.sum() / valid.sum().item())
     summary = json.loads((smoke_out / "runs" / name / "train.json").read_text())
     n_valid = len(log) * cfg.train.batch_size * (cfg.data.block_len - 1)
@@ -93,7 +87,7 @@ def test_export_keeps_the_tokens_above_the_threshold(smoke_out: Path) -> None:
     from selective_lm.training.models import load_trained
 
     args = ["train.method=topk", "train.rule=positive", "train.steps=2"]
-    assert _train(smoke_out, *args) == 0
+    assert smoke_train(smoke_out, *args) == 0
     assert main(["export-selected", "--preset", "smoke", "--out", str(smoke_out), "--format", "hf", *args]) == 0
     cfg = load_config("smoke", overrides=args)
     store = load_store(smoke_out / "data" / "train")
@@ -155,8 +149,8 @@ def test_checkpoint_reference_scores_with_the_frozen_weights(smoke_out: Path) ->
     # The stored scores must play no part: make them absurd (their fingerprints still match).
     ref_loss = smoke_out / "scores" / "train" / "ref_loss.npy"
     np.save(ref_loss, np.full_like(np.load(ref_loss), 100.0))
-    assert _train(smoke_out, *args) == 0
-    log = _log(smoke_out, "ck")
+    assert smoke_train(smoke_out, *args) == 0
+    log = read_log(smoke_out / "runs" / "ck")
     assert [r["selected_frac"] for r in log[:4]] == [1.0] * 4  # warm-up: every token
     assert all(r["selected_frac"] == pytest.approx(0.5, abs=0.01) for r in log[4:])
     trajectory = smoke_out / "runs" / "ck" / "checkpoints" / "trajectory"
@@ -180,7 +174,7 @@ def test_ema_reference_is_the_average_of_the_weights_and_resumes(smoke_out: Path
 
     args = ["train.method=topk", "train.ratio=0.5", "reference.mode=ema", "reference.ema_decay=0.5",
             "reference.start_step=1", "train.snapshot_every=1", "train.score=retrospective"]
-    assert _train(smoke_out, *args, "train.name=straight") == 0
+    assert smoke_train(smoke_out, *args, "train.name=straight") == 0
     trajectory = smoke_out / "runs" / "straight" / "checkpoints" / "trajectory"
     ema = load_file(trajectory / "step-000000.safetensors")
     for step in range(1, 7):
@@ -198,11 +192,10 @@ def test_ema_reference_is_the_average_of_the_weights_and_resumes(smoke_out: Path
         return step_fn(self, step)
 
     monkeypatch.setattr(Trainer, "step", interrupted)
-    assert _train(smoke_out, *args, "train.name=resumed") == 130
+    assert smoke_train(smoke_out, *args, "train.name=resumed") == 130
     monkeypatch.setattr(Trainer, "step", step_fn)
-    assert _train(smoke_out, *args, "train.name=resumed") == 0
-    strip = [{k: v for k, v in r.items() if k != "step_s"} for r in _log(smoke_out, "resumed")]
-    assert strip == [{k: v for k, v in r.items() if k != "step_s"} for r in _log(smoke_out, "straight")]
+    assert smoke_train(smoke_out, *args, "train.name=resumed") == 0
+    assert read_log(smoke_out / "runs" / "resumed") == read_log(smoke_out / "runs" / "straight")
 
 
 @pytest.mark.slow
@@ -215,7 +208,7 @@ def test_run_grid_with_a_self_reference_needs_no_reference_model(tmp_path: Path)
     results = json.loads((out / "results.json").read_text())
     assert set(results["runs"]) == {"clm", "oracle", "topk-r0.5-ema", "random-r0.5-ema", "base"}
     for name in ("topk-r0.5-ema", "random-r0.5-ema"):  # both warm up on every token: the control stays matched
-        assert [r["selected_frac"] for r in _log(out, name)[:2]] == [1.0, 1.0]
+        assert [r["selected_frac"] for r in read_log(out / "runs" / name)[:2]] == [1.0, 1.0]
 
 
 def _bad(out: Path, capsys, command: str, *overrides: str) -> str:

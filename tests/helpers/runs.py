@@ -24,6 +24,7 @@ from helpers.compare import (
     assert_same_updates,
     assert_selection_within_noise,
 )
+from selective_lm.cli import main
 from selective_lm.config import Config
 from selective_lm.method.registry import STRATEGIES
 from selective_lm.method.selection import select
@@ -41,10 +42,20 @@ LOG_BOUNDS: dict[str, dict[str, float]] = {
     "selected_by_kind": {"abs": 1e-12}}
 
 
-def log(run: Path) -> list[dict[str, Any]]:
-    """log.jsonl without its timings."""
-    lines = (run / "log.jsonl").read_text().splitlines()
-    return [{k: v for k, v in json.loads(line).items() if k != "step_s"} for line in lines]
+def smoke_train(out: Path, *overrides: str) -> int:
+    """`slm train --preset smoke` in this process, on `out`: its exit code."""
+    return main(["train", "--preset", "smoke", "--out", str(out), *overrides])
+
+
+def read_log(run: Path, timings: bool = False) -> list[dict[str, Any]]:
+    """log.jsonl, without its timings (`step_s`) unless asked: a resume or another engine logs other times."""
+    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    return records if timings else [{k: v for k, v in r.items() if k != "step_s"} for r in records]
+
+
+def checkpoint_weights(run: Path, step: int) -> dict[str, torch.Tensor]:
+    """The trainable weights of the run's checkpoint at `step`."""
+    return load_file(run / "checkpoints" / f"step-{step:06d}" / "trainable.safetensors")
 
 
 def trained(run: Path) -> dict[str, torch.Tensor]:
@@ -61,8 +72,8 @@ def assert_same_training(a: Path, b: Path, rel: float | None = None) -> None:
     """The same start, bit for bit, and the same updates by the same AdamW steps (`assert_same_updates`)."""
     s = start(a)
     assert set(s) == set(start(b)) and all(torch.equal(s[n], w) for n, w in start(b).items())
-    lrs = [r["lr"] for r in log(a)]
-    assert lrs == [r["lr"] for r in log(b)]
+    lrs = [r["lr"] for r in read_log(a)]
+    assert lrs == [r["lr"] for r in read_log(b)]
     assert_same_updates(trained(a), trained(b), s, lrs, **({} if rel is None else {"rel": rel}))
 
 
@@ -130,7 +141,7 @@ def assert_same_run(out: Path, a: str, b: str, cfg: Config,
                     generator: Callable[[], torch.Generator | None] = lambda: None) -> None:
     """Runs a and b of `out` are one training computed in two orders: the same logs (`assert_same_logs`), the same
     first selection and the same updates."""
-    assert_same_logs(log(out / "runs" / a), log(out / "runs" / b), (*LOGGED, "selected_by_kind"))
+    assert_same_logs(read_log(out / "runs" / a), read_log(out / "runs" / b), (*LOGGED, "selected_by_kind"))
     assert_same_first_selection(out, cfg, [a, b], generator)
     assert_same_training(out / "runs" / a, out / "runs" / b)
 

@@ -1,4 +1,4 @@
-"""`slm` in a child process that test_train.py can kill at a known point.
+"""`slm` in a child process that test_resume.py and test_parallel.py can kill at a known point.
 
 Usage: python tests/helpers/train_proc.py PAUSE_AT MARKER slm-args... Runs `selective_lm.cli.main(slm-args)`;
 when the loop is about to run optimizer step PAUSE_AT (0-based), it writes MARKER and sleeps, so
