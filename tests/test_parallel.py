@@ -3,16 +3,13 @@ process on the same global batch, and a killed FSDP run resumes under DDP."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import psutil
 import pytest
 
 from conftest import private_copy
@@ -21,6 +18,7 @@ from helpers.runs import (
     assert_final_is_last_checkpoint,
     assert_same_logs,
     assert_same_training,
+    kill_when_paused,
     read_log,
     smoke_train,
 )
@@ -123,22 +121,10 @@ def test_a_killed_fsdp_run_resumes_under_ddp(smoke_out: Path, tmp_path: Path) ->
     args = ["train.method=topk", "train.ratio=0.5", "train.scope=global", "train.steps=8", "train.checkpoint_every=4",
             "train.batch_size=2", "train.name=killed"]
     marker = tmp_path / "paused"
-    proc = subprocess.Popen(  # both ranks pause before step 6: checkpoint 4 is on disk
-        _launch(smoke_out, *args, "train.parallel=fsdp", script=(str(TESTS / "helpers" / "train_proc.py"), "6",
-                                                                 str(marker))),
-        env={**os.environ, **DIST_ENV}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )
-    try:
-        deadline = time.monotonic() + 180
-        while not marker.exists():
-            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-            assert time.monotonic() < deadline, "the ranks never reached step 6"
-            time.sleep(0.2)
-    finally:  # the launcher's workers run in sessions of their own: kill the whole tree
-        for child in [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                child.kill()
-        proc.wait()
+    # Both ranks pause before step 6: checkpoint 4 is on disk.
+    kill_when_paused(_launch(smoke_out, *args, "train.parallel=fsdp", script=(str(TESTS / "helpers" / "train_proc.py"),
+                                                                            "6", str(marker))),
+                     {**os.environ, **DIST_ENV}, marker, timeout=180)
     run = smoke_out / "runs" / "killed"
     assert [p.name for p in (run / "checkpoints").glob("step-*")] == ["step-000004"]
     done = subprocess.run(_launch(smoke_out, *args, "train.parallel=ddp"), env={**os.environ, **DIST_ENV},

@@ -4,10 +4,7 @@ a checkpoint holds what that needs (weights, optimizer, scheduler, the CPU and C
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +12,7 @@ import torch
 
 from helpers.runs import (
     checkpoint_weights,
+    kill_when_paused,
     read_log,
     smoke_train,
 )
@@ -61,21 +59,10 @@ def test_killed_run_resumes_from_its_checkpoint_identically(smoke_out: Path, tmp
     args = ["train.method=stochastic", "train.ratio=0.5", "train.steps=8", "train.checkpoint_every=4"]
     assert smoke_train(smoke_out, *args, "train.name=straight") == 0
     marker = tmp_path / "paused"
-    proc = subprocess.Popen(  # pauses before step 6: checkpoint 4 and log lines 5, 6 are on disk
+    kill_when_paused(  # it pauses before step 6: checkpoint 4 and log lines 5, 6 are on disk
         [sys.executable, str(TESTS / "helpers" / "train_proc.py"), "6", str(marker), "train", "--preset", "smoke",
          "--out", str(smoke_out), *args, "train.name=killed"],
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )
-    try:
-        deadline = time.monotonic() + 120
-        while not marker.exists():
-            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-            assert time.monotonic() < deadline, "the child never reached step 6"
-            time.sleep(0.1)
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}, marker, timeout=120)
     run = smoke_out / "runs" / "killed"
     assert [p.name for p in (run / "checkpoints").glob("step-*")] == ["step-000004"]
     assert len(read_log(run)) == 6

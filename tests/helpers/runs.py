@@ -6,13 +6,17 @@ compared with the bounds of `helpers.compare`; runs that compute it in the same 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
+import subprocess
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 import torch
 from safetensors.torch import load_file
 
@@ -45,6 +49,26 @@ LOG_BOUNDS: dict[str, dict[str, float]] = {
 def smoke_train(out: Path, *overrides: str) -> int:
     """`slm train --preset smoke` in this process, on `out`: its exit code."""
     return main(["train", "--preset", "smoke", "--out", str(out), *overrides])
+
+
+def kill_when_paused(cmd: list[str], env: dict[str, str], marker: Path, timeout: float) -> None:
+    """Start `cmd` (helpers/train_proc.py, which writes `marker` and sleeps before a step), and once the marker is there
+    SIGKILL it and its children (a launcher's workers run in sessions of their own): everything up to that step is
+    on disk."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + timeout
+        while not marker.exists():
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            assert time.monotonic() < deadline, f"{cmd} never paused"
+            time.sleep(0.1)
+    finally:
+        with contextlib.suppress(psutil.NoSuchProcess):  # gone already when it failed on its own
+            tree = psutil.Process(proc.pid)
+            for process in [*tree.children(recursive=True), tree]:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    process.kill()
+        proc.wait()
 
 
 def read_log(run: Path, timings: bool = False) -> list[dict[str, Any]]:
