@@ -89,9 +89,11 @@ def test_slm_run_never_deletes_a_finished_run(tmp_path: Path, capsys) -> None:
     out = tmp_path / "out"
     assert _slm(capsys, "run", "--preset", "smoke", "--out", str(out), *FAST)[0] == 0
     runs = {n: (out / "runs" / n / "train.json").read_text() for n in ("clm", "topk-r0.5")}
-    # The self-reference example of docs/rules.md in the same out dir (no --preset: the stored config): new names.
-    assert _slm(capsys, "run", "--out", str(out), "reference.mode=ema", "reference.start_step=1")[0] == 0
-    assert (out / "runs" / "topk-r0.5-ema" / "train.json").is_file()
+    # The self-reference example of docs/rules.md in the same out dir (no --preset: the stored config): new names
+    # for the selecting runs; CLM, which reads no score kind, stays the same run.
+    assert _slm(capsys, "run", "--out", str(out), "reference.mode=ema", "reference.start_step=1",
+                "train.score=retrospective")[0] == 0
+    assert (out / "runs" / "topk-r0.5-retrospective-ema" / "train.json").is_file()
     assert {n: (out / "runs" / n / "train.json").read_text() for n in runs} == runs
     assert not (out / "stale").exists()
     # Another config under the same names: `slm train` refuses, `slm run` moves the old run aside.
@@ -196,6 +198,10 @@ def test_preset_and_stored_values_are_no_ignored_options() -> None:
 def test_threshold_and_ratio_outside_their_rule_change_no_cache_key() -> None:
     base = load_config("smoke", overrides=["train.method=topk", "train.ratio=0.5"]).train
     assert base.model_copy(update={"threshold": 0.5}).hashed() == base.hashed()
+    assert base.model_copy(update={"score": "loss"}).hashed() != base.hashed()  # top-k reads its score kind
+    for method in ("clm", "oracle", "distill", "entropy_topk"):  # none, or one of their own
+        train = load_config("smoke", overrides=[f"train.method={method}"]).train
+        assert train.model_copy(update={"score": "retrospective"}).hashed() == train.hashed(), method
     cfg = load_config("smoke", overrides=["grid.rules=[positive]", "grid.methods=[topk]"])
     (positive,) = [c for n, c in cfg.grid_runs(has_noise=True).items() if n == "topk-pos"]
     assert positive.train.ratio == 1.0

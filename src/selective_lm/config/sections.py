@@ -417,10 +417,14 @@ class TrainConfig(Section):
         return self
 
     def hashed(self, **dump: Any) -> dict[str, Any]:
-        """As `Section.hashed`, without train.threshold unless train.rule=threshold reads it."""
+        """As `Section.hashed`, without train.threshold unless train.rule=threshold reads it, and with train.score at
+        its default for a method that scores by its own kind or none (CLM, the oracle, an objective): a grid's
+        `train.score=retrospective` leaves its CLM run the same run, as its name."""
         out = super().hashed(**dump)
         if self.rule != "threshold":
             out.pop("threshold", None)
+        if "score" in out and self.selection_rule().score != self.score:
+            out["score"] = type(self).model_fields["score"].get_default()
         return out
 
     def run_name(self, with_seed: bool = False, reference_mode: str = "trained",
