@@ -143,6 +143,17 @@ def test_grid_rules_name_their_runs() -> None:
         load_config("smoke", overrides=["grid.rules=[threshold]"]).grid_runs(has_noise=True)
 
 
+def test_a_fixed_ratio_gets_its_random_control_and_no_other() -> None:
+    """The 80/20 rule selects 20 % whatever grid.ratios say: random runs at 0.2 too (the count-matched control the
+    report sets beside it), bottom-k (a control of the excess score, not of entropy) and top-k do not."""
+    cfg = load_config("smoke", overrides=["grid.methods=[topk,random,bottomk,entropy_topk]", "grid.ratios=[0.5]"])
+    assert list(cfg.grid_runs(has_noise=True)) == ["clm", "oracle", "topk-r0.5", "random-r0.5", "random-r0.2",
+                                                   "bottomk-r0.5", "entropy_topk-r0.2"]
+    plain = load_config("smoke", overrides=["grid.methods=[topk,random]", "grid.ratios=[0.5,0.2]"])
+    assert list(plain.grid_runs(has_noise=True)) == ["clm", "oracle", "topk-r0.5", "topk-r0.2", "random-r0.5",
+                                                     "random-r0.2"]  # no fixed ratio: the grid's ratios alone
+
+
 def test_grid_controls_distill_and_bottomk() -> None:
     """distill runs once (every token), bottomk at every ratio; names carry the KL weight and temperature
     away from 1; the kd settings enter the hash of distill runs only."""

@@ -32,7 +32,7 @@ def test_the_preset_is_the_default_study_with_every_method_three_seeds_and_nine_
         points = len({0, *range(cfg.eval.every, cfg.train.steps, cfg.eval.every), cfg.train.steps})
         assert points >= 9, cfg.preset
     names = {n.rsplit("-s", 1)[0] for n in study.grid_runs(has_noise=True)}
-    assert names == {"clm", "topk-r0.5", "random-r0.5", "distill", *RUN_NAMES.values()}
+    assert names == {"clm", "topk-r0.5", "random-r0.5", "random-r0.2", "distill", *RUN_NAMES.values()}
     assert len(study.grid_runs(has_noise=True)) == 3 * len(names)
 
 

@@ -138,7 +138,8 @@ class GridConfig(Section):
     methods: list[str] = Field(
         default_factory=lambda: [n for n, m in METHODS.items() if m.in_default_grid], description="the grid's "
         "methods besides CLM and the oracle (registered methods, plugins included): a selecting method runs at "
-        "every ratio of grid.ratios (one with a fixed ratio, as entropy_topk's 0.2, at it only), a method that "
+        "every ratio of grid.ratios (one with a fixed ratio, as entropy_topk's 0.2, at it only, and random at it "
+        "too: its count-matched control), a method that "
         "trains every token (an objective's control, a weighting) once. The default is the full grid of the "
         "built-in methods and controls; the default study's preset (champ-smollm2) keeps four of them at ratio 0.5 "
         "for its CPU budget")
@@ -168,10 +169,18 @@ def _from(registry: Registry[Any], name: str) -> str:
     return f" (from {origin})" if origin.startswith("plugin") else ""
 
 
-def _ratios(method: str, ratios: list[float], rule: str) -> list[float]:
-    """The ratios a grid runs a selecting method at: its own fixed one (`registry.Method.ratio`), else the grid's."""
-    fixed = METHODS[method].ratio
-    return [fixed] if fixed is not None and rule == "topk" else ratios
+def _ratios(method: str, ratios: list[float], rule: str, fixed: list[float]) -> list[float]:
+    """The ratios a grid runs a selecting method at: its own fixed one (`registry.Method.ratio`), else the grid's;
+    the count-matched control (a control the report pairs by count: random) at the `fixed` ratios of the grid's
+    other methods too, so that the 80/20 rule's 20 % has a random control at 20 %."""
+    entry = METHODS[method]
+    if rule != "topk":
+        return ratios
+    if entry.ratio is not None:
+        return [entry.ratio]
+    if entry.role == "control" and entry.compare is None:
+        return [*ratios, *(r for r in fixed if r not in ratios)]
+    return ratios
 
 
 class Config(Section):
@@ -264,11 +273,12 @@ class Config(Section):
         # Once each, the methods that train every token (an objective's control); then every selecting one.
         specs += [{"method": m, **baseline} for m in self.grid.methods if not METHODS[m].selects]
         selecting = [m for m in self.grid.methods if METHODS[m].selects]
+        fixed = sorted({r for m in selecting if (r := METHODS[m].ratio) is not None}, reverse=True)
         for rule in self.grid.rules:
             threshold = self.train.threshold if rule == "threshold" else None
             ratios = self.grid.ratios if rule == "topk" else [1.0]  # the threshold sets the count
             specs += [{"method": m, "ratio": r, "rule": rule, "threshold": threshold}
-                      for m in selecting for r in _ratios(m, ratios, rule)]
+                      for m in selecting for r in _ratios(m, ratios, rule, fixed)]
         runs: dict[str, Config] = {}
         for seed in range(self.train.seed, self.train.seed + self.grid.seeds):
             for spec in specs:
