@@ -112,13 +112,28 @@ def test_eval_of_reference_and_base(smoke_cfg, trained_out: Path) -> None:
     assert (trained_out / "reference" / "token_losses" / "val_noisy.npy").is_file()
 
 
-def test_eval_reuses_token_losses_until_the_run_changes(smoke_cfg, trained_out: Path) -> None:
+def _no_model_loads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What is stored is read back without loading a model (a finished study's `slm run` loads none)."""
+    from selective_lm import evaluate as module
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded for results already stored")
+
+    for name in ("load_model", "load_trained", "load_reference_model"):
+        monkeypatch.setattr(module, name, refuse)
+
+
+def test_eval_reuses_token_losses_until_the_run_changes(smoke_cfg, trained_out: Path, monkeypatch) -> None:
     from selective_lm.train import train
 
     path = trained_out / "runs" / "clm" / "token_losses" / "val_clean.npy"
     first = evaluate(smoke_cfg, trained_out)
+    others = {name: evaluate(smoke_cfg, trained_out, name) for name in ("reference", "base")}
     before = path.stat().st_mtime_ns
-    assert evaluate(smoke_cfg, trained_out) == first
+    with monkeypatch.context() as m:
+        _no_model_loads(m)
+        assert evaluate(smoke_cfg, trained_out) == first
+        assert {name: evaluate(smoke_cfg, trained_out, name) for name in others} == others
     assert path.stat().st_mtime_ns == before
 
     retrained = smoke_cfg.model_copy(update={"train": smoke_cfg.train.model_copy(update={"lr": 3e-3})})
@@ -137,7 +152,7 @@ def test_eval_reuses_token_losses_until_the_run_changes(smoke_cfg, trained_out: 
     assert fourth["val_noisy"]["loss"] == pytest.approx(float(np.nanmean(full[:16])), rel=1e-5)
 
 
-def test_trajectory_writes_one_file_per_snapshot_from_base_to_final(smoke_cfg, trained_out: Path) -> None:
+def test_trajectory_writes_one_file_per_snapshot_from_base_to_final(smoke_cfg, trained_out: Path, monkeypatch) -> None:
     steps = evaluate_trajectory(smoke_cfg, trained_out, "clm")
     assert steps == [0, 2, 4, 6]
     traj = trained_out / "runs" / "clm" / "token_losses" / "trajectory"
@@ -150,7 +165,9 @@ def test_trajectory_writes_one_file_per_snapshot_from_base_to_final(smoke_cfg, t
     np.testing.assert_allclose(np.load(traj / "step-000000.npy"), base, atol=1e-6, equal_nan=True)  # LoRA B = 0
     np.testing.assert_allclose(np.load(traj / "step-000006.npy"), final, atol=1e-5, equal_nan=True)
     before = (traj / "step-000002.npy").stat().st_mtime_ns
-    assert evaluate_trajectory(smoke_cfg, trained_out, "clm") == steps
+    with monkeypatch.context() as m:
+        _no_model_loads(m)
+        assert evaluate_trajectory(smoke_cfg, trained_out, "clm") == steps
     assert (traj / "step-000002.npy").stat().st_mtime_ns == before
 
     short = smoke_cfg.model_copy(update={"analysis": smoke_cfg.analysis.model_copy(update={"trajectory_tokens": 200})})

@@ -84,9 +84,13 @@ def test_report_plots_and_page_exist(smoke_run: Path) -> None:
 
 
 @pytest.mark.slow
-def test_second_run_does_nothing_and_a_new_ratio_runs_only_its_runs(smoke_run: Path) -> None:
+def test_second_run_does_nothing_and_a_new_ratio_runs_only_its_runs(smoke_run: Path, monkeypatch) -> None:
     before = {p: p.stat().st_mtime_ns for p in smoke_run.rglob("*") if p.is_file()}
-    assert main(["run", "--preset", "smoke", "--out", str(smoke_run)]) == 0
+    with monkeypatch.context() as m:  # nor loads a model: the finished runs and evaluations are read back
+        for module, name in (("training.trainer", "student_model"), ("evaluate", "load_model"),
+                             ("evaluate", "load_trained"), ("evaluate", "load_reference_model")):
+            m.setattr(f"selective_lm.{module}.{name}", lambda *a, **k: pytest.fail("a model was loaded"))
+        assert main(["run", "--preset", "smoke", "--out", str(smoke_run)]) == 0
     after = {p: p.stat().st_mtime_ns for p in smoke_run.rglob("*") if p.is_file()}
     changed = sorted(str(p.relative_to(smoke_run)) for p in before if after.get(p) != before[p])
     assert changed == []

@@ -11,11 +11,13 @@ and the base model also on the scored train blocks (`base/token_losses/train.npy
 students' step-0 losses, for the separation of excess loss by token kind) and on each seed's first
 selection unit (`base/token_losses/selection_sample.npy`: the step-0 scores that selection.html shows), each
 with its rows in the `.json` beside it. With `eval.tasks`, the
-same in-memory model then runs downstream tasks through lm-evaluation-harness (`harness`: `tasks.json`).
+same in-memory model then runs downstream tasks through lm-evaluation-harness (`harness`: `tasks.json`). A model
+is loaded only for a pass or task not already stored: `slm run` confirms an evaluated study without loading any.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -32,7 +34,14 @@ from .harness import TaskEval
 from .store.blocks import BlockOrder
 from .store.frozen import token_loss_pass
 from .store.layout import OutDir, RunDir, TokenStore
-from .training.models import apply_lora, load_model, load_reference_model, load_tokenizer, load_trained
+from .training.models import (
+    apply_lora,
+    load_model,
+    load_reference_model,
+    load_tokenizer,
+    load_trained,
+    reference_description,
+)
 
 
 def summarize(losses: np.ndarray) -> dict[str, float]:
@@ -53,28 +62,29 @@ def model_digest(cfg: Config, run: RunDir) -> str:
         if cfg.reference.is_self:
             raise UserError(f"reference.mode={cfg.reference.mode} has no reference model to evaluate: the "
                             "students' own weights are their reference")
-        return read_json(run.reference_json)["digest"]
+        return reference_description(run)["digest"]
     if run.name == "base":
         return fingerprint(cfg.model.name, cfg.model.revision)
     return run.summary["config_hash"]  # says `run slm train` when the run has not finished
 
 
-def _load(cfg: Config, out: OutDir, run: RunDir, vocab: int) -> tuple[Any, str]:
-    """The model to evaluate and its `model_digest`."""
+def _load(cfg: Config, out: OutDir, run: RunDir) -> Any:
+    """The model to evaluate, in eval mode."""
     if run.name == "reference":
-        model = load_reference_model(cfg, out)  # says `run slm reference` when there is none
-        return model, model_digest(cfg, run)
-    digest = model_digest(cfg, run)  # before loading: an unfinished run says `run slm train`
-    model = load_model(cfg.model, vocab_size=vocab) if run.name == "base" else load_trained(cfg.model,
-                                                                                             run.weights_dir, vocab)
-    return model, digest
+        model = load_reference_model(cfg, out)
+    else:
+        vocab = len(load_tokenizer(cfg.model))
+        model = load_model(cfg.model, vocab_size=vocab) if run.name == "base" else \
+            load_trained(cfg.model, run.weights_dir, vocab)
+    return model.eval().requires_grad_(False)
 
 
-def _cached_pass(cfg: Config, model: Any, store: TokenStore, path: Path, expected: dict[str, Any],
+def _cached_pass(cfg: Config, model: Callable[[], Any], store: TokenStore, path: Path, expected: dict[str, Any],
                  desc: str, prepare: Callable[[], None] = lambda: None) -> None:
     """Token losses of `store` into `path` unless `path.json` shows they were made from `expected`.
 
-    `prepare` runs first when the pass is needed (e.g. to load a snapshot's weights).
+    `model` gives the model (loaded on first need); `prepare` runs first when the pass is needed (e.g. to load a
+    snapshot's weights).
     """
     blocks = store.n_blocks if store.rows is None else fingerprint(store.rows.tolist())
     expected = {**expected, "store": store.fingerprint, "blocks": blocks,
@@ -87,7 +97,7 @@ def _cached_pass(cfg: Config, model: Any, store: TokenStore, path: Path, expecte
     except OSError as e:
         raise UserError(f"cannot write token losses to {path.parent}: {e.strerror or e}") from None
     prepare()
-    token_loss_pass(model, store, path, expected, desc, batch_size=cfg.eval.batch_size,
+    token_loss_pass(model(), store, path, expected, desc, batch_size=cfg.eval.batch_size,
                     chunk_size=cfg.scoring.chunk_size, doc_boundaries=cfg.data.doc_boundaries, loss_mask=True,
                     precision=cfg.train.mixed_precision)
     write_json(meta_path, expected)
@@ -104,10 +114,9 @@ def evaluate(cfg: Config, out: str | Path | OutDir, name: str | None = None) -> 
     out = OutDir.of(out)
     run = out.run(name or cfg.run_name())
     stores = {split: out.checked_store(split, cfg).spread(cfg.eval.max_tokens) for split in cfg.eval.splits}
-    tokenizer = load_tokenizer(cfg.model)
-    model, digest = _load(cfg, out, run, len(tokenizer))
+    digest = model_digest(cfg, run)  # before any loading: an unfinished run says `run slm train`
     tasks = TaskEval(cfg, run, digest) if cfg.eval.tasks else None
-    model.eval().requires_grad_(False)
+    model = functools.cache(lambda: _load(cfg, out, run))
     results: dict[str, Any] = {}
     for split, store in stores.items():
         path = run.token_losses(split)
@@ -129,7 +138,7 @@ def evaluate(cfg: Config, out: str | Path | OutDir, name: str | None = None) -> 
                      "eval base train (selection sample)")
     write_json(run.eval_path, results)
     if tasks is not None:
-        return {**results, "tasks": tasks.run(model, tokenizer)}
+        return {**results, "tasks": tasks.run(model, lambda: load_tokenizer(cfg.model))}
     return results
 
 
@@ -147,12 +156,14 @@ def evaluate_trajectory(cfg: Config, out: str | Path | OutDir, name: str) -> lis
         return []
     config_hash = run.summary["config_hash"]
     store = out.store(cfg.analysis.bucket_split).spread(cfg.analysis.trajectory_tokens)
-    tokenizer = load_tokenizer(cfg.model)
-    model = apply_lora(load_model(cfg.model, vocab_size=len(tokenizer)), cfg.model)
-    model.eval().requires_grad_(False)
-    params = dict(model.named_parameters())
+
+    @functools.cache
+    def model() -> Any:  # loaded for the first snapshot whose losses are not stored
+        lora = apply_lora(load_model(cfg.model, vocab_size=len(load_tokenizer(cfg.model))), cfg.model)
+        return lora.eval().requires_grad_(False)
 
     def load_snapshot(snap: Path) -> None:
+        params = dict(model().named_parameters())
         with torch.no_grad():
             for key, value in load_file(snap).items():
                 params[key].copy_(value)

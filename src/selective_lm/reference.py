@@ -36,7 +36,8 @@ def reference(cfg: Config, out: str | Path | OutDir) -> dict[str, Any]:
                         "online during `slm train` / `slm run`")
     tokenizer = load_tokenizer(cfg.model)
     if mode == "trained":
-        summary = Trainer(_reference_train_config(cfg), out, ref, split="reference").fit(replace_stale=True)
+        trainer = Trainer(_reference_train_config(cfg), out, ref, split="reference", build=False)
+        summary = trainer.fit(replace_stale=True)
         weights = ref.weights_dir  # sharded full models too
         desc = {"mode": mode, "base": cfg.model.name, "weights": weights.name,
                 "digest": fingerprint([file_digest(f) for f in sorted(weights.glob("*.safetensors"))]),

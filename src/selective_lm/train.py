@@ -20,4 +20,4 @@ def train(cfg: Config, out: str | Path | OutDir, name: str | None = None, *, ref
     """
     out = OutDir.of(out)
     run = out.run(name or cfg.run_name())
-    return Trainer(cfg, out, run, reference_model=reference_model).fit(replace_stale)
+    return Trainer(cfg, out, run, reference_model=reference_model, build=False).fit(replace_stale)

@@ -24,7 +24,7 @@ import importlib
 import json
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -194,18 +194,20 @@ class TaskEval:
             return [loaded["groups"][name]]
         return [loaded["tasks"][name]] if name in loaded["tasks"] else list(loaded["tasks"].values())
 
-    def run(self, model: Any, tokenizer: Any) -> dict[str, Metrics]:
-        """Run the tasks tasks.json does not hold (writing it after each); task -> metrics of `eval.tasks`."""
+    def run(self, model: Callable[[], Any], tokenizer: Callable[[], Any]) -> dict[str, Metrics]:
+        """Run the tasks tasks.json does not hold (writing it after each); task -> metrics of `eval.tasks`. The model
+        and tokenizer come from callables, called only when a task is pending."""
         if self.pending:
             import torch
             from lm_eval import simple_evaluate
             from lm_eval.models.huggingface import HFLM
 
             cuda = torch.cuda.is_available()
-            model.to("cuda" if cuda else "cpu")
+            lm_model = model().to("cuda" if cuda else "cpu")
             size = self.cfg.eval.batch_size  # auto: lm-eval's own probe on CUDA, the CPU default (8) on CPU
             with _quiet():
-                lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=8 if size == "auto" and not cuda else size)
+                lm = HFLM(pretrained=lm_model, tokenizer=tokenizer(),
+                          batch_size=8 if size == "auto" and not cuda else size)
             for name in self.pending:
                 start = time.perf_counter()
                 with _quiet():

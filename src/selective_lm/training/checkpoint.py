@@ -35,6 +35,12 @@ def _state_options(**kwargs: bool) -> Any:
     return StateDictOptions(full_state_dict=True, **kwargs)
 
 
+def latest_checkpoint(run: RunDir) -> Path | None:
+    """The run's newest full checkpoint (only the newest is kept; a kill may leave an older one beside it)."""
+    found = sorted(run.checkpoints.glob("step-[0-9]*"))
+    return found[-1] if found else None
+
+
 def rng_state() -> dict[str, torch.Tensor | None]:
     """The RNG streams dropout draws from: CPU, and the current CUDA device's (exact resume on GPUs)."""
     return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
@@ -90,8 +96,7 @@ class Checkpoints:
                 shutil.rmtree(old, ignore_errors=True)
 
     def latest(self) -> Path | None:
-        found = sorted(self.run.checkpoints.glob("step-[0-9]*"))
-        return found[-1] if found else None
+        return latest_checkpoint(self.run)
 
     def load(self, path: Path) -> dict[str, Any]:
         """Every rank reads the full checkpoint and keeps its part (the out dir is shared by the ranks)."""

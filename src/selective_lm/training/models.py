@@ -18,7 +18,7 @@ from ..config import Config, ModelConfig
 from ..data.assets import byte_tokenizer, cache_dir, embedded_model_dir, file_lock
 from ..errors import UserError, first_line
 from ..files import atomic_dir, fingerprint, read_json
-from ..store.layout import OutDir, TokenStore, store_config_fingerprint
+from ..store.layout import OutDir, RunDir, TokenStore, store_config_fingerprint
 
 RANDOM_MODELS = {
     # hidden ≤ 128 and two layers: the smoke preset and tests train it in seconds on a CPU.
@@ -235,13 +235,17 @@ def token_texts(tokenizer: Any, ids: list[int]) -> list[str]:
 # --------------------------------------------------------------------------- the reference
 
 
+def reference_description(ref: RunDir) -> dict[str, Any]:
+    """reference.json of the out dir's `reference/`; says to run `slm reference` when there is none."""
+    if not ref.reference_json.is_file():
+        raise UserError(f"no reference model in {ref.path}: run `slm reference --out {ref.path.parent}` first")
+    return read_json(ref.reference_json)
+
+
 def load_reference_model(cfg: Config, out: str | Path | OutDir) -> Any:
     """The reference as a plain causal LM in eval mode (LoRA merged: scoring needs no adapter overhead)."""
     out = OutDir.of(out)
-    desc_path = out.reference.reference_json
-    if not desc_path.is_file():
-        raise UserError(f"no reference model in {out.reference.path}: run `slm reference --out {out}` first")
-    desc = read_json(desc_path)
+    desc = reference_description(out.reference)
     tokenizer = load_tokenizer(cfg.model)
     if desc.get("tokenizer_fingerprint") != tokenizer_fingerprint(tokenizer):
         raise UserError("the reference model's tokenizer differs from the student's: they must share one "

@@ -58,7 +58,7 @@ from ..store.frozen import frozen_model, model_token_losses
 from ..store.layout import OutDir, RunDir, TokenStore
 from ..store.outconfig import differences
 from . import runstats
-from .checkpoint import Checkpoints, rng_state, set_rng_state, trainable
+from .checkpoint import Checkpoints, latest_checkpoint, rng_state, set_rng_state, trainable
 from .curve import LearningCurve
 from .engine import Engine, free_memory, to_device
 from .models import check_store, load_reference_model, load_tokenizer, student_model, tokenizer_fingerprint
@@ -95,10 +95,11 @@ def _lr_lambda(cfg: TrainConfig):
 
 
 class Trainer:
-    """Holds one run's state; `fit()` runs or resumes it. Validates everything before writing."""
+    """Holds one run's state; `fit()` runs or resumes it. Validates everything before writing. With `build=False`
+    the models, optimizer and checkpoints wait for `fit()` to need them: a finished run is confirmed without."""
 
     def __init__(self, cfg: Config, out: OutDir, run: RunDir, *, split: str = "train",
-                 reference_model: Any = None) -> None:
+                 reference_model: Any = None, build: bool = True) -> None:
         self.cfg, self.t, self.out, self.run = cfg, cfg.train, out, run
         self.name = run.name
         self.selection = self.t.selection()
@@ -125,10 +126,7 @@ class Trainer:
         # An objective or score kind that reads the reference's next-token distribution (distillation) runs the
         # reference model online, in the step: its hidden states go to the objective (`loss.Batch.reference`).
         self.reference_logits = "reference_logits" in self.selection.needs
-        if self.reference_logits and reference_model is None:
-            reference_model = load_reference_model(cfg, out)
-        self.reference_model = frozen_model(reference_model, self.device, self.engine.bf16) \
-            if self.online or self.reference_logits else None
+        self.own_reference = own_reference
         tok_fp = tokenizer_fingerprint(self.tokenizer)
         dtype = cfg.scoring.dtype  # any stored dtype reads as float32; a store of another dtype is refused
         # A self-reference's selecting runs read no stored scores either: those come from another reference. Its
@@ -141,19 +139,7 @@ class Trainer:
                 self.ref_loss = out.scores(split, self.store, tok_fp, dtype)
         if self.method.oracle and self.store.noise_mask is None:
             raise UserError(f"method {self.t.method} needs a train split with a noise mask (data.noise_rate > 0)")
-        self.model = student_model(cfg, self.tokenizer, self.device)
         self.world, self.rank = self.engine.world, self.engine.rank
-        self.module = self.engine.wrap(SelectiveLM(self.model))
-        self.weights = list(trainable(self.model).values())  # after wrapping: FSDP turns them into shards
-        self.self_ref: SelfReference | None = None
-        if own_reference and self.t.needs_reference():
-            self._check_self_reference_memory()
-            r = cfg.reference
-            self.self_ref = SelfReference(trainable(self.model), r.mode, r.ema_decay, r.checkpoint_step)
-        self.optimizer = self.engine.optimizer(self.weights, self.t.lr, self.t.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(self.t))
-        self.checkpoints = Checkpoints(self.run, self.module, self.model, self.optimizer, self.scheduler,
-                                       self.self_ref, self.engine.main)
         self.order = BlockOrder(self.store.tokens.shape[0], self.t.seed)
         self.kind_names: list[str] = self.store.kind_names
         # Labelled documents (CHAMP's wrong steps): per-document selection counts, for a bootstrap over documents.
@@ -171,6 +157,30 @@ class Trainer:
                                 "scoring.blocks=all")
             self.ref_loss = None  # diagnostics only: better none than biased
         self.units = 1  # selection units per forward: sized in fit(), on the run's own first batches
+        self._reference_given, self.built = reference_model, False
+        if build:
+            self._build()
+
+    def _build(self) -> None:
+        """The reference model a step runs, the student, its optimizer and checkpoints."""
+        cfg, reference_model = self.cfg, self._reference_given
+        if self.reference_logits and reference_model is None:
+            reference_model = load_reference_model(cfg, self.out)
+        self.reference_model = frozen_model(reference_model, self.device, self.engine.bf16) \
+            if self.online or self.reference_logits else None
+        self.model = student_model(cfg, self.tokenizer, self.device)
+        self.module = self.engine.wrap(SelectiveLM(self.model))
+        self.weights = list(trainable(self.model).values())  # after wrapping: FSDP turns them into shards
+        self.self_ref: SelfReference | None = None
+        if self.own_reference and self.t.needs_reference():
+            self._check_self_reference_memory()
+            r = cfg.reference
+            self.self_ref = SelfReference(trainable(self.model), r.mode, r.ema_decay, r.checkpoint_step)
+        self.optimizer = self.engine.optimizer(self.weights, self.t.lr, self.t.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(self.t))
+        self.checkpoints = Checkpoints(self.run, self.module, self.model, self.optimizer, self.scheduler,
+                                       self.self_ref, self.engine.main)
+        self.built = True
 
     def _scores_cover_reads(self) -> bool:
         """Whether every block this run reads has reference losses (stores scored with blocks=used)."""
@@ -371,7 +381,7 @@ class Trainer:
 
     def _check_existing(self, config_hash: str, replace_stale: bool) -> dict[str, Any] | None:
         """The finished summary when the run is done; clears (or refuses) a run dir of another config."""
-        summary_path, ckpt = self.run.summary_path, self.checkpoints.latest()
+        summary_path, ckpt = self.run.summary_path, latest_checkpoint(self.run)
         found = None
         if summary_path.is_file():
             found = read_json(summary_path).get("config_hash")
@@ -394,6 +404,9 @@ class Trainer:
 
     def fit(self, replace_stale: bool = False) -> dict[str, Any]:
         config_hash = self._config_hash()
+        summary = self.run.summary_path
+        if not self.built and not (summary.is_file() and read_json(summary).get("config_hash") == config_hash):
+            self._build()  # checked, like everything else, before a stale run is moved aside
         done = self._check_existing(config_hash, replace_stale)
         if done is not None:
             return done
