@@ -19,7 +19,7 @@ from ..files import read_json
 from ..method.registry import METHODS, SCORE_KINDS, STRATEGIES
 from ..store.layout import OutDir
 from .groups import Group, delta_cell, groups
-from .selection import NA, fmt, md_table, relative
+from .selection import NA, fmt, md_table, relative, tokens_or_never
 
 KINDS = ("web", "header", "after_wrong_step", "before_wrong_step")  # a kind the grid's runs lack shows NA
 
@@ -67,12 +67,9 @@ def _reach(values: list[dict[str, Any] | None]) -> str:
     def tokens(x: float | None) -> float:
         return math.inf if x is None else float(x)
 
-    def text(x: float) -> str:
-        return "never" if math.isinf(x) else fmt(x, ",.0f")
-
     point = float(np.median([tokens(v["tokens"]) for v in values]))
     lo, hi = min(tokens(v["lo"]) for v in values), max(tokens(v["hi"]) for v in values)
-    return f"{text(point)} [{text(lo)}, {text(hi)}]"
+    return f"{tokens_or_never(point)} [{tokens_or_never(lo)}, {tokens_or_never(hi)}]"
 
 
 def _mean(values: list[float]) -> float:

@@ -25,6 +25,11 @@ def fmt(value: Any, spec: str) -> str:
     return format(value, spec)
 
 
+def tokens_or_never(value: float | None) -> str:
+    """A count of training tokens to a target loss, or "never" (None or infinite: not reached within the run)."""
+    return "never" if value is None or np.isinf(value) else fmt(value, ",.0f")
+
+
 def md_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from ..analysis.buckets import BUCKETS
-from .selection import NA, fmt, md_table
+from .selection import NA, fmt, md_table, tokens_or_never
 
 
 def _clm_of(name: str, runs: dict[str, dict[str, Any]], order: list[str]) -> str | None:
@@ -54,11 +54,10 @@ def tasks_section(runs: dict[str, dict[str, Any]], order: list[str]) -> str:
 
 
 def _reach(point: float | None, interval: dict[str, Any] | None) -> str:
-    text = fmt(point, ",.0f") if point is not None else "never"
+    text = tokens_or_never(point)
     if interval is None:
         return text
-    lo, hi = (fmt(v, ",.0f") if v is not None else "never" for v in (interval["lo"], interval["hi"]))
-    return f"{text} [{lo}, {hi}]"
+    return f"{text} [{tokens_or_never(interval['lo'])}, {tokens_or_never(interval['hi'])}]"
 
 
 def speed_section(runs: dict[str, dict[str, Any]], order: list[str]) -> str:
