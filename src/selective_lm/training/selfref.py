@@ -29,6 +29,8 @@ from collections.abc import Iterator
 
 import torch
 
+from ..errors import UserError
+
 
 def local_tensor(x: torch.Tensor) -> torch.Tensor:
     """This rank's part of a tensor that FSDP sharded (a DTensor), else the tensor."""
@@ -38,6 +40,16 @@ def local_tensor(x: torch.Tensor) -> torch.Tensor:
 def extra_bytes(params: dict[str, torch.Tensor]) -> int:
     """The memory a self-reference adds on this rank: one copy of the (local) trainable weights."""
     return sum(local_tensor(p).numel() * local_tensor(p).element_size() for p in params.values())
+
+
+def check_fits(params: dict[str, torch.Tensor], mode: str, device: torch.device, free: int) -> None:
+    """A self-reference copies the trainable weights: refuse one that would not fit in `free` bytes (full
+    fine-tuning of a large model)."""
+    need = extra_bytes(params)
+    if need > 0.9 * free:
+        raise UserError(f"reference.mode={mode} keeps a copy of the trainable weights: {need / 2**30:.2f} GiB more "
+                        f"on {device}, where {free / 2**30:.2f} GiB are free; use model.lora=true, shard the model "
+                        "(train.parallel=fsdp) or reference.mode=self")
 
 
 class SelfReference:

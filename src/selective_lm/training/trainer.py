@@ -62,7 +62,7 @@ from .checkpoint import Checkpoints, latest_checkpoint, rng_state, set_rng_state
 from .curve import LearningCurve
 from .engine import Engine, free_memory, to_device
 from .models import check_store, load_reference_model, load_tokenizer, student_model, tokenizer_fingerprint
-from .selfref import SelfReference, extra_bytes
+from .selfref import SelfReference, check_fits
 
 
 class NumericalError(UserError):
@@ -173,9 +173,9 @@ class Trainer:
         self.weights = list(trainable(self.model).values())  # after wrapping: FSDP turns them into shards
         self.self_ref: SelfReference | None = None
         if self.own_reference and self.t.needs_reference():
-            self._check_self_reference_memory()
-            r = cfg.reference
-            self.self_ref = SelfReference(trainable(self.model), r.mode, r.ema_decay, r.checkpoint_step)
+            r, weights = cfg.reference, trainable(self.model)
+            check_fits(weights, r.mode, self.device, free_memory(self.device))
+            self.self_ref = SelfReference(weights, r.mode, r.ema_decay, r.checkpoint_step)
         self.optimizer = self.engine.optimizer(self.weights, self.t.lr, self.t.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(self.t))
         self.checkpoints = Checkpoints(self.run, self.module, self.model, self.optimizer, self.scheduler,
@@ -186,17 +186,6 @@ class Trainer:
         """Whether every block this run reads has reference losses (stores scored with blocks=used)."""
         rows = np.unique(self.order.blocks(0, self.t.steps * self.t.batch_size * self.t.grad_accum * self.world))
         return not np.isnan(np.asarray(self.ref_loss[rows])[:, 1:]).any()
-
-    # ------------------------------------------------------------------ checks
-
-    def _check_self_reference_memory(self) -> None:
-        """A self-reference copies the trainable weights: refuse one that would not fit (full fine-tuning)."""
-        need = extra_bytes(trainable(self.model))
-        free = free_memory(self.device)
-        if need > 0.9 * free:
-            raise UserError(f"reference.mode={self.cfg.reference.mode} keeps a copy of the trainable weights: "
-                            f"{need / 2**30:.2f} GiB more on {self.device}, where {free / 2**30:.2f} GiB are "
-                            "free; use model.lora=true, shard the model (train.parallel=fsdp) or reference.mode=self")
 
     # ------------------------------------------------------------------ data
 
